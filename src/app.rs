@@ -1,0 +1,194 @@
+//! Wires the rooms together: store, flush epoch, culler, commands, server; and shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::command::{Ctx, Settings};
+use crate::config::Config;
+use crate::connection::ConnectionConfig;
+use crate::culler::{Culler, CullerConfig, WriteHint};
+use crate::flush::Flush;
+use crate::protocol::Limits;
+use crate::stats::Stats;
+use crate::store::dir::DirStore;
+use crate::store::format::Codec;
+use crate::store::s3::{S3Settings, S3Store};
+use crate::store::Store;
+
+/// How long shutdown waits for connections to finish their commands.
+pub const SHUTDOWN_DRAIN_SECS: u64 = 10;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the local store: {0}")]
+    Dir(std::io::Error),
+    #[error("cannot use the S3 store: {0}")]
+    Store(crate::store::StoreError),
+}
+
+/// A running server.
+pub struct App {
+    /// The address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    pub ctx: Arc<Ctx>,
+    pub culler: Arc<Culler>,
+    shutdown: CancellationToken,
+    server: JoinHandle<TaskTracker>,
+    culler_task: JoinHandle<()>,
+}
+
+/// Sets up tracing from the config (text or JSON).
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Opens the store the config names: S3 when a bucket is set, else the local directory.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
+    if config.uses_s3() {
+        let store = S3Store::connect(S3Settings::from_config(config))
+            .await
+            .map_err(AppError::Store)?;
+        Ok(Arc::new(store))
+    } else {
+        let codec = Codec {
+            gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
+            max_value_bytes: config.max_item_size,
+        };
+        let store = DirStore::open(Path::new(&config.data_dir), &config.location, codec)
+            .map_err(AppError::Dir)?;
+        tracing::info!(dir = %config.data_dir.display(), "no bucket configured: serving from a local directory");
+        Ok(Arc::new(store))
+    }
+}
+
+/// Starts the server on the config's address with the store it names.
+pub async fn start(config: Config) -> Result<App, AppError> {
+    let store = open_store(&config).await?;
+    start_with(config, store, Clock::System).await
+}
+
+/// Starts the server with a given store and clock (tests use the memory store and tokio time).
+pub async fn start_with(config: Config, store: Arc<dyn Store>, clock: Clock) -> Result<App, AppError> {
+    let addr = config.listen_addr();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| AppError::Bind { addr, source })?;
+    let flush = Arc::new(
+        Flush::load(store.clone(), Duration::from_millis(config.flush_check_ms))
+            .await
+            .map_err(AppError::Store)?,
+    );
+    let stats = Arc::new(Stats::default());
+    let hint = Arc::new(WriteHint::new(config.max_entries));
+    let settings = Settings {
+        max_item_bytes: config.max_item_size,
+        flush_enabled: config.flush_enabled,
+        miss_on_backend_error: config.miss_on_backend_error,
+        settings_rows: config.rows(),
+    };
+    let ctx = Arc::new(Ctx::new(store.clone(), flush.clone(), stats.clone(), clock, settings, hint.clone()));
+    let culler = Arc::new(Culler::new(
+        store,
+        flush,
+        stats,
+        clock,
+        CullerConfig {
+            max_entries: config.max_entries,
+            cull_frequency: config.cull_frequency,
+            max_bytes: config.max_bytes,
+            interval: Duration::from_secs(config.cull_interval_secs),
+        },
+    ));
+    let shutdown = CancellationToken::new();
+    let culler_task = tokio::spawn(culler.clone().run(hint, shutdown.clone()));
+    let limits = Limits {
+        max_item_bytes: config.max_item_size,
+        ..Limits::default()
+    };
+    let connection_config = ConnectionConfig {
+        limits,
+        idle_timeout: config.idle_timeout(),
+    };
+    let server = tokio::spawn(crate::server::run(
+        listener,
+        ctx.clone(),
+        connection_config,
+        config.max_connections,
+        shutdown.clone(),
+    ));
+    tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
+    Ok(App {
+        addr,
+        ctx,
+        culler,
+        shutdown,
+        server,
+        culler_task,
+    })
+}
+
+impl App {
+    /// Stops accepting, lets connections finish their commands (up to `drain`), stops the culler.
+    pub async fn shutdown(self, drain: Duration) {
+        self.shutdown.cancel();
+        let _ = self.culler_task.await;
+        if let Ok(connections) = self.server.await {
+            if tokio::time::timeout(drain, connections.wait()).await.is_err() {
+                tracing::warn!("connections still open at the shutdown deadline");
+            }
+        }
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then drains.
+pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
+    let app = start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    app.shutdown(Duration::from_secs(SHUTDOWN_DRAIN_SECS)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

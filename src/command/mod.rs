@@ -1,0 +1,624 @@
+//! Executes requests against the store: memcached's semantics, returned as a [`Response`].
+//!
+//! Execution never touches the socket. Store errors become wire replies in exactly one
+//! place, [`Ctx::failure`]. Read-modify-write commands (add, replace, append, prepend, cas,
+//! incr/decr, touch) read the item and write back with a precondition on the version read,
+//! retrying when another writer got there first, so they stay atomic across replicas on a
+//! store that honours conditional writes.
+
+mod meta;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, StreamExt};
+
+use crate::clock::Clock;
+use crate::culler::WriteHint;
+use crate::flush::Flush;
+use crate::protocol::{ProtocolError, Request, Response, StoreMode, Value};
+use crate::stats::Stats;
+use crate::store::{Entry, PutMode, Store, StoreError, Versioned};
+
+/// How many keys of one multi-key get are fetched at once.
+pub const MAX_GET_FANOUT: usize = 64;
+/// How often a read-modify-write is retried after losing a race.
+pub const MAX_WRITE_RETRIES: usize = 64;
+
+/// Server settings the commands consult.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_item_bytes: usize,
+    /// `flush_all` allowed (memcached's `-F` turns it off).
+    pub flush_enabled: bool,
+    /// Answer a failed read as a miss instead of `SERVER_ERROR`.
+    pub miss_on_backend_error: bool,
+    /// Rows of `stats settings`.
+    pub settings_rows: Vec<(String, String)>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_item_bytes: crate::protocol::Limits::default().max_item_bytes,
+            flush_enabled: true,
+            miss_on_backend_error: false,
+            settings_rows: Vec::new(),
+        }
+    }
+}
+
+/// Everything a command needs; shared by all connections.
+pub struct Ctx {
+    pub store: Arc<dyn Store>,
+    pub flush: Arc<Flush>,
+    pub stats: Arc<Stats>,
+    pub clock: Clock,
+    pub settings: Settings,
+    pub started_us: u64,
+    /// Tells the culler about writes, so it can run early when the bound is near.
+    pub write_hint: Arc<WriteHint>,
+    last_cas: AtomicU64,
+}
+
+/// What a read-modify-write step decides, given the live item (if any).
+enum Step {
+    /// Reply without writing.
+    Answer(Response),
+    /// Write this entry; reply with the response on success.
+    Write(Entry, Response),
+}
+
+impl Ctx {
+    pub fn new(
+        store: Arc<dyn Store>,
+        flush: Arc<Flush>,
+        stats: Arc<Stats>,
+        clock: Clock,
+        settings: Settings,
+        write_hint: Arc<WriteHint>,
+    ) -> Self {
+        Ctx {
+            store,
+            flush,
+            stats,
+            started_us: clock.now_us(),
+            clock,
+            settings,
+            write_hint,
+            last_cas: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a stored item.
+    fn stored(&self) {
+        Stats::incr(&self.stats.total_items);
+        self.write_hint.wrote();
+    }
+
+    /// A fresh cas unique: time-ordered across replicas, strictly increasing in this process.
+    pub fn new_cas(&self) -> u64 {
+        let candidate = (self.clock.now_us() << 12) | u64::from(rand::random::<u16>() & 0xfff);
+        let mut last = self.last_cas.load(Relaxed);
+        loop {
+            let next = candidate.max(last + 1);
+            match self
+                .last_cas
+                .compare_exchange_weak(last, next, Relaxed, Relaxed)
+            {
+                Ok(_) => return next,
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    /// Whether a stored entry is visible now: not expired and not flushed.
+    fn live(&self, entry: &Entry, epoch_us: u64, now_us: u64) -> Liveness {
+        if entry.expires_at != 0 && entry.expires_at <= now_us / 1_000_000 {
+            Liveness::Expired
+        } else if Flush::hides(epoch_us, entry, now_us) {
+            Liveness::Flushed
+        } else {
+            Liveness::Live
+        }
+    }
+
+    /// The one place a store error becomes a reply.
+    fn failure(&self, err: StoreError) -> Response {
+        Stats::incr(&self.stats.backend_errors);
+        match err {
+            StoreError::Unavailable(why) => {
+                tracing::warn!(cause = %why, "backend call failed");
+                Response::ServerError(short_reason(&why))
+            }
+            StoreError::Exists | StoreError::Changed => {
+                Response::ServerError("too much contention on key".into())
+            }
+        }
+    }
+
+    /// Reads a key, answering what is live (with its stored version).
+    async fn read_live(&self, key: &[u8]) -> Result<(Option<Versioned>, Liveness), StoreError> {
+        let asked_at = tokio::time::Instant::now();
+        let (read, epoch_us) =
+            tokio::try_join!(self.store.get(key), self.flush.current(asked_at))?;
+        let now = self.clock.now_us();
+        let liveness = match &read {
+            Some(v) => self.live(&v.entry, epoch_us, now),
+            None => Liveness::Missing,
+        };
+        Ok((read, liveness))
+    }
+
+    /// Read, decide, write with a precondition on what was read; retry on a lost race.
+    async fn read_modify_write<F>(&self, key: &[u8], mut decide: F) -> Response
+    where
+        F: FnMut(Option<&Entry>) -> Step,
+    {
+        for attempt in 0..MAX_WRITE_RETRIES {
+            if attempt > 0 {
+                Stats::incr(&self.stats.backend_retries);
+            }
+            let (read, liveness) = match self.read_live(key).await {
+                Ok(r) => r,
+                Err(e) => return self.failure(e),
+            };
+            let live = read
+                .as_ref()
+                .filter(|_| liveness == Liveness::Live)
+                .map(|v| &v.entry);
+            let (entry, reply) = match decide(live) {
+                Step::Answer(reply) => return reply,
+                Step::Write(entry, reply) => (entry, reply),
+            };
+            let mode = match &read {
+                Some(v) => PutMode::Update(v.version.clone()),
+                None => PutMode::Create,
+            };
+            match self.store.put(&entry, mode).await {
+                Ok(_) => return reply,
+                Err(StoreError::Exists | StoreError::Changed) => continue,
+                Err(e) => return self.failure(e),
+            }
+        }
+        self.failure(StoreError::Changed)
+    }
+
+    /// A new entry stamped with a fresh cas and the current time.
+    fn stamp(&self, mut entry: Entry) -> Entry {
+        entry.cas = self.new_cas();
+        entry.stored_at_us = self.clock.now_us();
+        entry
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Missing,
+    Live,
+    Expired,
+    Flushed,
+}
+
+/// The first line of a backend error, bounded, for `SERVER_ERROR`.
+fn short_reason(why: &str) -> String {
+    let line = why.lines().next().unwrap_or("backend error");
+    line.chars().take(120).collect()
+}
+
+fn reply(noreply: bool, response: Response) -> Response {
+    // memcached suppresses every reply under noreply except errors about the request itself.
+    if noreply && !matches!(response, Response::Error(_)) {
+        Response::None
+    } else {
+        response
+    }
+}
+
+/// Executes one request.
+pub async fn execute(ctx: &Ctx, request: Request) -> Response {
+    match request {
+        Request::Get { keys, cas } => retrieve(ctx, keys, cas, None).await,
+        Request::Gat { exptime, keys, cas } => retrieve(ctx, keys, cas, Some(exptime)).await,
+        Request::Store {
+            mode,
+            key,
+            flags,
+            exptime,
+            data,
+            cas_unique,
+            noreply,
+        } => {
+            let r = store(ctx, mode, key, flags, exptime, data, cas_unique).await;
+            reply(noreply, r)
+        }
+        Request::TooLarge {
+            key,
+            remove_old,
+            noreply,
+        } => {
+            if remove_old {
+                if let Err(e) = ctx.store.delete(&key, None).await {
+                    return ctx.failure(e);
+                }
+            }
+            reply(noreply, Response::Error(ProtocolError::TOO_LARGE))
+        }
+        Request::Delete { key, noreply } => reply(noreply, delete(ctx, &key).await),
+        Request::Arith {
+            key,
+            delta,
+            incr,
+            noreply,
+        } => reply(noreply, arith(ctx, &key, delta, incr).await),
+        Request::Touch {
+            key,
+            exptime,
+            noreply,
+        } => reply(noreply, touch(ctx, &key, exptime).await),
+        Request::FlushAll { delay, noreply } => reply(noreply, flush_all(ctx, delay).await),
+        Request::Version => Response::Version(format!(
+            "{}-s3cached-{}",
+            MEMCACHED_COMPAT_VERSION,
+            env!("CARGO_PKG_VERSION")
+        )),
+        Request::Verbosity { noreply } => reply(noreply, Response::Ok),
+        Request::Stats { arg } => stats(ctx, arg.as_deref()),
+        Request::Meta(m) => meta::execute(ctx, m).await,
+        Request::Invalid(e) => Response::Error(e),
+        Request::Silent => Response::None,
+        Request::Quit => Response::Close,
+        Request::Hangup(why) => {
+            tracing::info!(reason = why, "closing connection");
+            Response::Close
+        }
+    }
+}
+
+/// The memcached release whose protocol s3cached speaks; clients parse it.
+pub const MEMCACHED_COMPAT_VERSION: &str = "1.6.18";
+
+async fn retrieve(ctx: &Ctx, keys: Vec<Bytes>, with_cas: bool, touch: Option<i64>) -> Response {
+    let stats = &ctx.stats;
+    Stats::add(&stats.cmd_get, keys.len() as u64);
+    if touch.is_some() {
+        Stats::add(&stats.cmd_touch, keys.len() as u64);
+    }
+    let results: Vec<Result<Option<Value>, Response>> = stream::iter(keys)
+        .map(|key| async move {
+            match touch {
+                None => get_one(ctx, key).await,
+                Some(exptime) => touch_one(ctx, key, exptime).await,
+            }
+        })
+        .buffered(MAX_GET_FANOUT)
+        .collect()
+        .await;
+    let mut values = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(Some(v)) => values.push(v),
+            Ok(None) => {}
+            Err(failure) => return failure,
+        }
+    }
+    Response::Values { values, with_cas }
+}
+
+fn to_value(entry: Entry) -> Value {
+    Value {
+        key: entry.key,
+        flags: entry.flags,
+        cas: entry.cas,
+        data: entry.value,
+    }
+}
+
+/// One key of a get: the live value, a miss, or the failure reply.
+async fn get_one(ctx: &Ctx, key: Bytes) -> Result<Option<Value>, Response> {
+    let stats = &ctx.stats;
+    match ctx.read_live(&key).await {
+        Ok((Some(v), Liveness::Live)) => {
+            Stats::incr(&stats.get_hits);
+            Ok(Some(to_value(v.entry)))
+        }
+        Ok((_, liveness)) => {
+            Stats::incr(&stats.get_misses);
+            match liveness {
+                Liveness::Expired => Stats::incr(&stats.get_expired),
+                Liveness::Flushed => Stats::incr(&stats.get_flushed),
+                _ => {}
+            }
+            Ok(None)
+        }
+        Err(e) if ctx.settings.miss_on_backend_error => {
+            ctx.failure(e);
+            Stats::incr(&stats.get_misses);
+            Ok(None)
+        }
+        Err(e) => Err(ctx.failure(e)),
+    }
+}
+
+/// One key of a gat: the live value with its new expiry written back.
+async fn touch_one(ctx: &Ctx, key: Bytes, exptime: i64) -> Result<Option<Value>, Response> {
+    let expires_at = ctx.clock.expires_at(exptime);
+    let mut found = None;
+    let r = ctx
+        .read_modify_write(&key, |live| match live {
+            None => Step::Answer(Response::NotFound),
+            Some(e) => {
+                let touched = Entry {
+                    expires_at,
+                    ..e.clone()
+                };
+                found = Some(touched.clone());
+                Step::Write(touched, Response::Touched)
+            }
+        })
+        .await;
+    match r {
+        Response::Touched => {
+            Stats::incr(&ctx.stats.get_hits);
+            Stats::incr(&ctx.stats.touch_hits);
+            Ok(found.map(to_value))
+        }
+        Response::NotFound => {
+            Stats::incr(&ctx.stats.get_misses);
+            Stats::incr(&ctx.stats.touch_misses);
+            Ok(None)
+        }
+        failure => Err(failure),
+    }
+}
+
+async fn store(
+    ctx: &Ctx,
+    mode: StoreMode,
+    key: Bytes,
+    flags: u32,
+    exptime: i64,
+    data: Bytes,
+    cas_unique: u64,
+) -> Response {
+    Stats::incr(&ctx.stats.cmd_set);
+    let fresh = Entry {
+        key: key.clone(),
+        flags,
+        expires_at: ctx.clock.expires_at(exptime),
+        value: data,
+        ..Entry::default()
+    };
+    let max = ctx.settings.max_item_bytes;
+    let response = match mode {
+        StoreMode::Set => match ctx.store.put(&ctx.stamp(fresh), PutMode::Overwrite).await {
+            Ok(_) => Response::Stored,
+            Err(e) => return ctx.failure(e),
+        },
+        StoreMode::Add => {
+            ctx.read_modify_write(&key, |live| match live {
+                Some(_) => Step::Answer(Response::NotStored),
+                None => Step::Write(ctx.stamp(fresh.clone()), Response::Stored),
+            })
+            .await
+        }
+        StoreMode::Replace => {
+            ctx.read_modify_write(&key, |live| match live {
+                None => Step::Answer(Response::NotStored),
+                Some(_) => Step::Write(ctx.stamp(fresh.clone()), Response::Stored),
+            })
+            .await
+        }
+        StoreMode::Append | StoreMode::Prepend => {
+            ctx.read_modify_write(&key, |live| {
+                let Some(old) = live else {
+                    return Step::Answer(Response::NotStored);
+                };
+                if old.value.len() + fresh.value.len() > max {
+                    return Step::Answer(Response::ServerError(
+                        "out of memory storing object".into(),
+                    ));
+                }
+                let value = if mode == StoreMode::Append {
+                    concat(&old.value, &fresh.value)
+                } else {
+                    concat(&fresh.value, &old.value)
+                };
+                let entry = Entry {
+                    value,
+                    stale: false,
+                    win_sent: false,
+                    ..old.clone()
+                };
+                Step::Write(ctx.stamp(entry), Response::Stored)
+            })
+            .await
+        }
+        StoreMode::Cas => {
+            let r = ctx
+                .read_modify_write(&key, |live| match live {
+                    None => Step::Answer(Response::NotFound),
+                    Some(old) if old.cas != cas_unique => Step::Answer(Response::Exists),
+                    Some(_) => Step::Write(ctx.stamp(fresh.clone()), Response::Stored),
+                })
+                .await;
+            match r {
+                Response::Stored => Stats::incr(&ctx.stats.cas_hits),
+                Response::Exists => Stats::incr(&ctx.stats.cas_badval),
+                Response::NotFound => Stats::incr(&ctx.stats.cas_misses),
+                _ => {}
+            }
+            r
+        }
+    };
+    if response == Response::Stored {
+        ctx.stored();
+    }
+    response
+}
+
+fn concat(a: &[u8], b: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(a.len() + b.len());
+    out.extend_from_slice(a);
+    out.extend_from_slice(b);
+    out.freeze()
+}
+
+async fn delete(ctx: &Ctx, key: &[u8]) -> Response {
+    for _ in 0..MAX_WRITE_RETRIES {
+        let (read, liveness) = match ctx.read_live(key).await {
+            Ok(r) => r,
+            Err(e) => return ctx.failure(e),
+        };
+        let Some(read) = read.filter(|_| liveness == Liveness::Live) else {
+            Stats::incr(&ctx.stats.delete_misses);
+            return Response::NotFound;
+        };
+        match ctx.store.delete(key, Some(&read.version)).await {
+            Ok(true) => {
+                Stats::incr(&ctx.stats.delete_hits);
+                return Response::Deleted;
+            }
+            Ok(false) | Err(StoreError::Changed | StoreError::Exists) => continue,
+            Err(e) => return ctx.failure(e),
+        }
+    }
+    ctx.failure(StoreError::Changed)
+}
+
+/// Parses an item's data as memcached's incr does: a decimal u64, blanks around allowed.
+fn parse_counter(value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?.trim_matches(|c: char| c.is_ascii_whitespace());
+    let digits = text.strip_prefix('+').unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The incr/decr arithmetic: incr wraps at 2^64, decr stops at 0.
+fn apply_delta(current: u64, delta: u64, incr: bool) -> u64 {
+    if incr {
+        current.wrapping_add(delta)
+    } else {
+        current.saturating_sub(delta)
+    }
+}
+
+const NON_NUMERIC: ProtocolError =
+    ProtocolError::Client("cannot increment or decrement non-numeric value");
+
+async fn arith(ctx: &Ctx, key: &[u8], delta: u64, incr: bool) -> Response {
+    let r = ctx
+        .read_modify_write(key, |live| {
+            let Some(old) = live else {
+                return Step::Answer(Response::NotFound);
+            };
+            let Some(current) = parse_counter(&old.value) else {
+                return Step::Answer(Response::Error(NON_NUMERIC));
+            };
+            let next = apply_delta(current, delta, incr);
+            let entry = Entry {
+                value: Bytes::from(next.to_string()),
+                ..old.clone()
+            };
+            Step::Write(ctx.stamp(entry), Response::Number(next))
+        })
+        .await;
+    let (hits, misses) = if incr {
+        (&ctx.stats.incr_hits, &ctx.stats.incr_misses)
+    } else {
+        (&ctx.stats.decr_hits, &ctx.stats.decr_misses)
+    };
+    match r {
+        Response::Number(_) => Stats::incr(hits),
+        Response::NotFound => Stats::incr(misses),
+        _ => {}
+    }
+    r
+}
+
+async fn touch(ctx: &Ctx, key: &[u8], exptime: i64) -> Response {
+    Stats::incr(&ctx.stats.cmd_touch);
+    let expires_at = ctx.clock.expires_at(exptime);
+    let r = ctx
+        .read_modify_write(key, |live| match live {
+            None => Step::Answer(Response::NotFound),
+            Some(e) => Step::Write(
+                Entry {
+                    expires_at,
+                    ..e.clone()
+                },
+                Response::Touched,
+            ),
+        })
+        .await;
+    match r {
+        Response::Touched => Stats::incr(&ctx.stats.touch_hits),
+        Response::NotFound => Stats::incr(&ctx.stats.touch_misses),
+        _ => {}
+    }
+    r
+}
+
+async fn flush_all(ctx: &Ctx, delay: i64) -> Response {
+    if !ctx.settings.flush_enabled {
+        return Response::Error(ProtocolError::Client("flush_all not allowed"));
+    }
+    Stats::incr(&ctx.stats.cmd_flush);
+    let now_us = ctx.clock.now_us();
+    let at_us = if delay <= 0 {
+        now_us
+    } else {
+        ctx.clock.expires_at(delay) * 1_000_000
+    };
+    match ctx.flush.flush(at_us).await {
+        Ok(()) => Response::Ok,
+        Err(e) => ctx.failure(e),
+    }
+}
+
+fn stats(ctx: &Ctx, arg: Option<&str>) -> Response {
+    match arg {
+        None => Response::Stats(general_stats(ctx)),
+        Some("settings") => Response::Stats(ctx.settings.settings_rows.clone()),
+        Some("reset") => {
+            ctx.stats.reset();
+            Response::Reset
+        }
+        Some("items" | "slabs" | "sizes" | "conns") => Response::Stats(Vec::new()),
+        Some(_) => Response::Error(ProtocolError::UnknownCommand),
+    }
+}
+
+fn general_stats(ctx: &Ctx) -> Vec<(String, String)> {
+    let now_us = ctx.clock.now_us();
+    let info = ctx.store.info();
+    let mut rows: Vec<(String, String)> = vec![
+        ("pid".into(), std::process::id().to_string()),
+        (
+            "uptime".into(),
+            ((now_us.saturating_sub(ctx.started_us)) / 1_000_000).to_string(),
+        ),
+        ("time".into(), (now_us / 1_000_000).to_string()),
+        (
+            "version".into(),
+            format!("{MEMCACHED_COMPAT_VERSION}-s3cached-{}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("pointer_size".into(), (usize::BITS).to_string()),
+    ];
+    rows.extend(
+        ctx.stats
+            .snapshot()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.to_string())),
+    );
+    rows.push(("backend".into(), info.kind.into()));
+    rows.push(("backend_atomic".into(), u8::from(info.atomic).to_string()));
+    rows.push(("flush_epoch_us".into(), ctx.flush.epoch_us().to_string()));
+    rows
+}
+
+#[cfg(test)]
+mod tests;

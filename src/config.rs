@@ -1,0 +1,401 @@
+//! Configuration: CLI flags over environment variables over a TOML file over defaults,
+//! validated once, before any port is bound.
+//!
+//! Every option is declared once, in the `options!` table below, with its environment
+//! variable, type, default and meaning. Unknown keys in the file are rejected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// A secret string: never printed, never logged.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+macro_rules! options {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, env $env:literal; )*) => {
+        /// Every option, each optional: one layer of configuration (CLI+env, or the file).
+        #[derive(clap::Args, Deserialize, Debug, Default, Clone)]
+        #[serde(deny_unknown_fields)]
+        pub struct Options {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// The resolved configuration: every option has a value.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Options {
+            /// Takes each option from `self`, else from `below`.
+            fn over(self, below: Options) -> Options {
+                Options { $( $name: self.$name.or(below.$name), )* }
+            }
+
+            /// Fills what is unset with defaults.
+            fn resolve(self) -> Config {
+                Config { $( $name: self.$name.unwrap_or_else(|| $default), )* }
+            }
+        }
+
+        /// `(key, environment variable, default)` of every option, for docs and tests.
+        pub const KEYS: &[(&str, &str)] = &[ $( (stringify!($name), $env), )* ];
+    };
+}
+
+/// Default memcached port on loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:11211";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_ITEM_SIZE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_ENTRIES: u64 = 300;
+pub const DEFAULT_CULL_FREQUENCY: u64 = 3;
+pub const DEFAULT_CULL_INTERVAL_SECS: u64 = 60;
+pub const DEFAULT_GZIP_MIN_BYTES: usize = 1024;
+pub const DEFAULT_S3_ATTEMPT_TIMEOUT_MS: u64 = 2000;
+pub const DEFAULT_S3_OPERATION_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
+pub const DEFAULT_FLUSH_CHECK_MS: u64 = 0;
+
+options! {
+    /// Address to listen on.
+    listen: String = DEFAULT_LISTEN.into(), env "S3CACHED_LISTEN";
+    /// Most client connections at once; more wait in the accept queue.
+    max_connections: usize = DEFAULT_MAX_CONNECTIONS, env "S3CACHED_MAX_CONNECTIONS";
+    /// Largest item value in bytes (memcached's -I).
+    max_item_size: usize = DEFAULT_MAX_ITEM_SIZE_BYTES, env "S3CACHED_MAX_ITEM_SIZE";
+    /// Close connections idle this long (0 = never, as memcached).
+    idle_timeout_secs: u64 = 0, env "S3CACHED_IDLE_TIMEOUT_SECS";
+    /// Log filter: error, warn, info, debug, trace (or a tracing filter directive).
+    log_level: String = "info".into(), env "S3CACHED_LOG_LEVEL";
+    /// Log format: text or json.
+    log_format: String = "text".into(), env "S3CACHED_LOG_FORMAT";
+    /// Allow flush_all (memcached's -F turns it off).
+    flush_enabled: bool = true, env "S3CACHED_FLUSH_ENABLED";
+    /// Answer a failed backend read as a miss instead of SERVER_ERROR.
+    miss_on_backend_error: bool = false, env "S3CACHED_MISS_ON_BACKEND_ERROR";
+    /// Directory for the local store, used when no bucket is set.
+    data_dir: PathBuf = PathBuf::from("s3cached-data"), env "S3CACHED_DATA_DIR";
+    /// Prefix (folder) for every object, in the bucket or under data_dir.
+    location: String = String::new(), env "S3CACHED_LOCATION";
+    /// Bucket name; when set, items live in S3.
+    storage_bucket_name: String = String::new(), env "S3CACHED_STORAGE_BUCKET_NAME";
+    /// Access key; unset = the standard AWS chain (environment, profile, instance role).
+    access_key_id: Secret = Secret(String::new()), env "S3CACHED_ACCESS_KEY_ID";
+    /// Secret key; unset = the standard AWS chain.
+    secret_access_key: Secret = Secret(String::new()), env "S3CACHED_SECRET_ACCESS_KEY";
+    /// Canned ACL sent with each object ("" = none).
+    default_acl: String = "private".into(), env "S3CACHED_DEFAULT_ACL";
+    /// Canned ACL for a bucket this server creates ("" = default_acl).
+    bucket_acl: String = String::new(), env "S3CACHED_BUCKET_ACL";
+    /// Store objects with the REDUCED_REDUNDANCY storage class.
+    reduced_redundancy: bool = false, env "S3CACHED_REDUCED_REDUNDANCY";
+    /// Storage class for objects ("" = the bucket's default); overrides reduced_redundancy.
+    storage_class: String = String::new(), env "S3CACHED_STORAGE_CLASS";
+    /// Gzip values of at least gzip_min_bytes.
+    is_gzipped: bool = false, env "S3CACHED_IS_GZIPPED";
+    /// Smallest value that is gzipped when is_gzipped is on.
+    gzip_min_bytes: usize = DEFAULT_GZIP_MIN_BYTES, env "S3CACHED_GZIP_MIN_BYTES";
+    /// AWS region ("" = the AWS chain, else us-east-1).
+    region: String = String::new(), env "S3CACHED_REGION";
+    /// S3 endpoint for MinIO and other S3-compatible stores ("" = AWS).
+    endpoint_url: String = String::new(), env "S3CACHED_ENDPOINT_URL";
+    /// Path-style addressing (MinIO and most S3-compatible stores need it).
+    force_path_style: bool = false, env "S3CACHED_FORCE_PATH_STYLE";
+    /// Create the bucket at startup if it does not exist.
+    create_bucket: bool = false, env "S3CACHED_CREATE_BUCKET";
+    /// Request checksums: when_required (works everywhere) or when_supported.
+    request_checksum: String = "when_required".into(), env "S3CACHED_REQUEST_CHECKSUM";
+    /// Deadline of one S3 attempt, in milliseconds.
+    s3_attempt_timeout_ms: u64 = DEFAULT_S3_ATTEMPT_TIMEOUT_MS, env "S3CACHED_S3_ATTEMPT_TIMEOUT_MS";
+    /// Deadline of one S3 operation with its retries, in milliseconds.
+    s3_operation_timeout_ms: u64 = DEFAULT_S3_OPERATION_TIMEOUT_MS, env "S3CACHED_S3_OPERATION_TIMEOUT_MS";
+    /// Attempts per S3 operation (1 = no retry).
+    s3_max_attempts: u32 = DEFAULT_S3_MAX_ATTEMPTS, env "S3CACHED_S3_MAX_ATTEMPTS";
+    /// Most S3 requests in flight at once, across all connections.
+    s3_max_in_flight: usize = DEFAULT_S3_MAX_IN_FLIGHT, env "S3CACHED_S3_MAX_IN_FLIGHT";
+    /// Most items kept; the culler removes some when the count reaches it (0 = no limit).
+    max_entries: u64 = DEFAULT_MAX_ENTRIES, env "S3CACHED_MAX_ENTRIES";
+    /// At max_entries, remove 1/cull_frequency of the items (0 = remove all).
+    cull_frequency: u64 = DEFAULT_CULL_FREQUENCY, env "S3CACHED_CULL_FREQUENCY";
+    /// Most bytes of objects kept (0 = no limit).
+    max_bytes: u64 = 0, env "S3CACHED_MAX_BYTES";
+    /// Seconds between culler passes.
+    cull_interval_secs: u64 = DEFAULT_CULL_INTERVAL_SECS, env "S3CACHED_CULL_INTERVAL_SECS";
+    /// Re-read the shared flush epoch at most this often, in ms (0 = on every read).
+    flush_check_ms: u64 = DEFAULT_FLUSH_CHECK_MS, env "S3CACHED_FLUSH_CHECK_MS";
+}
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(name = "s3cached", version, about = "A memcached-protocol cache server on S3")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "S3CACHED_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print it (secrets hidden) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// A configuration that cannot be used, with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+const CANNED_ACLS: &[&str] = &[
+    "",
+    "private",
+    "public-read",
+    "public-read-write",
+    "authenticated-read",
+    "aws-exec-read",
+    "bucket-owner-read",
+    "bucket-owner-full-control",
+];
+const STORAGE_CLASSES: &[&str] = &[
+    "",
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "EXPRESS_ONEZONE",
+];
+
+impl Config {
+    /// Merges CLI and environment (already combined by clap) over the file, then validates.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => Options::default(),
+        };
+        let config = cli.options.clone().over(file).resolve();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document over defaults (for tests and tools).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let options: Options =
+            toml::from_str(text).map_err(|e| ConfigError(format!("config file: {e}")))?;
+        let config = options.resolve();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return fail(format!("listen: {:?} is not an address like 127.0.0.1:11211", self.listen));
+        }
+        if self.max_connections == 0 {
+            return fail("max_connections must be at least 1".into());
+        }
+        if !(1024..=128 * 1024 * 1024).contains(&self.max_item_size) {
+            return fail("max_item_size must be between 1024 bytes and 128 MiB".into());
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return fail(format!("log_format: {:?} is not text or json", self.log_format));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return fail(format!("log_level: {:?} is not a log level", self.log_level));
+        }
+        if !CANNED_ACLS.contains(&self.default_acl.as_str()) {
+            return fail(format!("default_acl: {:?} is not a canned ACL", self.default_acl));
+        }
+        if !CANNED_ACLS.contains(&self.bucket_acl.as_str()) {
+            return fail(format!("bucket_acl: {:?} is not a canned ACL", self.bucket_acl));
+        }
+        if !STORAGE_CLASSES.contains(&self.storage_class.as_str()) {
+            return fail(format!("storage_class: {:?} is not a storage class", self.storage_class));
+        }
+        if !["when_required", "when_supported"].contains(&self.request_checksum.as_str()) {
+            return fail(format!(
+                "request_checksum: {:?} is not when_required or when_supported",
+                self.request_checksum
+            ));
+        }
+        if !self.endpoint_url.is_empty()
+            && !(self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://"))
+        {
+            return fail(format!("endpoint_url: {:?} must start with http:// or https://", self.endpoint_url));
+        }
+        if self.access_key_id.expose().is_empty() != self.secret_access_key.expose().is_empty() {
+            return fail("access_key_id and secret_access_key must be set together".into());
+        }
+        if self.s3_attempt_timeout_ms == 0 || self.s3_operation_timeout_ms == 0 || self.s3_max_attempts == 0 {
+            return fail("S3 timeouts and max attempts must be at least 1".into());
+        }
+        if self.s3_max_in_flight == 0 {
+            return fail("s3_max_in_flight must be at least 1".into());
+        }
+        if self.cull_interval_secs == 0 {
+            return fail("cull_interval_secs must be at least 1".into());
+        }
+        if self.location.split('/').any(|part| part == "..") {
+            return fail("location must not contain '..'".into());
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.parse().expect("validated")
+    }
+
+    pub fn uses_s3(&self) -> bool {
+        !self.storage_bucket_name.is_empty()
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
+    }
+
+    /// The effective storage class, if any.
+    pub fn effective_storage_class(&self) -> Option<&str> {
+        if !self.storage_class.is_empty() {
+            Some(&self.storage_class)
+        } else if self.reduced_redundancy {
+            Some("REDUCED_REDUNDANCY")
+        } else {
+            None
+        }
+    }
+
+    /// Name and value of every option, secrets shown only as set or unset.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        let secret = |s: &Secret| if s.expose().is_empty() { "unset" } else { "set" }.to_owned();
+        vec![
+            ("listen".into(), self.listen.clone()),
+            ("max_connections".into(), self.max_connections.to_string()),
+            ("max_item_size".into(), self.max_item_size.to_string()),
+            ("idle_timeout_secs".into(), self.idle_timeout_secs.to_string()),
+            ("log_level".into(), self.log_level.clone()),
+            ("log_format".into(), self.log_format.clone()),
+            ("flush_enabled".into(), self.flush_enabled.to_string()),
+            ("miss_on_backend_error".into(), self.miss_on_backend_error.to_string()),
+            ("data_dir".into(), self.data_dir.display().to_string()),
+            ("location".into(), self.location.clone()),
+            ("storage_bucket_name".into(), self.storage_bucket_name.clone()),
+            ("access_key_id".into(), secret(&self.access_key_id)),
+            ("secret_access_key".into(), secret(&self.secret_access_key)),
+            ("default_acl".into(), self.default_acl.clone()),
+            ("bucket_acl".into(), self.bucket_acl.clone()),
+            ("reduced_redundancy".into(), self.reduced_redundancy.to_string()),
+            ("storage_class".into(), self.storage_class.clone()),
+            ("is_gzipped".into(), self.is_gzipped.to_string()),
+            ("gzip_min_bytes".into(), self.gzip_min_bytes.to_string()),
+            ("region".into(), self.region.clone()),
+            ("endpoint_url".into(), self.endpoint_url.clone()),
+            ("force_path_style".into(), self.force_path_style.to_string()),
+            ("create_bucket".into(), self.create_bucket.to_string()),
+            ("request_checksum".into(), self.request_checksum.clone()),
+            ("s3_attempt_timeout_ms".into(), self.s3_attempt_timeout_ms.to_string()),
+            ("s3_operation_timeout_ms".into(), self.s3_operation_timeout_ms.to_string()),
+            ("s3_max_attempts".into(), self.s3_max_attempts.to_string()),
+            ("s3_max_in_flight".into(), self.s3_max_in_flight.to_string()),
+            ("max_entries".into(), self.max_entries.to_string()),
+            ("cull_frequency".into(), self.cull_frequency.to_string()),
+            ("max_bytes".into(), self.max_bytes.to_string()),
+            ("cull_interval_secs".into(), self.cull_interval_secs.to_string()),
+            ("flush_check_ms".into(), self.flush_check_ms.to_string()),
+        ]
+    }
+}
+
+fn read_file(path: &Path) -> Result<Options, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.listen, "127.0.0.1:11211");
+        assert_eq!(c.max_entries, 300);
+        assert_eq!(c.cull_frequency, 3);
+        assert_eq!(c.default_acl, "private");
+        assert!(!c.uses_s3());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(Config::from_toml("no_such_key = 1").is_err());
+        assert!(Config::from_toml("listen = \"nowhere\"").is_err());
+        assert!(Config::from_toml("default_acl = \"everyone\"").is_err());
+        assert!(Config::from_toml("access_key_id = \"AKIA\"").is_err());
+    }
+
+    #[test]
+    fn cli_and_env_beat_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "max_entries = 10\ncull_frequency = 5\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "s3cached",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-entries",
+            "20",
+        ])
+        .unwrap();
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.max_entries, 20);
+        assert_eq!(c.cull_frequency, 5);
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = Config::from_toml("access_key_id = \"AKIAXXXX\"\nsecret_access_key = \"hunter2\"").unwrap();
+        let shown = format!("{c:?} {:?}", c.rows());
+        assert!(!shown.contains("hunter2") && !shown.contains("AKIAXXXX"));
+    }
+
+    #[test]
+    fn example_file_lists_every_key_and_parses() {
+        let text = include_str!("../config.example.toml");
+        Config::from_toml(text).expect("config.example.toml is valid");
+        for (key, _) in KEYS {
+            assert!(
+                text.contains(&format!("\n# {key} =")) || text.contains(&format!("\n{key} =")),
+                "config.example.toml lacks {key}"
+            );
+        }
+    }
+}

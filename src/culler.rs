@@ -1,0 +1,333 @@
+//! The background culler: keeps the item count under `max_entries` (and bytes under
+//! `max_bytes`), and removes objects hidden by `flush_all`. Never on the request path.
+//!
+//! A pass lists the prefix page by page (no 1,000 cap), deletes flushed objects, then, when
+//! the count has reached `max_entries`, removes `count / cull_frequency` of the items (all of
+//! them when `cull_frequency` is 0), oldest written first, in batches of 1,000. Replicas
+//! sharing a bucket take turns through a lease object written with conditional puts, so
+//! two passes never cull the same bucket at once.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::flush::Flush;
+use crate::stats::Stats;
+use crate::store::{ObjectInfo, PutMode, Store, StoreError, Version, DELETE_BATCH};
+
+/// Name of the lease control object.
+pub const LEASE_OBJECT: &str = "cull-lease";
+/// How long a lease is good for without renewal.
+pub const LEASE_TTL_SECS: u64 = 60;
+/// Most objects one pass will list; beyond this a pass works on what it has seen.
+pub const MAX_LISTED_PER_PASS: usize = 10_000_000;
+
+/// What the culler enforces.
+#[derive(Debug, Clone)]
+pub struct CullerConfig {
+    pub max_entries: u64,
+    pub cull_frequency: u64,
+    pub max_bytes: u64,
+    pub interval: Duration,
+}
+
+/// Counts writes between passes and wakes the culler early when the bound may be near.
+#[derive(Debug, Default)]
+pub struct WriteHint {
+    /// Items seen by the last pass.
+    last_count: AtomicU64,
+    /// Writes since the last pass.
+    writes: AtomicU64,
+    max_entries: AtomicU64,
+    wake: Notify,
+}
+
+impl WriteHint {
+    pub fn new(max_entries: u64) -> Self {
+        WriteHint {
+            max_entries: AtomicU64::new(max_entries),
+            ..WriteHint::default()
+        }
+    }
+
+    /// Called after each stored item.
+    pub fn wrote(&self) {
+        let writes = self.writes.fetch_add(1, Relaxed) + 1;
+        let max = self.max_entries.load(Relaxed);
+        if max > 0 && self.last_count.load(Relaxed) + writes >= max {
+            self.wake.notify_one();
+        }
+    }
+
+    fn pass_done(&self, count: u64) {
+        self.last_count.store(count, Relaxed);
+        self.writes.store(0, Relaxed);
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub listed: u64,
+    pub flushed_removed: u64,
+    pub culled: u64,
+    pub remaining: u64,
+    pub requests: u64,
+    /// Another replica held the lease; nothing was done.
+    pub skipped: bool,
+}
+
+pub struct Culler {
+    store: Arc<dyn Store>,
+    flush: Arc<Flush>,
+    stats: Arc<Stats>,
+    clock: Clock,
+    config: CullerConfig,
+    /// Identifies this replica in the lease.
+    owner: String,
+    lease: tokio::sync::Mutex<Option<Version>>,
+}
+
+impl Culler {
+    pub fn new(
+        store: Arc<dyn Store>,
+        flush: Arc<Flush>,
+        stats: Arc<Stats>,
+        clock: Clock,
+        config: CullerConfig,
+    ) -> Self {
+        Culler {
+            store,
+            flush,
+            stats,
+            clock,
+            config,
+            owner: format!("{:016x}", rand::random::<u64>()),
+            lease: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs passes on the interval, or sooner when `hint` says writes are piling up.
+    pub async fn run(self: Arc<Self>, hint: Arc<WriteHint>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.interval) => {}
+                _ = hint.wake.notified() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            // Passes repeat while a bound is still exceeded, each one bounded.
+            for _ in 0..8 {
+                match self.pass().await {
+                    Ok(report) => {
+                        hint.pass_done(report.remaining);
+                        if report.skipped || !self.over_bound(report.remaining) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "cull pass failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn over_bound(&self, count: u64) -> bool {
+        self.config.max_entries > 0 && count >= self.config.max_entries
+    }
+
+    /// One pass: take the lease, list, drop flushed objects, cull to the bounds.
+    pub async fn pass(&self) -> Result<PassReport, StoreError> {
+        let started = tokio::time::Instant::now();
+        let mut report = PassReport::default();
+        report.requests += 2;
+        if !self.take_lease().await? {
+            report.skipped = true;
+            return Ok(report);
+        }
+        let mut objects = self.list_all(&mut report).await?;
+        report.listed = objects.len() as u64;
+
+        // Objects hidden by a flush that has come are garbage.
+        let epoch_us = self.flush.epoch_us();
+        let now_us = self.clock.now_us();
+        if epoch_us != 0 && now_us >= epoch_us {
+            let (flushed, kept): (Vec<_>, Vec<_>) = objects
+                .into_iter()
+                .partition(|o| o.modified_ms.saturating_mul(1000) <= epoch_us);
+            objects = kept;
+            report.flushed_removed = self.remove(&flushed, &mut report).await?;
+            Stats::add(&self.stats.flush_objects_removed, report.flushed_removed);
+        }
+
+        // Oldest written first.
+        objects.sort_by(|a, b| a.modified_ms.cmp(&b.modified_ms).then(a.name.cmp(&b.name)));
+        let count = objects.len() as u64;
+        let mut victims = 0usize;
+        if self.over_bound(count) {
+            victims = if self.config.cull_frequency == 0 {
+                objects.len()
+            } else {
+                (count / self.config.cull_frequency).max(1) as usize
+            };
+        }
+        if self.config.max_bytes > 0 {
+            let mut total: u64 = objects.iter().map(|o| o.size).sum();
+            let mut n = 0;
+            while total > self.config.max_bytes && n < objects.len() {
+                total -= objects[n].size;
+                n += 1;
+            }
+            victims = victims.max(n);
+        }
+        report.culled = self.remove(&objects[..victims], &mut report).await?;
+        report.remaining = count - report.culled;
+        Stats::add(&self.stats.evictions, report.culled);
+        self.stats.curr_items.store(report.remaining, Relaxed);
+        Stats::incr(&self.stats.cull_passes);
+        Stats::add(&self.stats.cull_requests, report.requests);
+        self.stats
+            .cull_last_pass_unix
+            .store(self.clock.now_secs(), Relaxed);
+        self.stats
+            .cull_last_duration_ms
+            .store(started.elapsed().as_millis() as u64, Relaxed);
+        tracing::debug!(?report, "cull pass done");
+        Ok(report)
+    }
+
+    async fn list_all(&self, report: &mut PassReport) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.store.list(cursor, DELETE_BATCH).await?;
+            report.requests += 1;
+            all.extend(page.objects);
+            match page.next {
+                Some(next) if all.len() < MAX_LISTED_PER_PASS => cursor = Some(next),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    async fn remove(&self, victims: &[ObjectInfo], report: &mut PassReport) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for batch in victims.chunks(DELETE_BATCH) {
+            let names: Vec<String> = batch.iter().map(|o| o.name.clone()).collect();
+            removed += self.store.delete_objects(&names).await? as u64;
+            report.requests += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Takes or renews the cull lease; `false` when another replica holds a live one.
+    async fn take_lease(&self) -> Result<bool, StoreError> {
+        let mut held = self.lease.lock().await;
+        let now = self.clock.now_secs();
+        let body = Bytes::from(format!("{} {}\n", self.owner, now + LEASE_TTL_SECS));
+        let current = self.store.get_control(LEASE_OBJECT).await?;
+        let mode = match &current {
+            None => PutMode::Create,
+            Some((raw, version)) => {
+                let (owner, expires) = parse_lease(raw);
+                let ours = owner == self.owner && held.as_ref() == Some(version);
+                if !ours && expires > now {
+                    return Ok(false);
+                }
+                PutMode::Update(version.clone())
+            }
+        };
+        match self.store.put_control(LEASE_OBJECT, body, mode).await {
+            Ok(version) => {
+                *held = Some(version);
+                Ok(true)
+            }
+            Err(StoreError::Exists | StoreError::Changed) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn parse_lease(raw: &[u8]) -> (String, u64) {
+    let text = String::from_utf8_lossy(raw);
+    let mut parts = text.split_whitespace();
+    let owner = parts.next().unwrap_or_default().to_owned();
+    let expires = parts.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+    (owner, expires)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::Entry;
+
+    async fn fill(store: &dyn Store, n: u64) {
+        for i in 0..n {
+            let entry = Entry {
+                key: Bytes::from(format!("key-{i}")),
+                stored_at_us: 1_000_000 * (i + 1),
+                value: Bytes::from("v"),
+                ..Entry::default()
+            };
+            store.put(&entry, PutMode::Overwrite).await.unwrap();
+        }
+    }
+
+    async fn culler(store: Arc<dyn Store>, max_entries: u64, cull_frequency: u64) -> Culler {
+        let flush = Arc::new(Flush::load(store.clone()).await.unwrap());
+        Culler::new(
+            store,
+            flush,
+            Arc::new(Stats::default()),
+            Clock::System,
+            CullerConfig {
+                max_entries,
+                cull_frequency,
+                max_bytes: 0,
+                interval: Duration::from_secs(60),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn culls_a_third_of_the_oldest_at_the_bound() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        fill(&*store, 30).await;
+        let c = culler(store.clone(), 30, 3).await;
+        let report = c.pass().await.unwrap();
+        assert_eq!(report.culled, 10);
+        assert_eq!(report.remaining, 20);
+        // The oldest ten went.
+        assert!(store.get(b"key-0").await.unwrap().is_none());
+        assert!(store.get(b"key-9").await.unwrap().is_none());
+        assert!(store.get(b"key-10").await.unwrap().is_some());
+        // Under the bound: nothing more.
+        assert_eq!(c.pass().await.unwrap().culled, 0);
+    }
+
+    #[tokio::test]
+    async fn cull_frequency_zero_removes_everything() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        fill(&*store, 12).await;
+        let report = culler(store, 10, 0).await.pass().await.unwrap();
+        assert_eq!((report.culled, report.remaining), (12, 0));
+    }
+
+    #[tokio::test]
+    async fn a_second_replica_waits_for_the_lease() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        fill(&*store, 30).await;
+        let a = culler(store.clone(), 30, 3).await;
+        let b = culler(store.clone(), 30, 3).await;
+        assert!(!a.pass().await.unwrap().skipped);
+        assert!(b.pass().await.unwrap().skipped);
+        assert!(!a.pass().await.unwrap().skipped, "the holder renews its lease");
+    }
+}

@@ -1,0 +1,145 @@
+//! The flush epoch: `flush_all` hides every item stored at or before a moment.
+//!
+//! The epoch lives in a control object beside the items, so it survives restarts and every
+//! replica sharing the bucket honours it; the objects themselves are removed later, in the
+//! background, by the culler. By default a read uses an epoch read after the request
+//! arrived (concurrent requests share one read), so nothing flushed by any replica is
+//! served afterwards; `flush_check_ms` trades that for fewer requests.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::store::{Entry, PutMode, Store, StoreError};
+
+/// The control object's name.
+pub const FLUSH_OBJECT: &str = "flush-epoch";
+
+pub struct Flush {
+    store: Arc<dyn Store>,
+    /// Items stored at or before this Unix-microsecond moment are hidden once it has come;
+    /// 0 = no flush.
+    epoch_us: AtomicU64,
+    /// How old an epoch reading may be when a request uses it.
+    max_age: Duration,
+    /// When the newest completed reading was started.
+    read_started: Mutex<Option<Instant>>,
+    /// One reading in flight at a time; others wait and reuse it if it is fresh enough.
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl Flush {
+    /// Reads the epoch from the store.
+    pub async fn load(store: Arc<dyn Store>, max_age: Duration) -> Result<Self, StoreError> {
+        let flush = Flush {
+            store,
+            epoch_us: AtomicU64::new(0),
+            max_age,
+            read_started: Mutex::new(None),
+            reading: tokio::sync::Mutex::new(()),
+        };
+        flush.refresh().await?;
+        Ok(flush)
+    }
+
+    /// Re-reads the epoch another replica may have moved.
+    pub async fn refresh(&self) -> Result<u64, StoreError> {
+        let started = Instant::now();
+        let epoch = match self.store.get_control(FLUSH_OBJECT).await? {
+            Some((body, _)) => parse_epoch(&body),
+            None => 0,
+        };
+        self.epoch_us.store(epoch, Relaxed);
+        let mut last = self.read_started.lock().expect("flush lock");
+        if last.is_none_or(|l| l < started) {
+            *last = Some(started);
+        }
+        Ok(epoch)
+    }
+
+    fn fresh_since(&self, since: Instant) -> bool {
+        let last = *self.read_started.lock().expect("flush lock");
+        last.is_some_and(|l| l + self.max_age >= since)
+    }
+
+    /// The epoch as read no earlier than `max_age` before `asked_at`.
+    pub async fn current(&self, asked_at: Instant) -> Result<u64, StoreError> {
+        if self.fresh_since(asked_at) {
+            return Ok(self.epoch_us());
+        }
+        let _reading = self.reading.lock().await;
+        if self.fresh_since(asked_at) {
+            return Ok(self.epoch_us());
+        }
+        self.refresh().await
+    }
+
+    /// The epoch as last read or set.
+    pub fn epoch_us(&self) -> u64 {
+        self.epoch_us.load(Relaxed)
+    }
+
+    /// Whether `entry` is hidden by flush `epoch_us` at `now_us`.
+    pub fn hides(epoch_us: u64, entry: &Entry, now_us: u64) -> bool {
+        epoch_us != 0 && now_us >= epoch_us && entry.stored_at_us <= epoch_us
+    }
+
+    /// Moves the epoch to `at_us` (the last flush wins, as in memcached).
+    pub async fn flush(&self, at_us: u64) -> Result<(), StoreError> {
+        let _reading = self.reading.lock().await;
+        let started = Instant::now();
+        self.store
+            .put_control(FLUSH_OBJECT, Bytes::from(format!("{at_us}\n")), PutMode::Overwrite)
+            .await?;
+        self.epoch_us.store(at_us, Relaxed);
+        *self.read_started.lock().expect("flush lock") = Some(started);
+        Ok(())
+    }
+}
+
+fn parse_epoch(body: &[u8]) -> u64 {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn epoch_hides_older_items_once_due_and_persists() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let flush = Flush::load(store.clone(), Duration::ZERO).await.unwrap();
+        let old = Entry {
+            stored_at_us: 100,
+            ..Entry::default()
+        };
+        let new = Entry {
+            stored_at_us: 300,
+            ..Entry::default()
+        };
+        assert!(!Flush::hides(flush.epoch_us(), &old, 1000));
+        flush.flush(200).await.unwrap();
+        let e = flush.epoch_us();
+        assert!(!Flush::hides(e, &old, 150), "not before the flush moment");
+        assert!(Flush::hides(e, &old, 200));
+        assert!(!Flush::hides(e, &new, 1000));
+        let again = Flush::load(store, Duration::ZERO).await.unwrap();
+        assert_eq!(again.epoch_us(), 200);
+    }
+
+    #[tokio::test]
+    async fn another_replicas_flush_is_seen_by_the_next_request() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let a = Flush::load(store.clone(), Duration::ZERO).await.unwrap();
+        let b = Flush::load(store.clone(), Duration::ZERO).await.unwrap();
+        a.flush(500).await.unwrap();
+        assert_eq!(b.current(Instant::now()).await.unwrap(), 500);
+    }
+}

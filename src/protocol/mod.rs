@@ -1,0 +1,149 @@
+//! The memcached wire protocol: typed requests, a streaming parser and a response encoder.
+//!
+//! This module is pure: it knows nothing of sockets, tokio or storage, so it can be tested,
+//! fuzzed and benchmarked alone. The connection feeds it bytes; it answers with a
+//! [`Parsed`] frame or asks for more.
+
+mod meta;
+mod parse;
+mod response;
+
+pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
+pub use parse::{parse, Limits, Parsed, Skip};
+pub use response::{MetaReply, MetaStatus, Response, Value};
+
+use bytes::Bytes;
+
+/// Longest key memcached accepts, in bytes.
+pub const MAX_KEY_BYTES: usize = 250;
+
+/// What a storage command asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreMode {
+    /// `set`: store unconditionally.
+    Set,
+    /// `add`: store only if no live item exists.
+    Add,
+    /// `replace`: store only if a live item exists.
+    Replace,
+    /// `append`: add data after an existing item's data.
+    Append,
+    /// `prepend`: add data before an existing item's data.
+    Prepend,
+    /// `cas`: store only if the item's cas unique still matches.
+    Cas,
+}
+
+/// One complete request from a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `get`/`gets` (`cas` = true for `gets`): one or more keys.
+    Get { keys: Vec<Bytes>, cas: bool },
+    /// `gat`/`gats`: fetch and set a new expiration time.
+    Gat {
+        exptime: i64,
+        keys: Vec<Bytes>,
+        cas: bool,
+    },
+    /// `set`, `add`, `replace`, `append`, `prepend`, `cas`.
+    Store {
+        mode: StoreMode,
+        key: Bytes,
+        flags: u32,
+        exptime: i64,
+        data: Bytes,
+        /// The client's cas unique (only for `cas`).
+        cas_unique: u64,
+        noreply: bool,
+    },
+    /// A storage command whose data exceeded the item size limit; its data is skipped.
+    TooLarge {
+        key: Bytes,
+        /// memcached removes the old item when a `set` fails this way.
+        remove_old: bool,
+        noreply: bool,
+    },
+    Delete {
+        key: Bytes,
+        noreply: bool,
+    },
+    /// `incr` (`incr` = true) or `decr`.
+    Arith {
+        key: Bytes,
+        delta: u64,
+        incr: bool,
+        noreply: bool,
+    },
+    Touch {
+        key: Bytes,
+        exptime: i64,
+        noreply: bool,
+    },
+    FlushAll {
+        delay: i64,
+        noreply: bool,
+    },
+    Version,
+    Verbosity {
+        noreply: bool,
+    },
+    /// `stats` with an optional sub-command (`settings`, `reset`, ...).
+    Stats {
+        arg: Option<String>,
+    },
+    Quit,
+    Meta(MetaRequest),
+    /// Input that gets an error reply; the connection goes on.
+    Invalid(ProtocolError),
+    /// Bad input whose error reply `noreply` suppressed: answered with nothing.
+    Silent,
+    /// Input after which the connection must be closed (binary protocol, HTTP).
+    Hangup(&'static str),
+}
+
+/// Errors a client is told about, with memcached's exact wording.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// `ERROR`: unknown command or wrong argument count.
+    UnknownCommand,
+    /// `CLIENT_ERROR <text>`.
+    Client(&'static str),
+    /// `SERVER_ERROR <text>`.
+    Server(&'static str),
+}
+
+impl ProtocolError {
+    pub const BAD_FORMAT: Self = Self::Client("bad command line format");
+    pub const BAD_DATA_CHUNK: Self = Self::Client("bad data chunk");
+    pub const LINE_TOO_LONG: Self = Self::Client("line too long");
+    pub const TOO_LARGE: Self = Self::Server("object too large for cache");
+}
+
+impl Request {
+    /// The keys a request touches, for ordering requests of one connection:
+    /// `None` means the request must wait for everything before it (a barrier).
+    pub fn keys(&self) -> Option<Vec<&Bytes>> {
+        match self {
+            Request::Get { keys, .. } | Request::Gat { keys, .. } => Some(keys.iter().collect()),
+            Request::Store { key, .. }
+            | Request::TooLarge { key, .. }
+            | Request::Delete { key, .. }
+            | Request::Arith { key, .. }
+            | Request::Touch { key, .. } => Some(vec![key]),
+            Request::Meta(m) => m.key().map(|k| vec![k]).or(Some(Vec::new())),
+            Request::Version
+            | Request::Verbosity { .. }
+            | Request::Invalid(_)
+            | Request::Silent
+            | Request::Stats { .. } => Some(Vec::new()),
+            Request::FlushAll { .. } | Request::Quit | Request::Hangup(_) => None,
+        }
+    }
+}
+
+/// Whether a key is acceptable: 1 to 250 bytes, no whitespace or control characters.
+pub fn valid_key(key: &[u8]) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY_BYTES
+        && key.iter().all(|&b| b > b' ' && b != 0x7f)
+}

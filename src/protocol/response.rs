@@ -1,0 +1,213 @@
+//! Replies, each able to encode itself in memcached's wire format.
+
+use std::fmt::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::ProtocolError;
+
+/// One item of a retrieval reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value {
+    pub key: Bytes,
+    pub flags: u32,
+    pub cas: u64,
+    pub data: Bytes,
+}
+
+/// The two-letter status of a meta reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaStatus {
+    /// `HD`: success, no value.
+    Hd,
+    /// `VA`: success with a value.
+    Va,
+    /// `EN`: miss.
+    En,
+    /// `NF`: not found.
+    Nf,
+    /// `NS`: not stored.
+    Ns,
+    /// `EX`: cas mismatch.
+    Ex,
+    /// `MN`: end of a pipeline.
+    Mn,
+}
+
+impl MetaStatus {
+    fn code(self) -> &'static str {
+        match self {
+            MetaStatus::Hd => "HD",
+            MetaStatus::Va => "VA",
+            MetaStatus::En => "EN",
+            MetaStatus::Nf => "NF",
+            MetaStatus::Ns => "NS",
+            MetaStatus::Ex => "EX",
+            MetaStatus::Mn => "MN",
+        }
+    }
+}
+
+/// A meta reply: status, returned flags (already rendered, in order) and an optional value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaReply {
+    pub status: MetaStatus,
+    pub flags: Vec<String>,
+    pub value: Option<Bytes>,
+}
+
+/// Everything the server says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Nothing at all (noreply, quiet meta).
+    None,
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+    Deleted,
+    Touched,
+    Ok,
+    Reset,
+    /// `VALUE ... END` for get/gets/gat/gats (`with_cas` for the `s` forms).
+    Values { values: Vec<Value>, with_cas: bool },
+    /// incr/decr result.
+    Number(u64),
+    Version(String),
+    Stats(Vec<(String, String)>),
+    /// `ME <key> <k>=<v>*`.
+    Debug { key: String, fields: String },
+    Meta(MetaReply),
+    Error(ProtocolError),
+    /// `SERVER_ERROR <reason>` for backend failures.
+    ServerError(String),
+    /// Close the connection without a reply.
+    Close,
+}
+
+impl Response {
+    /// Appends the wire form of this reply to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let line = |out: &mut BytesMut, s: &str| {
+            out.put_slice(s.as_bytes());
+            out.put_slice(b"\r\n");
+        };
+        match self {
+            Response::None | Response::Close => {}
+            Response::Stored => line(out, "STORED"),
+            Response::NotStored => line(out, "NOT_STORED"),
+            Response::Exists => line(out, "EXISTS"),
+            Response::NotFound => line(out, "NOT_FOUND"),
+            Response::Deleted => line(out, "DELETED"),
+            Response::Touched => line(out, "TOUCHED"),
+            Response::Ok => line(out, "OK"),
+            Response::Reset => line(out, "RESET"),
+            Response::Values { values, with_cas } => {
+                for v in values {
+                    out.reserve(v.key.len() + v.data.len() + 64);
+                    out.put_slice(b"VALUE ");
+                    out.put_slice(&v.key);
+                    let mut header = format!(" {} {}", v.flags, v.data.len());
+                    if *with_cas {
+                        let _ = write!(header, " {}", v.cas);
+                    }
+                    line(out, &header);
+                    out.put_slice(&v.data);
+                    out.put_slice(b"\r\n");
+                }
+                line(out, "END");
+            }
+            Response::Number(n) => line(out, &n.to_string()),
+            Response::Version(v) => line(out, &format!("VERSION {v}")),
+            Response::Stats(stats) => {
+                for (name, value) in stats {
+                    line(out, &format!("STAT {name} {value}"));
+                }
+                line(out, "END");
+            }
+            Response::Debug { key, fields } => line(out, &format!("ME {key} {fields}")),
+            Response::Meta(reply) => {
+                out.put_slice(reply.status.code().as_bytes());
+                if let Some(value) = &reply.value {
+                    let _ = write!(WriteBytes(out), " {}", value.len());
+                }
+                for flag in &reply.flags {
+                    out.put_u8(b' ');
+                    out.put_slice(flag.as_bytes());
+                }
+                out.put_slice(b"\r\n");
+                if let Some(value) = &reply.value {
+                    out.put_slice(value);
+                    out.put_slice(b"\r\n");
+                }
+            }
+            Response::Error(ProtocolError::UnknownCommand) => line(out, "ERROR"),
+            Response::Error(ProtocolError::Client(why)) => line(out, &format!("CLIENT_ERROR {why}")),
+            Response::Error(ProtocolError::Server(why)) => line(out, &format!("SERVER_ERROR {why}")),
+            Response::ServerError(why) => line(out, &format!("SERVER_ERROR {why}")),
+        }
+    }
+}
+
+/// `fmt::Write` into a `BytesMut`.
+struct WriteBytes<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for WriteBytes<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(r: Response) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        r.encode(&mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn values_with_and_without_cas() {
+        let v = Value {
+            key: Bytes::from("k"),
+            flags: 5,
+            cas: 9,
+            data: Bytes::from("ab"),
+        };
+        assert_eq!(
+            wire(Response::Values {
+                values: vec![v.clone()],
+                with_cas: false
+            }),
+            b"VALUE k 5 2\r\nab\r\nEND\r\n"
+        );
+        assert_eq!(
+            wire(Response::Values {
+                values: vec![v],
+                with_cas: true
+            }),
+            b"VALUE k 5 2 9\r\nab\r\nEND\r\n"
+        );
+    }
+
+    #[test]
+    fn errors_and_meta() {
+        assert_eq!(wire(Response::Error(ProtocolError::UnknownCommand)), b"ERROR\r\n");
+        assert_eq!(
+            wire(Response::Error(ProtocolError::BAD_DATA_CHUNK)),
+            b"CLIENT_ERROR bad data chunk\r\n"
+        );
+        assert_eq!(
+            wire(Response::Meta(MetaReply {
+                status: MetaStatus::Va,
+                flags: vec!["f5".into(), "t-1".into()],
+                value: Some(Bytes::from("hi"))
+            })),
+            b"VA 2 f5 t-1\r\nhi\r\n"
+        );
+        assert_eq!(wire(Response::None), b"");
+    }
+}

@@ -1,0 +1,240 @@
+//! The object format shared by every persistent backend: a fixed header, the key, the value.
+//!
+//! ```text
+//! offset size field
+//!  0     4    magic "S3CD"
+//!  4     1    format version (1)
+//!  5     1    compression (0 none, 1 gzip)
+//!  6     1    state bits (1 stale, 2 recache win handed out)
+//!  7     1    reserved (0)
+//!  8     2    key length
+//! 10     4    client flags
+//! 14     8    expiry, Unix seconds (0 = never)
+//! 22     8    time stored, Unix microseconds
+//! 30     8    cas unique
+//! 38     4    stored value length (after compression)
+//! 42     -    key, then value
+//! ```
+//! All integers are big-endian. The key is kept so that a SHA-1 collision is detected on read
+//! and tools can list keys; the value length catches truncated objects.
+
+use std::io::{Read, Write};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+
+use super::Entry;
+
+pub const MAGIC: &[u8; 4] = b"S3CD";
+pub const FORMAT_VERSION: u8 = 1;
+pub const HEADER_BYTES: usize = 42;
+
+const COMPRESSION_NONE: u8 = 0;
+const COMPRESSION_GZIP: u8 = 1;
+const STATE_STALE: u8 = 1;
+const STATE_WIN_SENT: u8 = 2;
+
+/// Why an object could not be read as an item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("not an s3cached object")]
+    BadMagic,
+    #[error("unknown format version {0}")]
+    Version(u8),
+    #[error("unknown compression {0}")]
+    Compression(u8),
+    #[error("truncated object")]
+    Truncated,
+    #[error("value does not decompress within the size limit")]
+    BadGzip,
+}
+
+/// How values are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    /// Gzip values of at least this many bytes (`None`: never compress).
+    pub gzip_min_bytes: Option<usize>,
+    /// Largest value accepted when reading, after decompression.
+    pub max_value_bytes: usize,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec {
+            gzip_min_bytes: None,
+            max_value_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Codec {
+    /// Serializes an entry.
+    pub fn encode(&self, entry: &Entry) -> Bytes {
+        let compressed = match self.gzip_min_bytes {
+            Some(min) if entry.value.len() >= min => gzip(&entry.value),
+            _ => None,
+        };
+        let (compression, value) = match &compressed {
+            Some(z) => (COMPRESSION_GZIP, &z[..]),
+            None => (COMPRESSION_NONE, &entry.value[..]),
+        };
+        let mut out = BytesMut::with_capacity(HEADER_BYTES + entry.key.len() + value.len());
+        out.put_slice(MAGIC);
+        out.put_u8(FORMAT_VERSION);
+        out.put_u8(compression);
+        out.put_u8(
+            (if entry.stale { STATE_STALE } else { 0 })
+                | (if entry.win_sent { STATE_WIN_SENT } else { 0 }),
+        );
+        out.put_u8(0);
+        out.put_u16(entry.key.len() as u16);
+        out.put_u32(entry.flags);
+        out.put_u64(entry.expires_at);
+        out.put_u64(entry.stored_at_us);
+        out.put_u64(entry.cas);
+        out.put_u32(value.len() as u32);
+        out.put_slice(&entry.key);
+        out.put_slice(value);
+        out.freeze()
+    }
+
+    /// Parses an object written by [`encode`](Codec::encode).
+    pub fn decode(&self, raw: &Bytes) -> Result<Entry, FormatError> {
+        if raw.len() < HEADER_BYTES {
+            return Err(if raw.starts_with(&MAGIC[..raw.len().min(4)]) {
+                FormatError::Truncated
+            } else {
+                FormatError::BadMagic
+            });
+        }
+        if &raw[0..4] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        if raw[4] != FORMAT_VERSION {
+            return Err(FormatError::Version(raw[4]));
+        }
+        let be16 = |at: usize| u16::from_be_bytes([raw[at], raw[at + 1]]) as usize;
+        let be32 = |at: usize| u32::from_be_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
+        let be64 = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let key_len = be16(8);
+        let value_len = be32(38) as usize;
+        if raw.len() != HEADER_BYTES + key_len + value_len {
+            return Err(FormatError::Truncated);
+        }
+        let key = raw.slice(HEADER_BYTES..HEADER_BYTES + key_len);
+        let stored = raw.slice(HEADER_BYTES + key_len..);
+        let value = match raw[5] {
+            COMPRESSION_NONE => stored,
+            COMPRESSION_GZIP => gunzip(&stored, self.max_value_bytes)?,
+            other => return Err(FormatError::Compression(other)),
+        };
+        Ok(Entry {
+            key,
+            flags: be32(10),
+            expires_at: be64(14),
+            stored_at_us: be64(22),
+            cas: be64(30),
+            stale: raw[6] & STATE_STALE != 0,
+            win_sent: raw[6] & STATE_WIN_SENT != 0,
+            value,
+        })
+    }
+}
+
+/// Gzips `value`, or `None` when that would not make it smaller.
+fn gzip(value: &[u8]) -> Option<Vec<u8>> {
+    let mut encoder = GzEncoder::new(Vec::with_capacity(value.len() / 2), Compression::fast());
+    encoder.write_all(value).ok()?;
+    let z = encoder.finish().ok()?;
+    (z.len() < value.len()).then_some(z)
+}
+
+fn gunzip(stored: &[u8], limit: usize) -> Result<Bytes, FormatError> {
+    let mut out = Vec::new();
+    let mut decoder = GzDecoder::new(stored).take(limit as u64 + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|_| FormatError::BadGzip)?;
+    if out.len() > limit {
+        return Err(FormatError::BadGzip);
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(value: &[u8]) -> Entry {
+        Entry {
+            key: Bytes::from("the key"),
+            flags: 0xdead_beef,
+            expires_at: 1_700_000_000,
+            stored_at_us: 1_700_000_000_123_456,
+            cas: u64::MAX - 3,
+            stale: true,
+            win_sent: false,
+            value: Bytes::copy_from_slice(value),
+        }
+    }
+
+    #[test]
+    fn round_trip_plain_and_gzip() {
+        let value = vec![b'z'; 10_000];
+        for gzip_min_bytes in [None, Some(100)] {
+            let codec = Codec {
+                gzip_min_bytes,
+                ..Codec::default()
+            };
+            let raw = codec.encode(&entry(&value));
+            assert_eq!(&raw[0..4], MAGIC);
+            assert_eq!(raw[5], u8::from(gzip_min_bytes.is_some()));
+            assert_eq!(codec.decode(&raw).unwrap(), entry(&value));
+        }
+    }
+
+    #[test]
+    fn incompressible_values_stay_plain() {
+        let codec = Codec {
+            gzip_min_bytes: Some(1),
+            ..Codec::default()
+        };
+        let raw = codec.encode(&entry(b"ab"));
+        assert_eq!(raw[5], COMPRESSION_NONE);
+    }
+
+    #[test]
+    fn foreign_and_broken_objects_are_errors() {
+        let codec = Codec::default();
+        assert_eq!(codec.decode(&Bytes::from("hello")), Err(FormatError::BadMagic));
+        let raw = codec.encode(&entry(b"abc"));
+        assert_eq!(codec.decode(&raw.slice(..raw.len() - 1)), Err(FormatError::Truncated));
+        let mut bad = raw.to_vec();
+        bad[4] = 9;
+        assert_eq!(codec.decode(&Bytes::from(bad)), Err(FormatError::Version(9)));
+    }
+
+    #[test]
+    fn gzip_bomb_is_refused() {
+        let big = Codec {
+            gzip_min_bytes: Some(1),
+            ..Codec::default()
+        };
+        let raw = big.encode(&entry(&vec![0u8; 100_000]));
+        let small = Codec {
+            max_value_bytes: 1000,
+            ..Codec::default()
+        };
+        assert_eq!(small.decode(&raw), Err(FormatError::BadGzip));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Codec::default().decode(&Bytes::from(raw));
+        }
+    }
+}

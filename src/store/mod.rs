@@ -1,0 +1,192 @@
+//! The storage abstraction, in memcached's meanings, and its backends.
+//!
+//! A [`Store`] keeps whole items ([`Entry`]) by key and offers the three kinds of write that
+//! memcached commands need: overwrite, create-if-absent and update-if-unchanged. It knows
+//! nothing of expiry or flush (the command layer decides what is live) and nothing of the
+//! wire protocol. All S3 types stay inside [`s3`].
+
+pub mod conformance;
+pub mod dir;
+pub mod format;
+pub mod memory;
+pub mod s3;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sha1::{Digest, Sha1};
+
+/// One cached item as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Entry {
+    pub key: Bytes,
+    /// The client's opaque 32-bit flags.
+    pub flags: u32,
+    /// Absolute expiry in Unix seconds; 0 = never.
+    pub expires_at: u64,
+    /// When it was written, in Unix microseconds: `flush_all` compares against it.
+    pub stored_at_us: u64,
+    /// The cas unique: changed by every mutation.
+    pub cas: u64,
+    /// Marked stale by meta delete with `I`.
+    pub stale: bool,
+    /// A meta get has already handed out the recache win for it.
+    pub win_sent: bool,
+    pub value: Bytes,
+}
+
+/// An opaque token for the stored object as it was read (an ETag on S3).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+/// A stored entry and the version it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub entry: Entry,
+    pub version: Version,
+}
+
+/// How a write treats what is already there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace whatever is there.
+    Overwrite,
+    /// Write only if nothing is stored under the key ([`StoreError::Exists`] otherwise).
+    Create,
+    /// Write only if the stored object is still this version ([`StoreError::Changed`] otherwise,
+    /// also when it is gone).
+    Update(Version),
+}
+
+/// Why a store call did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A create found an object already stored.
+    #[error("object exists")]
+    Exists,
+    /// An update found the object changed or gone.
+    #[error("object changed")]
+    Changed,
+    /// The backend failed, timed out or refused: the client gets `SERVER_ERROR`.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// One object found by listing, for the culler and flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object's full name (prefix included).
+    pub name: String,
+    pub size: u64,
+    /// Last write time, Unix milliseconds.
+    pub modified_ms: u64,
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    /// Pass back to get the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
+/// What a backend is and what it guarantees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// `memory`, `dir` or `s3`.
+    pub kind: &'static str,
+    /// Whether create and update are atomic against other writers (other replicas too).
+    pub atomic: bool,
+}
+
+/// A key-value store of cache items.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The entry stored under `key`, if any. Corrupt or foreign objects read as absent.
+    async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError>;
+
+    /// Writes `entry` under `entry.key`, as `mode` allows; returns the new version.
+    async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError>;
+
+    /// Removes `key` (only if still at `version`, when given). `Ok(false)`: nothing was there.
+    async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError>;
+
+    /// One page of the item objects under the prefix, in name order (control objects excluded).
+    async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError>;
+
+    /// Removes objects by name (as [`list`](Store::list) gives them); returns how many.
+    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError>;
+
+    /// Reads a small control object (flush epoch, cull lease) kept beside the items.
+    async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError>;
+
+    /// Writes a control object as `mode` allows.
+    async fn put_control(&self, name: &str, body: Bytes, mode: PutMode)
+        -> Result<Version, StoreError>;
+
+    fn info(&self) -> StoreInfo;
+}
+
+/// Maximum names one [`Store::delete_objects`] call is given (S3's DeleteObjects limit).
+pub const DELETE_BATCH: usize = 1000;
+
+/// Removes every item object; returns how many. Used by flush and tests.
+pub async fn clear(store: &dyn Store) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    loop {
+        let page = store.list(None, DELETE_BATCH).await?;
+        if page.objects.is_empty() {
+            return Ok(removed);
+        }
+        let names: Vec<String> = page.objects.into_iter().map(|o| o.name).collect();
+        removed += store.delete_objects(&names).await?;
+    }
+}
+
+/// The SHA-1 of a key, in lower-case hex: the object's name under the prefix.
+pub fn key_hash(key: &[u8]) -> String {
+    let digest = Sha1::digest(key);
+    let mut hex = String::with_capacity(40);
+    for byte in digest {
+        hex.push(char::from_digit(u32::from(byte >> 4), 16).expect("nibble"));
+        hex.push(char::from_digit(u32::from(byte & 0xf), 16).expect("nibble"));
+    }
+    hex
+}
+
+/// The prefix as a folder: empty, or ending in exactly one `/`, with no leading `/`.
+pub fn normalize_prefix(location: &str) -> String {
+    let trimmed = location.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    }
+}
+
+/// Whether an object name (after the prefix) is an item: 40 lower-case hex digits.
+pub fn is_item_name(name: &str) -> bool {
+    name.len() == 40 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The folder under the prefix that holds control objects.
+pub const CONTROL_DIR: &str = "_s3cached";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha1_hex_names() {
+        assert_eq!(key_hash(b"abc"), "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert!(is_item_name(&key_hash(b"anything")));
+        assert!(!is_item_name("_s3cached"));
+    }
+
+    #[test]
+    fn prefix_is_a_folder() {
+        assert_eq!(normalize_prefix(""), "");
+        assert_eq!(normalize_prefix("/"), "");
+        assert_eq!(normalize_prefix("cache"), "cache/");
+        assert_eq!(normalize_prefix("/a/b/"), "a/b/");
+    }
+}
