@@ -89,12 +89,18 @@ pub async fn start(config: Config) -> Result<App, AppError> {
 }
 
 /// Starts the server with a given store and clock (tests use the memory store and tokio time).
-pub async fn start_with(config: Config, store: Arc<dyn Store>, clock: Clock) -> Result<App, AppError> {
+pub async fn start_with(
+    config: Config,
+    store: Arc<dyn Store>,
+    clock: Clock,
+) -> Result<App, AppError> {
     let addr = config.listen_addr();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| AppError::Bind { addr, source })?;
-    let addr = listener.local_addr().map_err(|source| AppError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr, source })?;
     let flush = Arc::new(
         Flush::load(store.clone(), Duration::from_millis(config.flush_check_ms))
             .await
@@ -108,7 +114,14 @@ pub async fn start_with(config: Config, store: Arc<dyn Store>, clock: Clock) -> 
         miss_on_backend_error: config.miss_on_backend_error,
         settings_rows: config.rows(),
     };
-    let ctx = Arc::new(Ctx::new(store.clone(), flush.clone(), stats.clone(), clock, settings, hint.clone()));
+    let ctx = Arc::new(Ctx::new(
+        store.clone(),
+        flush.clone(),
+        stats.clone(),
+        clock,
+        settings,
+        hint.clone(),
+    ));
     let culler = Arc::new(Culler::new(
         store,
         flush,
@@ -155,7 +168,10 @@ impl App {
         self.shutdown.cancel();
         let _ = self.culler_task.await;
         if let Ok(connections) = self.server.await {
-            if tokio::time::timeout(drain, connections.wait()).await.is_err() {
+            if tokio::time::timeout(drain, connections.wait())
+                .await
+                .is_err()
+            {
                 tracing::warn!("connections still open at the shutdown deadline");
             }
         }

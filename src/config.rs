@@ -156,7 +156,11 @@ options! {
 
 /// The command line.
 #[derive(Parser, Debug)]
-#[command(name = "s3cached", version, about = "A memcached-protocol cache server on S3")]
+#[command(
+    name = "s3cached",
+    version,
+    about = "A memcached-protocol cache server on S3"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "S3CACHED_CONFIG")]
@@ -218,7 +222,10 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
         if self.listen.parse::<SocketAddr>().is_err() {
-            return fail(format!("listen: {:?} is not an address like 127.0.0.1:11211", self.listen));
+            return fail(format!(
+                "listen: {:?} is not an address like 127.0.0.1:11211",
+                self.listen
+            ));
         }
         if self.max_connections == 0 {
             return fail("max_connections must be at least 1".into());
@@ -227,19 +234,34 @@ impl Config {
             return fail("max_item_size must be between 1024 bytes and 128 MiB".into());
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
-            return fail(format!("log_format: {:?} is not text or json", self.log_format));
+            return fail(format!(
+                "log_format: {:?} is not text or json",
+                self.log_format
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            return fail(format!("log_level: {:?} is not a log level", self.log_level));
+            return fail(format!(
+                "log_level: {:?} is not a log level",
+                self.log_level
+            ));
         }
         if !CANNED_ACLS.contains(&self.default_acl.as_str()) {
-            return fail(format!("default_acl: {:?} is not a canned ACL", self.default_acl));
+            return fail(format!(
+                "default_acl: {:?} is not a canned ACL",
+                self.default_acl
+            ));
         }
         if !CANNED_ACLS.contains(&self.bucket_acl.as_str()) {
-            return fail(format!("bucket_acl: {:?} is not a canned ACL", self.bucket_acl));
+            return fail(format!(
+                "bucket_acl: {:?} is not a canned ACL",
+                self.bucket_acl
+            ));
         }
         if !STORAGE_CLASSES.contains(&self.storage_class.as_str()) {
-            return fail(format!("storage_class: {:?} is not a storage class", self.storage_class));
+            return fail(format!(
+                "storage_class: {:?} is not a storage class",
+                self.storage_class
+            ));
         }
         if !["when_required", "when_supported"].contains(&self.request_checksum.as_str()) {
             return fail(format!(
@@ -248,14 +270,21 @@ impl Config {
             ));
         }
         if !self.endpoint_url.is_empty()
-            && !(self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://"))
+            && !(self.endpoint_url.starts_with("http://")
+                || self.endpoint_url.starts_with("https://"))
         {
-            return fail(format!("endpoint_url: {:?} must start with http:// or https://", self.endpoint_url));
+            return fail(format!(
+                "endpoint_url: {:?} must start with http:// or https://",
+                self.endpoint_url
+            ));
         }
         if self.access_key_id.expose().is_empty() != self.secret_access_key.expose().is_empty() {
             return fail("access_key_id and secret_access_key must be set together".into());
         }
-        if self.s3_attempt_timeout_ms == 0 || self.s3_operation_timeout_ms == 0 || self.s3_max_attempts == 0 {
+        if self.s3_attempt_timeout_ms == 0
+            || self.s3_operation_timeout_ms == 0
+            || self.s3_max_attempts == 0
+        {
             return fail("S3 timeouts and max attempts must be at least 1".into());
         }
         if self.s3_max_in_flight == 0 {
@@ -295,24 +324,43 @@ impl Config {
 
     /// Name and value of every option, secrets shown only as set or unset.
     pub fn rows(&self) -> Vec<(String, String)> {
-        let secret = |s: &Secret| if s.expose().is_empty() { "unset" } else { "set" }.to_owned();
+        let secret = |s: &Secret| {
+            if s.expose().is_empty() {
+                "unset"
+            } else {
+                "set"
+            }
+            .to_owned()
+        };
         vec![
             ("listen".into(), self.listen.clone()),
             ("max_connections".into(), self.max_connections.to_string()),
             ("max_item_size".into(), self.max_item_size.to_string()),
-            ("idle_timeout_secs".into(), self.idle_timeout_secs.to_string()),
+            (
+                "idle_timeout_secs".into(),
+                self.idle_timeout_secs.to_string(),
+            ),
             ("log_level".into(), self.log_level.clone()),
             ("log_format".into(), self.log_format.clone()),
             ("flush_enabled".into(), self.flush_enabled.to_string()),
-            ("miss_on_backend_error".into(), self.miss_on_backend_error.to_string()),
+            (
+                "miss_on_backend_error".into(),
+                self.miss_on_backend_error.to_string(),
+            ),
             ("data_dir".into(), self.data_dir.display().to_string()),
             ("location".into(), self.location.clone()),
-            ("storage_bucket_name".into(), self.storage_bucket_name.clone()),
+            (
+                "storage_bucket_name".into(),
+                self.storage_bucket_name.clone(),
+            ),
             ("access_key_id".into(), secret(&self.access_key_id)),
             ("secret_access_key".into(), secret(&self.secret_access_key)),
             ("default_acl".into(), self.default_acl.clone()),
             ("bucket_acl".into(), self.bucket_acl.clone()),
-            ("reduced_redundancy".into(), self.reduced_redundancy.to_string()),
+            (
+                "reduced_redundancy".into(),
+                self.reduced_redundancy.to_string(),
+            ),
             ("storage_class".into(), self.storage_class.clone()),
             ("is_gzipped".into(), self.is_gzipped.to_string()),
             ("gzip_min_bytes".into(), self.gzip_min_bytes.to_string()),
@@ -321,14 +369,23 @@ impl Config {
             ("force_path_style".into(), self.force_path_style.to_string()),
             ("create_bucket".into(), self.create_bucket.to_string()),
             ("request_checksum".into(), self.request_checksum.clone()),
-            ("s3_attempt_timeout_ms".into(), self.s3_attempt_timeout_ms.to_string()),
-            ("s3_operation_timeout_ms".into(), self.s3_operation_timeout_ms.to_string()),
+            (
+                "s3_attempt_timeout_ms".into(),
+                self.s3_attempt_timeout_ms.to_string(),
+            ),
+            (
+                "s3_operation_timeout_ms".into(),
+                self.s3_operation_timeout_ms.to_string(),
+            ),
             ("s3_max_attempts".into(), self.s3_max_attempts.to_string()),
             ("s3_max_in_flight".into(), self.s3_max_in_flight.to_string()),
             ("max_entries".into(), self.max_entries.to_string()),
             ("cull_frequency".into(), self.cull_frequency.to_string()),
             ("max_bytes".into(), self.max_bytes.to_string()),
-            ("cull_interval_secs".into(), self.cull_interval_secs.to_string()),
+            (
+                "cull_interval_secs".into(),
+                self.cull_interval_secs.to_string(),
+            ),
             ("flush_check_ms".into(), self.flush_check_ms.to_string()),
         ]
     }
@@ -382,7 +439,8 @@ mod tests {
 
     #[test]
     fn secrets_never_print() {
-        let c = Config::from_toml("access_key_id = \"AKIAXXXX\"\nsecret_access_key = \"hunter2\"").unwrap();
+        let c = Config::from_toml("access_key_id = \"AKIAXXXX\"\nsecret_access_key = \"hunter2\"")
+            .unwrap();
         let shown = format!("{c:?} {:?}", c.rows());
         assert!(!shown.contains("hunter2") && !shown.contains("AKIAXXXX"));
     }

@@ -137,7 +137,11 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(&mut self, socket: &mut TcpStream, shutdown: &CancellationToken) -> std::io::Result<()> {
+    async fn run(
+        &mut self,
+        socket: &mut TcpStream,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
         let idle = self.config.idle_timeout;
         let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
         loop {
@@ -145,9 +149,8 @@ impl Connection {
                 socket.write_all(&self.write_buf).await?;
                 return Ok(());
             }
-            let can_read = !self.closing
-                && self.barrier.is_none()
-                && self.pipeline.len() < MAX_PIPELINE_DEPTH;
+            let can_read =
+                !self.closing && self.barrier.is_none() && self.pipeline.len() < MAX_PIPELINE_DEPTH;
             let idle_armed = idle_deadline.is_some() && self.pipeline.len() == 0;
             tokio::select! {
                 Some((response, seq, keys)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {

@@ -216,7 +216,11 @@ impl Culler {
         }
     }
 
-    async fn remove(&self, victims: &[ObjectInfo], report: &mut PassReport) -> Result<u64, StoreError> {
+    async fn remove(
+        &self,
+        victims: &[ObjectInfo],
+        report: &mut PassReport,
+    ) -> Result<u64, StoreError> {
         let mut removed = 0;
         for batch in victims.chunks(DELETE_BATCH) {
             let names: Vec<String> = batch.iter().map(|o| o.name.clone()).collect();
@@ -281,7 +285,7 @@ mod tests {
     }
 
     async fn culler(store: Arc<dyn Store>, max_entries: u64, cull_frequency: u64) -> Culler {
-        let flush = Arc::new(Flush::load(store.clone()).await.unwrap());
+        let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
         Culler::new(
             store,
             flush,
@@ -328,6 +332,9 @@ mod tests {
         let b = culler(store.clone(), 30, 3).await;
         assert!(!a.pass().await.unwrap().skipped);
         assert!(b.pass().await.unwrap().skipped);
-        assert!(!a.pass().await.unwrap().skipped, "the holder renews its lease");
+        assert!(
+            !a.pass().await.unwrap().skipped,
+            "the holder renews its lease"
+        );
     }
 }

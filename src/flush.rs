@@ -92,7 +92,11 @@ impl Flush {
         let _reading = self.reading.lock().await;
         let started = Instant::now();
         self.store
-            .put_control(FLUSH_OBJECT, Bytes::from(format!("{at_us}\n")), PutMode::Overwrite)
+            .put_control(
+                FLUSH_OBJECT,
+                Bytes::from(format!("{at_us}\n")),
+                PutMode::Overwrite,
+            )
             .await?;
         self.epoch_us.store(at_us, Relaxed);
         *self.read_started.lock().expect("flush lock") = Some(started);

@@ -8,8 +8,7 @@ use bytes::Bytes;
 
 use super::{apply_delta, concat, parse_counter, Ctx, Liveness, Step, NON_NUMERIC};
 use crate::protocol::{
-    MetaArithMode, MetaFlags, MetaReply, MetaRequest, MetaSetMode, MetaStatus, Response,
-    ReturnFlag,
+    MetaArithMode, MetaFlags, MetaReply, MetaRequest, MetaSetMode, MetaStatus, Response, ReturnFlag,
 };
 use crate::stats::Stats;
 use crate::store::{Entry, PutMode, StoreError};

@@ -141,8 +141,7 @@ impl Ctx {
     /// Reads a key, answering what is live (with its stored version).
     async fn read_live(&self, key: &[u8]) -> Result<(Option<Versioned>, Liveness), StoreError> {
         let asked_at = tokio::time::Instant::now();
-        let (read, epoch_us) =
-            tokio::try_join!(self.store.get(key), self.flush.current(asked_at))?;
+        let (read, epoch_us) = tokio::try_join!(self.store.get(key), self.flush.current(asked_at))?;
         let now = self.clock.now_us();
         let liveness = match &read {
             Some(v) => self.live(&v.entry, epoch_us, now),
@@ -489,7 +488,9 @@ async fn delete(ctx: &Ctx, key: &[u8]) -> Response {
 
 /// Parses an item's data as memcached's incr does: a decimal u64, blanks around allowed.
 fn parse_counter(value: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(value).ok()?.trim_matches(|c: char| c.is_ascii_whitespace());
+    let text = std::str::from_utf8(value)
+        .ok()?
+        .trim_matches(|c: char| c.is_ascii_whitespace());
     let digits = text.strip_prefix('+').unwrap_or(text);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -604,7 +605,10 @@ fn general_stats(ctx: &Ctx) -> Vec<(String, String)> {
         ("time".into(), (now_us / 1_000_000).to_string()),
         (
             "version".into(),
-            format!("{MEMCACHED_COMPAT_VERSION}-s3cached-{}", env!("CARGO_PKG_VERSION")),
+            format!(
+                "{MEMCACHED_COMPAT_VERSION}-s3cached-{}",
+                env!("CARGO_PKG_VERSION")
+            ),
         ),
         ("pointer_size".into(), (usize::BITS).to_string()),
     ];

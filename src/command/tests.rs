@@ -1,0 +1,257 @@
+//! Command semantics against the memory store, with paused time for TTLs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::culler::WriteHint;
+use crate::protocol::{parse, Limits};
+use crate::store::memory::MemoryStore;
+
+async fn ctx() -> Ctx {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
+    Ctx::new(
+        store,
+        flush,
+        Arc::new(Stats::default()),
+        Clock::tokio(),
+        Settings::default(),
+        Arc::new(WriteHint::new(0)),
+    )
+}
+
+/// Sends wire text, returns the wire replies.
+async fn run(ctx: &Ctx, input: &str) -> String {
+    let mut buf = input.as_bytes();
+    let mut out = BytesMut::new();
+    while let Some(parsed) = parse(buf, &Limits::default()) {
+        buf = &buf[parsed.consumed..];
+        execute(ctx, parsed.request).await.encode(&mut out);
+    }
+    String::from_utf8(out.to_vec()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn set_get_delete() {
+    let c = ctx().await;
+    assert_eq!(run(&c, "set k 7 0 2\r\nhi\r\n").await, "STORED\r\n");
+    assert_eq!(
+        run(&c, "get k nope\r\n").await,
+        "VALUE k 7 2\r\nhi\r\nEND\r\n"
+    );
+    assert_eq!(run(&c, "delete k\r\n").await, "DELETED\r\n");
+    assert_eq!(run(&c, "delete k\r\n").await, "NOT_FOUND\r\n");
+    assert_eq!(run(&c, "get k\r\n").await, "END\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn add_replace_append_prepend() {
+    let c = ctx().await;
+    assert_eq!(run(&c, "replace k 0 0 1\r\na\r\n").await, "NOT_STORED\r\n");
+    assert_eq!(run(&c, "append k 0 0 1\r\na\r\n").await, "NOT_STORED\r\n");
+    assert_eq!(run(&c, "add k 3 0 1\r\nb\r\n").await, "STORED\r\n");
+    assert_eq!(run(&c, "add k 0 0 1\r\nc\r\n").await, "NOT_STORED\r\n");
+    assert_eq!(run(&c, "append k 9 0 1\r\n>\r\n").await, "STORED\r\n");
+    assert_eq!(run(&c, "prepend k 9 0 1\r\n<\r\n").await, "STORED\r\n");
+    assert_eq!(run(&c, "get k\r\n").await, "VALUE k 3 3\r\n<b>\r\nEND\r\n");
+    assert_eq!(run(&c, "replace k 4 0 1\r\nz\r\n").await, "STORED\r\n");
+    assert_eq!(run(&c, "get k\r\n").await, "VALUE k 4 1\r\nz\r\nEND\r\n");
+}
+
+fn cas_of(reply: &str) -> u64 {
+    reply.split_whitespace().nth(4).unwrap().parse().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn cas_tokens_change_on_every_mutation() {
+    let c = ctx().await;
+    assert_eq!(run(&c, "cas k 0 0 1 1\r\na\r\n").await, "NOT_FOUND\r\n");
+    run(&c, "set k 0 0 1\r\na\r\n").await;
+    let first = cas_of(&run(&c, "gets k\r\n").await);
+    assert_eq!(
+        run(&c, &format!("cas k 0 0 1 {}\r\nb\r\n", first + 1)).await,
+        "EXISTS\r\n"
+    );
+    assert_eq!(
+        run(&c, &format!("cas k 0 0 1 {first}\r\nb\r\n")).await,
+        "STORED\r\n"
+    );
+    let second = cas_of(&run(&c, "gets k\r\n").await);
+    assert_ne!(first, second);
+    assert_eq!(
+        run(&c, &format!("cas k 0 0 1 {first}\r\nc\r\n")).await,
+        "EXISTS\r\n"
+    );
+    run(&c, "append k 0 0 1\r\nx\r\n").await;
+    assert_ne!(cas_of(&run(&c, "gets k\r\n").await), second);
+}
+
+#[tokio::test(start_paused = true)]
+async fn incr_decr_rules() {
+    let c = ctx().await;
+    assert_eq!(run(&c, "incr n 1\r\n").await, "NOT_FOUND\r\n");
+    run(&c, "set n 5 0 20\r\n18446744073709551615\r\n").await;
+    assert_eq!(run(&c, "incr n 2\r\n").await, "1\r\n", "wraps at 2^64");
+    assert_eq!(run(&c, "decr n 5\r\n").await, "0\r\n", "stops at 0");
+    assert_eq!(
+        run(&c, "get n\r\n").await,
+        "VALUE n 5 1\r\n0\r\nEND\r\n",
+        "flags kept"
+    );
+    run(&c, "set t 0 0 2\r\nab\r\n").await;
+    assert_eq!(
+        run(&c, "incr t 1\r\n").await,
+        "CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+    );
+    assert_eq!(
+        run(&c, "incr n x\r\n").await,
+        "CLIENT_ERROR invalid numeric delta argument\r\n"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttls_expire_with_time() {
+    let c = ctx().await;
+    run(&c, "set a 0 2 1\r\na\r\n").await;
+    run(&c, "set never 0 0 1\r\nn\r\n").await;
+    run(&c, "set gone 0 -1 1\r\ng\r\n").await;
+    assert_eq!(
+        run(&c, "get gone\r\n").await,
+        "END\r\n",
+        "negative exptime: already expired"
+    );
+    assert_eq!(run(&c, "get a\r\n").await, "VALUE a 0 1\r\na\r\nEND\r\n");
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert_eq!(run(&c, "get a\r\n").await, "END\r\n");
+    assert_eq!(run(&c, "touch a 10\r\n").await, "NOT_FOUND\r\n");
+    assert_eq!(
+        run(&c, "get never\r\n").await,
+        "VALUE never 0 1\r\nn\r\nEND\r\n"
+    );
+    // touch and gat move the expiry.
+    assert_eq!(run(&c, "touch never 5\r\n").await, "TOUCHED\r\n");
+    assert_eq!(
+        run(&c, "gat 100 never\r\n").await,
+        "VALUE never 0 1\r\nn\r\nEND\r\n"
+    );
+    tokio::time::advance(Duration::from_secs(50)).await;
+    assert_eq!(
+        run(&c, "get never\r\n").await,
+        "VALUE never 0 1\r\nn\r\nEND\r\n"
+    );
+    tokio::time::advance(Duration::from_secs(51)).await;
+    assert_eq!(run(&c, "get never\r\n").await, "END\r\n");
+    // An absolute Unix time in the past is expired.
+    run(&c, "set abs 0 2592001 1\r\nx\r\n").await;
+    assert_eq!(run(&c, "get abs\r\n").await, "END\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn flush_all_now_and_later() {
+    let c = ctx().await;
+    run(&c, "set a 0 0 1\r\na\r\n").await;
+    assert_eq!(run(&c, "flush_all 10\r\n").await, "OK\r\n");
+    assert_eq!(
+        run(&c, "get a\r\n").await,
+        "VALUE a 0 1\r\na\r\nEND\r\n",
+        "not yet"
+    );
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(run(&c, "get a\r\n").await, "END\r\n");
+    run(&c, "set b 0 0 1\r\nb\r\n").await;
+    assert_eq!(
+        run(&c, "get b\r\n").await,
+        "VALUE b 0 1\r\nb\r\nEND\r\n",
+        "later sets survive"
+    );
+    assert_eq!(run(&c, "flush_all noreply\r\n").await, "");
+    assert_eq!(run(&c, "get b\r\n").await, "END\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn flush_can_be_disabled() {
+    let mut c = ctx().await;
+    c.settings.flush_enabled = false;
+    assert_eq!(
+        run(&c, "flush_all\r\n").await,
+        "CLIENT_ERROR flush_all not allowed\r\n"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_large_set_removes_the_old_item() {
+    let c = ctx().await;
+    run(&c, "set k 0 0 1\r\na\r\n").await;
+    let r = execute(
+        &c,
+        Request::TooLarge {
+            key: Bytes::from("k"),
+            remove_old: true,
+            noreply: false,
+        },
+    )
+    .await;
+    let mut out = BytesMut::new();
+    r.encode(&mut out);
+    assert_eq!(&out[..], b"SERVER_ERROR object too large for cache\r\n");
+    assert_eq!(run(&c, "get k\r\n").await, "END\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn noreply_suppresses_replies_but_not_errors() {
+    let c = ctx().await;
+    assert_eq!(run(&c, "set k 0 0 1 noreply\r\na\r\n").await, "");
+    assert_eq!(
+        run(&c, "incr k 1 noreply\r\n").await,
+        "CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+    );
+    assert_eq!(run(&c, "delete k noreply\r\n").await, "");
+    assert_eq!(run(&c, "get k\r\n").await, "END\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_count_hits_and_reset() {
+    let c = ctx().await;
+    run(&c, "set k 0 0 1\r\na\r\nget k\r\nget missing\r\n").await;
+    let stats = run(&c, "stats\r\n").await;
+    assert!(stats.contains("STAT get_hits 1\r\n"), "{stats}");
+    assert!(stats.contains("STAT get_misses 1\r\n"));
+    assert!(stats.contains("STAT cmd_set 1\r\n"));
+    assert!(stats.ends_with("END\r\n"));
+    assert_eq!(run(&c, "stats reset\r\n").await, "RESET\r\n");
+    assert!(run(&c, "stats\r\n").await.contains("STAT get_hits 0\r\n"));
+    assert_eq!(run(&c, "stats nonsense\r\n").await, "ERROR\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_incrs_on_one_key_all_count() {
+    let c = Arc::new(ctx().await);
+    run(&c, "set n 0 0 1\r\n0\r\n").await;
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { run(&c, "incr n 1\r\n").await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(run(&c, "get n\r\n").await, "VALUE n 0 2\r\n50\r\nEND\r\n");
+}
+
+#[test]
+fn cas_uniques_increase() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = ctx().await;
+        let a = c.new_cas();
+        let b = c.new_cas();
+        assert!(b > a && a != 0);
+    });
+}

@@ -93,11 +93,27 @@ pub struct MetaFlags {
 /// One meta command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaRequest {
-    Get { key: Bytes, flags: MetaFlags },
-    Set { key: Bytes, data: Bytes, flags: MetaFlags },
-    Delete { key: Bytes, flags: MetaFlags },
-    Arith { key: Bytes, flags: MetaFlags },
-    Debug { key: Bytes, base64: bool },
+    Get {
+        key: Bytes,
+        flags: MetaFlags,
+    },
+    Set {
+        key: Bytes,
+        data: Bytes,
+        flags: MetaFlags,
+    },
+    Delete {
+        key: Bytes,
+        flags: MetaFlags,
+    },
+    Arith {
+        key: Bytes,
+        flags: MetaFlags,
+    },
+    Debug {
+        key: Bytes,
+        base64: bool,
+    },
     Noop,
 }
 
@@ -125,11 +141,13 @@ pub(super) fn parse(
     rest: &[u8],
     limits: &Limits,
 ) -> Option<Parsed> {
-    let done = |request| Some(Parsed {
-        request,
-        consumed: line_len,
-        skip: Skip::None,
-    });
+    let done = |request| {
+        Some(Parsed {
+            request,
+            consumed: line_len,
+            skip: Skip::None,
+        })
+    };
     let invalid = |e| done(Request::Invalid(e));
     if command == b"mn" {
         return done(Request::Meta(MetaRequest::Noop));
@@ -172,11 +190,13 @@ pub(super) fn parse(
 
 /// `ms <key> <datalen> <flags>*` and its data block; errors after the length swallow the data.
 fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) -> Option<Parsed> {
-    let invalid = |e, skip| Some(Parsed {
-        request: Request::Invalid(e),
-        consumed: line_len,
-        skip,
-    });
+    let invalid = |e, skip| {
+        Some(Parsed {
+            request: Request::Invalid(e),
+            consumed: line_len,
+            skip,
+        })
+    };
     if tokens.len() < 3 || (!tokens[1].contains(&b'=') && tokens[1].len() > MAX_KEY_BYTES * 2) {
         return invalid(ProtocolError::BAD_FORMAT, Skip::None);
     }
@@ -350,10 +370,16 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert_eq!(req(b"mg\r\n"), Request::Invalid(ProtocolError::UnknownCommand));
+        assert_eq!(
+            req(b"mg\r\n"),
+            Request::Invalid(ProtocolError::UnknownCommand)
+        );
         assert_eq!(req(b"mg k zz\r\n"), Request::Invalid(INVALID_FLAG));
         assert_eq!(req(b"mg k Tabc\r\n"), Request::Invalid(BAD_TOKEN));
-        assert_eq!(req(b"ms k abc\r\n"), Request::Invalid(ProtocolError::BAD_FORMAT));
+        assert_eq!(
+            req(b"ms k abc\r\n"),
+            Request::Invalid(ProtocolError::BAD_FORMAT)
+        );
         assert_eq!(
             req(b"mg !!! b\r\n"),
             Request::Invalid(ProtocolError::Client("error decoding key"))

@@ -38,7 +38,10 @@ pub enum StoreMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// `get`/`gets` (`cas` = true for `gets`): one or more keys.
-    Get { keys: Vec<Bytes>, cas: bool },
+    Get {
+        keys: Vec<Bytes>,
+        cas: bool,
+    },
     /// `gat`/`gats`: fetch and set a new expiration time.
     Gat {
         exptime: i64,
@@ -143,7 +146,5 @@ impl Request {
 
 /// Whether a key is acceptable: 1 to 250 bytes, no whitespace or control characters.
 pub fn valid_key(key: &[u8]) -> bool {
-    !key.is_empty()
-        && key.len() <= MAX_KEY_BYTES
-        && key.iter().all(|&b| b > b' ' && b != 0x7f)
+    !key.is_empty() && key.len() <= MAX_KEY_BYTES && key.iter().all(|&b| b > b' ' && b != 0x7f)
 }

@@ -107,7 +107,10 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Option<Parsed> {
         return Some(Parsed::invalid(ProtocolError::LINE_TOO_LONG, line_len));
     }
     let text = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
-    let tokens: Vec<&[u8]> = text.split(|&b| b == b' ').filter(|t| !t.is_empty()).collect();
+    let tokens: Vec<&[u8]> = text
+        .split(|&b| b == b' ')
+        .filter(|t| !t.is_empty())
+        .collect();
     let Some(&command) = tokens.first() else {
         return Some(Parsed::invalid(ProtocolError::UnknownCommand, line_len));
     };
@@ -174,7 +177,10 @@ fn retrieval(tokens: &[&[u8]], touch: bool) -> Request {
     if !key_tokens.iter().all(|k| valid_key(k)) {
         return Request::Invalid(ProtocolError::BAD_FORMAT);
     }
-    let keys = key_tokens.iter().map(|k| Bytes::copy_from_slice(k)).collect();
+    let keys = key_tokens
+        .iter()
+        .map(|k| Bytes::copy_from_slice(k))
+        .collect();
     if touch {
         Request::Gat { exptime, keys, cas }
     } else {
@@ -279,8 +285,8 @@ fn other(tokens: &[&[u8]]) -> Request {
             }
             if n > 2 {
                 let hold_is_zero = tokens[2] == b"0";
-                let valid = (n == 3 && (hold_is_zero || noreply))
-                    || (n == 4 && hold_is_zero && noreply);
+                let valid =
+                    (n == 3 && (hold_is_zero || noreply)) || (n == 4 && hold_is_zero && noreply);
                 if !valid {
                     return Request::Invalid(ProtocolError::Client(
                         "bad command line format.  Usage: delete <key> [noreply]",
@@ -433,7 +439,10 @@ mod tests {
                 cas: true
             }
         );
-        assert_eq!(req(b"get\r\n"), Request::Invalid(ProtocolError::UnknownCommand));
+        assert_eq!(
+            req(b"get\r\n"),
+            Request::Invalid(ProtocolError::UnknownCommand)
+        );
     }
 
     #[test]
@@ -481,13 +490,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(req(b"cas k 0 0 1\r\n"), Request::Invalid(ProtocolError::UnknownCommand));
+        assert_eq!(
+            req(b"cas k 0 0 1\r\n"),
+            Request::Invalid(ProtocolError::UnknownCommand)
+        );
     }
 
     #[test]
     fn bad_data_chunk_consumes_declared_length() {
         let parsed = p(b"set k 0 0 1\r\nab\r\n").unwrap();
-        assert_eq!(parsed.request, Request::Invalid(ProtocolError::BAD_DATA_CHUNK));
+        assert_eq!(
+            parsed.request,
+            Request::Invalid(ProtocolError::BAD_DATA_CHUNK)
+        );
         assert_eq!(parsed.consumed, 13 + 3);
     }
 
@@ -514,11 +529,20 @@ mod tests {
         assert_eq!(req(b"set k -1 0 1\r\n"), bad);
         assert_eq!(req(b"set k 0 0 -1\r\n"), bad);
         assert_eq!(req(b"set k 4294967296 0 1\r\n"), bad);
-        assert_eq!(req(b"set k 0 0\r\n"), Request::Invalid(ProtocolError::UnknownCommand));
+        assert_eq!(
+            req(b"set k 0 0\r\n"),
+            Request::Invalid(ProtocolError::UnknownCommand)
+        );
         let long_key = format!("get {}\r\n", "a".repeat(251));
         assert_eq!(req(long_key.as_bytes()), bad);
-        assert_eq!(req(b"\r\n"), Request::Invalid(ProtocolError::UnknownCommand));
-        assert_eq!(req(b"bogus\r\n"), Request::Invalid(ProtocolError::UnknownCommand));
+        assert_eq!(
+            req(b"\r\n"),
+            Request::Invalid(ProtocolError::UnknownCommand)
+        );
+        assert_eq!(
+            req(b"bogus\r\n"),
+            Request::Invalid(ProtocolError::UnknownCommand)
+        );
         assert_eq!(
             req(b"incr k x\r\n"),
             Request::Invalid(ProtocolError::Client("invalid numeric delta argument"))
@@ -527,8 +551,14 @@ mod tests {
 
     #[test]
     fn delete_forms() {
-        assert!(matches!(req(b"delete k 0\r\n"), Request::Delete { noreply: false, .. }));
-        assert!(matches!(req(b"delete k noreply\r\n"), Request::Delete { noreply: true, .. }));
+        assert!(matches!(
+            req(b"delete k 0\r\n"),
+            Request::Delete { noreply: false, .. }
+        ));
+        assert!(matches!(
+            req(b"delete k noreply\r\n"),
+            Request::Delete { noreply: true, .. }
+        ));
         assert!(matches!(
             req(b"delete k 1\r\n"),
             Request::Invalid(ProtocolError::Client(_))
@@ -548,7 +578,10 @@ mod tests {
             line.extend_from_slice(format!(" key{i:0>100}").as_bytes());
         }
         line.extend_from_slice(b"\r\n");
-        assert!(matches!(parse(&line, &limits).unwrap().request, Request::Get { .. }));
+        assert!(matches!(
+            parse(&line, &limits).unwrap().request,
+            Request::Get { .. }
+        ));
     }
 
     #[test]

@@ -70,13 +70,19 @@ pub enum Response {
     Ok,
     Reset,
     /// `VALUE ... END` for get/gets/gat/gats (`with_cas` for the `s` forms).
-    Values { values: Vec<Value>, with_cas: bool },
+    Values {
+        values: Vec<Value>,
+        with_cas: bool,
+    },
     /// incr/decr result.
     Number(u64),
     Version(String),
     Stats(Vec<(String, String)>),
     /// `ME <key> <k>=<v>*`.
-    Debug { key: String, fields: String },
+    Debug {
+        key: String,
+        fields: String,
+    },
     Meta(MetaReply),
     Error(ProtocolError),
     /// `SERVER_ERROR <reason>` for backend failures.
@@ -142,8 +148,12 @@ impl Response {
                 }
             }
             Response::Error(ProtocolError::UnknownCommand) => line(out, "ERROR"),
-            Response::Error(ProtocolError::Client(why)) => line(out, &format!("CLIENT_ERROR {why}")),
-            Response::Error(ProtocolError::Server(why)) => line(out, &format!("SERVER_ERROR {why}")),
+            Response::Error(ProtocolError::Client(why)) => {
+                line(out, &format!("CLIENT_ERROR {why}"))
+            }
+            Response::Error(ProtocolError::Server(why)) => {
+                line(out, &format!("SERVER_ERROR {why}"))
+            }
             Response::ServerError(why) => line(out, &format!("SERVER_ERROR {why}")),
         }
     }
@@ -195,7 +205,10 @@ mod tests {
 
     #[test]
     fn errors_and_meta() {
-        assert_eq!(wire(Response::Error(ProtocolError::UnknownCommand)), b"ERROR\r\n");
+        assert_eq!(
+            wire(Response::Error(ProtocolError::UnknownCommand)),
+            b"ERROR\r\n"
+        );
         assert_eq!(
             wire(Response::Error(ProtocolError::BAD_DATA_CHUNK)),
             b"CLIENT_ERROR bad data chunk\r\n"

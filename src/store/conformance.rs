@@ -50,7 +50,12 @@ pub async fn round_trip(store: &dyn Store) {
         let e = entry(key, value, 42);
         store.put(&e, PutMode::Overwrite).await.unwrap();
         let got = store.get(key).await.unwrap().expect("stored entry");
-        assert_eq!(got.entry, e, "round trip of key {:?}", String::from_utf8_lossy(key));
+        assert_eq!(
+            got.entry,
+            e,
+            "round trip of key {:?}",
+            String::from_utf8_lossy(key)
+        );
     }
     let mut stale = entry(b"plain", b"x", 43);
     stale.stale = true;
@@ -86,7 +91,9 @@ pub async fn update_only_if_unchanged(store: &dyn Store) {
         .unwrap();
     assert_ne!(v1, v2);
     assert_eq!(
-        store.put(&entry(b"k", b"three", 3), PutMode::Update(v1)).await,
+        store
+            .put(&entry(b"k", b"three", 3), PutMode::Update(v1))
+            .await,
         Err(StoreError::Changed)
     );
     assert_eq!(store.get(b"k").await.unwrap().unwrap().entry.value, "two");
@@ -110,7 +117,10 @@ pub async fn delete_semantics(store: &dyn Store) {
         .put(&entry(b"k", b"two", 2), PutMode::Overwrite)
         .await
         .unwrap();
-    assert_eq!(store.delete(b"k", Some(&v1)).await, Err(StoreError::Changed));
+    assert_eq!(
+        store.delete(b"k", Some(&v1)).await,
+        Err(StoreError::Changed)
+    );
     assert!(store.get(b"k").await.unwrap().is_some());
     let current = store.get(b"k").await.unwrap().unwrap().version;
     assert!(store.delete(b"k", Some(&current)).await.unwrap());

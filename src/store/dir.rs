@@ -43,7 +43,9 @@ impl DirStore {
             inner: Arc::new(Inner {
                 root,
                 codec,
-                locks: (0..LOCK_STRIPES).map(|_| std::sync::Mutex::new(())).collect(),
+                locks: (0..LOCK_STRIPES)
+                    .map(|_| std::sync::Mutex::new(()))
+                    .collect(),
             }),
         })
     }

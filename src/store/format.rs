@@ -209,12 +209,21 @@ mod tests {
     #[test]
     fn foreign_and_broken_objects_are_errors() {
         let codec = Codec::default();
-        assert_eq!(codec.decode(&Bytes::from("hello")), Err(FormatError::BadMagic));
+        assert_eq!(
+            codec.decode(&Bytes::from("hello")),
+            Err(FormatError::BadMagic)
+        );
         let raw = codec.encode(&entry(b"abc"));
-        assert_eq!(codec.decode(&raw.slice(..raw.len() - 1)), Err(FormatError::Truncated));
+        assert_eq!(
+            codec.decode(&raw.slice(..raw.len() - 1)),
+            Err(FormatError::Truncated)
+        );
         let mut bad = raw.to_vec();
         bad[4] = 9;
-        assert_eq!(codec.decode(&Bytes::from(bad)), Err(FormatError::Version(9)));
+        assert_eq!(
+            codec.decode(&Bytes::from(bad)),
+            Err(FormatError::Version(9))
+        );
     }
 
     #[test]

@@ -120,8 +120,12 @@ pub trait Store: Send + Sync + 'static {
     async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError>;
 
     /// Writes a control object as `mode` allows.
-    async fn put_control(&self, name: &str, body: Bytes, mode: PutMode)
-        -> Result<Version, StoreError>;
+    async fn put_control(
+        &self,
+        name: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<Version, StoreError>;
 
     fn info(&self) -> StoreInfo;
 }
@@ -165,7 +169,10 @@ pub fn normalize_prefix(location: &str) -> String {
 
 /// Whether an object name (after the prefix) is an item: 40 lower-case hex digits.
 pub fn is_item_name(name: &str) -> bool {
-    name.len() == 40 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The folder under the prefix that holds control objects.

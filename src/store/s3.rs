@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
@@ -186,7 +188,8 @@ impl S3Store {
             ));
         }
         let sdk = loader.load().await;
-        let mut builder = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(s.force_path_style);
+        let mut builder =
+            aws_sdk_s3::config::Builder::from(&sdk).force_path_style(s.force_path_style);
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }
@@ -214,7 +217,11 @@ impl S3Store {
             operation_timeout: s.operation_timeout,
         };
         if s.create_bucket {
-            let acl = if s.bucket_acl.is_empty() { &s.default_acl } else { &s.bucket_acl };
+            let acl = if s.bucket_acl.is_empty() {
+                &s.default_acl
+            } else {
+                &s.bucket_acl
+            };
             store.ensure_bucket(acl, &s.region).await?;
         }
         let atomic = store.probe_conditional_writes().await?;
@@ -299,7 +306,13 @@ impl S3Store {
         let body = Bytes::from_static(b"probe");
         self.put_raw(&name, body.clone(), &PutMode::Create).await?;
         let second = self.put_raw(&name, body, &PutMode::Create).await;
-        let _ = self.client.delete_object().bucket(&self.bucket).key(&name).send().await;
+        let _ = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&name)
+            .send()
+            .await;
         match second {
             Err(StoreError::Exists) => Ok(true),
             Ok(_) => Ok(false),
@@ -308,7 +321,12 @@ impl S3Store {
     }
 
     /// One PUT with the precondition of `mode`; retries a 409 conflict.
-    async fn put_raw(&self, name: &str, body: Bytes, mode: &PutMode) -> Result<Version, StoreError> {
+    async fn put_raw(
+        &self,
+        name: &str,
+        body: Bytes,
+        mode: &PutMode,
+    ) -> Result<Version, StoreError> {
         const MAX_CONFLICT_RETRIES: usize = 5;
         for attempt in 0..=MAX_CONFLICT_RETRIES {
             let acl = self.acl.read().expect("acl lock").clone();
@@ -325,7 +343,9 @@ impl S3Store {
                 PutMode::Create => put = put.if_none_match("*"),
                 PutMode::Update(Version(etag)) => put = put.if_match(etag),
             }
-            let result = self.call("PutObject", async { Ok(put.send().await) }).await?;
+            let result = self
+                .call("PutObject", async { Ok(put.send().await) })
+                .await?;
             let f = match result {
                 Ok(out) => return Ok(Version(out.e_tag().unwrap_or_default().to_owned())),
                 Err(e) => Failure::from_sdk(e),
@@ -343,7 +363,9 @@ impl S3Store {
             }
             match (f.status, mode) {
                 (Some(412), PutMode::Create) => return Err(StoreError::Exists),
-                (Some(412), _) | (Some(404), PutMode::Update(_)) => return Err(StoreError::Changed),
+                (Some(412), _) | (Some(404), PutMode::Update(_)) => {
+                    return Err(StoreError::Changed)
+                }
                 (Some(409), _) if attempt < MAX_CONFLICT_RETRIES => {
                     tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
                     continue;
@@ -351,13 +373,22 @@ impl S3Store {
                 _ => return Err(f.unavailable("PutObject")),
             }
         }
-        Err(StoreError::Unavailable("S3 PutObject: repeated conflicts".into()))
+        Err(StoreError::Unavailable(
+            "S3 PutObject: repeated conflicts".into(),
+        ))
     }
 
     /// One GET: the body and its ETag, `None` when absent.
     async fn get_raw(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
         self.call("GetObject", async {
-            let out = match self.client.get_object().bucket(&self.bucket).key(name).send().await {
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(name)
+                .send()
+                .await
+            {
                 Ok(out) => out,
                 Err(e) => {
                     let f = Failure::from_sdk(e);
@@ -412,19 +443,31 @@ impl Store for S3Store {
             // S3 answers 204 whether or not the object existed: ask first.
             let head = self
                 .call("HeadObject", async {
-                    Ok(self.client.head_object().bucket(&self.bucket).key(&name).send().await)
+                    Ok(self
+                        .client
+                        .head_object()
+                        .bucket(&self.bucket)
+                        .key(&name)
+                        .send()
+                        .await)
                 })
                 .await?;
             if let Err(e) = head {
                 let f = Failure::from_sdk(e);
-                return if f.is(404) { Ok(false) } else { Err(f.unavailable("HeadObject")) };
+                return if f.is(404) {
+                    Ok(false)
+                } else {
+                    Err(f.unavailable("HeadObject"))
+                };
             }
         }
         let mut delete = self.client.delete_object().bucket(&self.bucket).key(&name);
         if let Some(Version(etag)) = version {
             delete = delete.if_match(etag);
         }
-        let result = self.call("DeleteObject", async { Ok(delete.send().await) }).await?;
+        let result = self
+            .call("DeleteObject", async { Ok(delete.send().await) })
+            .await?;
         match result {
             Ok(_) => Ok(true),
             Err(e) => {
@@ -465,16 +508,24 @@ impl Store for S3Store {
                     objects.push(ObjectInfo {
                         name: name.to_owned(),
                         size: o.size().unwrap_or(0).max(0) as u64,
-                        modified_ms: o.last_modified().map_or(0, |t| t.to_millis().unwrap_or(0).max(0) as u64),
+                        modified_ms: o
+                            .last_modified()
+                            .map_or(0, |t| t.to_millis().unwrap_or(0).max(0) as u64),
                     });
                 }
             }
             let truncated = out.is_truncated().unwrap_or(false) && last.is_some();
             if !truncated {
-                return Ok(ListPage { objects, next: None });
+                return Ok(ListPage {
+                    objects,
+                    next: None,
+                });
             }
             if !objects.is_empty() {
-                return Ok(ListPage { objects, next: last });
+                return Ok(ListPage {
+                    objects,
+                    next: last,
+                });
             }
             after = last;
         }
@@ -493,7 +544,11 @@ impl Store for S3Store {
                 .quiet(true)
                 .build()
                 .map_err(|e| StoreError::Unavailable(format!("S3 DeleteObjects: {e}")))?;
-            let req = self.client.delete_objects().bucket(&self.bucket).delete(delete);
+            let req = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete);
             let out = self
                 .call("DeleteObjects", async { Ok(req.send().await) })
                 .await?
@@ -511,7 +566,12 @@ impl Store for S3Store {
         self.get_raw(&self.control_name(name)).await
     }
 
-    async fn put_control(&self, name: &str, body: Bytes, mode: PutMode) -> Result<Version, StoreError> {
+    async fn put_control(
+        &self,
+        name: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<Version, StoreError> {
         self.put_raw(&self.control_name(name), body, &mode).await
     }
 
