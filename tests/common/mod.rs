@@ -1,0 +1,174 @@
+//! Shared test tooling: servers on 127.0.0.1:0 over the directory store or a real
+//! S3-compatible server, and a raw wire client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use s3cached::app::{self, App};
+use s3cached::config::Config;
+use s3cached::store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Environment variable naming the S3-compatible endpoint the tests use (tests/run sets it).
+pub const S3_ENDPOINT_ENV: &str = "S3CACHED_TEST_S3_ENDPOINT";
+/// The test bucket; created on first use.
+pub const TEST_BUCKET: &str = "s3cached-test";
+
+/// Which backend a test server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Dir,
+    S3,
+}
+
+pub fn s3_endpoint() -> String {
+    std::env::var(S3_ENDPOINT_ENV).unwrap_or_else(|_| {
+        panic!("{S3_ENDPOINT_ENV} is not set: run the tests through tests/run, which starts a local S3 server")
+    })
+}
+
+/// A unique object prefix, so tests sharing the bucket never see each other's objects.
+pub fn unique_prefix(name: &str) -> String {
+    format!("t-{name}-{:016x}", rand_u64())
+}
+
+fn rand_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
+/// A config for a test server: loopback port 0, a temp dir or the test bucket.
+pub fn config(backend: Backend, prefix: &str, data_dir: &std::path::Path, extra: &str) -> Config {
+    let storage = match backend {
+        Backend::Dir => format!("data_dir = {:?}\n", data_dir.display().to_string()),
+        Backend::S3 => format!(
+            "storage_bucket_name = {TEST_BUCKET:?}\nendpoint_url = {:?}\nforce_path_style = true\n\
+             create_bucket = true\nregion = \"us-east-1\"\naccess_key_id = \"test\"\n\
+             secret_access_key = \"test\"\ns3_attempt_timeout_ms = 3000\ns3_operation_timeout_ms = 8000\n",
+            s3_endpoint()
+        ),
+    };
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nlocation = {prefix:?}\nmax_entries = 0\n{storage}{extra}"
+    );
+    Config::from_toml(&text).expect("test config")
+}
+
+/// A running server and what keeps its data alive.
+pub struct TestServer {
+    pub app: App,
+    pub addr: SocketAddr,
+    pub config: Config,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend, name: &str, extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(backend, &unique_prefix(name), dir.path(), extra);
+        Self::start_config(config, dir).await
+    }
+
+    pub async fn start_config(config: Config, dir: tempfile::TempDir) -> TestServer {
+        let app = app::start(config.clone()).await.expect("server starts");
+        TestServer {
+            addr: app.addr,
+            app,
+            config,
+            _dir: dir,
+        }
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.app.ctx.store.clone()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+}
+
+/// A raw memcached wire client.
+pub struct Client {
+    pub stream: TcpStream,
+}
+
+/// How long a test waits for a reply before failing.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Client { stream }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// Reads exactly `n` bytes.
+    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        tokio::time::timeout(REPLY_TIMEOUT, self.stream.read_exact(&mut buf))
+            .await
+            .expect("reply in time")
+            .expect("read");
+        buf
+    }
+
+    /// Reads until the reply ends with `terminator`.
+    pub async fn read_until(&mut self, terminator: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 65536];
+        while !out.ends_with(terminator) {
+            let n = tokio::time::timeout(REPLY_TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .expect("reply in time")
+                .expect("read");
+            assert!(n > 0, "connection closed; got so far: {:?}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&chunk[..n]);
+        }
+        out
+    }
+
+    /// Sends a request and checks the reply is exactly `expect`.
+    pub async fn roundtrip(&mut self, send: &[u8], expect: &[u8]) {
+        self.send(send).await;
+        let mut got = vec![0; expect.len()];
+        let read = tokio::time::timeout(REPLY_TIMEOUT, self.stream.read_exact(&mut got)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "no full reply to {:?}: expected {:?}",
+            String::from_utf8_lossy(send),
+            String::from_utf8_lossy(expect)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(expect),
+            "reply to {:?}",
+            String::from_utf8_lossy(send)
+        );
+    }
+
+    /// Sends `send` and returns one line of reply (through `\r\n`).
+    pub async fn line(&mut self, send: &[u8]) -> String {
+        self.send(send).await;
+        String::from_utf8(self.read_until(b"\r\n").await).unwrap()
+    }
+
+    /// Whether the server closed the connection (reads EOF within the timeout).
+    pub async fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(REPLY_TIMEOUT, self.stream.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
