@@ -62,8 +62,15 @@ fn render(flags: &MetaFlags, key: &[u8], entry: Option<&Entry>, now_secs: u64) -
     let mut out = Vec::with_capacity(flags.ret.len());
     for flag in &flags.ret {
         let rendered = match (flag, entry) {
-            (ReturnFlag::Base64, _) => "b".to_owned(),
-            (ReturnFlag::Key, _) => format!("k{}", encode_key(key, flags.base64)),
+            // memcached returns `b` right after the key, and only with it.
+            (ReturnFlag::Base64, _) => continue,
+            (ReturnFlag::Key, _) => {
+                out.push(format!("k{}", encode_key(key, flags.base64)));
+                if flags.base64 {
+                    out.push("b".to_owned());
+                }
+                continue;
+            }
             (ReturnFlag::Opaque, _) => format!(
                 "O{}",
                 String::from_utf8_lossy(flags.opaque.as_deref().unwrap_or_default())

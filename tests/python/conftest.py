@@ -1,0 +1,128 @@
+"""Test tooling for the client tests: s3cached (over a directory or the local S3 server)
+and a reference memcached, each started on a free loopback port."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+
+S3_ENDPOINT_ENV = "S3CACHED_TEST_S3_ENDPOINT"
+STARTUP_SECS = 30
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc, what):
+    deadline = time.monotonic() + STARTUP_SECS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {STARTUP_SECS}s")
+
+
+def s3cached_binary():
+    path = os.environ.get("S3CACHED_BIN") or os.path.join(
+        os.path.dirname(__file__), "..", "..", "target", "debug", "s3cached"
+    )
+    if not os.path.exists(path):
+        raise RuntimeError(f"no s3cached binary at {path}: run cargo build (tests/run does)")
+    return path
+
+
+class Server:
+    """A running s3cached process."""
+
+    def __init__(self, backend, extra_env=None, location=None):
+        self.backend = backend
+        self.port = free_port()
+        self.tmp = tempfile.mkdtemp(prefix="s3cached-test-")
+        self.location = location or f"py-{uuid.uuid4().hex[:12]}"
+        env = dict(os.environ)
+        env.update(
+            {
+                "S3CACHED_LISTEN": f"127.0.0.1:{self.port}",
+                "S3CACHED_LOCATION": self.location,
+                "S3CACHED_DATA_DIR": self.tmp,
+                "S3CACHED_MAX_ENTRIES": "0",
+                "S3CACHED_LOG_LEVEL": "warn",
+            }
+        )
+        if backend == "s3":
+            endpoint = os.environ.get(S3_ENDPOINT_ENV)
+            if not endpoint:
+                raise RuntimeError(f"{S3_ENDPOINT_ENV} is not set: run tests/run")
+            env.update(
+                {
+                    "S3CACHED_STORAGE_BUCKET_NAME": "s3cached-test",
+                    "S3CACHED_ENDPOINT_URL": endpoint,
+                    "S3CACHED_FORCE_PATH_STYLE": "true",
+                    "S3CACHED_CREATE_BUCKET": "true",
+                    "S3CACHED_REGION": "us-east-1",
+                    "S3CACHED_ACCESS_KEY_ID": "test",
+                    "S3CACHED_SECRET_ACCESS_KEY": "test",
+                }
+            )
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(
+            [s3cached_binary()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wait_for_port(self.port, self.proc, "s3cached")
+
+    @property
+    def address(self):
+        return ("127.0.0.1", self.port)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(params=["dir", "s3"])
+def server(request):
+    """s3cached over the local directory store and over the local S3 server."""
+    s = Server(request.param)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def dir_server():
+    s = Server("dir")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def memcached():
+    """A reference memcached 1.6 on loopback, for differential tests."""
+    binary = shutil.which("memcached")
+    if binary is None:
+        raise RuntimeError("memcached is not installed (bash .ci/run installs it)")
+    port = free_port()
+    args = [binary, "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-I", "1m", "-m", "64"]
+    if os.geteuid() == 0:
+        args += ["-u", "root"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc, "memcached")
+    yield ("127.0.0.1", port)
+    proc.terminate()
+    proc.wait(timeout=10)
