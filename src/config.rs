@@ -269,10 +269,10 @@ impl Config {
                 self.request_checksum
             ));
         }
-        if !self.endpoint_url.is_empty()
-            && !(self.endpoint_url.starts_with("http://")
-                || self.endpoint_url.starts_with("https://"))
-        {
+        let scheme_ok = ["http://", "https://"]
+            .iter()
+            .any(|p| self.endpoint_url.starts_with(p));
+        if !self.endpoint_url.is_empty() && !scheme_ok {
             return fail(format!(
                 "endpoint_url: {:?} must start with http:// or https://",
                 self.endpoint_url

@@ -171,11 +171,10 @@ impl Culler {
         let count = objects.len() as u64;
         let mut victims = 0usize;
         if self.over_bound(count) {
-            victims = if self.config.cull_frequency == 0 {
-                objects.len()
-            } else {
-                (count / self.config.cull_frequency).max(1) as usize
-            };
+            // Django's rule: remove count / cull_frequency; 0 removes everything.
+            victims = count
+                .checked_div(self.config.cull_frequency)
+                .map_or(objects.len(), |n| n.max(1) as usize);
         }
         if self.config.max_bytes > 0 {
             let mut total: u64 = objects.iter().map(|o| o.size).sum();

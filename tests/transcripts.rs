@@ -9,7 +9,10 @@ use common::{Backend, TestServer};
 const CLASSIC: &[(&str, &str)] = &[
     ("set k 5 0 2\r\nhi\r\n", "STORED\r\n"),
     ("get k\r\n", "VALUE k 5 2\r\nhi\r\nEND\r\n"),
-    ("get k missing k\r\n", "VALUE k 5 2\r\nhi\r\nVALUE k 5 2\r\nhi\r\nEND\r\n"),
+    (
+        "get k missing k\r\n",
+        "VALUE k 5 2\r\nhi\r\nVALUE k 5 2\r\nhi\r\nEND\r\n",
+    ),
     ("get k missing\n", "VALUE k 5 2\r\nhi\r\nEND\r\n"),
     ("add k 0 0 1\r\nx\r\n", "NOT_STORED\r\n"),
     ("replace nokey 0 0 1\r\nx\r\n", "NOT_STORED\r\n"),
@@ -19,20 +22,38 @@ const CLASSIC: &[(&str, &str)] = &[
     ("set n 0 0 2\r\n10\r\n", "STORED\r\n"),
     ("incr n 5\r\n", "15\r\n"),
     ("decr n 100\r\n", "0\r\n"),
-    ("incr n 18446744073709551615\r\n", "18446744073709551615\r\n"),
+    (
+        "incr n 18446744073709551615\r\n",
+        "18446744073709551615\r\n",
+    ),
     ("incr n 2\r\n", "1\r\n"),
     ("incr nokey 1\r\n", "NOT_FOUND\r\n"),
-    ("incr k 1\r\n", "CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
-    ("incr n abc\r\n", "CLIENT_ERROR invalid numeric delta argument\r\n"),
+    (
+        "incr k 1\r\n",
+        "CLIENT_ERROR cannot increment or decrement non-numeric value\r\n",
+    ),
+    (
+        "incr n abc\r\n",
+        "CLIENT_ERROR invalid numeric delta argument\r\n",
+    ),
     ("touch k 100\r\n", "TOUCHED\r\n"),
     ("touch nokey 100\r\n", "NOT_FOUND\r\n"),
-    ("touch k abc\r\n", "CLIENT_ERROR invalid exptime argument\r\n"),
+    (
+        "touch k abc\r\n",
+        "CLIENT_ERROR invalid exptime argument\r\n",
+    ),
     ("gat 100 k nokey\r\n", "VALUE k 5 4\r\n<hi!\r\nEND\r\n"),
     ("delete k\r\n", "DELETED\r\n"),
     ("delete k\r\n", "NOT_FOUND\r\n"),
     ("delete k 0\r\n", "NOT_FOUND\r\n"),
-    ("delete k 1\r\n", "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"),
-    ("set q 0 0 1 noreply\r\na\r\nget q\r\n", "VALUE q 0 1\r\na\r\nEND\r\n"),
+    (
+        "delete k 1\r\n",
+        "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n",
+    ),
+    (
+        "set q 0 0 1 noreply\r\na\r\nget q\r\n",
+        "VALUE q 0 1\r\na\r\nEND\r\n",
+    ),
     ("set e 0 -1 1\r\na\r\nget e\r\n", "STORED\r\nEND\r\n"),
     ("cas q 0 0 1 1\r\nb\r\n", "EXISTS\r\n"),
     ("cas nokey 0 0 1 1\r\nb\r\n", "NOT_FOUND\r\n"),
@@ -42,14 +63,29 @@ const CLASSIC: &[(&str, &str)] = &[
     ("\r\n", "ERROR\r\n"),
     ("get\r\n", "ERROR\r\n"),
     ("set k 0 0\r\n", "ERROR\r\n"),
-    ("set k abc 0 1\r\na\r\n", "CLIENT_ERROR bad command line format\r\nERROR\r\n"),
-    ("set k 0 0 1\r\nab\r\n", "CLIENT_ERROR bad data chunk\r\nERROR\r\n"),
-    ("set k 0 0 -1\r\n", "CLIENT_ERROR bad command line format\r\n"),
-    ("flush_all x\r\n", "CLIENT_ERROR invalid exptime argument\r\n"),
+    (
+        "set k abc 0 1\r\na\r\n",
+        "CLIENT_ERROR bad command line format\r\nERROR\r\n",
+    ),
+    (
+        "set k 0 0 1\r\nab\r\n",
+        "CLIENT_ERROR bad data chunk\r\nERROR\r\n",
+    ),
+    (
+        "set k 0 0 -1\r\n",
+        "CLIENT_ERROR bad command line format\r\n",
+    ),
+    (
+        "flush_all x\r\n",
+        "CLIENT_ERROR invalid exptime argument\r\n",
+    ),
     ("mn\r\n", "MN\r\n"),
     ("flush_all\r\n", "OK\r\n"),
     ("get q n\r\n", "END\r\n"),
-    ("set after 0 0 1\r\nz\r\nget after\r\n", "STORED\r\nVALUE after 0 1\r\nz\r\nEND\r\n"),
+    (
+        "set after 0 0 1\r\nz\r\nget after\r\n",
+        "STORED\r\nVALUE after 0 1\r\nz\r\nEND\r\n",
+    ),
 ];
 
 async fn run_table(backend: Backend, table: &[(&str, &str)]) {
@@ -79,16 +115,27 @@ async fn bad_input_keeps_connection(backend: Backend) {
     let mut send = b"set big 0 0 5000\r\n".to_vec();
     send.extend(vec![b'x'; 5000]);
     send.extend_from_slice(b"\r\nget big\r\n");
-    c.roundtrip(&send, b"SERVER_ERROR object too large for cache\r\nEND\r\n").await;
+    c.roundtrip(&send, b"SERVER_ERROR object too large for cache\r\nEND\r\n")
+        .await;
     // An over-long line.
     let mut long = vec![b'z'; 10_000];
     long.extend_from_slice(b"\r\nversion\r\n");
-    c.roundtrip(&long, b"CLIENT_ERROR line too long\r\nVERSION 1.6.18-s3cached-0.1.0\r\n").await;
+    c.roundtrip(
+        &long,
+        b"CLIENT_ERROR line too long\r\nVERSION 1.6.18-s3cached-0.1.0\r\n",
+    )
+    .await;
     // Keys: too long, or with control characters.
     let long_key = format!("get {}\r\n", "k".repeat(251));
-    c.roundtrip(long_key.as_bytes(), b"CLIENT_ERROR bad command line format\r\n").await;
+    c.roundtrip(
+        long_key.as_bytes(),
+        b"CLIENT_ERROR bad command line format\r\n",
+    )
+    .await;
     // Random garbage never kills the server.
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
+        .collect();
     c.send(&garbage).await;
     c.send(b"\r\nversion\r\n").await;
     let out = c.read_until(b"VERSION 1.6.18-s3cached-0.1.0\r\n").await;
@@ -121,11 +168,15 @@ async fn quit_and_binary_protocol_close_the_connection() {
     assert!(c.closed().await);
     let mut b = server.client().await;
     // A binary-protocol GET header.
-    b.send(&[0x80, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'a']).await;
+    b.send(&[
+        0x80, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'a',
+    ])
+    .await;
     assert!(b.closed().await);
     // The server is still fine.
     let mut c = server.client().await;
-    c.roundtrip(b"get a\r\n", b"VALUE a 0 1\r\na\r\nEND\r\n").await;
+    c.roundtrip(b"get a\r\n", b"VALUE a 0 1\r\na\r\nEND\r\n")
+        .await;
 }
 
 #[tokio::test]
@@ -135,10 +186,20 @@ async fn pipelined_requests_reply_in_order_and_keep_per_key_order() {
     let mut send = Vec::new();
     let mut expect = Vec::new();
     for i in 0..300 {
-        send.extend_from_slice(format!("set k{} 0 0 {}\r\n{}\r\n", i % 7, i.to_string().len(), i).as_bytes());
+        send.extend_from_slice(
+            format!("set k{} 0 0 {}\r\n{}\r\n", i % 7, i.to_string().len(), i).as_bytes(),
+        );
         expect.extend_from_slice(b"STORED\r\n");
         send.extend_from_slice(format!("get k{}\r\n", i % 7).as_bytes());
-        expect.extend_from_slice(format!("VALUE k{} 0 {}\r\n{}\r\nEND\r\n", i % 7, i.to_string().len(), i).as_bytes());
+        expect.extend_from_slice(
+            format!(
+                "VALUE k{} 0 {}\r\n{}\r\nEND\r\n",
+                i % 7,
+                i.to_string().len(),
+                i
+            )
+            .as_bytes(),
+        );
     }
     c.roundtrip(&send, &expect).await;
 }
@@ -162,12 +223,15 @@ async fn connection_cap_is_taken_before_accept() {
     let server = TestServer::start(Backend::Dir, "cap", "max_connections = 2\n").await;
     let mut a = server.client().await;
     let mut b = server.client().await;
-    a.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n").await;
-    b.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n").await;
+    a.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n")
+        .await;
+    b.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n")
+        .await;
     // A third connection is queued, not served, until one of the first two closes.
     let mut third = server.client().await;
     third.send(b"version\r\n").await;
-    let early = tokio::time::timeout(std::time::Duration::from_millis(300), third.read_exact(9)).await;
+    let early =
+        tokio::time::timeout(std::time::Duration::from_millis(300), third.read_exact(9)).await;
     assert!(early.is_err(), "third connection was served beyond the cap");
     drop(a);
     assert_eq!(third.read_exact(9).await, b"VERSION 1");

@@ -2,6 +2,8 @@
 //! S3-compatible server, and a raw wire client.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +41,12 @@ fn rand_u64() -> u64 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
     let mut h = RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
     h.finish()
 }
 
@@ -132,7 +139,11 @@ impl Client {
                 .await
                 .expect("reply in time")
                 .expect("read");
-            assert!(n > 0, "connection closed; got so far: {:?}", String::from_utf8_lossy(&out));
+            assert!(
+                n > 0,
+                "connection closed; got so far: {:?}",
+                String::from_utf8_lossy(&out)
+            );
             out.extend_from_slice(&chunk[..n]);
         }
         out

@@ -1,0 +1,383 @@
+//! The S3 store against a real S3-compatible server on loopback: the conformance suite,
+//! the seed's options, prefixes, foreign objects, restarts, faults and hidden latency.
+
+mod common;
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use aws_sdk_s3::config::{Credentials, Region};
+use bytes::Bytes;
+use common::proxy::{Mode, Proxy};
+use common::{s3_endpoint, unique_prefix, Backend, Client, TestServer, TEST_BUCKET};
+use s3cached::config::Config;
+use s3cached::store::format::Codec;
+use s3cached::store::s3::{S3Settings, S3Store};
+use s3cached::store::{conformance, key_hash, Store};
+
+fn settings(prefix: &str, endpoint: &str) -> S3Settings {
+    let config = Config::from_toml(&format!(
+        "storage_bucket_name = {TEST_BUCKET:?}\nendpoint_url = {endpoint:?}\nforce_path_style = true\n\
+         create_bucket = true\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n\
+         location = {prefix:?}\n"
+    ))
+    .unwrap();
+    S3Settings::from_config(&config)
+}
+
+/// A plain SDK client, to look at objects behind s3cached's back.
+async fn raw_client() -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(s3_endpoint())
+        .force_path_style(true)
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+#[tokio::test]
+async fn conformance_suite_on_s3() {
+    let store = S3Store::connect(settings(&unique_prefix("conf"), &s3_endpoint()))
+        .await
+        .unwrap();
+    assert!(
+        store.info().atomic,
+        "the test server enforces conditional writes"
+    );
+    conformance::run_all(&store).await;
+}
+
+#[tokio::test]
+async fn conformance_suite_on_s3_with_gzip() {
+    let mut s = settings(&unique_prefix("confgz"), &s3_endpoint());
+    s.codec = Codec {
+        gzip_min_bytes: Some(16),
+        max_value_bytes: 2 * 1024 * 1024,
+    };
+    let store = S3Store::connect(s).await.unwrap();
+    conformance::run_all(&store).await;
+}
+
+#[tokio::test]
+async fn objects_are_sha1_names_under_the_prefix_folder() {
+    let prefix = unique_prefix("names");
+    let a = S3Store::connect(settings(&prefix, &s3_endpoint()))
+        .await
+        .unwrap();
+    // A sibling prefix that merely starts with the same letters.
+    let b = S3Store::connect(settings(&format!("{prefix}2"), &s3_endpoint()))
+        .await
+        .unwrap();
+    let entry = s3cached::store::Entry {
+        key: Bytes::from("k"),
+        value: Bytes::from("v"),
+        cas: 1,
+        ..Default::default()
+    };
+    a.put(&entry, s3cached::store::PutMode::Overwrite)
+        .await
+        .unwrap();
+    b.put(&entry, s3cached::store::PutMode::Overwrite)
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    let object = raw
+        .get_object()
+        .bucket(TEST_BUCKET)
+        .key(format!("{prefix}/{}", key_hash(b"k")))
+        .send()
+        .await
+        .expect("object at <prefix>/<sha1>");
+    let body = object.body.collect().await.unwrap().into_bytes();
+    assert_eq!(&body[..4], b"S3CD");
+    assert_eq!(
+        a.list(None, 1000).await.unwrap().objects.len(),
+        1,
+        "cache never sees cache2/"
+    );
+    assert_eq!(b.list(None, 1000).await.unwrap().objects.len(), 1);
+}
+
+#[tokio::test]
+async fn seed_options_reach_s3() {
+    let prefix = unique_prefix("opts");
+    let server = TestServer::start_config(
+        common::config(Backend::S3, &prefix, std::path::Path::new("/nonexistent"),
+            "is_gzipped = true\ngzip_min_bytes = 100\nreduced_redundancy = true\ndefault_acl = \"private\"\n"),
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    let mut c = server.client().await;
+    let value = "abc".repeat(1000);
+    c.roundtrip(
+        format!("set big 123 0 {}\r\n{value}\r\n", value.len()).as_bytes(),
+        b"STORED\r\n",
+    )
+    .await;
+    c.roundtrip(
+        b"get big\r\n",
+        format!("VALUE big 123 {}\r\n{value}\r\nEND\r\n", value.len()).as_bytes(),
+    )
+    .await;
+    let raw = raw_client().await;
+    let name = format!("{prefix}/{}", key_hash(b"big"));
+    let head = raw
+        .head_object()
+        .bucket(TEST_BUCKET)
+        .key(&name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.storage_class().map(|s| s.as_str()),
+        Some("REDUCED_REDUNDANCY")
+    );
+    let body = raw
+        .get_object()
+        .bucket(TEST_BUCKET)
+        .key(&name)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(body[5], 1, "stored gzip-compressed");
+    assert!(body.len() < value.len() / 4);
+}
+
+#[tokio::test]
+async fn buckets_that_refuse_acls_are_written_without_them() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let store = S3Store::connect(settings(&unique_prefix("acl"), &proxy.url()))
+        .await
+        .unwrap();
+    proxy.set(Mode::RefuseAcls);
+    let entry = s3cached::store::Entry {
+        key: Bytes::from("k"),
+        value: Bytes::from("v"),
+        cas: 1,
+        ..Default::default()
+    };
+    store
+        .put(&entry, s3cached::store::PutMode::Overwrite)
+        .await
+        .expect("written without the ACL");
+    assert_eq!(store.get(b"k").await.unwrap().unwrap().entry.value, "v");
+    let before = proxy.requests.load(SeqCst);
+    store
+        .put(&entry, s3cached::store::PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(
+        proxy.requests.load(SeqCst) - before,
+        1,
+        "no ACL is tried again"
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_ignores_conditional_writes_is_detected() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    proxy.set(Mode::StripConditionals);
+    let store = S3Store::connect(settings(&unique_prefix("noatomic"), &proxy.url()))
+        .await
+        .unwrap();
+    assert!(!store.info().atomic);
+    let proxy2 = Proxy::start(&s3_endpoint()).await;
+    let store2 = S3Store::connect(settings(&unique_prefix("atomic"), &proxy2.url()))
+        .await
+        .unwrap();
+    assert!(store2.info().atomic);
+}
+
+#[tokio::test]
+async fn corrupt_and_foreign_objects_read_as_misses() {
+    let server = TestServer::start(Backend::S3, "corrupt", "").await;
+    let raw = raw_client().await;
+    let prefix = &server.config.location;
+    raw.put_object()
+        .bucket(TEST_BUCKET)
+        .key(format!("{prefix}/{}", key_hash(b"junk")))
+        .body(Bytes::from_static(b"not an s3cached object").into())
+        .send()
+        .await
+        .unwrap();
+    // A well-formed object whose key is not the one hashed (a collision, or a copy).
+    let other = Codec::default().encode(&s3cached::store::Entry {
+        key: Bytes::from("other"),
+        value: Bytes::from("x"),
+        ..Default::default()
+    });
+    raw.put_object()
+        .bucket(TEST_BUCKET)
+        .key(format!("{prefix}/{}", key_hash(b"mine")))
+        .body(other.into())
+        .send()
+        .await
+        .unwrap();
+    let mut c = server.client().await;
+    c.roundtrip(b"get junk mine\r\n", b"END\r\n").await;
+    c.roundtrip(
+        b"set junk 0 0 1\r\nj\r\nget junk\r\n",
+        b"STORED\r\nVALUE junk 0 1\r\nj\r\nEND\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn items_and_flushes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config(Backend::S3, &unique_prefix("restart"), dir.path(), "");
+    let first = TestServer::start_config(config.clone(), tempfile::tempdir().unwrap()).await;
+    let mut c = first.client().await;
+    c.roundtrip(
+        b"set a 1 0 1\r\na\r\nflush_all\r\nset b 2 0 1\r\nb\r\n",
+        b"STORED\r\nOK\r\nSTORED\r\n",
+    )
+    .await;
+    first.app.shutdown(Duration::from_secs(5)).await;
+    let second = TestServer::start_config(config, dir).await;
+    let mut c = second.client().await;
+    c.roundtrip(b"get a b\r\n", b"VALUE b 2 1\r\nb\r\nEND\r\n")
+        .await;
+}
+
+/// A server whose S3 traffic goes through a fault proxy, with short deadlines.
+async fn server_behind(proxy: &Proxy, extra: &str) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(Backend::S3, &unique_prefix("fault"), dir.path(), extra);
+    config.endpoint_url = proxy.url();
+    config.s3_attempt_timeout_ms = 400;
+    config.s3_operation_timeout_ms = 1500;
+    config.s3_max_attempts = 2;
+    TestServer::start_config(config, dir).await
+}
+
+#[tokio::test]
+async fn backend_faults_answer_server_error_promptly_and_recover() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let server = server_behind(&proxy, "").await;
+    let mut c = server.client().await;
+    c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
+    for mode in [
+        Mode::Stall,
+        Mode::Reset,
+        Mode::Status(503, "SlowDown"),
+        Mode::Status(500, "InternalError"),
+    ] {
+        proxy.set(mode.clone());
+        let started = tokio::time::Instant::now();
+        for request in [
+            &b"get k\r\n"[..],
+            b"set k 0 0 1\r\nw\r\n",
+            b"incr k 1\r\n",
+            b"delete k\r\n",
+        ] {
+            let line = c.line(request).await;
+            assert!(line.starts_with("SERVER_ERROR S3 "), "{mode:?}: {line}");
+        }
+        // Four commands, each bounded by the operation deadline (1.5 s), not hanging.
+        assert!(
+            started.elapsed() < Duration::from_secs(4 * 3),
+            "{mode:?} took {:?}",
+            started.elapsed()
+        );
+        proxy.set(Mode::Forward(Duration::ZERO));
+        c.roundtrip(b"get k\r\n", b"VALUE k 0 1\r\nv\r\nEND\r\n")
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn backend_gone_then_back() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let server = server_behind(&proxy, "miss_on_backend_error = true\n").await;
+    let mut c = server.client().await;
+    c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
+    let url = proxy.url();
+    drop(proxy); // the listener goes away: connection refused
+    c.roundtrip(b"get k\r\n", b"END\r\n").await; // a miss, by the option
+    let line = c.line(b"set k 0 0 1\r\nw\r\n").await;
+    assert!(line.starts_with("SERVER_ERROR"), "{line}");
+    // Bring a proxy back on the same port.
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let upstream: std::net::SocketAddr =
+        s3_endpoint().trim_start_matches("http://").parse().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    c.roundtrip(b"get k\r\n", b"VALUE k 0 1\r\nv\r\nEND\r\n")
+        .await;
+}
+
+#[tokio::test]
+async fn multi_get_and_pipelined_sets_fan_out() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let server = server_behind(&proxy, "s3_max_in_flight = 256\n").await;
+    let mut c = server.client().await;
+    proxy.set(Mode::Forward(Duration::from_millis(20)));
+    let mut sets = Vec::new();
+    for i in 0..100 {
+        sets.extend_from_slice(format!("set key{i} 0 0 1 noreply\r\nv\r\n").as_bytes());
+    }
+    proxy.reset_counters();
+    c.send(&sets).await;
+    c.roundtrip(b"mn\r\n", b"MN\r\n").await;
+    let sets_concurrency = proxy.max_in_flight.load(SeqCst);
+    proxy.reset_counters();
+    let keys: Vec<String> = (0..100).map(|i| format!("key{i}")).collect();
+    c.send(format!("get {}\r\n", keys.join(" ")).as_bytes())
+        .await;
+    let reply = c.read_until(b"END\r\n").await;
+    assert_eq!(
+        String::from_utf8(reply).unwrap().matches("VALUE ").count(),
+        100
+    );
+    let gets_concurrency = proxy.max_in_flight.load(SeqCst);
+    // Sequential would be 1 (plus the flush-epoch read); require real fan-out.
+    assert!(
+        sets_concurrency >= 20,
+        "pipelined sets ran {sets_concurrency} at once"
+    );
+    assert!(
+        gets_concurrency >= 20,
+        "a 100-key get ran {gets_concurrency} at once"
+    );
+}
+
+#[tokio::test]
+async fn in_flight_requests_are_capped_globally() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let server = server_behind(&proxy, "s3_max_in_flight = 4\n").await;
+    proxy.set(Mode::Forward(Duration::from_millis(10)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Client::connect(server.addr).await);
+    }
+    proxy.reset_counters();
+    let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
+    let line = format!("get {}\r\n", keys.join(" "));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let line = line.clone();
+            tokio::spawn(async move { c.roundtrip(line.as_bytes(), b"END\r\n").await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = proxy.max_in_flight.load(SeqCst);
+    assert!(seen <= 4, "{seen} S3 requests in flight with a cap of 4");
+}
