@@ -24,6 +24,8 @@ use crate::store::{ObjectInfo, PutMode, Store, StoreError, Version, DELETE_BATCH
 pub const LEASE_OBJECT: &str = "cull-lease";
 /// How long a lease is good for without renewal.
 pub const LEASE_TTL_SECS: u64 = 60;
+/// Listing times closer than this to the flush epoch are checked against the object itself.
+pub const FLUSH_MARGIN_MS: u64 = 2000;
 /// Most objects one pass will list; beyond this a pass works on what it has seen.
 pub const MAX_LISTED_PER_PASS: usize = 10_000_000;
 
@@ -91,6 +93,8 @@ pub struct Culler {
     /// Identifies this replica in the lease.
     owner: String,
     lease: tokio::sync::Mutex<Option<Version>>,
+    /// One pass at a time in this process.
+    running: tokio::sync::Mutex<()>,
 }
 
 impl Culler {
@@ -109,6 +113,7 @@ impl Culler {
             config,
             owner: format!("{:016x}", rand::random::<u64>()),
             lease: tokio::sync::Mutex::new(None),
+            running: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -144,6 +149,7 @@ impl Culler {
 
     /// One pass: take the lease, list, drop flushed objects, cull to the bounds.
     pub async fn pass(&self) -> Result<PassReport, StoreError> {
+        let _running = self.running.lock().await;
         let started = tokio::time::Instant::now();
         let mut report = PassReport::default();
         report.requests += 2;
@@ -158,9 +164,7 @@ impl Culler {
         let epoch_us = self.flush.epoch_us();
         let now_us = self.clock.now_us();
         if epoch_us != 0 && now_us >= epoch_us {
-            let (flushed, kept): (Vec<_>, Vec<_>) = objects
-                .into_iter()
-                .partition(|o| o.modified_ms.saturating_mul(1000) <= epoch_us);
+            let (flushed, kept) = self.split_flushed(objects, epoch_us, &mut report).await?;
             objects = kept;
             report.flushed_removed = self.remove(&flushed, &mut report).await?;
             Stats::add(&self.stats.flush_objects_removed, report.flushed_removed);
@@ -199,6 +203,35 @@ impl Culler {
             .store(started.elapsed().as_millis() as u64, Relaxed);
         tracing::debug!(?report, "cull pass done");
         Ok(report)
+    }
+
+    /// Splits a listing into objects stored at or before the flush epoch and the rest. A
+    /// listing's times come from the backend's clock, in whole seconds on some stores, so
+    /// objects written within [`FLUSH_MARGIN_MS`] of the epoch are decided by their header.
+    async fn split_flushed(
+        &self,
+        objects: Vec<ObjectInfo>,
+        epoch_us: u64,
+        report: &mut PassReport,
+    ) -> Result<(Vec<ObjectInfo>, Vec<ObjectInfo>), StoreError> {
+        let epoch_ms = epoch_us / 1000;
+        let mut flushed = Vec::new();
+        let mut kept = Vec::new();
+        for o in objects {
+            if o.modified_ms + FLUSH_MARGIN_MS <= epoch_ms {
+                flushed.push(o);
+            } else if o.modified_ms > epoch_ms + FLUSH_MARGIN_MS {
+                kept.push(o);
+            } else {
+                report.requests += 1;
+                match self.store.stored_at_us(&o.name).await? {
+                    Some(stored) if stored <= epoch_us => flushed.push(o),
+                    Some(_) => kept.push(o),
+                    None => {}
+                }
+            }
+        }
+        Ok((flushed, kept))
     }
 
     async fn list_all(&self, report: &mut PassReport) -> Result<Vec<ObjectInfo>, StoreError> {
@@ -321,6 +354,32 @@ mod tests {
         fill(&*store, 12).await;
         let report = culler(store, 10, 0).await.pass().await.unwrap();
         assert_eq!((report.culled, report.remaining), (12, 0));
+    }
+
+    #[tokio::test]
+    async fn flushed_objects_go_and_later_ones_stay_even_close_to_the_epoch() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let epoch_us = 1_700_000_000_000_000;
+        for (key, stored_at_us) in [
+            ("old", epoch_us - 10_000_000),
+            ("just-before", epoch_us - 500_000),
+            ("just-after", epoch_us + 500_000),
+            ("new", epoch_us + 10_000_000),
+        ] {
+            let entry = Entry {
+                key: Bytes::from(key),
+                stored_at_us,
+                ..Entry::default()
+            };
+            store.put(&entry, PutMode::Overwrite).await.unwrap();
+        }
+        let c = culler(store.clone(), 0, 3).await;
+        c.flush.flush(epoch_us).await.unwrap();
+        let report = c.pass().await.unwrap();
+        assert_eq!(report.flushed_removed, 2);
+        assert!(store.get(b"just-before").await.unwrap().is_none());
+        assert!(store.get(b"just-after").await.unwrap().is_some());
+        assert!(store.get(b"new").await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -158,6 +158,7 @@ impl Ctx {
         for attempt in 0..MAX_WRITE_RETRIES {
             if attempt > 0 {
                 Stats::incr(&self.stats.backend_retries);
+                contention_backoff(attempt).await;
             }
             let (read, liveness) = match self.read_live(key).await {
                 Ok(r) => r,
@@ -199,6 +200,17 @@ enum Liveness {
     Expired,
     Flushed,
 }
+
+/// A short random pause after losing a race, growing with the attempt, so writers that
+/// collide on one key do not collide again in lockstep.
+async fn contention_backoff(attempt: usize) {
+    let cap_ms = (1u64 << attempt.min(6)).min(MAX_BACKOFF_MS);
+    let ms = rand::random::<u64>() % (cap_ms + 1);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
+/// Longest pause between read-modify-write attempts.
+const MAX_BACKOFF_MS: u64 = 50;
 
 /// The first line of a backend error, bounded, for `SERVER_ERROR`.
 fn short_reason(why: &str) -> String {

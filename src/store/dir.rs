@@ -221,6 +221,18 @@ impl Store for DirStore {
         .await
     }
 
+    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        if !is_item_name(name) {
+            return Ok(None);
+        }
+        let name = name.to_owned();
+        self.blocking(move |inner| {
+            let raw = Inner::read(&inner.item_path(&name))?;
+            Ok(raw.and_then(|raw| inner.codec.decode(&raw).ok().map(|e| e.stored_at_us)))
+        })
+        .await
+    }
+
     async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
         let names = names.to_vec();
         self.blocking(move |inner| {

@@ -109,6 +109,11 @@ impl Store for MemoryStore {
         Ok(ListPage { objects, next })
     }
 
+    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let state = self.state.lock().expect("memory store lock");
+        Ok(state.items.get(name).map(|(entry, _)| entry.stored_at_us))
+    }
+
     async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
         let mut state = self.state.lock().expect("memory store lock");
         Ok(names

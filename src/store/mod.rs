@@ -113,6 +113,11 @@ pub trait Store: Send + Sync + 'static {
     /// One page of the item objects under the prefix, in name order (control objects excluded).
     async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError>;
 
+    /// When the item object `name` (as [`list`](Store::list) gives it) was stored, read from
+    /// its header; `None` if it is gone or unreadable. For the rare cases a listing's
+    /// modification time cannot decide.
+    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError>;
+
     /// Removes objects by name (as [`list`](Store::list) gives them); returns how many.
     async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError>;
 

@@ -531,6 +531,14 @@ impl Store for S3Store {
         }
     }
 
+    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        if !name.starts_with(&self.prefix) {
+            return Ok(None);
+        }
+        let raw = self.get_raw(name).await?;
+        Ok(raw.and_then(|(raw, _)| self.codec.decode(&raw).ok().map(|e| e.stored_at_us)))
+    }
+
     async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
         let mut removed = 0;
         for batch in names.chunks(DELETE_BATCH) {

@@ -61,9 +61,14 @@ pub fn config(backend: Backend, prefix: &str, data_dir: &std::path::Path, extra:
             s3_endpoint()
         ),
     };
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\nlocation = {prefix:?}\nmax_entries = 0\n{storage}{extra}"
-    );
+    // Culling is off unless a test asks for it.
+    let culling = if extra.contains("max_entries") {
+        ""
+    } else {
+        "max_entries = 0\n"
+    };
+    let text =
+        format!("listen = \"127.0.0.1:0\"\nlocation = {prefix:?}\n{culling}{storage}{extra}");
     Config::from_toml(&text).expect("test config")
 }
 
