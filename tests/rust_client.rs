@@ -1,5 +1,5 @@
 //! A Rust memcached client crate (`memcache`, text protocol) against s3cached on the
-//! directory store and on S3; and its binary-protocol mode, which s3cached refuses.
+//! directory store and on S3. (Binary-protocol refusal is in tests/transcripts.rs.)
 
 mod common;
 
@@ -56,21 +56,4 @@ async fn memcache_crate_on_dir() {
 #[tokio::test]
 async fn memcache_crate_on_s3() {
     run(Backend::S3).await;
-}
-
-#[tokio::test]
-async fn binary_protocol_clients_are_refused_promptly() {
-    let server = TestServer::start(Backend::Dir, "binary", "").await;
-    let url = format!("memcache://{}?timeout=5&connect_timeout=2", server.addr);
-    let refused = tokio::task::spawn_blocking(move || {
-        memcache::Client::connect(url).and_then(|c| c.set("k", "v", 0).map(|_| c))
-    })
-    .await
-    .unwrap();
-    assert!(
-        refused.is_err(),
-        "a binary-protocol client must not be served"
-    );
-    let mut c = server.client().await;
-    c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
 }
