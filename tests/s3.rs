@@ -247,14 +247,25 @@ async fn items_and_flushes_survive_a_restart() {
         .await;
 }
 
-/// A server whose S3 traffic goes through a fault proxy, with short deadlines.
+/// A server whose S3 traffic goes through a proxy.
+async fn server_via(proxy: &Proxy, extra: &str) -> TestServer {
+    start_via(proxy, extra, false).await
+}
+
+/// A server behind a fault proxy, with short deadlines so faults answer quickly.
 async fn server_behind(proxy: &Proxy, extra: &str) -> TestServer {
+    start_via(proxy, extra, true).await
+}
+
+async fn start_via(proxy: &Proxy, extra: &str, short_deadlines: bool) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(Backend::S3, &unique_prefix("fault"), dir.path(), extra);
+    let mut config = common::config(Backend::S3, &unique_prefix("proxied"), dir.path(), extra);
     config.endpoint_url = proxy.url();
-    config.s3_attempt_timeout_ms = 400;
-    config.s3_operation_timeout_ms = 1500;
-    config.s3_max_attempts = 2;
+    if short_deadlines {
+        config.s3_attempt_timeout_ms = 400;
+        config.s3_operation_timeout_ms = 1500;
+        config.s3_max_attempts = 2;
+    }
     TestServer::start_config(config, dir).await
 }
 
@@ -324,7 +335,7 @@ async fn backend_gone_then_back() {
 #[tokio::test]
 async fn multi_get_and_pipelined_sets_fan_out() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_behind(&proxy, "s3_max_in_flight = 256\n").await;
+    let server = server_via(&proxy, "s3_max_in_flight = 256\n").await;
     let mut c = server.client().await;
     proxy.set(Mode::Forward(Duration::from_millis(20)));
     let mut sets = Vec::new();
@@ -359,7 +370,7 @@ async fn multi_get_and_pipelined_sets_fan_out() {
 #[tokio::test]
 async fn in_flight_requests_are_capped_globally() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_behind(&proxy, "s3_max_in_flight = 4\n").await;
+    let server = server_via(&proxy, "s3_max_in_flight = 4\n").await;
     proxy.set(Mode::Forward(Duration::from_millis(10)));
     let mut clients = Vec::new();
     for _ in 0..4 {

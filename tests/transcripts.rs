@@ -88,6 +88,75 @@ const CLASSIC: &[(&str, &str)] = &[
     ),
 ];
 
+/// Meta commands whose replies do not depend on cas values.
+const META: &[(&str, &str)] = &[
+    ("ms mk 2 T0 F5\r\nhi\r\n", "HD\r\n"),
+    (
+        "mg mk v f t s k O123\r\n",
+        "VA 2 f5 t-1 s2 kmk O123\r\nhi\r\n",
+    ),
+    ("mg missing v\r\n", "EN\r\n"),
+    ("mg missing v q\r\nmn\r\n", "MN\r\n"),
+    ("ms mk 2 q\r\nho\r\nmn\r\n", "MN\r\n"),
+    ("ms mk 2 ME\r\nhi\r\n", "NS\r\n"),
+    ("ms nokey 2 MR O7\r\nhi\r\n", "NS O7\r\n"),
+    ("ms mk 1 MA\r\n!\r\nmg mk v\r\n", "HD\r\nVA 3\r\nho!\r\n"),
+    // E sets the cas explicitly; C compares against it.
+    (
+        "ms ek 1 E4242\r\na\r\nmg ek c v\r\n",
+        "HD\r\nVA 1 c4242\r\na\r\n",
+    ),
+    ("ms ek 1 C4241\r\nb\r\n", "EX\r\n"),
+    ("ms ek 1 C4242 E5000 c\r\nb\r\n", "HD c5000\r\n"),
+    ("md ek C1\r\n", "EX\r\n"),
+    ("md ek C5000 q\r\nmg ek v\r\n", "EN\r\n"),
+    ("ma cnt\r\n", "NF\r\n"),
+    ("ma cnt N0 J5 v\r\n", "VA 1\r\n5\r\n"),
+    ("ma cnt v D10 MD\r\n", "VA 1\r\n0\r\n"),
+    ("ma cnt v MI D3 E77 c\r\n", "VA 1 c77\r\n3\r\n"),
+    ("ma cnt C1\r\n", "EX\r\n"),
+    (
+        "me cnt\r\n",
+        "ME cnt exp=-1 la=0 cas=77 fetch=no cls=1 size=1\r\n",
+    ),
+    ("me nokey\r\n", "EN\r\n"),
+    ("mg new N30 v t\r\n", "VA 0 t30 W\r\n\r\n"),
+    ("mg new N30 v t\r\n", "VA 0 t30 Z\r\n\r\n"),
+    (
+        "ms new 3 T30\r\nnew\r\nmg new v\r\n",
+        "HD\r\nVA 3\r\nnew\r\n",
+    ),
+    ("md new I T30\r\nmg new v\r\n", "HD\r\nVA 3 X W\r\nnew\r\n"),
+    ("mg new v\r\n", "VA 3 Z X\r\nnew\r\n"),
+    (
+        "ms ttl 1 T100\r\na\r\nmg ttl v R200\r\n",
+        "HD\r\nVA 1 W\r\na\r\n",
+    ),
+    ("mg ttl v R200\r\n", "VA 1 Z\r\na\r\n"),
+    ("mg AAEC b v k\r\n", "EN\r\n"),
+    (
+        "ms AAEC 1 b\r\nz\r\nmg AAEC b v k\r\n",
+        "HD\r\nVA 1 kAAEC b\r\nz\r\n",
+    ),
+    ("mg mk zz\r\n", "CLIENT_ERROR invalid flag\r\n"),
+    ("mg mk q zz\r\n", "CLIENT_ERROR invalid flag\r\n"),
+    (
+        "ms mk 2 MZ\r\nhi\r\nmn\r\n",
+        "CLIENT_ERROR invalid mode for ms M token\r\nMN\r\n",
+    ),
+    ("get mk\r\n", "VALUE mk 0 3\r\nho!\r\nEND\r\n"),
+];
+
+#[tokio::test]
+async fn meta_commands_on_dir() {
+    run_table(Backend::Dir, META).await;
+}
+
+#[tokio::test]
+async fn meta_commands_on_s3() {
+    run_table(Backend::S3, META).await;
+}
+
 async fn run_table(backend: Backend, table: &[(&str, &str)]) {
     let server = TestServer::start(backend, "transcript", "").await;
     let mut c = server.client().await;

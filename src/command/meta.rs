@@ -96,8 +96,9 @@ fn echo(flags: &MetaFlags, key: &[u8]) -> Vec<String> {
         .collect()
 }
 
-fn new_cas(ctx: &Ctx, flags: &MetaFlags) -> u64 {
-    flags.explicit_cas.unwrap_or_else(|| ctx.new_cas())
+/// The cas of a new version: the client's `E` if given, else the next after `previous`.
+fn new_cas(ctx: &Ctx, flags: &MetaFlags, previous: Option<&Entry>) -> u64 {
+    flags.explicit_cas.unwrap_or_else(|| ctx.next_cas(previous))
 }
 
 async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
@@ -118,7 +119,7 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
                 key: key.clone(),
                 expires_at: ctx.clock.expires_at(ttl),
                 stored_at_us: ctx.clock.now_us(),
-                cas: new_cas(ctx, &flags),
+                cas: new_cas(ctx, &flags, read.as_ref().map(|v| &v.entry)),
                 win_sent: true,
                 ..Entry::default()
             };
@@ -208,8 +209,8 @@ async fn set(ctx: &Ctx, key: Bytes, data: Bytes, flags: MetaFlags) -> Response {
     let mut written: Option<Entry> = None;
     let plain_set = flags.set_mode == MetaSetMode::Set && flags.compare_cas.is_none();
     let r = if plain_set {
-        let mut entry = ctx.stamp(fresh);
-        entry.cas = new_cas(ctx, &flags);
+        let mut entry = ctx.stamp(fresh, None);
+        entry.cas = new_cas(ctx, &flags, None);
         match ctx.store.put(&entry, PutMode::Overwrite).await {
             Ok(_) => {
                 written = Some(entry);
@@ -256,8 +257,8 @@ async fn set(ctx: &Ctx, key: Bytes, data: Bytes, flags: MetaFlags) -> Response {
                 }
                 _ => fresh.clone(),
             };
-            entry = ctx.stamp(entry);
-            entry.cas = new_cas(ctx, &flags);
+            entry = ctx.stamp(entry, live);
+            entry.cas = new_cas(ctx, &flags, live);
             entry.stale = stale;
             entry.win_sent = false;
             written = Some(entry.clone());
@@ -296,7 +297,7 @@ async fn delete(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
             let mut entry = read.entry.clone();
             entry.stale = true;
             entry.win_sent = false;
-            entry.cas = new_cas(ctx, &flags);
+            entry.cas = new_cas(ctx, &flags, Some(&read.entry));
             if let Some(ttl) = flags.ttl {
                 entry.expires_at = ctx.clock.expires_at(ttl);
             }
@@ -353,8 +354,8 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
                     e
                 }
             };
-            let mut entry = ctx.stamp(entry);
-            entry.cas = new_cas(ctx, &flags);
+            let mut entry = ctx.stamp(entry, live);
+            entry.cas = new_cas(ctx, &flags, live);
             written = Some(entry.clone());
             Step::Write(entry, Response::Stored)
         })

@@ -8,7 +8,6 @@
 
 mod meta;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -25,6 +24,8 @@ use crate::store::{Entry, PutMode, Store, StoreError, Versioned};
 pub const MAX_GET_FANOUT: usize = 64;
 /// How often a read-modify-write is retried after losing a race.
 pub const MAX_WRITE_RETRIES: usize = 64;
+/// cas uniques stay in 1..=MAX_CAS.
+pub const MAX_CAS: u64 = u32::MAX as u64;
 
 /// Server settings the commands consult.
 #[derive(Debug, Clone)]
@@ -59,7 +60,6 @@ pub struct Ctx {
     pub started_us: u64,
     /// Tells the culler about writes, so it can run early when the bound is near.
     pub write_hint: Arc<WriteHint>,
-    last_cas: AtomicU64,
 }
 
 /// What a read-modify-write step decides, given the live item (if any).
@@ -87,7 +87,6 @@ impl Ctx {
             clock,
             settings,
             write_hint,
-            last_cas: AtomicU64::new(0),
         }
     }
 
@@ -97,19 +96,15 @@ impl Ctx {
         self.write_hint.wrote();
     }
 
-    /// A fresh cas unique: time-ordered across replicas, strictly increasing in this process.
-    pub fn new_cas(&self) -> u64 {
-        let candidate = (self.clock.now_us() << 12) | u64::from(rand::random::<u16>() & 0xfff);
-        let mut last = self.last_cas.load(Relaxed);
-        loop {
-            let next = candidate.max(last + 1);
-            match self
-                .last_cas
-                .compare_exchange_weak(last, next, Relaxed, Relaxed)
-            {
-                Ok(_) => return next,
-                Err(actual) => last = actual,
-            }
+    /// The cas unique for a new version of an item: one more than the version it replaces
+    /// when that is known (a chain that conditional writes keep linear, so never repeated),
+    /// else random. Always nonzero and below 2^32, because clients parse cas values into
+    /// 32-bit fields (meta-memcache) or signed integers (PHP, Java) and memcached's own
+    /// counter stays small in practice.
+    pub fn next_cas(&self, previous: Option<&Entry>) -> u64 {
+        match previous {
+            Some(old) => (old.cas % MAX_CAS) + 1,
+            None => rand::random::<u64>() % MAX_CAS + 1,
         }
     }
 
@@ -185,9 +180,9 @@ impl Ctx {
         self.failure(StoreError::Changed)
     }
 
-    /// A new entry stamped with a fresh cas and the current time.
-    fn stamp(&self, mut entry: Entry) -> Entry {
-        entry.cas = self.new_cas();
+    /// A new entry stamped with the next cas after `previous` and the current time.
+    fn stamp(&self, mut entry: Entry, previous: Option<&Entry>) -> Entry {
+        entry.cas = self.next_cas(previous);
         entry.stored_at_us = self.clock.now_us();
         entry
     }
@@ -403,21 +398,25 @@ async fn store(
     };
     let max = ctx.settings.max_item_bytes;
     let response = match mode {
-        StoreMode::Set => match ctx.store.put(&ctx.stamp(fresh), PutMode::Overwrite).await {
+        StoreMode::Set => match ctx
+            .store
+            .put(&ctx.stamp(fresh, None), PutMode::Overwrite)
+            .await
+        {
             Ok(_) => Response::Stored,
             Err(e) => return ctx.failure(e),
         },
         StoreMode::Add => {
             ctx.read_modify_write(&key, |live| match live {
                 Some(_) => Step::Answer(Response::NotStored),
-                None => Step::Write(ctx.stamp(fresh.clone()), Response::Stored),
+                None => Step::Write(ctx.stamp(fresh.clone(), None), Response::Stored),
             })
             .await
         }
         StoreMode::Replace => {
             ctx.read_modify_write(&key, |live| match live {
                 None => Step::Answer(Response::NotStored),
-                Some(_) => Step::Write(ctx.stamp(fresh.clone()), Response::Stored),
+                Some(old) => Step::Write(ctx.stamp(fresh.clone(), Some(old)), Response::Stored),
             })
             .await
         }
@@ -442,7 +441,7 @@ async fn store(
                     win_sent: false,
                     ..old.clone()
                 };
-                Step::Write(ctx.stamp(entry), Response::Stored)
+                Step::Write(ctx.stamp(entry, Some(old)), Response::Stored)
             })
             .await
         }
@@ -451,7 +450,7 @@ async fn store(
                 .read_modify_write(&key, |live| match live {
                     None => Step::Answer(Response::NotFound),
                     Some(old) if old.cas != cas_unique => Step::Answer(Response::Exists),
-                    Some(_) => Step::Write(ctx.stamp(fresh.clone()), Response::Stored),
+                    Some(old) => Step::Write(ctx.stamp(fresh.clone(), Some(old)), Response::Stored),
                 })
                 .await;
             match r {
@@ -536,7 +535,7 @@ async fn arith(ctx: &Ctx, key: &[u8], delta: u64, incr: bool) -> Response {
                 value: Bytes::from(next.to_string()),
                 ..old.clone()
             };
-            Step::Write(ctx.stamp(entry), Response::Number(next))
+            Step::Write(ctx.stamp(entry, Some(old)), Response::Number(next))
         })
         .await;
     let (hits, misses) = if incr {

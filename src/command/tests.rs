@@ -242,16 +242,17 @@ async fn concurrent_incrs_on_one_key_all_count() {
     assert_eq!(run(&c, "get n\r\n").await, "VALUE n 0 2\r\n50\r\nEND\r\n");
 }
 
-#[test]
-fn cas_uniques_increase() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let c = ctx().await;
-        let a = c.new_cas();
-        let b = c.new_cas();
-        assert!(b > a && a != 0);
-    });
+#[tokio::test(start_paused = true)]
+async fn cas_uniques_chain_and_fit_32_bits() {
+    let c = ctx().await;
+    run(&c, "set k 0 0 1\r\n1\r\n").await;
+    let first = cas_of(&run(&c, "gets k\r\n").await);
+    assert!(first > 0 && first <= u64::from(u32::MAX));
+    run(&c, "incr k 1\r\n").await;
+    assert_eq!(cas_of(&run(&c, "gets k\r\n").await), first % MAX_CAS + 1);
+    let old = Entry {
+        cas: MAX_CAS,
+        ..Entry::default()
+    };
+    assert_eq!(c.next_cas(Some(&old)), 1, "wraps, never 0");
 }

@@ -112,7 +112,7 @@ impl Inner {
         };
         match self.codec.decode(&raw) {
             Ok(entry) if entry.key == key => Ok(Some(Versioned {
-                version: Version(entry.cas.to_string()),
+                version: content_version(&raw),
                 entry,
             })),
             Ok(_) => {
@@ -158,7 +158,7 @@ impl Store for DirStore {
                 admit(inner.current_version(&entry.key)?, &mode)?;
             }
             Inner::write(&inner.item_path(&name), &body)?;
-            Ok(Version(entry.cas.to_string()))
+            Ok(content_version(&body))
         })
         .await
     }
@@ -253,7 +253,7 @@ impl Store for DirStore {
         let name = name.to_owned();
         self.blocking(move |inner| {
             Ok(Inner::read(&inner.control_path(&name))?.map(|body| {
-                let version = Version(format!("{:x}", md5ish(&body)));
+                let version = content_version(&body);
                 (body, version)
             }))
         })
@@ -270,10 +270,10 @@ impl Store for DirStore {
         self.blocking(move |inner| {
             let path = inner.control_path(&name);
             let _guard = inner.lock("");
-            let current = Inner::read(&path)?.map(|b| Version(format!("{:x}", md5ish(&b))));
+            let current = Inner::read(&path)?.map(|b| content_version(&b));
             admit(current, &mode)?;
             Inner::write(&path, &body)?;
-            Ok(Version(format!("{:x}", md5ish(&body))))
+            Ok(content_version(&body))
         })
         .await
     }
@@ -286,11 +286,10 @@ impl Store for DirStore {
     }
 }
 
-/// A content hash standing in for an ETag on control files.
-fn md5ish(body: &[u8]) -> u64 {
-    use sha1::{Digest, Sha1};
-    let digest = Sha1::digest(body);
-    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+/// A content hash as the version, as S3's ETag is: every write stamps a new time, so two
+/// versions of an item never share it.
+fn content_version(body: &[u8]) -> Version {
+    Version(key_hash(body))
 }
 
 #[cfg(test)]
