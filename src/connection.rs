@@ -75,10 +75,11 @@ impl Pipeline {
             self.key_tails.insert(key.clone(), (seq, done.clone()));
         }
         let ctx = ctx.clone();
+        let arrived = tokio::time::Instant::now();
         self.running.push_back(
             async move {
                 futures::future::join_all(waits).await;
-                let response = command::execute(&ctx, request).await;
+                let response = command::execute_arrived(&ctx, request, arrived).await;
                 drop(finished);
                 (response, seq, keys)
             }

@@ -135,7 +135,9 @@ impl Ctx {
 
     /// Reads a key, answering what is live (with its stored version).
     async fn read_live(&self, key: &[u8]) -> Result<(Option<Versioned>, Liveness), StoreError> {
-        let asked_at = tokio::time::Instant::now();
+        let asked_at = ARRIVED
+            .try_with(|t| *t)
+            .unwrap_or_else(|_| tokio::time::Instant::now());
         let (read, epoch_us) = tokio::try_join!(self.store.get(key), self.flush.current(asked_at))?;
         let now = self.clock.now_us();
         let liveness = match &read {
@@ -220,6 +222,21 @@ fn reply(noreply: bool, response: Response) -> Response {
     } else {
         response
     }
+}
+
+tokio::task_local! {
+    /// When the request being executed arrived: a flush epoch read started after this
+    /// moment is fresh enough for it, so a burst of pipelined reads shares one.
+    static ARRIVED: tokio::time::Instant;
+}
+
+/// Executes one request that arrived at `arrived`.
+pub async fn execute_arrived(
+    ctx: &Ctx,
+    request: Request,
+    arrived: tokio::time::Instant,
+) -> Response {
+    ARRIVED.scope(arrived, execute(ctx, request)).await
 }
 
 /// Executes one request.

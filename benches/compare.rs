@@ -1,0 +1,552 @@
+//! Side-by-side benchmark: s3cached (directory store, and S3 when an endpoint is given)
+//! against a real memcached, in one run, on loopback; results as ratios.
+//!
+//! Run: `cargo bench --bench compare` (needs `memcached` on PATH). With
+//! `S3CACHED_TEST_S3_ENDPOINT=http://127.0.0.1:PORT` (a local S3 server, as tests/run
+//! starts) it also measures S3 latency through s3cached against direct SDK calls, the
+//! 100-key get and 100 pipelined sets behind 20 ms of injected latency, and, with
+//! `S3CACHED_BENCH_CULL_ENTRIES=N`, one culler pass over N objects.
+//! Every loop is bounded in count; all traffic stays on 127.0.0.1.
+
+#[path = "../tests/common/proxy.rs"]
+#[allow(dead_code)]
+mod proxy;
+
+mod fast_s3;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const VALUE_BYTES: usize = 100;
+const SEQUENTIAL_OPS: usize = 2000;
+const CONNECTIONS: usize = 8;
+const OPS_PER_CONNECTION: usize = 1000;
+const MULTIGET_KEYS: usize = 100;
+const MULTIGET_ROUNDS: usize = 50;
+const S3_OPS: usize = 200;
+const INJECTED_LATENCY: Duration = Duration::from_millis(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Peak and current resident memory, in KiB, from /proc.
+    fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+}
+
+async fn wait_listening(addr: SocketAddr, log: Option<&std::path::Path>) {
+    for _ in 0..300 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = log
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    panic!("nothing listening on {addr}\n{log}");
+}
+
+async fn start_memcached() -> Proc {
+    let port = free_port();
+    let child = Command::new("memcached")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-l",
+            "127.0.0.1",
+            "-U",
+            "0",
+            "-m",
+            "256",
+            "-u",
+            "root",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("memcached on PATH");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr, None).await;
+    Proc { child, addr }
+}
+
+async fn start_s3cached(env: &[(&str, String)]) -> Proc {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("s3cached-bench-{port}.log"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_s3cached"));
+    cmd.env("S3CACHED_LISTEN", format!("127.0.0.1:{port}"))
+        .env("S3CACHED_MAX_ENTRIES", "0")
+        .env("S3CACHED_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("s3cached binary");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr, Some(&log)).await;
+    Proc { child, addr }
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn {
+            stream,
+            buf: Vec::with_capacity(1 << 16),
+        }
+    }
+
+    /// Sends `req` and reads until the reply ends with `end`.
+    async fn call(&mut self, req: &[u8], end: &[u8]) {
+        self.stream.write_all(req).await.unwrap();
+        self.buf.clear();
+        let mut chunk = [0u8; 65536];
+        while !self.buf.ends_with(end) {
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "server closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        assert!(
+            !self.buf.starts_with(b"SERVER_ERROR"),
+            "{}",
+            String::from_utf8_lossy(&self.buf)
+        );
+    }
+}
+
+#[derive(Default, Clone)]
+struct Stat {
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn summarize(mut lat: Vec<Duration>, wall: Duration) -> Stat {
+    lat.sort();
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
+    Stat {
+        ops_per_sec: lat.len() as f64 / wall.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+fn set_request(key: &str) -> Vec<u8> {
+    let mut r = format!("set {key} 0 0 {VALUE_BYTES}\r\n").into_bytes();
+    r.extend(std::iter::repeat_n(b'v', VALUE_BYTES));
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+async fn sequential(addr: SocketAddr, ops: usize, get: bool) -> Stat {
+    let mut c = Conn::open(addr).await;
+    let mut lat = Vec::with_capacity(ops);
+    let start = Instant::now();
+    for i in 0..ops {
+        let key = format!("bench-{}", i % 500);
+        let t = Instant::now();
+        if get {
+            c.call(format!("get {key}\r\n").as_bytes(), b"END\r\n")
+                .await;
+        } else {
+            c.call(&set_request(&key), b"STORED\r\n").await;
+        }
+        lat.push(t.elapsed());
+    }
+    summarize(lat, start.elapsed())
+}
+
+async fn concurrent_gets(addr: SocketAddr) -> Stat {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|n| {
+            tokio::spawn(async move {
+                let mut c = Conn::open(addr).await;
+                let mut lat = Vec::with_capacity(OPS_PER_CONNECTION);
+                for i in 0..OPS_PER_CONNECTION {
+                    let t = Instant::now();
+                    c.call(
+                        format!("get bench-{}\r\n", (i * 7 + n) % 500).as_bytes(),
+                        b"END\r\n",
+                    )
+                    .await;
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    summarize(all, start.elapsed())
+}
+
+async fn multiget(addr: SocketAddr, rounds: usize) -> Stat {
+    let mut c = Conn::open(addr).await;
+    let keys: Vec<String> = (0..MULTIGET_KEYS).map(|i| format!("bench-{i}")).collect();
+    let req = format!("get {}\r\n", keys.join(" "));
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        c.call(req.as_bytes(), b"END\r\n").await;
+        lat.push(t.elapsed());
+    }
+    summarize(lat, start.elapsed())
+}
+
+async fn pipelined_sets(addr: SocketAddr, n: usize) -> Duration {
+    let mut c = Conn::open(addr).await;
+    let mut req = Vec::new();
+    for i in 0..n {
+        req.extend(set_request(&format!("pipe-{i}")));
+    }
+    let expect = b"STORED\r\n".repeat(n);
+    let t = Instant::now();
+    c.call(&req, &expect).await;
+    t.elapsed()
+}
+
+fn row(name: &str, mc: &Stat, ours: &Stat) {
+    println!(
+        "{name:<28} {:>10.0} {:>10.0} {:>7.2} | {:>8.0} {:>8.0} {:>7.2} | {:>8.0} {:>8.0}",
+        mc.ops_per_sec,
+        ours.ops_per_sec,
+        ours.ops_per_sec / mc.ops_per_sec,
+        mc.p50_us,
+        ours.p50_us,
+        ours.p50_us / mc.p50_us,
+        mc.p99_us,
+        ours.p99_us,
+    );
+}
+
+async fn local_comparison() {
+    let memcached = start_memcached().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = start_s3cached(&[("S3CACHED_DATA_DIR", dir.path().display().to_string())]).await;
+    println!(
+        "\n== memcached {} vs s3cached (directory store) on loopback ==",
+        "1.6"
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>7} | {:>8} {:>8} {:>7} | {:>8} {:>8}",
+        "workload",
+        "mc ops/s",
+        "s3c ops/s",
+        "ratio",
+        "mc p50",
+        "s3c p50",
+        "ratio",
+        "mc p99",
+        "s3c p99"
+    );
+    for (name, get) in [
+        ("set, 1 conn, sequential", false),
+        ("get, 1 conn, sequential", true),
+    ] {
+        let a = sequential(memcached.addr, SEQUENTIAL_OPS, get).await;
+        let b = sequential(ours.addr, SEQUENTIAL_OPS, get).await;
+        row(name, &a, &b);
+    }
+    let a = concurrent_gets(memcached.addr).await;
+    let b = concurrent_gets(ours.addr).await;
+    row(&format!("get, {CONNECTIONS} conns"), &a, &b);
+    let a = multiget(memcached.addr, MULTIGET_ROUNDS).await;
+    let b = multiget(ours.addr, MULTIGET_ROUNDS).await;
+    row(&format!("get {MULTIGET_KEYS} keys"), &a, &b);
+    let (mc_peak, mc_rss) = memcached.memory_kib();
+    let (s_peak, s_rss) = ours.memory_kib();
+    println!(
+        "memory KiB: memcached peak {mc_peak} now {mc_rss}; s3cached peak {s_peak} now {s_rss}; peak ratio {:.2}",
+        s_peak as f64 / mc_peak.max(1) as f64
+    );
+}
+
+fn s3_env(endpoint: &str, prefix: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("S3CACHED_STORAGE_BUCKET_NAME", "s3cached-bench".into()),
+        ("S3CACHED_ENDPOINT_URL", endpoint.into()),
+        ("S3CACHED_FORCE_PATH_STYLE", "true".into()),
+        ("S3CACHED_CREATE_BUCKET", "true".into()),
+        ("S3CACHED_REGION", "us-east-1".into()),
+        ("S3CACHED_ACCESS_KEY_ID", "bench".into()),
+        ("S3CACHED_SECRET_ACCESS_KEY", "bench".into()),
+        ("S3CACHED_LOCATION", prefix.into()),
+        ("S3CACHED_S3_OPERATION_TIMEOUT_MS", "30000".into()),
+        ("S3CACHED_S3_ATTEMPT_TIMEOUT_MS", "10000".into()),
+    ]
+}
+
+fn sdk_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+async fn direct_s3(client: &aws_sdk_s3::Client, get: bool) -> Stat {
+    let body = Bytes::from(vec![b'v'; VALUE_BYTES + 60]);
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    for i in 0..S3_OPS {
+        let key = format!("direct/bench-{}", i % 100);
+        let t = Instant::now();
+        if get {
+            let out = client
+                .get_object()
+                .bucket("s3cached-bench")
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+            out.body.collect().await.unwrap();
+        } else {
+            client
+                .put_object()
+                .bucket("s3cached-bench")
+                .key(&key)
+                .body(body.clone().into())
+                .send()
+                .await
+                .unwrap();
+        }
+        lat.push(t.elapsed());
+    }
+    summarize(lat, start.elapsed())
+}
+
+async fn s3_comparison(endpoint: &str) {
+    let ours = start_s3cached(&s3_env(endpoint, "bench-latency")).await;
+    let client = sdk_client(endpoint);
+    println!("\n== S3 backend at {endpoint}: through s3cached vs direct SDK calls ==");
+    println!(
+        "{:<28} {:>10} {:>10} {:>7} | {:>8} {:>8} {:>7} | {:>8} {:>8}",
+        "workload",
+        "sdk ops/s",
+        "s3c ops/s",
+        "ratio",
+        "sdk p50",
+        "s3c p50",
+        "ratio",
+        "sdk p99",
+        "s3c p99"
+    );
+    let direct_set = direct_s3(&client, false).await;
+    let via_set = sequential(ours.addr, S3_OPS, false).await;
+    row("set vs PutObject", &direct_set, &via_set);
+    let direct_get = direct_s3(&client, true).await;
+    let via_get = sequential(ours.addr, S3_OPS, true).await;
+    row("get vs GetObject", &direct_get, &via_get);
+}
+
+/// The 100-key get and 100 pipelined sets with 20 ms added to every S3 request.
+async fn hidden_latency(endpoint: &str, label: &str) {
+    let proxy = proxy::Proxy::start(endpoint).await;
+    proxy.set(proxy::Mode::Forward(INJECTED_LATENCY));
+    let ours = start_s3cached(&s3_env(&proxy.url(), "bench-hidden")).await;
+    pipelined_sets(ours.addr, 100).await; // warm the HTTP connection pool
+    let pipe = pipelined_sets(ours.addr, 100).await;
+    let mut seq_sets = Duration::ZERO;
+    {
+        let mut c = Conn::open(ours.addr).await;
+        for i in 0..100 {
+            let t = Instant::now();
+            c.call(&set_request(&format!("pipe-{i}")), b"STORED\r\n")
+                .await;
+            seq_sets += t.elapsed();
+        }
+    }
+    let multi = multiget(ours.addr, 5).await;
+    let mut seq_gets = Duration::ZERO;
+    {
+        let mut c = Conn::open(ours.addr).await;
+        for i in 0..100 {
+            let t = Instant::now();
+            c.call(format!("get pipe-{i}\r\n").as_bytes(), b"END\r\n")
+                .await;
+            seq_gets += t.elapsed();
+        }
+    }
+    let rtt = {
+        let mut c = Conn::open(ours.addr).await;
+        let t = Instant::now();
+        for _ in 0..10 {
+            c.call(b"get pipe-0\r\n", b"END\r\n").await;
+        }
+        t.elapsed() / 10
+    };
+    println!(
+        "\n== {label}, with {} ms injected per S3 request ==",
+        INJECTED_LATENCY.as_millis()
+    );
+    println!(
+        "one get (one backend round trip): {:.1} ms",
+        rtt.as_secs_f64() * 1e3
+    );
+    println!(
+        "100 pipelined sets: {:.1} ms  vs 100 sequential sets: {:.1} ms  (speed-up {:.1}x, {:.2} round trips)",
+        pipe.as_secs_f64() * 1e3,
+        seq_sets.as_secs_f64() * 1e3,
+        seq_sets.as_secs_f64() / pipe.as_secs_f64(),
+        pipe.as_secs_f64() / rtt.as_secs_f64()
+    );
+    println!(
+        "100-key get (p50 of 5): {:.1} ms  vs 100 sequential gets: {:.1} ms  (speed-up {:.1}x, {:.2} round trips)",
+        multi.p50_us / 1e3,
+        seq_gets.as_secs_f64() * 1e3,
+        seq_gets.as_secs_f64() * 1e6 / multi.p50_us,
+        multi.p50_us / 1e6 / rtt.as_secs_f64()
+    );
+}
+
+async fn cull_cost(endpoint: &str, entries: usize) {
+    use s3cached::clock::Clock;
+    use s3cached::culler::{Culler, CullerConfig};
+    use s3cached::flush::Flush;
+    use s3cached::stats::Stats;
+    use s3cached::store::s3::{S3Settings, S3Store};
+    use s3cached::store::{Entry, PutMode, Store};
+    let prefix = format!("bench-cull-{entries}-{}", std::process::id());
+    let config = s3cached::config::Config::from_toml(&format!(
+        "storage_bucket_name = \"s3cached-bench\"\nendpoint_url = {endpoint:?}\nforce_path_style = true\n\
+         create_bucket = true\nregion = \"us-east-1\"\naccess_key_id = \"b\"\nsecret_access_key = \"b\"\n\
+         location = {prefix:?}\ns3_operation_timeout_ms = 60000\ns3_attempt_timeout_ms = 30000\n"
+    ))
+    .unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        S3Store::connect(S3Settings::from_config(&config))
+            .await
+            .unwrap(),
+    );
+    let fill = Instant::now();
+    stream::iter(0..entries)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let e = Entry {
+                    key: Bytes::from(format!("k{i}")),
+                    value: Bytes::from("v"),
+                    cas: 1,
+                    ..Entry::default()
+                };
+                store.put(&e, PutMode::Overwrite).await.unwrap();
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    println!(
+        "\n== culler: one pass over {entries} objects (filled in {:.1} s) ==",
+        fill.elapsed().as_secs_f64()
+    );
+    let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
+    let culler = Culler::new(
+        store.clone(),
+        flush.clone(),
+        Arc::new(Stats::default()),
+        Clock::System,
+        CullerConfig {
+            max_entries: entries as u64,
+            cull_frequency: 3,
+            max_bytes: 0,
+            interval: Duration::from_secs(3600),
+        },
+    );
+    let t = Instant::now();
+    let report = culler.pass().await.unwrap();
+    println!(
+        "cull to max_entries: {:.2} s, {} S3 requests, listed {}, culled {}",
+        t.elapsed().as_secs_f64(),
+        report.requests,
+        report.listed,
+        report.culled
+    );
+    let t = Instant::now();
+    flush.flush(Clock::System.now_us()).await.unwrap();
+    println!(
+        "flush_all epoch write: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let t = Instant::now();
+    let report = culler.pass().await.unwrap();
+    println!(
+        "pass removing flushed objects: {:.2} s, {} S3 requests, removed {}",
+        t.elapsed().as_secs_f64(),
+        report.requests,
+        report.flushed_removed
+    );
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        local_comparison().await;
+        let fast = format!("http://{}", fast_s3::start().await);
+        hidden_latency(&fast, "in-process S3 responder (parallel, instant)").await;
+        if let Ok(endpoint) = std::env::var("S3CACHED_TEST_S3_ENDPOINT") {
+            s3_comparison(&endpoint).await;
+            hidden_latency(&endpoint, "local S3 server (moto)").await;
+            if let Some(n) = std::env::var("S3CACHED_BENCH_CULL_ENTRIES").ok().and_then(|n| n.parse().ok()) {
+                cull_cost(&endpoint, n).await;
+            }
+        } else {
+            println!("\n(set S3CACHED_TEST_S3_ENDPOINT to a local S3 server to benchmark the S3 backend)");
+        }
+    });
+}
