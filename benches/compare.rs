@@ -273,10 +273,7 @@ async fn local_comparison() {
     let memcached = start_memcached().await;
     let dir = tempfile::tempdir().unwrap();
     let ours = start_s3cached(&[("S3CACHED_DATA_DIR", dir.path().display().to_string())]).await;
-    println!(
-        "\n== memcached {} vs s3cached (directory store) on loopback ==",
-        "1.6"
-    );
+    println!("\n== memcached vs s3cached (directory store) on loopback ==");
     println!(
         "{:<28} {:>10} {:>10} {:>7} | {:>8} {:>8} {:>7} | {:>8} {:>8}",
         "workload",
