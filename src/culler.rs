@@ -95,6 +95,8 @@ pub struct Culler {
     lease: tokio::sync::Mutex<Option<Version>>,
     /// One pass at a time in this process.
     running: tokio::sync::Mutex<()>,
+    /// The flush epoch whose objects a pass has already removed.
+    collected_epoch_us: AtomicU64,
 }
 
 impl Culler {
@@ -114,6 +116,7 @@ impl Culler {
             owner: format!("{:016x}", rand::random::<u64>()),
             lease: tokio::sync::Mutex::new(None),
             running: tokio::sync::Mutex::new(()),
+            collected_epoch_us: AtomicU64::new(0),
         }
     }
 
@@ -152,6 +155,14 @@ impl Culler {
         let _running = self.running.lock().await;
         let started = tokio::time::Instant::now();
         let mut report = PassReport::default();
+        let epoch_us = self.flush.epoch_us();
+        let flush_due = epoch_us != 0
+            && self.clock.now_us() >= epoch_us
+            && self.collected_epoch_us.load(Relaxed) != epoch_us;
+        if self.config.max_entries == 0 && self.config.max_bytes == 0 && !flush_due {
+            // No bound to enforce and no flushed objects to remove: spare the listing.
+            return Ok(report);
+        }
         report.requests += 2;
         if !self.take_lease().await? {
             report.skipped = true;
@@ -161,13 +172,12 @@ impl Culler {
         report.listed = objects.len() as u64;
 
         // Objects hidden by a flush that has come are garbage.
-        let epoch_us = self.flush.epoch_us();
-        let now_us = self.clock.now_us();
-        if epoch_us != 0 && now_us >= epoch_us {
+        if epoch_us != 0 && self.clock.now_us() >= epoch_us {
             let (flushed, kept) = self.split_flushed(objects, epoch_us, &mut report).await?;
             objects = kept;
             report.flushed_removed = self.remove(&flushed, &mut report).await?;
             Stats::add(&self.stats.flush_objects_removed, report.flushed_removed);
+            self.collected_epoch_us.store(epoch_us, Relaxed);
         }
 
         // Oldest written first.
@@ -317,6 +327,15 @@ mod tests {
     }
 
     async fn culler(store: Arc<dyn Store>, max_entries: u64, cull_frequency: u64) -> Culler {
+        culler_with(store, max_entries, cull_frequency, 0).await
+    }
+
+    async fn culler_with(
+        store: Arc<dyn Store>,
+        max_entries: u64,
+        cull_frequency: u64,
+        max_bytes: u64,
+    ) -> Culler {
         let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
         Culler::new(
             store,
@@ -326,10 +345,48 @@ mod tests {
             CullerConfig {
                 max_entries,
                 cull_frequency,
-                max_bytes: 0,
-                interval: Duration::from_secs(60),
+                max_bytes,
+                interval: Duration::from_secs(3600),
             },
         )
+    }
+
+    #[tokio::test]
+    async fn max_bytes_removes_the_oldest_until_under() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        fill(&*store, 10).await; // ten one-byte values
+        let report = culler_with(store.clone(), 0, 3, 6)
+            .await
+            .pass()
+            .await
+            .unwrap();
+        assert_eq!((report.culled, report.remaining), (4, 6));
+        assert!(store.get(b"key-3").await.unwrap().is_none());
+        assert!(store.get(b"key-4").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn writes_near_the_bound_wake_the_culler_early() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        fill(&*store, 12).await;
+        let c = Arc::new(culler(store.clone(), 10, 2).await);
+        let hint = Arc::new(WriteHint::new(10));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(c.clone().run(hint.clone(), shutdown.clone()));
+        for _ in 0..10 {
+            hint.wrote();
+        }
+        // The interval is an hour: only the hint can have started this pass.
+        let woke = tokio::time::timeout(Duration::from_secs(10), async {
+            while c.stats.cull_passes.load(Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(woke.is_ok(), "the culler did not wake");
+        assert!(c.stats.evictions.load(Relaxed) >= 6);
     }
 
     #[tokio::test]

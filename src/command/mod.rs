@@ -24,6 +24,8 @@ use crate::store::{Entry, PutMode, Store, StoreError, Versioned};
 pub const MAX_GET_FANOUT: usize = 64;
 /// How often a read-modify-write is retried after losing a race.
 pub const MAX_WRITE_RETRIES: usize = 64;
+/// Largest retrieval reply held in memory; beyond it memcached's own error is returned.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// cas uniques stay in 1..=MAX_CAS.
 pub const MAX_CAS: u64 = u32::MAX as u64;
 
@@ -308,20 +310,27 @@ async fn retrieve(ctx: &Ctx, keys: Vec<Bytes>, with_cas: bool, touch: Option<i64
     if touch.is_some() {
         Stats::add(&stats.cmd_touch, keys.len() as u64);
     }
-    let results: Vec<Result<Option<Value>, Response>> = stream::iter(keys)
+    let mut results = stream::iter(keys)
         .map(|key| async move {
             match touch {
                 None => get_one(ctx, key).await,
                 Some(exptime) => touch_one(ctx, key, exptime).await,
             }
         })
-        .buffered(MAX_GET_FANOUT)
-        .collect()
-        .await;
-    let mut values = Vec::with_capacity(results.len());
-    for r in results {
+        .buffered(MAX_GET_FANOUT);
+    let mut values = Vec::new();
+    let mut bytes = 0;
+    while let Some(r) = results.next().await {
         match r {
-            Ok(Some(v)) => values.push(v),
+            Ok(Some(v)) => {
+                bytes += v.data.len() + v.key.len();
+                if bytes > MAX_RESPONSE_BYTES {
+                    return Response::Error(ProtocolError::Server(
+                        "out of memory writing get response",
+                    ));
+                }
+                values.push(v);
+            }
             Ok(None) => {}
             Err(failure) => return failure,
         }

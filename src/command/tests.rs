@@ -256,3 +256,28 @@ async fn cas_uniques_chain_and_fit_32_bits() {
     };
     assert_eq!(c.next_cas(Some(&old)), 1, "wraps, never 0");
 }
+
+#[tokio::test(start_paused = true)]
+async fn oversized_retrieval_replies_are_refused_as_memcached_does() {
+    let c = ctx().await;
+    let value = Bytes::from(vec![b'x'; 1024 * 1024]);
+    let count = MAX_RESPONSE_BYTES / value.len() + 1;
+    for i in 0..count {
+        let entry = Entry {
+            key: Bytes::from(format!("k{i}")),
+            value: value.clone(),
+            stored_at_us: c.clock.now_us(),
+            ..Entry::default()
+        };
+        c.store.put(&entry, PutMode::Overwrite).await.unwrap();
+    }
+    let keys: Vec<String> = (0..count).map(|i| format!("k{i}")).collect();
+    assert_eq!(
+        run(&c, &format!("get {}\r\n", keys.join(" "))).await,
+        "SERVER_ERROR out of memory writing get response\r\n"
+    );
+    let fewer = &keys[..count - 2];
+    assert!(run(&c, &format!("get {}\r\n", fewer.join(" ")))
+        .await
+        .ends_with("END\r\n"));
+}
