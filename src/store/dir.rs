@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::format::Codec;
 use super::{
-    is_item_name, key_hash, normalize_prefix, Entry, ListPage, ObjectInfo, PutMode, Store,
+    admit, is_item_name, key_hash, normalize_prefix, Entry, ListPage, ObjectInfo, PutMode, Store,
     StoreError, StoreInfo, Version, Versioned, CONTROL_DIR,
 };
 
@@ -110,34 +110,18 @@ impl Inner {
         let Some(raw) = Self::read(&self.item_path(&name))? else {
             return Ok(None);
         };
-        match self.codec.decode(&raw) {
-            Ok(entry) if entry.key == key => Ok(Some(Versioned {
+        Ok(self
+            .codec
+            .decode_item(&raw, key, &name)
+            .map(|entry| Versioned {
                 version: content_version(&raw),
                 entry,
-            })),
-            Ok(_) => {
-                tracing::warn!(object = %name, "SHA-1 collision or foreign key; treated as a miss");
-                Ok(None)
-            }
-            Err(e) => {
-                tracing::warn!(object = %name, cause = %e, "unreadable object; treated as a miss");
-                Ok(None)
-            }
-        }
+            }))
     }
 
     /// The version of what is stored under `key` now, for conditional writes.
     fn current_version(&self, key: &[u8]) -> Result<Option<Version>, StoreError> {
         Ok(self.read_item(key)?.map(|v| v.version))
-    }
-}
-
-fn admit(current: Option<Version>, mode: &PutMode) -> Result<(), StoreError> {
-    match (mode, current) {
-        (PutMode::Overwrite, _) | (PutMode::Create, None) => Ok(()),
-        (PutMode::Create, Some(_)) => Err(StoreError::Exists),
-        (PutMode::Update(want), Some(have)) if *want == have => Ok(()),
-        (PutMode::Update(_), _) => Err(StoreError::Changed),
     }
 }
 
@@ -155,7 +139,7 @@ impl Store for DirStore {
             let body = inner.codec.encode(&entry);
             let _guard = inner.lock(&name);
             if mode != PutMode::Overwrite {
-                admit(inner.current_version(&entry.key)?, &mode)?;
+                admit(inner.current_version(&entry.key)?.as_ref(), &mode)?;
             }
             Inner::write(&inner.item_path(&name), &body)?;
             Ok(content_version(&body))
@@ -170,7 +154,10 @@ impl Store for DirStore {
             let name = key_hash(&key);
             let _guard = inner.lock(&name);
             if let Some(want) = want {
-                admit(inner.current_version(&key)?, &PutMode::Update(want))?;
+                admit(
+                    inner.current_version(&key)?.as_ref(),
+                    &PutMode::Update(want),
+                )?;
             }
             match fs::remove_file(inner.item_path(&name)) {
                 Ok(()) => Ok(true),
@@ -271,7 +258,7 @@ impl Store for DirStore {
             let path = inner.control_path(&name);
             let _guard = inner.lock("");
             let current = Inner::read(&path)?.map(|b| content_version(&b));
-            admit(current, &mode)?;
+            admit(current.as_ref(), &mode)?;
             Inner::write(&path, &body)?;
             Ok(content_version(&body))
         })

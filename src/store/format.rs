@@ -100,6 +100,22 @@ impl Codec {
         out.freeze()
     }
 
+    /// Reads the object `name` as the item for `key`: `None` (logged) when it is not an
+    /// s3cached object, is damaged, or holds another key (a SHA-1 collision or a copy).
+    pub fn decode_item(&self, raw: &Bytes, key: &[u8], name: &str) -> Option<Entry> {
+        match self.decode(raw) {
+            Ok(entry) if entry.key == key => Some(entry),
+            Ok(_) => {
+                tracing::warn!(object = %name, "SHA-1 collision or foreign key; treated as a miss");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(object = %name, cause = %e, "unreadable object; treated as a miss");
+                None
+            }
+        }
+    }
+
     /// Parses an object written by [`encode`](Codec::encode).
     pub fn decode(&self, raw: &Bytes) -> Result<Entry, FormatError> {
         if raw.len() < HEADER_BYTES {

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    key_hash, Entry, ListPage, ObjectInfo, PutMode, Store, StoreError, StoreInfo, Version,
+    admit, key_hash, Entry, ListPage, ObjectInfo, PutMode, Store, StoreError, StoreInfo, Version,
     Versioned,
 };
 
@@ -42,17 +42,6 @@ fn version(v: u64) -> Version {
     Version(v.to_string())
 }
 
-/// Checks a write's precondition against what is there now.
-fn admit(current: Option<u64>, mode: &PutMode) -> Result<(), StoreError> {
-    match (mode, current) {
-        (PutMode::Overwrite, _) => Ok(()),
-        (PutMode::Create, None) => Ok(()),
-        (PutMode::Create, Some(_)) => Err(StoreError::Exists),
-        (PutMode::Update(want), Some(have)) if *want == version(have) => Ok(()),
-        (PutMode::Update(_), _) => Err(StoreError::Changed),
-    }
-}
-
 #[async_trait]
 impl Store for MemoryStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
@@ -70,7 +59,10 @@ impl Store for MemoryStore {
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
         let mut state = self.state.lock().expect("memory store lock");
         let name = key_hash(&entry.key);
-        admit(state.items.get(&name).map(|(_, v)| *v), &mode)?;
+        admit(
+            state.items.get(&name).map(|(_, v)| version(*v)).as_ref(),
+            &mode,
+        )?;
         let v = state.bump();
         state.items.insert(name, (entry.clone(), v));
         Ok(version(v))
@@ -79,9 +71,9 @@ impl Store for MemoryStore {
     async fn delete(&self, key: &[u8], want: Option<&Version>) -> Result<bool, StoreError> {
         let mut state = self.state.lock().expect("memory store lock");
         let name = key_hash(key);
-        let current = state.items.get(&name).map(|(_, v)| *v);
+        let current = state.items.get(&name).map(|(_, v)| version(*v));
         if let Some(want) = want {
-            admit(current, &PutMode::Update(want.clone()))?;
+            admit(current.as_ref(), &PutMode::Update(want.clone()))?;
         }
         Ok(state.items.remove(&name).is_some())
     }
@@ -137,7 +129,10 @@ impl Store for MemoryStore {
         mode: PutMode,
     ) -> Result<Version, StoreError> {
         let mut state = self.state.lock().expect("memory store lock");
-        admit(state.control.get(name).map(|(_, v)| *v), &mode)?;
+        admit(
+            state.control.get(name).map(|(_, v)| version(*v)).as_ref(),
+            &mode,
+        )?;
         let v = state.bump();
         state.control.insert(name.to_owned(), (body, v));
         Ok(version(v))

@@ -135,6 +135,17 @@ pub trait Store: Send + Sync + 'static {
     fn info(&self) -> StoreInfo;
 }
 
+/// Checks a write's precondition against the version stored now (`None`: nothing stored);
+/// for backends that enforce preconditions themselves, under their own lock.
+pub fn admit(current: Option<&Version>, mode: &PutMode) -> Result<(), StoreError> {
+    match (mode, current) {
+        (PutMode::Overwrite, _) | (PutMode::Create, None) => Ok(()),
+        (PutMode::Create, Some(_)) => Err(StoreError::Exists),
+        (PutMode::Update(want), Some(have)) if want == have => Ok(()),
+        (PutMode::Update(_), _) => Err(StoreError::Changed),
+    }
+}
+
 /// Maximum names one [`Store::delete_objects`] call is given (S3's DeleteObjects limit).
 pub const DELETE_BATCH: usize = 1000;
 

@@ -419,17 +419,10 @@ impl Store for S3Store {
         let Some((raw, version)) = self.get_raw(&name).await? else {
             return Ok(None);
         };
-        match self.codec.decode(&raw) {
-            Ok(entry) if entry.key == key => Ok(Some(Versioned { entry, version })),
-            Ok(_) => {
-                tracing::warn!(object = %name, "SHA-1 collision or foreign key; treated as a miss");
-                Ok(None)
-            }
-            Err(e) => {
-                tracing::warn!(object = %name, cause = %e, "unreadable object; treated as a miss");
-                Ok(None)
-            }
-        }
+        Ok(self
+            .codec
+            .decode_item(&raw, key, &name)
+            .map(|entry| Versioned { entry, version }))
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
