@@ -8,7 +8,7 @@
 //! `S3CACHED_BENCH_CULL_ENTRIES=N`, one culler pass over N objects.
 //! Every loop is bounded in count; all traffic stays on 127.0.0.1.
 
-#[path = "../tests/common/proxy.rs"]
+#[path = "../../tests/common/proxy.rs"]
 #[allow(dead_code)]
 mod proxy;
 
