@@ -305,3 +305,36 @@ async fn connection_cap_is_taken_before_accept() {
     drop(a);
     assert_eq!(third.read_exact(9).await, b"VERSION 1");
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_timeout() {
+    let server = TestServer::start(Backend::Dir, "idle", "idle_timeout_secs = 1\n").await;
+    let mut c = server.client().await;
+    c.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n")
+        .await;
+    assert!(c.closed().await, "an idle connection stays open");
+    let mut c = server.client().await;
+    c.send(b"stats\r\n").await;
+    let stats = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+    assert!(stats.contains("STAT idle_kicks 1\r\n"), "{stats}");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_started_commands_then_closes() {
+    let server = TestServer::start(Backend::Dir, "shutdown", "").await;
+    let mut c = server.client().await;
+    let mut pipeline = Vec::new();
+    for i in 0..50 {
+        pipeline.extend_from_slice(format!("set k{i} 0 0 1\r\nv\r\n").as_bytes());
+    }
+    c.send(&pipeline).await;
+    // Wait for the first reply so the pipeline is under way, then shut down.
+    assert_eq!(c.read_exact(8).await, b"STORED\r\n");
+    server
+        .app
+        .shutdown(std::time::Duration::from_secs(10))
+        .await;
+    let rest = c.read_exact(8 * 49).await;
+    assert_eq!(rest, b"STORED\r\n".repeat(49));
+    assert!(c.closed().await);
+}
