@@ -66,7 +66,7 @@ macro_rules! options {
             }
         }
 
-        /// `(key, environment variable, default)` of every option, for docs and tests.
+        /// `(key, environment variable)` of every option, for docs and tests.
         pub const KEYS: &[(&str, &str)] = &[ $( (stringify!($name), $env), )* ];
     };
 }

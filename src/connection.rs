@@ -162,19 +162,12 @@ impl Connection {
                         self.pipeline.finish(seq, &keys);
                         self.emit(response);
                     }
-                    if self.pipeline.len() == 0 {
-                        if let Some(barrier) = self.barrier.take() {
-                            let response = command::execute(&self.ctx, barrier).await;
-                            self.emit(response);
-                        }
-                    }
-                    self.dispatch();
+                    self.advance().await;
                     if self.pipeline.len() == 0 || self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
                         self.flush(socket).await?;
                     }
                 }
                 read = socket.read_buf(&mut self.read_buf), if can_read => {
-                    self.read_buf.reserve(0);
                     let n = read?;
                     if n == 0 {
                         self.closing = true;
@@ -185,14 +178,7 @@ impl Connection {
                         idle_deadline = Some(tokio::time::Instant::now() + d);
                     }
                     self.discard_skipped();
-                    self.dispatch();
-                    if self.pipeline.len() == 0 {
-                        if let Some(barrier) = self.barrier.take() {
-                            let response = command::execute(&self.ctx, barrier).await;
-                            self.emit(response);
-                            self.dispatch();
-                        }
-                    }
+                    self.advance().await;
                     if self.pipeline.len() == 0 {
                         self.flush(socket).await?;
                     }
@@ -245,6 +231,22 @@ impl Connection {
                 }
                 None => self.read_buf.clear(),
             }
+        }
+    }
+
+    /// Starts buffered requests; whenever the pipeline has drained in front of a barrier,
+    /// runs the barrier and carries on.
+    async fn advance(&mut self) {
+        loop {
+            self.dispatch();
+            if self.pipeline.len() > 0 {
+                return;
+            }
+            let Some(barrier) = self.barrier.take() else {
+                return;
+            };
+            let response = command::execute(&self.ctx, barrier).await;
+            self.emit(response);
         }
     }
 

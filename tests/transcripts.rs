@@ -307,6 +307,22 @@ async fn connection_cap_is_taken_before_accept() {
 }
 
 #[tokio::test]
+async fn consecutive_barriers_all_run() {
+    let server = TestServer::start(Backend::Dir, "barriers", "").await;
+    let mut c = server.client().await;
+    c.roundtrip(
+        b"flush_all\r\nflush_all\r\nflush_all 0\r\nversion\r\n",
+        b"OK\r\nOK\r\nOK\r\nVERSION 1.6.18-s3cached-0.1.0\r\n",
+    )
+    .await;
+    c.roundtrip(
+        b"set a 0 0 1\r\na\r\nflush_all\r\nflush_all\r\nget a\r\n",
+        b"STORED\r\nOK\r\nOK\r\nEND\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn idle_connections_are_closed_after_the_timeout() {
     let server = TestServer::start(Backend::Dir, "idle", "idle_timeout_secs = 1\n").await;
     let mut c = server.client().await;
