@@ -133,9 +133,10 @@ pub async fn start_with(
             max_bytes: config.max_bytes,
             interval: Duration::from_secs(config.cull_interval_secs),
         },
+        hint,
     ));
     let shutdown = CancellationToken::new();
-    let culler_task = tokio::spawn(culler.clone().run(hint, shutdown.clone()));
+    let culler_task = tokio::spawn(culler.clone().run(shutdown.clone()));
     let limits = Limits {
         max_item_bytes: config.max_item_size,
         ..Limits::default()

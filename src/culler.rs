@@ -7,6 +7,7 @@
 //! sharing a bucket take turns through a lease object written with conditional puts, so
 //! two passes never cull the same bucket at once.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::flush::Flush;
 use crate::stats::Stats;
-use crate::store::{ObjectInfo, PutMode, Store, StoreError, Version, DELETE_BATCH};
+use crate::store::{key_hash, ObjectInfo, PutMode, Store, StoreError, Version, DELETE_BATCH};
 
 /// Name of the lease control object.
 pub const LEASE_OBJECT: &str = "cull-lease";
@@ -38,7 +39,11 @@ pub struct CullerConfig {
     pub interval: Duration,
 }
 
-/// Counts writes between passes and wakes the culler early when the bound may be near.
+/// Most expiry times the culler remembers from this replica's own writes.
+pub const MAX_KNOWN_EXPIRIES: usize = 100_000;
+
+/// Counts writes between passes and wakes the culler early when the bound may be near;
+/// remembers the expiry of items this replica wrote, so a pass can cull expired ones first.
 #[derive(Debug, Default)]
 pub struct WriteHint {
     /// Items seen by the last pass.
@@ -47,6 +52,8 @@ pub struct WriteHint {
     writes: AtomicU64,
     max_entries: AtomicU64,
     wake: Notify,
+    /// Object name (key hash) to expiry in Unix seconds, for items written with a TTL.
+    expiries: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl WriteHint {
@@ -57,8 +64,17 @@ impl WriteHint {
         }
     }
 
-    /// Called after each stored item.
-    pub fn wrote(&self) {
+    /// Called after each stored item, with its key and expiry when known (0 = never).
+    pub fn wrote(&self, written: Option<(&[u8], u64)>) {
+        if let Some((key, expires_at)) = written {
+            let mut expiries = self.expiries.lock().expect("expiries lock");
+            let name = key_hash(key);
+            if expires_at == 0 {
+                expiries.remove(&name);
+            } else if expiries.len() < MAX_KNOWN_EXPIRIES || expiries.contains_key(&name) {
+                expiries.insert(name, expires_at);
+            }
+        }
         let writes = self.writes.fetch_add(1, Relaxed) + 1;
         let max = self.max_entries.load(Relaxed);
         if max > 0 && self.last_count.load(Relaxed) + writes >= max {
@@ -70,6 +86,24 @@ impl WriteHint {
         self.last_count.store(count, Relaxed);
         self.writes.store(0, Relaxed);
     }
+
+    /// Of the listed objects, the names known to have expired by `now_secs`; forgets what
+    /// the listing no longer holds.
+    fn known_expired(&self, listed: &[ObjectInfo], now_secs: u64) -> HashSet<String> {
+        let mut expiries = self.expiries.lock().expect("expiries lock");
+        let present: HashSet<&str> = listed.iter().map(|o| short_name(&o.name)).collect();
+        expiries.retain(|name, _| present.contains(name.as_str()));
+        expiries
+            .iter()
+            .filter(|(_, &at)| at <= now_secs)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+/// The key-hash part of an object name (after any prefix).
+fn short_name(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
 }
 
 /// What one pass did.
@@ -90,6 +124,8 @@ pub struct Culler {
     stats: Arc<Stats>,
     clock: Clock,
     config: CullerConfig,
+    /// Write counts and known expiries, fed by the command layer.
+    hint: Arc<WriteHint>,
     /// Identifies this replica in the lease.
     owner: String,
     lease: tokio::sync::Mutex<Option<Version>>,
@@ -106,6 +142,7 @@ impl Culler {
         stats: Arc<Stats>,
         clock: Clock,
         config: CullerConfig,
+        hint: Arc<WriteHint>,
     ) -> Self {
         Culler {
             store,
@@ -113,6 +150,7 @@ impl Culler {
             stats,
             clock,
             config,
+            hint,
             owner: format!("{:016x}", rand::random::<u64>()),
             lease: tokio::sync::Mutex::new(None),
             running: tokio::sync::Mutex::new(()),
@@ -121,7 +159,8 @@ impl Culler {
     }
 
     /// Runs passes on the interval, or sooner when `hint` says writes are piling up.
-    pub async fn run(self: Arc<Self>, hint: Arc<WriteHint>, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let hint = self.hint.clone();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.config.interval) => {}
@@ -180,8 +219,9 @@ impl Culler {
             self.collected_epoch_us.store(epoch_us, Relaxed);
         }
 
-        // Oldest written first.
-        objects.sort_by(|a, b| a.modified_ms.cmp(&b.modified_ms).then(a.name.cmp(&b.name)));
+        // Items known to have expired first, then the oldest written.
+        let expired = self.hint.known_expired(&objects, self.clock.now_secs());
+        objects.sort_by_key(|o| (!expired.contains(short_name(&o.name)), o.modified_ms));
         let count = objects.len() as u64;
         let mut victims = 0usize;
         if self.over_bound(count) {
@@ -348,7 +388,31 @@ mod tests {
                 max_bytes,
                 interval: Duration::from_secs(3600),
             },
+            Arc::new(WriteHint::new(max_entries)),
         )
+    }
+
+    #[tokio::test]
+    async fn items_known_to_have_expired_go_first() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        fill(&*store, 30).await;
+        let c = culler(store.clone(), 30, 3).await;
+        // This replica wrote the newest three with a TTL that has passed.
+        for i in 27..30 {
+            c.hint.wrote(Some((format!("key-{i}").as_bytes(), 1)));
+        }
+        let report = c.pass().await.unwrap();
+        assert_eq!(report.culled, 10);
+        for i in 27..30 {
+            assert!(store
+                .get(format!("key-{i}").as_bytes())
+                .await
+                .unwrap()
+                .is_none());
+        }
+        // Then the oldest: seven of them.
+        assert!(store.get(b"key-6").await.unwrap().is_none());
+        assert!(store.get(b"key-7").await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -370,11 +434,10 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         fill(&*store, 12).await;
         let c = Arc::new(culler(store.clone(), 10, 2).await);
-        let hint = Arc::new(WriteHint::new(10));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(c.clone().run(hint.clone(), shutdown.clone()));
+        let task = tokio::spawn(c.clone().run(shutdown.clone()));
         for _ in 0..10 {
-            hint.wrote();
+            c.hint.wrote(None);
         }
         // The interval is an hour: only the hint can have started this pass.
         let woke = tokio::time::timeout(Duration::from_secs(10), async {

@@ -451,7 +451,7 @@ async fn hidden_latency(endpoint: &str, label: &str) {
 
 async fn cull_cost(endpoint: &str, entries: usize) {
     use s3cached::clock::Clock;
-    use s3cached::culler::{Culler, CullerConfig};
+    use s3cached::culler::{Culler, CullerConfig, WriteHint};
     use s3cached::flush::Flush;
     use s3cached::stats::Stats;
     use s3cached::store::s3::{S3Settings, S3Store};
@@ -501,6 +501,7 @@ async fn cull_cost(endpoint: &str, entries: usize) {
             max_bytes: 0,
             interval: Duration::from_secs(3600),
         },
+        Arc::new(WriteHint::new(entries as u64)),
     );
     let t = Instant::now();
     let report = culler.pass().await.unwrap();

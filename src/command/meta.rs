@@ -269,7 +269,7 @@ async fn set(ctx: &Ctx, key: Bytes, data: Bytes, flags: MetaFlags) -> Response {
     let now_secs = ctx.clock.now_secs();
     match r {
         Response::Stored => {
-            ctx.stored();
+            ctx.stored(written.as_ref().map(|e| (&e.key[..], e.expires_at)));
             let out = render(&flags, &key, written.as_ref(), now_secs);
             quiet(&flags, true, meta(MetaStatus::Hd, out, None))
         }

@@ -92,10 +92,10 @@ impl Ctx {
         }
     }
 
-    /// Counts a stored item.
-    fn stored(&self) {
+    /// Counts a stored item, with its key and expiry when the caller knows them.
+    fn stored(&self, written: Option<(&[u8], u64)>) {
         Stats::incr(&self.stats.total_items);
-        self.write_hint.wrote();
+        self.write_hint.wrote(written);
     }
 
     /// The cas unique for a new version of an item: one more than the version it replaces
@@ -423,6 +423,7 @@ async fn store(
         ..Entry::default()
     };
     let max = ctx.settings.max_item_bytes;
+    let expires_at = fresh.expires_at;
     let response = match mode {
         StoreMode::Set => match ctx
             .store
@@ -489,7 +490,9 @@ async fn store(
         }
     };
     if response == Response::Stored {
-        ctx.stored();
+        // Append and prepend keep the old expiry, which is not known here.
+        let keeps_expiry = matches!(mode, StoreMode::Append | StoreMode::Prepend);
+        ctx.stored((!keeps_expiry).then_some((&key[..], expires_at)));
     }
     response
 }
