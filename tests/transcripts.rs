@@ -121,7 +121,7 @@ const META: &[(&str, &str)] = &[
     ),
     ("me nokey\r\n", "EN\r\n"),
     ("mg new N30 v t\r\n", "VA 0 t30 W\r\n\r\n"),
-    ("mg new N30 v t\r\n", "VA 0 t30 Z\r\n\r\n"),
+    ("mg new N30 v\r\n", "VA 0 Z\r\n\r\n"),
     (
         "ms new 3 T30\r\nnew\r\nmg new v\r\n",
         "HD\r\nVA 3\r\nnew\r\n",
