@@ -85,10 +85,11 @@ def test_pymemcache_binary_and_large_values(server):
 
 def test_pymemcache_ttl(server):
     c = Client(server.address, connect_timeout=5, timeout=20)
-    assert c.set("short", b"v", expire=1, noreply=False)
+    # A TTL of 1 may expire at once (time moves in whole seconds); 2 lives at least 1 s.
+    assert c.set("short", b"v", expire=2, noreply=False)
     assert c.set("long", b"v", expire=100, noreply=False)
     assert c.get("short") == b"v"
-    assert wait_until(lambda: c.get("short") is None, timeout=5)
+    assert wait_until(lambda: c.get("short") is None, timeout=8)
     assert c.get("long") == b"v"
 
 
@@ -172,12 +173,12 @@ def test_django_cache_api(server, backend):
 def test_django_timeouts(server):
     cache = django_cache(server)
     try:
-        cache.set("t1", "v", timeout=1)
+        cache.set("t1", "v", timeout=2)
         cache.set("forever", "v", timeout=None)
         cache.set("zero", "v", timeout=0)
         assert cache.get("zero") is None  # Django: timeout 0 expires at once
         assert cache.get("t1") == "v"
-        assert wait_until(lambda: cache.get("t1") is None, timeout=5)
+        assert wait_until(lambda: cache.get("t1") is None, timeout=8)
         assert cache.get("forever") == "v"
     finally:
         cache.close()

@@ -51,8 +51,9 @@ def test_meta_memcache(server):
     assert c.get(key=odd) == [1]
     assert c.delete(key=Key("m"))
     assert c.get(key=Key("m")) is None
-    assert c.set(key=Key("short"), value=1, ttl=1)
-    assert wait_until(lambda: c.get(key=Key("short")) is None, timeout=5)
+    assert c.set(key=Key("short"), value=1, ttl=2)
+    assert c.get(key=Key("short")) == 1
+    assert wait_until(lambda: c.get(key=Key("short")) is None, timeout=8)
 
 
 def test_meta_memcache_lease_and_invalidate(server):
