@@ -2,11 +2,11 @@
 # Multi-stage build: compile in the Rust image, run in a small Debian image as a non-root user.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml ./
 COPY src ./src
 COPY benches ./benches
 COPY config.example.toml ./
-RUN cargo build --release --locked --bin s3cached \
+RUN cargo build --release --bin s3cached \
     && strip target/release/s3cached
 
 FROM debian:bookworm-slim
