@@ -22,6 +22,7 @@ use crate::store::dir::DirStore;
 use crate::store::format::Codec;
 use crate::store::s3::{S3Settings, S3Store};
 use crate::store::Store;
+use crate::tier::{TierConfig, Tiered};
 
 /// How long shutdown waits for connections to finish their commands.
 pub const SHUTDOWN_DRAIN_SECS: u64 = 10;
@@ -101,12 +102,18 @@ pub async fn start_with(
     let addr = listener
         .local_addr()
         .map_err(|source| AppError::Bind { addr, source })?;
+    let stats = Arc::new(Stats::default());
+    let window = Duration::from_millis(config.revalidate_after_ms);
+    let tier = TierConfig {
+        ram_bytes: config.ram_cache_bytes,
+        revalidate_after: window,
+    };
+    let store = Arc::new(Tiered::new(store, tier, stats.clone()));
     let flush = Arc::new(
-        Flush::load(store.clone(), Duration::from_millis(config.flush_check_ms))
+        Flush::load(store.clone(), window)
             .await
             .map_err(AppError::Store)?,
     );
-    let stats = Arc::new(Stats::default());
     let hint = Arc::new(WriteHint::new(config.max_entries));
     let settings = Settings {
         max_item_bytes: config.max_item_size,
@@ -124,7 +131,7 @@ pub async fn start_with(
     ));
     let culler = Arc::new(Culler::new(
         store,
-        flush,
+        flush.clone(),
         stats,
         clock,
         CullerConfig {
@@ -137,6 +144,7 @@ pub async fn start_with(
     ));
     let shutdown = CancellationToken::new();
     let culler_task = tokio::spawn(culler.clone().run(shutdown.clone()));
+    tokio::spawn(flush.clone().run_refresher(shutdown.clone()));
     let limits = Limits {
         max_item_bytes: config.max_item_size,
         ..Limits::default()

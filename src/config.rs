@@ -83,7 +83,6 @@ pub const DEFAULT_S3_ATTEMPT_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_S3_OPERATION_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
-pub const DEFAULT_FLUSH_CHECK_MS: u64 = 0;
 
 options! {
     /// Address to listen on.
@@ -150,8 +149,11 @@ options! {
     max_bytes: u64 = 0, env "S3CACHED_MAX_BYTES";
     /// Seconds between culler passes.
     cull_interval_secs: u64 = DEFAULT_CULL_INTERVAL_SECS, env "S3CACHED_CULL_INTERVAL_SECS";
-    /// Re-read the shared flush epoch at most this often, in ms (0 = on every read).
-    flush_check_ms: u64 = DEFAULT_FLUSH_CHECK_MS, env "S3CACHED_FLUSH_CHECK_MS";
+    /// Bytes of RAM for the near tier of hot items (0 = off).
+    ram_cache_bytes: u64 = crate::tier::DEFAULT_RAM_CACHE_BYTES, env "S3CACHED_RAM_CACHE_BYTES";
+    /// Serve a tier entry this long (ms) before asking the store again; also how often the
+    /// shared flush epoch is re-read. 0 = strict: every read asks the store.
+    revalidate_after_ms: u64 = crate::tier::DEFAULT_REVALIDATE_AFTER_MS, env "S3CACHED_REVALIDATE_AFTER_MS";
 }
 
 /// The command line.
@@ -386,7 +388,11 @@ impl Config {
                 "cull_interval_secs".into(),
                 self.cull_interval_secs.to_string(),
             ),
-            ("flush_check_ms".into(), self.flush_check_ms.to_string()),
+            ("ram_cache_bytes".into(), self.ram_cache_bytes.to_string()),
+            (
+                "revalidate_after_ms".into(),
+                self.revalidate_after_ms.to_string(),
+            ),
         ]
     }
 }

@@ -273,6 +273,14 @@ impl Connection {
                 Skip::Line => self.skip_line = true,
             }
             self.discard_skipped();
+            // A hit in the near tier with nothing in flight before it is answered here, with
+            // no task, channel or allocation beyond the reply.
+            if self.pipeline.len() == 0 {
+                if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
+                    self.emit(response);
+                    continue;
+                }
+            }
             match request.keys() {
                 Some(keys) => {
                     let keys = keys.into_iter().cloned().collect();

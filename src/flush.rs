@@ -2,9 +2,11 @@
 //!
 //! The epoch lives in a control object beside the items, so it survives restarts and every
 //! replica sharing the bucket honours it; the objects themselves are removed later, in the
-//! background, by the culler. By default a read uses an epoch read after the request
-//! arrived (concurrent requests share one read), so nothing flushed by any replica is
-//! served afterwards; `flush_check_ms` trades that for fewer requests.
+//! background, by the culler. The epoch is kept in memory and re-read once per
+//! revalidation window by a background task, so reads cost no request for it; a flush
+//! through this replica is seen by it at once, one through another replica within a window.
+//! A window of zero is strict mode: each read uses an epoch read after the request arrived
+//! (concurrent requests share one read), so nothing flushed by any replica is served after.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -23,8 +25,9 @@ pub struct Flush {
     /// Items stored at or before this Unix-microsecond moment are hidden once it has come;
     /// 0 = no flush.
     epoch_us: AtomicU64,
-    /// How old an epoch reading may be when a request uses it.
-    max_age: Duration,
+    /// The revalidation window: how often the background task re-reads the epoch (zero:
+    /// strict mode, every request reads it).
+    window: Duration,
     /// When the newest completed reading was started.
     read_started: Mutex<Option<Instant>>,
     /// One reading in flight at a time; others wait and reuse it if it is fresh enough.
@@ -33,11 +36,11 @@ pub struct Flush {
 
 impl Flush {
     /// Reads the epoch from the store.
-    pub async fn load(store: Arc<dyn Store>, max_age: Duration) -> Result<Self, StoreError> {
+    pub async fn load(store: Arc<dyn Store>, window: Duration) -> Result<Self, StoreError> {
         let flush = Flush {
             store,
             epoch_us: AtomicU64::new(0),
-            max_age,
+            window,
             read_started: Mutex::new(None),
             reading: tokio::sync::Mutex::new(()),
         };
@@ -60,12 +63,43 @@ impl Flush {
         Ok(epoch)
     }
 
-    fn fresh_since(&self, since: Instant) -> bool {
-        let last = *self.read_started.lock().expect("flush lock");
-        last.is_some_and(|l| l + self.max_age >= since)
+    /// How old a reading may be when a request uses it: in strict mode none older than the
+    /// request; else two windows, so a request waits for the store only when the background
+    /// task has failed to refresh it.
+    fn max_age(&self) -> Duration {
+        self.window * 2
     }
 
-    /// The epoch as read no earlier than `max_age` before `asked_at`.
+    fn fresh_since(&self, since: Instant) -> bool {
+        let last = *self.read_started.lock().expect("flush lock");
+        last.is_some_and(|l| l + self.max_age() >= since)
+    }
+
+    /// The epoch, if a reading fresh enough for a request arriving now is at hand (no I/O).
+    pub fn current_now(&self) -> Option<u64> {
+        (!self.window.is_zero() && self.fresh_since(Instant::now())).then(|| self.epoch_us())
+    }
+
+    /// Re-reads the epoch once per window until `shutdown`; nothing to do in strict mode.
+    pub async fn run_refresher(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        if self.window.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.window);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let _reading = self.reading.lock().await;
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(cause = %e, "cannot re-read the flush epoch");
+            }
+        }
+    }
+
+    /// The epoch as read recently enough for a request that arrived at `asked_at`.
     pub async fn current(&self, asked_at: Instant) -> Result<u64, StoreError> {
         if self.fresh_since(asked_at) {
             return Ok(self.epoch_us());

@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: socket → [`connection`] (buffers) → [`protocol`] (bytes → request) →
 //! [`command`] (request + [`store`] → response) → [`protocol`] encode → socket. Side rooms:
-//! [`config`], [`culler`], [`flush`], [`stats`]; [`app`] wires them together.
+//! [`config`], [`culler`], [`flush`], [`stats`]; [`tier`] keeps hot items in RAM in front of
+//! the store; [`app`] wires them together.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -16,3 +17,4 @@ pub mod protocol;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod tier;

@@ -59,6 +59,16 @@ counters!(
     cull_last_pass_unix,
     cull_last_duration_ms,
     flush_objects_removed,
+    tier_hits,
+    tier_misses,
+    tier_revalidated_unchanged,
+    tier_evictions,
+    backend_gets,
+    backend_revalidations,
+    backend_puts,
+    backend_deletes,
+    backend_lists,
+    backend_control_gets,
 );
 
 /// Counters that describe the present, not a running total: `stats reset` leaves them.

@@ -11,7 +11,7 @@ use crate::protocol::{
     MetaArithMode, MetaFlags, MetaReply, MetaRequest, MetaSetMode, MetaStatus, Response, ReturnFlag,
 };
 use crate::stats::Stats;
-use crate::store::{Entry, PutMode, StoreError};
+use crate::store::{Entry, PutMode, Store, StoreError};
 
 pub(super) async fn execute(ctx: &Ctx, request: MetaRequest) -> Response {
     match request {

@@ -19,6 +19,7 @@ use crate::flush::Flush;
 use crate::protocol::{ProtocolError, Request, Response, StoreMode, Value};
 use crate::stats::Stats;
 use crate::store::{Entry, PutMode, Store, StoreError, Versioned};
+use crate::tier::Tiered;
 
 /// How many keys of one multi-key get are fetched at once.
 pub const MAX_GET_FANOUT: usize = 64;
@@ -54,7 +55,8 @@ impl Default for Settings {
 
 /// Everything a command needs; shared by all connections.
 pub struct Ctx {
-    pub store: Arc<dyn Store>,
+    /// The backend behind the near tier.
+    pub store: Arc<Tiered>,
     pub flush: Arc<Flush>,
     pub stats: Arc<Stats>,
     pub clock: Clock,
@@ -74,7 +76,7 @@ enum Step {
 
 impl Ctx {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<Tiered>,
         flush: Arc<Flush>,
         stats: Arc<Stats>,
         clock: Clock,
@@ -299,6 +301,37 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             Response::Close
         }
     }
+}
+
+/// Answers a `get`/`gets` from the near tier alone, with no I/O, when every key is there
+/// and fresh and the flush epoch is known; `None` sends the request down the usual path.
+pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
+    let Request::Get { keys, cas } = request else {
+        return None;
+    };
+    let epoch_us = ctx.flush.current_now()?;
+    let now_us = ctx.clock.now_us();
+    let mut values = Vec::with_capacity(keys.len());
+    let mut bytes = 0;
+    for key in keys {
+        let item = ctx.store.peek_fresh(key)?;
+        if ctx.live(&item.entry, epoch_us, now_us) != Liveness::Live {
+            return None;
+        }
+        bytes += item.entry.value.len();
+        if bytes > MAX_RESPONSE_BYTES {
+            return None;
+        }
+        values.push(to_value(item.entry));
+    }
+    let n = keys.len() as u64;
+    Stats::add(&ctx.stats.cmd_get, n);
+    Stats::add(&ctx.stats.get_hits, n);
+    Stats::add(&ctx.stats.tier_hits, n);
+    Some(Response::Values {
+        values,
+        with_cas: *cas,
+    })
 }
 
 /// The memcached release whose protocol s3cached speaks; clients parse it.
@@ -615,7 +648,13 @@ async fn flush_all(ctx: &Ctx, delay: i64) -> Response {
         ctx.clock.expires_at(delay) * 1_000_000
     };
     match ctx.flush.flush(at_us).await {
-        Ok(()) => Response::Ok,
+        Ok(()) => {
+            if at_us <= now_us {
+                // What the epoch now hides need not take room in RAM.
+                ctx.store.clear();
+            }
+            Response::Ok
+        }
         Err(e) => ctx.failure(e),
     }
 }
@@ -661,6 +700,9 @@ fn general_stats(ctx: &Ctx) -> Vec<(String, String)> {
     rows.push(("backend".into(), info.kind.into()));
     rows.push(("backend_atomic".into(), u8::from(info.atomic).to_string()));
     rows.push(("flush_epoch_us".into(), ctx.flush.epoch_us().to_string()));
+    let (tier_items, tier_bytes) = ctx.store.usage();
+    rows.push(("tier_items".into(), tier_items.to_string()));
+    rows.push(("tier_bytes".into(), tier_bytes.to_string()));
     rows
 }
 

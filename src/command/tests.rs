@@ -11,12 +11,19 @@ use crate::protocol::{parse, Limits};
 use crate::store::memory::MemoryStore;
 
 async fn ctx() -> Ctx {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    // The near tier is on, as in production: single-node semantics must not change.
+    let stats = Arc::new(Stats::default());
+    let tier = crate::tier::TierConfig {
+        ram_bytes: 1 << 20,
+        revalidate_after: Duration::from_secs(1),
+    };
+    let backend: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store = Arc::new(Tiered::new(backend, tier, stats.clone()));
     let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
     Ctx::new(
         store,
         flush,
-        Arc::new(Stats::default()),
+        stats,
         Clock::tokio(),
         Settings::default(),
         Arc::new(WriteHint::new(0)),

@@ -45,6 +45,15 @@ pub struct Versioned {
     pub version: Version,
 }
 
+/// What a revalidation of a known version found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revalidated {
+    /// The stored object is still the version asked about.
+    Unchanged,
+    /// It changed (or is gone): what is stored now.
+    Changed(Option<Versioned>),
+}
+
 /// How a write treats what is already there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PutMode {
@@ -103,6 +112,19 @@ pub struct StoreInfo {
 pub trait Store: Send + Sync + 'static {
     /// The entry stored under `key`, if any. Corrupt or foreign objects read as absent.
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError>;
+
+    /// Reads `key` again unless it is still at `version` (a conditional GET on S3, which
+    /// answers 304 without a body when nothing changed).
+    async fn get_if_changed(
+        &self,
+        key: &[u8],
+        version: &Version,
+    ) -> Result<Revalidated, StoreError> {
+        Ok(match self.get(key).await? {
+            Some(v) if &v.version == version => Revalidated::Unchanged,
+            other => Revalidated::Changed(other),
+        })
+    }
 
     /// Writes `entry` under `entry.key`, as `mode` allows; returns the new version.
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError>;

@@ -29,8 +29,8 @@ use tokio::sync::Semaphore;
 
 use super::format::Codec;
 use super::{
-    is_item_name, key_hash, normalize_prefix, Entry, ListPage, ObjectInfo, PutMode, Store,
-    StoreError, StoreInfo, Version, Versioned, CONTROL_DIR, DELETE_BATCH,
+    is_item_name, key_hash, normalize_prefix, Entry, ListPage, ObjectInfo, PutMode, Revalidated,
+    Store, StoreError, StoreInfo, Version, Versioned, CONTROL_DIR, DELETE_BATCH,
 };
 use crate::config::Config;
 
@@ -380,22 +380,38 @@ impl S3Store {
 
     /// One GET: the body and its ETag, `None` when absent.
     async fn get_raw(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
+        match self.get_conditional(name, None).await? {
+            Fetched::Body(body, etag) => Ok(Some((body, etag))),
+            Fetched::Absent => Ok(None),
+            Fetched::NotModified => Err(StoreError::Unavailable(
+                "S3 GetObject: 304 without a condition".into(),
+            )),
+        }
+    }
+
+    /// One GET, with `If-None-Match: <etag>` when `unless` is given: S3 then answers 304
+    /// Not Modified, with no body, if the object is still that version.
+    async fn get_conditional(
+        &self,
+        name: &str,
+        unless: Option<&Version>,
+    ) -> Result<Fetched, StoreError> {
         self.call("GetObject", async {
-            let out = match self
+            let request = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(name)
-                .send()
-                .await
-            {
+                .set_if_none_match(unless.map(|v| v.0.clone()));
+            let out = match request.send().await {
                 Ok(out) => out,
                 Err(e) => {
                     let f = Failure::from_sdk(e);
-                    return if f.is(404) {
-                        Ok(None)
-                    } else {
-                        Err(f.unavailable("GetObject"))
+                    // The SDK reports 304 as an error: it is the answer we asked for.
+                    return match f.status {
+                        Some(404) => Ok(Fetched::Absent),
+                        Some(304) if unless.is_some() => Ok(Fetched::NotModified),
+                        _ => Err(f.unavailable("GetObject")),
                     };
                 }
             };
@@ -406,10 +422,17 @@ impl S3Store {
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("S3 GetObject body: {e}")))?
                 .into_bytes();
-            Ok(Some((body, etag)))
+            Ok(Fetched::Body(body, etag))
         })
         .await
     }
+}
+
+/// What a GET brought back.
+enum Fetched {
+    Body(Bytes, Version),
+    Absent,
+    NotModified,
 }
 
 #[async_trait]
@@ -423,6 +446,23 @@ impl Store for S3Store {
             .codec
             .decode_item(&raw, key, &name)
             .map(|entry| Versioned { entry, version }))
+    }
+
+    async fn get_if_changed(
+        &self,
+        key: &[u8],
+        version: &Version,
+    ) -> Result<Revalidated, StoreError> {
+        let name = self.object_name(key);
+        Ok(match self.get_conditional(&name, Some(version)).await? {
+            Fetched::NotModified => Revalidated::Unchanged,
+            Fetched::Absent => Revalidated::Changed(None),
+            Fetched::Body(raw, version) => Revalidated::Changed(
+                self.codec
+                    .decode_item(&raw, key, &name)
+                    .map(|entry| Versioned { entry, version }),
+            ),
+        })
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {

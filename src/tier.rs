@@ -1,0 +1,400 @@
+//! The near tier: recently read and written items in RAM in front of the store, and
+//! single-flight backend reads.
+//!
+//! [`Tiered`] wraps the backend [`Store`] and is itself a `Store`, so the command layer, the
+//! flush epoch and the culler use it unchanged. What it promises:
+//! - An item enters the tier only from what the backend acknowledged: a write it accepted
+//!   (with the version it gave) or a read it answered. A failed or refused write drops the
+//!   key instead, so the next read asks the backend.
+//! - An entry checked less than `revalidate_after` ago is served with no backend request.
+//!   An older one is revalidated with a conditional read (`If-None-Match` on S3): unchanged
+//!   keeps it (one small request, no body), changed replaces it. A window of zero is strict
+//!   mode: every read asks the backend.
+//! - Concurrent reads of one key share one backend read (single flight), and a read that
+//!   started before a write through this replica never puts its older result in the tier.
+//! - Writes through this replica replace the entry at once; another replica's write is seen
+//!   within one window. Conditional writes (add, cas, incr, ...) always go to the backend
+//!   with the version they read, so a stale entry costs them one refused write and a re-read.
+//!
+//! Expiry and flush are not the tier's business: the command layer checks every item it gets,
+//! from the tier or not, against the clock and the flush epoch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use moka::notification::RemovalCause;
+use tokio::time::Instant;
+
+use crate::stats::Stats;
+use crate::store::{
+    Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version, Versioned,
+};
+
+/// Default RAM for the tier: memcached's own default memory limit (`-m 64`).
+pub const DEFAULT_RAM_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Default revalidation window, in milliseconds.
+pub const DEFAULT_REVALIDATE_AFTER_MS: u64 = 1000;
+/// What an entry costs beyond its key and value (headers, version, bookkeeping), in bytes.
+const ENTRY_OVERHEAD_BYTES: usize = 160;
+
+/// Tier settings, made from the configuration in `app`.
+#[derive(Debug, Clone, Copy)]
+pub struct TierConfig {
+    /// Bytes of items kept in RAM (0 = no RAM tier; single flight still applies).
+    pub ram_bytes: u64,
+    /// How long an entry is served without asking the backend (0 = strict mode).
+    pub revalidate_after: Duration,
+}
+
+/// One item in RAM and when the backend last vouched for it.
+struct Cached {
+    item: Versioned,
+    /// Milliseconds since the tier started, when the backend last confirmed this version.
+    checked_at_ms: AtomicU64,
+}
+
+type Flight = Shared<BoxFuture<'static, Result<Option<Versioned>, StoreError>>>;
+
+/// What is going on for one key: a backend read in flight, writes in flight.
+#[derive(Default)]
+struct KeyState {
+    /// The shared backend read, and the write generation it started at.
+    flight: Option<(Flight, u64, Arc<AtomicBool>)>,
+    /// Writes through this replica that have started and not finished.
+    writers: u32,
+    /// Bumped by every write that starts: a result from before it must not enter the tier.
+    generation: u64,
+}
+
+/// The store with a RAM tier in front.
+pub struct Tiered {
+    inner: Arc<dyn Store>,
+    ram: Option<moka::sync::Cache<Bytes, Arc<Cached>>>,
+    window: Duration,
+    keys: Mutex<HashMap<Bytes, KeyState>>,
+    stats: Arc<Stats>,
+    started: Instant,
+}
+
+impl Tiered {
+    pub fn new(inner: Arc<dyn Store>, config: TierConfig, stats: Arc<Stats>) -> Self {
+        let ram = (config.ram_bytes > 0).then(|| {
+            let evictions = stats.clone();
+            moka::sync::Cache::builder()
+                .max_capacity(config.ram_bytes)
+                .weigher(|key: &Bytes, cached: &Arc<Cached>| {
+                    let bytes = key.len() + cached.item.entry.value.len() + ENTRY_OVERHEAD_BYTES;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .eviction_listener(move |_key, _value, cause| {
+                    if cause == RemovalCause::Size {
+                        Stats::incr(&evictions.tier_evictions);
+                    }
+                })
+                .build()
+        });
+        Tiered {
+            inner,
+            ram,
+            window: config.revalidate_after,
+            keys: Mutex::new(HashMap::new()),
+            stats,
+            started: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The item for `key` if RAM holds one the backend confirmed within the window: no I/O.
+    /// The caller counts the hit.
+    pub fn peek_fresh(&self, key: &[u8]) -> Option<Versioned> {
+        let cached = self.ram.as_ref()?.get(key)?;
+        let age_ms = self
+            .now_ms()
+            .saturating_sub(cached.checked_at_ms.load(Relaxed));
+        if u128::from(age_ms) < self.window.as_millis() {
+            Some(cached.item.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Forgets every entry (a flush through this replica).
+    pub fn clear(&self) {
+        if let Some(ram) = &self.ram {
+            ram.invalidate_all();
+        }
+    }
+
+    /// Entries and weighted bytes held in RAM, for `stats`.
+    pub fn usage(&self) -> (u64, u64) {
+        match &self.ram {
+            Some(ram) => {
+                ram.run_pending_tasks();
+                (ram.entry_count(), ram.weighted_size())
+            }
+            None => (0, 0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Bytes, KeyState>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, item: Versioned) {
+        if let Some(ram) = &self.ram {
+            let cached = Cached {
+                item,
+                checked_at_ms: AtomicU64::new(self.now_ms()),
+            };
+            ram.insert(cached.item.entry.key.clone(), Arc::new(cached));
+        }
+    }
+
+    fn forget(&self, key: &[u8]) {
+        if let Some(ram) = &self.ram {
+            ram.invalidate(key);
+        }
+    }
+
+    /// A read through the backend, shared with every concurrent read of the same key.
+    async fn load(
+        &self,
+        key: &[u8],
+        known: Option<Arc<Cached>>,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let (flight, generation, abandoned, leader) = {
+            let mut keys = self.lock();
+            let state = keys.entry(Bytes::copy_from_slice(key)).or_default();
+            match &state.flight {
+                Some((flight, generation, abandoned)) => {
+                    (flight.clone(), *generation, abandoned.clone(), false)
+                }
+                None => {
+                    let flight = self.start_flight(key, known.clone());
+                    let abandoned = Arc::new(AtomicBool::new(false));
+                    state.flight = Some((flight.clone(), state.generation, abandoned.clone()));
+                    (flight, state.generation, abandoned, true)
+                }
+            }
+        };
+        let guard = leader.then(|| FlightGuard {
+            tier: self,
+            key,
+            abandoned: abandoned.clone(),
+        });
+        let result = flight.await;
+        if let Some(guard) = guard {
+            guard.land(generation, &result, known.as_ref());
+        }
+        result
+    }
+
+    fn start_flight(&self, key: &[u8], known: Option<Arc<Cached>>) -> Flight {
+        let inner = self.inner.clone();
+        let stats = self.stats.clone();
+        let key = Bytes::copy_from_slice(key);
+        async move {
+            match known {
+                Some(cached) => {
+                    Stats::incr(&stats.backend_revalidations);
+                    match inner.get_if_changed(&key, &cached.item.version).await? {
+                        Revalidated::Unchanged => {
+                            Stats::incr(&stats.tier_revalidated_unchanged);
+                            Ok(Some(cached.item.clone()))
+                        }
+                        Revalidated::Changed(now) => Ok(now),
+                    }
+                }
+                None => {
+                    Stats::incr(&stats.backend_gets);
+                    inner.get(&key).await
+                }
+            }
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Marks the start of a write through this replica: reads already in flight may return
+    /// what was there before, so none of them may fill the tier from now on.
+    fn begin_write(&self, key: &[u8]) -> u64 {
+        let mut keys = self.lock();
+        let state = keys.entry(Bytes::copy_from_slice(key)).or_default();
+        state.writers += 1;
+        state.generation += 1;
+        if let Some((_, _, abandoned)) = state.flight.take() {
+            abandoned.store(true, Relaxed);
+        }
+        self.forget(key);
+        state.generation
+    }
+
+    /// Marks the end of a write: what the backend acknowledged enters the tier, unless
+    /// another write to the key started meanwhile (whose outcome would then be unknown).
+    fn end_write(&self, key: &[u8], generation: u64, stored: Option<Versioned>) {
+        let mut keys = self.lock();
+        let Some(state) = keys.get_mut(key) else {
+            return;
+        };
+        state.writers -= 1;
+        if let Some((_, _, abandoned)) = state.flight.take() {
+            abandoned.store(true, Relaxed);
+        }
+        match stored {
+            Some(item) if state.generation == generation => self.remember(item),
+            _ => self.forget(key),
+        }
+        if state.writers == 0 {
+            keys.remove(key);
+        }
+    }
+}
+
+/// Held by the read that started a flight: when it finishes (or is dropped) the flight
+/// leaves the table, and a result still current enters the tier.
+struct FlightGuard<'a> {
+    tier: &'a Tiered,
+    key: &'a [u8],
+    abandoned: Arc<AtomicBool>,
+}
+
+impl FlightGuard<'_> {
+    fn land(
+        self,
+        generation: u64,
+        result: &Result<Option<Versioned>, StoreError>,
+        known: Option<&Arc<Cached>>,
+    ) {
+        let tier = self.tier;
+        let keys = tier.lock();
+        let current = !self.abandoned.load(Relaxed)
+            && keys
+                .get(self.key)
+                .is_some_and(|s| s.writers == 0 && s.generation == generation);
+        if current {
+            match result {
+                Ok(Some(item)) => match known {
+                    Some(k) if k.item.version == item.version => {
+                        k.checked_at_ms.store(tier.now_ms(), Relaxed);
+                    }
+                    _ => tier.remember(item.clone()),
+                },
+                Ok(None) => tier.forget(self.key),
+                Err(_) => {}
+            }
+        }
+        drop(keys);
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.tier.lock();
+        if let Some(state) = keys.get_mut(self.key) {
+            let ours = state
+                .flight
+                .as_ref()
+                .is_some_and(|(_, _, a)| Arc::ptr_eq(a, &self.abandoned));
+            if ours {
+                state.flight = None;
+            }
+            if state.flight.is_none() && state.writers == 0 {
+                keys.remove(self.key);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Tiered {
+    async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        if let Some(item) = self.peek_fresh(key) {
+            Stats::incr(&self.stats.tier_hits);
+            return Ok(Some(item));
+        }
+        let known = self.ram.as_ref().and_then(|ram| ram.get(key));
+        if known.is_none() {
+            Stats::incr(&self.stats.tier_misses);
+        }
+        self.load(key, known).await
+    }
+
+    async fn get_if_changed(
+        &self,
+        key: &[u8],
+        version: &Version,
+    ) -> Result<Revalidated, StoreError> {
+        Ok(match self.get(key).await? {
+            Some(v) if &v.version == version => Revalidated::Unchanged,
+            other => Revalidated::Changed(other),
+        })
+    }
+
+    async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
+        let generation = self.begin_write(&entry.key);
+        Stats::incr(&self.stats.backend_puts);
+        let result = self.inner.put(entry, mode).await;
+        let stored = result.as_ref().ok().map(|version| Versioned {
+            entry: entry.clone(),
+            version: version.clone(),
+        });
+        self.end_write(&entry.key, generation, stored);
+        result
+    }
+
+    async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
+        let generation = self.begin_write(key);
+        Stats::incr(&self.stats.backend_deletes);
+        let result = self.inner.delete(key, version).await;
+        self.end_write(key, generation, None);
+        result
+    }
+
+    async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
+        Stats::incr(&self.stats.backend_lists);
+        self.inner.list(cursor, limit).await
+    }
+
+    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Stats::incr(&self.stats.backend_gets);
+        self.inner.stored_at_us(name).await
+    }
+
+    /// Culled objects may stay in RAM until they are next revalidated: an evicted item
+    /// lingering in a near cache is still a correct cache answer, and flushed ones are hidden
+    /// by the flush epoch whatever tier they come from.
+    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
+        Stats::incr(&self.stats.backend_deletes);
+        self.inner.delete_objects(names).await
+    }
+
+    async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
+        Stats::incr(&self.stats.backend_control_gets);
+        self.inner.get_control(name).await
+    }
+
+    async fn put_control(
+        &self,
+        name: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<Version, StoreError> {
+        Stats::incr(&self.stats.backend_puts);
+        self.inner.put_control(name, body, mode).await
+    }
+
+    fn info(&self) -> StoreInfo {
+        self.inner.info()
+    }
+}
+
+#[cfg(test)]
+mod tests;

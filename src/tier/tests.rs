@@ -1,0 +1,291 @@
+//! The tier's promises, against a memory store that counts and can hold back its reads.
+
+use std::sync::atomic::AtomicUsize;
+
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::store::memory::MemoryStore;
+
+/// A memory store that counts reads and lets a test hold them back.
+#[derive(Default)]
+struct Probe {
+    inner: MemoryStore,
+    gets: AtomicUsize,
+    revalidations: AtomicUsize,
+    /// While set, reads wait for a permit.
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Probe {
+    async fn wait_gate(&self) {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate").forget();
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Probe {
+    async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        // Read first, then wait: a held read carries what was stored when it started.
+        let read = self.inner.get(key).await;
+        self.gets.fetch_add(1, Relaxed);
+        self.wait_gate().await;
+        read
+    }
+    async fn get_if_changed(
+        &self,
+        key: &[u8],
+        version: &Version,
+    ) -> Result<Revalidated, StoreError> {
+        self.revalidations.fetch_add(1, Relaxed);
+        self.wait_gate().await;
+        self.inner.get_if_changed(key, version).await
+    }
+    async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
+        self.inner.put(entry, mode).await
+    }
+    async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
+        self.inner.delete(key, version).await
+    }
+    async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
+        self.inner.list(cursor, limit).await
+    }
+    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.stored_at_us(name).await
+    }
+    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
+        self.inner.delete_objects(names).await
+    }
+    async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
+        self.inner.get_control(name).await
+    }
+    async fn put_control(
+        &self,
+        name: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<Version, StoreError> {
+        self.inner.put_control(name, body, mode).await
+    }
+    fn info(&self) -> StoreInfo {
+        self.inner.info()
+    }
+}
+
+const WINDOW: Duration = Duration::from_secs(1);
+
+fn tier(probe: Arc<Probe>, ram_bytes: u64, window: Duration) -> Tiered {
+    let config = TierConfig {
+        ram_bytes,
+        revalidate_after: window,
+    };
+    Tiered::new(probe, config, Arc::new(Stats::default()))
+}
+
+fn entry(key: &str, value: &str) -> Entry {
+    Entry {
+        key: Bytes::from(key.to_owned()),
+        value: Bytes::from(value.to_owned()),
+        cas: 1,
+        ..Entry::default()
+    }
+}
+
+fn value_of(read: Option<Versioned>) -> Option<String> {
+    read.map(|v| String::from_utf8(v.entry.value.to_vec()).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_is_served_from_ram_until_the_window_ends() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 1 << 20, WINDOW);
+    t.put(&entry("k", "v1"), PutMode::Overwrite).await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v1"));
+    }
+    assert_eq!(
+        probe.gets.load(Relaxed),
+        0,
+        "no backend read inside the window"
+    );
+    assert_eq!(probe.revalidations.load(Relaxed), 0);
+    assert_eq!(t.stats.tier_hits.load(Relaxed), 10);
+
+    tokio::time::advance(WINDOW).await;
+    assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v1"));
+    assert_eq!(
+        probe.revalidations.load(Relaxed),
+        1,
+        "one conditional read after it"
+    );
+    assert_eq!(t.stats.tier_revalidated_unchanged.load(Relaxed), 1);
+    // The revalidation renewed the entry: the next read is free again.
+    t.get(b"k").await.unwrap();
+    assert_eq!(probe.revalidations.load(Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_writer_is_seen_after_one_window() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 1 << 20, WINDOW);
+    t.put(&entry("k", "mine"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    // Another replica writes straight to the shared store.
+    probe
+        .inner
+        .put(&entry("k", "theirs"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(
+        value_of(t.get(b"k").await.unwrap()).as_deref(),
+        Some("mine")
+    );
+    tokio::time::advance(WINDOW).await;
+    assert_eq!(
+        value_of(t.get(b"k").await.unwrap()).as_deref(),
+        Some("theirs")
+    );
+    // And a delete elsewhere is seen the same way.
+    probe.inner.delete(b"k", None).await.unwrap();
+    tokio::time::advance(WINDOW).await;
+    assert_eq!(t.get(b"k").await.unwrap(), None);
+    assert_eq!(t.usage().0, 0, "the gone item left RAM");
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_mode_asks_the_store_on_every_read() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 1 << 20, Duration::ZERO);
+    t.put(&entry("k", "v"), PutMode::Overwrite).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v"));
+    }
+    assert_eq!(probe.revalidations.load(Relaxed), 3);
+    probe
+        .inner
+        .put(&entry("k", "new"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("new"));
+}
+
+#[tokio::test]
+async fn concurrent_reads_share_one_backend_read() {
+    let gate = Arc::new(Semaphore::new(0));
+    let probe = Arc::new(Probe {
+        gate: Some(gate.clone()),
+        ..Probe::default()
+    });
+    probe
+        .inner
+        .put(&entry("k", "v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let t = Arc::new(tier(probe.clone(), 1 << 20, WINDOW));
+    let readers: Vec<_> = (0..32)
+        .map(|_| {
+            let t = t.clone();
+            tokio::spawn(async move { t.get(b"k").await })
+        })
+        .collect();
+    // Wait until the one backend read is waiting at the gate, then let it through.
+    while probe.gets.load(Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1);
+    for r in readers {
+        assert_eq!(value_of(r.await.unwrap().unwrap()).as_deref(), Some("v"));
+    }
+    assert_eq!(probe.gets.load(Relaxed), 1, "32 readers, one GET");
+    // The result entered the tier: no more backend reads.
+    gate.add_permits(100);
+    t.get(b"k").await.unwrap();
+    assert_eq!(probe.gets.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_read_older_than_a_write_never_fills_the_tier() {
+    let gate = Arc::new(Semaphore::new(0));
+    let probe = Arc::new(Probe {
+        gate: Some(gate.clone()),
+        ..Probe::default()
+    });
+    probe
+        .inner
+        .put(&entry("k", "old"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let t = Arc::new(tier(probe.clone(), 1 << 20, Duration::from_secs(3600)));
+    let slow_read = {
+        let t = t.clone();
+        tokio::spawn(async move { t.get(b"k").await })
+    };
+    while probe.gets.load(Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The read has been answered "old" by the store but not yet returned; a write lands.
+    t.put(&entry("k", "new"), PutMode::Overwrite).await.unwrap();
+    gate.add_permits(1);
+    let concurrent = slow_read.await.unwrap().unwrap();
+    assert_eq!(
+        value_of(concurrent).as_deref(),
+        Some("old"),
+        "held read saw the old item"
+    );
+    assert_eq!(
+        value_of(t.peek_fresh(b"k")).as_deref(),
+        Some("new"),
+        "the write's value stays in RAM"
+    );
+}
+
+#[tokio::test]
+async fn refused_writes_drop_the_entry() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 1 << 20, Duration::from_secs(3600));
+    let v1 = t.put(&entry("k", "v1"), PutMode::Overwrite).await.unwrap();
+    // Another replica moves the item on; this replica's update on the old version fails.
+    probe
+        .inner
+        .put(&entry("k", "v2"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let refused = t.put(&entry("k", "v3"), PutMode::Update(v1)).await;
+    assert_eq!(refused, Err(StoreError::Changed));
+    assert!(t.peek_fresh(b"k").is_none(), "the stale entry is gone");
+    assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v2"));
+    t.delete(b"k", None).await.unwrap();
+    assert!(t.peek_fresh(b"k").is_none());
+}
+
+#[tokio::test]
+async fn ram_stays_within_its_bound() {
+    let probe = Arc::new(Probe::default());
+    let bound = 64 * 1024;
+    let t = tier(probe, bound, Duration::from_secs(3600));
+    let value = "x".repeat(1000);
+    for i in 0..1000 {
+        t.put(&entry(&format!("key-{i}"), &value), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+    let (items, bytes) = t.usage();
+    assert!(bytes <= bound, "{bytes} bytes held, bound {bound}");
+    assert!(items > 0 && items < 1000, "{items} items held");
+    assert!(t.stats.tier_evictions.load(Relaxed) > 0);
+}
+
+#[tokio::test]
+async fn no_ram_tier_still_reads_through() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 0, WINDOW);
+    t.put(&entry("k", "v"), PutMode::Overwrite).await.unwrap();
+    assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v"));
+    assert_eq!(probe.gets.load(Relaxed), 1);
+}
