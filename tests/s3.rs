@@ -272,7 +272,8 @@ async fn start_via(proxy: &Proxy, extra: &str, short_deadlines: bool) -> TestSer
 #[tokio::test]
 async fn backend_faults_answer_server_error_promptly_and_recover() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_behind(&proxy, "").await;
+    // Strict mode: every read asks the backend, so each fault shows.
+    let server = server_behind(&proxy, "revalidate_after_ms = 0\n").await;
     let mut c = server.client().await;
     c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
     for mode in [
@@ -307,7 +308,12 @@ async fn backend_faults_answer_server_error_promptly_and_recover() {
 #[tokio::test]
 async fn backend_gone_then_back() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_behind(&proxy, "miss_on_backend_error = true\n").await;
+    // Strict mode: every read asks the backend, so its absence shows.
+    let server = server_behind(
+        &proxy,
+        "miss_on_backend_error = true\nrevalidate_after_ms = 0\n",
+    )
+    .await;
     let mut c = server.client().await;
     c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
     let url = proxy.url();
@@ -335,7 +341,8 @@ async fn backend_gone_then_back() {
 #[tokio::test]
 async fn multi_get_and_pipelined_sets_fan_out() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_via(&proxy, "s3_max_in_flight = 256\n").await;
+    // No RAM tier: the gets must go to the backend to show their fan-out.
+    let server = server_via(&proxy, "s3_max_in_flight = 256\nram_cache_bytes = 0\n").await;
     let mut c = server.client().await;
     proxy.set(Mode::Forward(Duration::from_millis(20)));
     let mut sets = Vec::new();
