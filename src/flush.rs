@@ -85,7 +85,8 @@ impl Flush {
         if self.window.is_zero() {
             return;
         }
-        let mut tick = tokio::time::interval(self.window);
+        // The epoch was just read by `load`: the first re-read is one window away.
+        let mut tick = tokio::time::interval_at(Instant::now() + self.window, self.window);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -1,7 +1,8 @@
 //! Side-by-side benchmark: s3cached (directory store, and S3 when an endpoint is given)
 //! against a real memcached, in one run, on loopback; results as ratios.
 //!
-//! Run: `cargo bench --bench compare` (needs `memcached` on PATH). With
+//! Run: `cargo bench --bench compare` (needs `memcached` on PATH; `taskset`, from util-linux,
+//! pins the servers to one core). `S3CACHED_BENCH_ONLY=load` runs only the load table. With
 //! `S3CACHED_TEST_S3_ENDPOINT=http://127.0.0.1:PORT` (a local S3 server, as tests/run
 //! starts) it also measures S3 latency through s3cached against direct SDK calls, the
 //! 100-key get and 100 pipelined sets behind 20 ms of injected latency, and, with
@@ -13,6 +14,7 @@
 mod proxy;
 
 mod fast_s3;
+mod load;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -84,9 +86,31 @@ async fn wait_listening(addr: SocketAddr, log: Option<&std::path::Path>) {
     panic!("nothing listening on {addr}\n{log}");
 }
 
+/// The core servers are pinned to; the load runs on the others.
+const SERVER_CORE: &str = "1";
+
+/// A command for `program`, pinned to [`SERVER_CORE`] when `taskset` is there.
+fn pinned(program: &str) -> Command {
+    if Command::new("taskset").arg("-V").output().is_ok() {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", SERVER_CORE, program]);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Keeps this process (the load generator) off the servers' core.
+fn pin_self_away() {
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
+}
+
 async fn start_memcached() -> Proc {
     let port = free_port();
-    let child = Command::new("memcached")
+    let child = pinned("memcached")
         .args([
             "-p",
             &port.to_string(),
@@ -111,7 +135,7 @@ async fn start_memcached() -> Proc {
 async fn start_s3cached(env: &[(&str, String)]) -> Proc {
     let port = free_port();
     let log = std::env::temp_dir().join(format!("s3cached-bench-{port}.log"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_s3cached"));
+    let mut cmd = pinned(env!("CARGO_BIN_EXE_s3cached"));
     cmd.env("S3CACHED_LISTEN", format!("127.0.0.1:{port}"))
         .env("S3CACHED_MAX_ENTRIES", "0")
         .env("S3CACHED_LOG_LEVEL", "warn")
@@ -406,46 +430,54 @@ async fn hidden_latency(endpoint: &str, label: &str) {
             seq_sets += t.elapsed();
         }
     }
+    // Keys just written through this replica: the near tier answers.
     let multi = multiget(ours.addr, 5).await;
-    let mut seq_gets = Duration::ZERO;
-    {
+    let hot = {
         let mut c = Conn::open(ours.addr).await;
-        for i in 0..100 {
-            let t = Instant::now();
-            c.call(format!("get pipe-{i}\r\n").as_bytes(), b"END\r\n")
+        let mut lat = Vec::new();
+        let t = Instant::now();
+        for i in 0..200 {
+            let s = Instant::now();
+            c.call(format!("get pipe-{}\r\n", i % 100).as_bytes(), b"END\r\n")
                 .await;
-            seq_gets += t.elapsed();
+            lat.push(s.elapsed());
         }
-    }
-    let rtt = {
+        summarize(lat, t.elapsed())
+    };
+    proxy.reset_counters();
+    let miss = {
         let mut c = Conn::open(ours.addr).await;
         let t = Instant::now();
-        for _ in 0..10 {
-            c.call(b"get pipe-0\r\n", b"END\r\n").await;
+        for i in 0..10 {
+            c.call(format!("get absent-{i}\r\n").as_bytes(), b"END\r\n")
+                .await;
         }
         t.elapsed() / 10
     };
+    let miss_requests = proxy.requests.load(std::sync::atomic::Ordering::SeqCst) as f64 / 10.0;
     println!(
         "\n== {label}, with {} ms injected per S3 request ==",
         INJECTED_LATENCY.as_millis()
     );
     println!(
-        "one get (one backend round trip): {:.1} ms",
-        rtt.as_secs_f64() * 1e3
+        "hot get (near tier): p50 {:.3} ms, p99 {:.3} ms",
+        hot.p50_us / 1e3,
+        hot.p99_us / 1e3
+    );
+    println!(
+        "100-key get of keys just written: p50 {:.2} ms",
+        multi.p50_us / 1e3
+    );
+    println!(
+        "cold miss: {:.1} ms, {miss_requests:.1} S3 requests each",
+        miss.as_secs_f64() * 1e3
     );
     println!(
         "100 pipelined sets: {:.1} ms  vs 100 sequential sets: {:.1} ms  (speed-up {:.1}x, {:.2} round trips)",
         pipe.as_secs_f64() * 1e3,
         seq_sets.as_secs_f64() * 1e3,
         seq_sets.as_secs_f64() / pipe.as_secs_f64(),
-        pipe.as_secs_f64() / rtt.as_secs_f64()
-    );
-    println!(
-        "100-key get (p50 of 5): {:.1} ms  vs 100 sequential gets: {:.1} ms  (speed-up {:.1}x, {:.2} round trips)",
-        multi.p50_us / 1e3,
-        seq_gets.as_secs_f64() * 1e3,
-        seq_gets.as_secs_f64() * 1e6 / multi.p50_us,
-        multi.p50_us / 1e6 / rtt.as_secs_f64()
+        pipe.as_secs_f64() / miss.as_secs_f64()
     );
 }
 
@@ -528,13 +560,53 @@ async fn cull_cost(endpoint: &str, entries: usize) {
     );
 }
 
+/// The memtier-style table, then resident memory with 1,000 idle connections.
+async fn load_comparison() {
+    let memcached = start_memcached().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = start_s3cached(&[("S3CACHED_DATA_DIR", dir.path().display().to_string())]).await;
+    println!(
+        "\n== load: memcached vs s3cached (directory store, near tier on), servers pinned to core {SERVER_CORE} =="
+    );
+    load::header();
+    for w in load::workloads() {
+        let mc = load::run(memcached.addr, memcached.child.id(), &w).await;
+        let s3c = load::run(ours.addr, ours.child.id(), &w).await;
+        load::row(&w, &mc, &s3c);
+    }
+    let mut idle = Vec::new();
+    for _ in 0..IDLE_CONNECTIONS {
+        idle.push(TcpStream::connect(ours.addr).await.unwrap());
+    }
+    // Every connection answered: all 1,000 are open on the server.
+    for c in idle.iter_mut().step_by(100) {
+        c.write_all(b"version\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let _ = c.read(&mut buf).await.unwrap();
+    }
+    let (_, rss) = ours.memory_kib();
+    println!(
+        "s3cached resident with {IDLE_CONNECTIONS} idle connections after the load: {} MiB (tier bound {} MiB)",
+        rss / 1024,
+        s3cached::tier::DEFAULT_RAM_CACHE_BYTES >> 20
+    );
+}
+
+const IDLE_CONNECTIONS: usize = 1000;
+
 fn main() {
+    pin_self_away();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
+        if std::env::var("S3CACHED_BENCH_ONLY").as_deref() == Ok("load") {
+            load_comparison().await;
+            return;
+        }
         local_comparison().await;
+        load_comparison().await;
         let fast = format!("http://{}", fast_s3::start().await);
         hidden_latency(&fast, "in-process S3 responder (parallel, instant)").await;
         if let Ok(endpoint) = std::env::var("S3CACHED_TEST_S3_ENDPOINT") {

@@ -1,5 +1,9 @@
 """Two s3cached processes sharing one bucket and prefix give what one memcached gives:
-atomic incr, add and cas across them, and flush_all seen by both."""
+atomic incr, add and cas across them, and flush_all seen by both.
+
+They run in strict mode (revalidate_after_ms = 0), where every read asks the store, so even
+plain gets through one replica see the other's writes at once; tests/tier.rs covers the
+default window, where plain reads may be one window stale and the atomic commands stay exact."""
 
 import threading
 
@@ -14,8 +18,9 @@ THREADS_PER_REPLICA = 2
 
 @pytest.fixture
 def replicas():
-    first = Server("s3")
-    second = Server("s3", location=first.location)
+    strict = {"S3CACHED_REVALIDATE_AFTER_MS": "0"}
+    first = Server("s3", extra_env=strict)
+    second = Server("s3", extra_env=strict, location=first.location)
     yield first, second
     first.stop()
     second.stop()
