@@ -75,8 +75,13 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
             gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
             max_value_bytes: config.max_item_size,
         };
-        let store = DirStore::open(Path::new(&config.data_dir), &config.location, codec)
-            .map_err(AppError::Dir)?;
+        let store = DirStore::open_with(
+            Path::new(&config.data_dir),
+            &config.location,
+            codec,
+            config.dir_fsync,
+        )
+        .map_err(AppError::Dir)?;
         tracing::info!(dir = %config.data_dir.display(), "no bucket configured: serving from a local directory");
         Ok(Arc::new(store))
     }

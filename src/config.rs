@@ -152,6 +152,8 @@ options! {
     cull_interval_secs: u64 = DEFAULT_CULL_INTERVAL_SECS, env "S3CACHED_CULL_INTERVAL_SECS";
     /// Re-read the shared flush epoch at most this often, in ms (0 = on every read).
     flush_check_ms: u64 = DEFAULT_FLUSH_CHECK_MS, env "S3CACHED_FLUSH_CHECK_MS";
+    /// Directory store: fsync each write (file and directory) before acknowledging it.
+    dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
 }
 
 /// The command line.
@@ -387,6 +389,7 @@ impl Config {
                 self.cull_interval_secs.to_string(),
             ),
             ("flush_check_ms".into(), self.flush_check_ms.to_string()),
+            ("dir_fsync".into(), self.dir_fsync.to_string()),
         ]
     }
 }

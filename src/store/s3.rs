@@ -512,12 +512,14 @@ impl Store for S3Store {
                 return Ok(ListPage {
                     objects,
                     next: None,
+                    other_bytes: 0,
                 });
             }
             if !objects.is_empty() {
                 return Ok(ListPage {
                     objects,
                     next: last,
+                    other_bytes: 0,
                 });
             }
             after = last;
