@@ -154,6 +154,8 @@ options! {
     flush_check_ms: u64 = DEFAULT_FLUSH_CHECK_MS, env "S3CACHED_FLUSH_CHECK_MS";
     /// Directory store: fsync each write (file and directory) before acknowledging it.
     dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
+    /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
+    clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
 
 /// The command line.
@@ -390,6 +392,7 @@ impl Config {
             ),
             ("flush_check_ms".into(), self.flush_check_ms.to_string()),
             ("dir_fsync".into(), self.dir_fsync.to_string()),
+            ("clock_offset_ms".into(), self.clock_offset_ms.to_string()),
         ]
     }
 }

@@ -370,7 +370,14 @@ async fn multi_get_and_pipelined_sets_fan_out() {
 #[tokio::test]
 async fn in_flight_requests_are_capped_globally() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_via(&proxy, "s3_max_in_flight = 4\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(Backend::S3, &unique_prefix("cap"), dir.path(), "");
+    config.endpoint_url = proxy.url();
+    config.s3_max_in_flight = 4;
+    // 200 GETs through 4 slots wait their turn, and the wait counts against each one's
+    // deadline: allow for a slow, loaded test server (about 5 s here at 30-40 requests/s).
+    config.s3_operation_timeout_ms = 30_000;
+    let server = TestServer::start_config(config, dir).await;
     proxy.set(Mode::Forward(Duration::from_millis(10)));
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -531,6 +538,7 @@ async fn oversized_foreign_objects_are_not_downloaded() {
     c.roundtrip(b"get big\r\n", b"END\r\n").await;
     let took = started.elapsed();
     let delivered = proxy.bytes_out.load(SeqCst) - before;
+    eprintln!("a 24 MiB foreign object: a miss in {took:?}, {delivered} bytes delivered");
     assert!(
         delivered < 12 * 1024 * 1024,
         "{delivered} bytes of a 24 MiB object reached s3cached"

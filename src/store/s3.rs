@@ -3,7 +3,7 @@
 //! Every S3 type and status code stays in this module and its children: [`settings`]
 //! (configuration and the SDK client), [`failure`] (errors in S3's terms), [`write`]
 //! (PUTs, conditional ones applied exactly once), [`probe`] (startup checks and the ACL
-//! fallback). Creates are PUTs with `If-None-Match: *`, updates PUTs with
+//! fallback), [`skew`] (the offset to the store's clock). Creates are PUTs with `If-None-Match: *`, updates PUTs with
 //! `If-Match: <etag>`, so read-modify-write commands are atomic across replicas on stores
 //! that honour conditional writes (checked at startup). Every call counts from the moment
 //! it is asked for: the wait for a slot under the global in-flight cap and the SDK's
@@ -13,6 +13,7 @@
 mod failure;
 mod probe;
 mod settings;
+mod skew;
 mod write;
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -33,6 +34,7 @@ use super::{
     is_item_name, key_hash, Entry, ListPage, ObjectInfo, PutMode, Store, StoreError, StoreInfo,
     Version, Versioned, CONTROL_DIR, DELETE_BATCH,
 };
+use crate::clock::{Clock, StoreTime};
 
 pub struct S3Store {
     client: Client,
@@ -52,6 +54,8 @@ pub struct S3Store {
     attempt_timeout: Duration,
     /// Attempts per PUT (retried in [`write`], not by the SDK).
     max_attempts: u32,
+    /// The store's time, as measured from its answers.
+    time: &'static StoreTime,
 }
 
 /// Largest control object (flush epoch, cull lease: a few dozen bytes) that is read.
@@ -68,8 +72,9 @@ enum Fetched {
 impl S3Store {
     /// Connects, optionally creates the bucket, and probes conditional-write support.
     pub async fn connect(s: S3Settings) -> Result<Self, StoreError> {
+        let time = StoreTime::leak(s.clock_skew_ms);
         let store = S3Store {
-            client: s.client().await,
+            client: s.client(time).await,
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             codec: s.codec,
@@ -83,6 +88,7 @@ impl S3Store {
             operation_timeout: s.operation_timeout,
             attempt_timeout: s.attempt_timeout,
             max_attempts: s.max_attempts.max(1),
+            time,
         };
         if s.create_bucket {
             let acl = if s.bucket_acl.is_empty() {
@@ -104,6 +110,12 @@ impl S3Store {
             );
         }
         Ok(store)
+    }
+
+    /// A clock that reads the store's time (measured from every answer, first at connect),
+    /// for stamping items and flush epochs alike on every replica.
+    pub fn clock(&self) -> Clock {
+        Clock::Store(self.time)
     }
 
     fn object_name(&self, key: &[u8]) -> String {

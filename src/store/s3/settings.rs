@@ -10,6 +10,8 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::Client;
 
+use super::skew::DateProbe;
+use crate::clock::StoreTime;
 use crate::config::Config;
 use crate::store::format::Codec;
 use crate::store::normalize_prefix;
@@ -33,6 +35,8 @@ pub struct S3Settings {
     pub max_attempts: u32,
     pub max_in_flight: usize,
     pub codec: Codec,
+    /// Testing only: this replica's clock error, in ms (`clock_offset_ms`).
+    pub clock_skew_ms: i64,
 }
 
 impl S3Settings {
@@ -62,12 +66,14 @@ impl S3Settings {
                 gzip_min_bytes: c.is_gzipped.then_some(c.gzip_min_bytes),
                 max_value_bytes: c.max_item_size,
             },
+            clock_skew_ms: c.clock_offset_ms,
         }
     }
 
     /// The SDK client: attempt and operation deadlines, bounded retries (for idempotent
-    /// calls; PUTs turn them off and retry in [`write`](super::write)).
-    pub(super) async fn client(&self) -> Client {
+    /// calls; PUTs turn them off and retry in [`write`](super::write)), and the `Date`
+    /// probe that keeps `time` on the store's clock.
+    pub(super) async fn client(&self, time: &'static StoreTime) -> Client {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .timeout_config(
                 TimeoutConfig::builder()
@@ -90,8 +96,9 @@ impl S3Settings {
             ));
         }
         let sdk = loader.load().await;
-        let mut builder =
-            aws_sdk_s3::config::Builder::from(&sdk).force_path_style(self.force_path_style);
+        let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(self.force_path_style)
+            .interceptor(DateProbe::new(time));
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }
