@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{Credentials, Region};
 use bytes::Bytes;
-use common::proxy::{Mode, Proxy, PutFault};
+use common::proxy::{Mode, Proxy, WriteFault};
 use common::{s3_endpoint, unique_prefix, Backend, Client, TestServer, TEST_BUCKET};
 use s3cached::config::Config;
 use s3cached::store::format::Codec;
@@ -402,11 +402,11 @@ async fn in_flight_requests_are_capped_globally() {
 
 /// Every read-modify-write command, with its write's answer lost once after S3 applied it:
 /// each gives memcached's single-node answer, and the value shows it applied once.
-async fn commands_apply_once(c: &mut Client, proxy: &Proxy, fault: PutFault) {
+async fn commands_apply_once(c: &mut Client, proxy: &Proxy, fault: WriteFault) {
     let lose_one = || {
-        proxy.set(Mode::OnPuts {
+        proxy.set(Mode::OnWrites {
             fault: fault.clone(),
-            puts: 1,
+            writes: 1,
         })
     };
     c.roundtrip(b"set n 0 0 1\r\n5\r\n", b"STORED\r\n").await;
@@ -440,6 +440,10 @@ async fn commands_apply_once(c: &mut Client, proxy: &Proxy, fault: PutFault) {
     .await;
     c.roundtrip(b"get k\r\n", b"VALUE k 0 1\r\nw\r\nEND\r\n")
         .await;
+
+    lose_one();
+    c.roundtrip(b"delete k\r\n", b"DELETED\r\n").await;
+    c.roundtrip(b"get k\r\n", b"END\r\n").await;
     assert_eq!(
         proxy.set_and_get(Mode::Forward(Duration::ZERO)),
         Mode::Forward(Duration::ZERO),
@@ -453,10 +457,10 @@ async fn a_write_whose_answer_is_lost_applies_once() {
     let server = server_behind(&proxy, "").await;
     let mut c = server.client().await;
     for fault in [
-        PutFault::DropAnswer,
-        PutFault::DelayAnswer(Duration::from_millis(700)),
-        PutFault::ReplaceAnswer(500, "InternalError"),
-        PutFault::ReplaceAnswer(503, "SlowDown"),
+        WriteFault::DropAnswer,
+        WriteFault::DelayAnswer(Duration::from_millis(700)),
+        WriteFault::ReplaceAnswer(500, "InternalError"),
+        WriteFault::ReplaceAnswer(503, "SlowDown"),
     ] {
         commands_apply_once(&mut c, &proxy, fault).await;
     }
@@ -469,9 +473,9 @@ async fn conditional_write_conflicts_are_retried() {
     let mut c = server.client().await;
     c.roundtrip(b"set n 0 0 1\r\n5\r\n", b"STORED\r\n").await;
     // S3's answer to concurrent conditional writes on one key: not applied, try again.
-    proxy.set(Mode::OnPuts {
-        fault: PutFault::Refuse(409, "ConditionalRequestConflict"),
-        puts: 2,
+    proxy.set(Mode::OnWrites {
+        fault: WriteFault::Refuse(409, "ConditionalRequestConflict"),
+        writes: 2,
     });
     c.roundtrip(b"incr n 1\r\n", b"6\r\n").await;
     c.roundtrip(b"get n\r\n", b"VALUE n 0 1\r\n6\r\nEND\r\n")

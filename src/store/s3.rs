@@ -264,26 +264,7 @@ impl Store for S3Store {
                 };
             }
         }
-        let mut delete = self.client.delete_object().bucket(&self.bucket).key(&name);
-        if let Some(Version(etag)) = version {
-            delete = delete.if_match(etag);
-        }
-        let result = self
-            .call("DeleteObject", async { Ok(delete.send().await) })
-            .await?;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let f = Failure::from_sdk(e);
-                if f.is(412) || f.is(409) {
-                    Err(StoreError::Changed)
-                } else if f.is(404) {
-                    Ok(false)
-                } else {
-                    Err(f.unavailable("DeleteObject"))
-                }
-            }
-        }
+        self.delete_raw(&name, version).await
     }
 
     async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {

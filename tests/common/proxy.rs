@@ -2,7 +2,7 @@
 //!
 //! Each client request is read whole (head and Content-Length body), then, depending on the
 //! current [`Mode`], forwarded (optionally after a delay, optionally with headers removed)
-//! over a fresh upstream connection, or answered with a fault. PUT faults can come after the
+//! over a fresh upstream connection, or answered with a fault. Write faults can come after the
 //! store has applied the write (the answer is then dropped, delayed or replaced), to test
 //! that a write whose answer was lost is not applied twice. The proxy counts requests, the
 //! most that were in flight at once and the response bytes it delivered.
@@ -30,14 +30,14 @@ pub enum Mode {
     StripConditionals,
     /// Refuse PUTs that carry an ACL header, as buckets with ACLs disabled do.
     RefuseAcls,
-    /// Apply `fault` to the next `puts` PUT requests, then forward everything again; other
-    /// requests are forwarded meanwhile.
-    OnPuts { fault: PutFault, puts: usize },
+    /// Apply `fault` to the next `writes` PUT or DELETE requests, then forward everything
+    /// again; other requests are forwarded meanwhile.
+    OnWrites { fault: WriteFault, writes: usize },
 }
 
-/// What happens to a PUT under [`Mode::OnPuts`].
+/// What happens to a PUT or DELETE under [`Mode::OnWrites`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PutFault {
+pub enum WriteFault {
     /// Forward it (the store applies it), then close the connection without an answer.
     DropAnswer,
     /// Forward it, then hold the answer this long (past the client's attempt deadline).
@@ -201,23 +201,25 @@ struct Counters {
     bytes_out: Arc<AtomicUsize>,
 }
 
-/// The mode for this request; counts down [`Mode::OnPuts`].
+/// The mode for this request; counts down [`Mode::OnWrites`].
 fn take_mode(mode: &Mutex<Mode>, request: &[u8]) -> Mode {
     let mut mode = mode.lock().unwrap();
     let current = mode.clone();
     match current {
-        Mode::OnPuts { fault, puts } if request.starts_with(b"PUT ") => {
-            *mode = if puts > 1 {
-                Mode::OnPuts {
+        Mode::OnWrites { fault, writes }
+            if request.starts_with(b"PUT ") || request.starts_with(b"DELETE ") =>
+        {
+            *mode = if writes > 1 {
+                Mode::OnWrites {
                     fault: fault.clone(),
-                    puts: puts - 1,
+                    writes: writes - 1,
                 }
             } else {
                 Mode::Forward(Duration::ZERO)
             };
-            Mode::OnPuts { fault, puts: 1 }
+            Mode::OnWrites { fault, writes: 1 }
         }
-        Mode::OnPuts { .. } => Mode::Forward(Duration::ZERO),
+        Mode::OnWrites { .. } => Mode::Forward(Duration::ZERO),
         other => other,
     }
 }
@@ -267,24 +269,24 @@ async fn answer(request: &[u8], upstream: SocketAddr, mode: Mode) -> Option<Vec<
             }
             &[]
         }
-        Mode::OnPuts { fault, .. } => {
-            if let PutFault::Refuse(status, code) = fault {
+        Mode::OnWrites { fault, .. } => {
+            if let WriteFault::Refuse(status, code) = fault {
                 return Some(error_response(status, code));
             }
             let response = forward(request, upstream, &[]).await?;
             assert!(
-                response.starts_with(b"HTTP/1.1 200"),
-                "the faulted PUT was applied: {:?}",
+                response.starts_with(b"HTTP/1.1 2"),
+                "the faulted write was applied: {:?}",
                 String::from_utf8_lossy(&response[..response.len().min(200)])
             );
             return match fault {
-                PutFault::DropAnswer => None,
-                PutFault::DelayAnswer(delay) => {
+                WriteFault::DropAnswer => None,
+                WriteFault::DelayAnswer(delay) => {
                     tokio::time::sleep(delay).await;
                     Some(response)
                 }
-                PutFault::ReplaceAnswer(status, code) => Some(error_response(status, code)),
-                PutFault::Refuse(..) => unreachable!(),
+                WriteFault::ReplaceAnswer(status, code) => Some(error_response(status, code)),
+                WriteFault::Refuse(..) => unreachable!(),
             };
         }
     };

@@ -10,6 +10,8 @@
 //! see [`format`](crate::store::format)), so if the stored bytes are ours, our write is the
 //! one stored and the PUT succeeded. The window left: our write applied, then replaced by
 //! another writer before the read; the command then re-applies, as if it had lost a race.
+//! DELETEs likewise: after an unknown outcome, a 404 or 412 with the object gone means the
+//! delete took effect (a `delete` that happened answers `DELETED`, not `NOT_FOUND`).
 
 use std::time::Duration;
 
@@ -91,6 +93,60 @@ impl S3Store {
         }
     }
 
+    /// Removes `name` (only if still at `version`, when given), exactly once; `Ok(false)`
+    /// when nothing was there.
+    pub(super) async fn delete_raw(
+        &self,
+        name: &str,
+        version: Option<&Version>,
+    ) -> Result<bool, StoreError> {
+        let deadline = self.deadline();
+        let mut maybe_applied = false;
+        let mut attempts = 0u32;
+        let err = loop {
+            attempts += 1;
+            let mut delete = self.client.delete_object().bucket(&self.bucket).key(name);
+            if let Some(Version(etag)) = version {
+                delete = delete.if_match(etag);
+            }
+            let send = delete.customize().config_override(no_sdk_retries()).send();
+            let Some(slot) = self.slot(deadline).await else {
+                break Failure::timeout().unavailable("DeleteObject");
+            };
+            let result = tokio::time::timeout_at(deadline, send).await;
+            drop(slot);
+            let f = match result {
+                Ok(Ok(_)) => return Ok(true),
+                Ok(Err(e)) => Failure::from_sdk(e),
+                Err(_) => Failure::timeout(),
+            };
+            if f.ambiguous {
+                maybe_applied = true;
+                if attempts >= self.max_attempts || Instant::now() >= deadline {
+                    break f.unavailable("DeleteObject");
+                }
+                pause(RETRY_BASE_MS << (attempts - 1).min(6), deadline).await;
+                continue;
+            }
+            break match f.status {
+                // 409: a conflicting conditional write in flight; the caller re-reads.
+                Some(412 | 409) => StoreError::Changed,
+                Some(404) if !maybe_applied => return Ok(false),
+                Some(404) => StoreError::Changed,
+                _ => f.unavailable("DeleteObject"),
+            };
+        };
+        if !maybe_applied {
+            return Err(err);
+        }
+        // An earlier attempt may have removed it: gone means the delete took effect.
+        let deadline = Instant::now() + self.attempt_timeout;
+        match self.read_object(name, 0, deadline).await? {
+            Fetched::Missing => Ok(true),
+            _ => Err(err),
+        }
+    }
+
     /// One PUT attempt, SDK retries off.
     async fn put_once(
         &self,
@@ -113,12 +169,7 @@ impl S3Store {
             PutMode::Create => put = put.if_none_match("*"),
             PutMode::Update(Version(etag)) => put = put.if_match(etag),
         }
-        let send = put
-            .customize()
-            .config_override(
-                aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled()),
-            )
-            .send();
+        let send = put.customize().config_override(no_sdk_retries()).send();
         let Some(slot) = self.slot(deadline).await else {
             // Never sent: as definite as a refusal, but a timeout to the client.
             return Attempt::Refused(Failure::timeout());
@@ -156,6 +207,11 @@ impl S3Store {
             _ => Err(otherwise),
         }
     }
+}
+
+/// Per-call SDK settings for writes: no retries (this module retries them).
+fn no_sdk_retries() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled())
 }
 
 /// A jittered pause of up to `ms`, never past `deadline`.
