@@ -66,27 +66,43 @@ pub fn init_logging(config: &Config) {
 
 /// Opens the store the config names: S3 when a bucket is set, else the local directory.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
+    Ok(open_store_and_clock(config).await?.0)
+}
+
+/// Opens the store the config names, with the clock to stamp items by: the S3 store's
+/// time when items live in S3 (so replicas agree on flush moments), else this machine's.
+pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
     if config.uses_s3() {
         let store = S3Store::connect(S3Settings::from_config(config))
             .await
             .map_err(AppError::Store)?;
-        Ok(Arc::new(store))
+        let clock = store.clock();
+        Ok((Arc::new(store), clock))
     } else {
         let codec = Codec {
             gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
             max_value_bytes: config.max_item_size,
         };
-        let store = DirStore::open(Path::new(&config.data_dir), &config.location, codec)
-            .map_err(AppError::Dir)?;
+        let store = DirStore::open_with(
+            Path::new(&config.data_dir),
+            &config.location,
+            codec,
+            config.dir_fsync,
+        )
+        .map_err(AppError::Dir)?;
         tracing::info!(dir = %config.data_dir.display(), "no bucket configured: serving from a local directory");
-        Ok(Arc::new(store))
+        let clock = match config.clock_offset_ms {
+            0 => Clock::System,
+            skew_ms => Clock::Store(crate::clock::StoreTime::leak(skew_ms)),
+        };
+        Ok((Arc::new(store), clock))
     }
 }
 
 /// Starts the server on the config's address with the store it names.
 pub async fn start(config: Config) -> Result<App, AppError> {
-    let store = open_store(&config).await?;
-    start_with(config, store, Clock::System).await
+    let (store, clock) = open_store_and_clock(&config).await?;
+    start_with(config, store, clock).await
 }
 
 /// Starts the server with a given store and clock (tests use the memory store and tokio time).

@@ -154,6 +154,10 @@ options! {
     /// Serve a tier entry this long (ms) before asking the store again; also how often the
     /// shared flush epoch is re-read. 0 = strict: every read asks the store.
     revalidate_after_ms: u64 = crate::tier::DEFAULT_REVALIDATE_AFTER_MS, env "S3CACHED_REVALIDATE_AFTER_MS";
+    /// Directory store: fsync each write (file and directory) before acknowledging it.
+    dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
+    /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
+    clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
 
 /// The command line.
@@ -393,6 +397,8 @@ impl Config {
                 "revalidate_after_ms".into(),
                 self.revalidate_after_ms.to_string(),
             ),
+            ("dir_fsync".into(), self.dir_fsync.to_string()),
+            ("clock_offset_ms".into(), self.clock_offset_ms.to_string()),
         ]
     }
 }

@@ -5,7 +5,8 @@
 //! the count has reached `max_entries`, removes `count / cull_frequency` of the items (all of
 //! them when `cull_frequency` is 0), oldest written first, in batches of 1,000. Replicas
 //! sharing a bucket take turns through a lease object written with conditional puts, so
-//! two passes never cull the same bucket at once.
+//! two passes never cull the same bucket at once: a pass renews its lease between pages and
+//! batches once half of it has run out, and stops if the renewal fails (the lease was lost).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -25,6 +26,8 @@ use crate::store::{key_hash, ObjectInfo, PutMode, Store, StoreError, Version, DE
 pub const LEASE_OBJECT: &str = "cull-lease";
 /// How long a lease is good for without renewal.
 pub const LEASE_TTL_SECS: u64 = 60;
+/// A pass renews its lease once this long has passed since it was taken or renewed.
+pub const LEASE_RENEW_AFTER: Duration = Duration::from_secs(LEASE_TTL_SECS / 2);
 /// Listing times closer than this to the flush epoch are checked against the object itself.
 pub const FLUSH_MARGIN_MS: u64 = 2000;
 /// Most objects one pass will list; beyond this a pass works on what it has seen.
@@ -116,6 +119,9 @@ pub struct PassReport {
     pub requests: u64,
     /// Another replica held the lease; nothing was done.
     pub skipped: bool,
+    /// Bytes held under the prefix by what is not an item (unfinished writes of a
+    /// directory store); counted against `max_bytes`.
+    pub other_bytes: u64,
 }
 
 pub struct Culler {
@@ -128,7 +134,8 @@ pub struct Culler {
     hint: Arc<WriteHint>,
     /// Identifies this replica in the lease.
     owner: String,
-    lease: tokio::sync::Mutex<Option<Version>>,
+    /// The lease this replica holds: its version and when it was taken or last renewed.
+    lease: tokio::sync::Mutex<Option<(Version, tokio::time::Instant)>>,
     /// One pass at a time in this process.
     running: tokio::sync::Mutex<()>,
     /// The flush epoch whose objects a pass has already removed.
@@ -231,7 +238,7 @@ impl Culler {
                 .map_or(objects.len(), |n| n.max(1) as usize);
         }
         if self.config.max_bytes > 0 {
-            let mut total: u64 = objects.iter().map(|o| o.size).sum();
+            let mut total: u64 = objects.iter().map(|o| o.size).sum::<u64>() + report.other_bytes;
             let mut n = 0;
             while total > self.config.max_bytes && n < objects.len() {
                 total -= objects[n].size;
@@ -273,6 +280,7 @@ impl Culler {
             } else if o.modified_ms > epoch_ms + FLUSH_MARGIN_MS {
                 kept.push(o);
             } else {
+                self.keep_lease(report).await?;
                 report.requests += 1;
                 match self.store.stored_at_us(&o.name).await? {
                     Some(stored) if stored <= epoch_us => flushed.push(o),
@@ -290,11 +298,13 @@ impl Culler {
         loop {
             let page = self.store.list(cursor, DELETE_BATCH).await?;
             report.requests += 1;
+            report.other_bytes += page.other_bytes;
             all.extend(page.objects);
             match page.next {
                 Some(next) if all.len() < MAX_LISTED_PER_PASS => cursor = Some(next),
                 _ => return Ok(all),
             }
+            self.keep_lease(report).await?;
         }
     }
 
@@ -305,6 +315,7 @@ impl Culler {
     ) -> Result<u64, StoreError> {
         let mut removed = 0;
         for batch in victims.chunks(DELETE_BATCH) {
+            self.keep_lease(report).await?;
             let names: Vec<String> = batch.iter().map(|o| o.name.clone()).collect();
             removed += self.store.delete_objects(&names).await? as u64;
             report.requests += 1;
@@ -315,6 +326,7 @@ impl Culler {
     /// Takes or renews the cull lease; `false` when another replica holds a live one.
     async fn take_lease(&self) -> Result<bool, StoreError> {
         let mut held = self.lease.lock().await;
+        let asked = tokio::time::Instant::now();
         let now = self.clock.now_secs();
         let body = Bytes::from(format!("{} {}\n", self.owner, now + LEASE_TTL_SECS));
         let current = self.store.get_control(LEASE_OBJECT).await?;
@@ -322,7 +334,7 @@ impl Culler {
             None => PutMode::Create,
             Some((raw, version)) => {
                 let (owner, expires) = parse_lease(raw);
-                let ours = owner == self.owner && held.as_ref() == Some(version);
+                let ours = owner == self.owner && held.as_ref().map(|h| &h.0) == Some(version);
                 if !ours && expires > now {
                     return Ok(false);
                 }
@@ -331,10 +343,45 @@ impl Culler {
         };
         match self.store.put_control(LEASE_OBJECT, body, mode).await {
             Ok(version) => {
-                *held = Some(version);
+                *held = Some((version, asked));
                 Ok(true)
             }
             Err(StoreError::Exists | StoreError::Changed) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Renews the lease during a pass once half of it has run out. An error (the lease was
+    /// lost to another replica, or could not be renewed) stops the pass: past this point
+    /// another replica may be culling.
+    async fn keep_lease(&self, report: &mut PassReport) -> Result<(), StoreError> {
+        let mut held = self.lease.lock().await;
+        let Some((version, renewed)) = held.clone() else {
+            return Err(StoreError::Unavailable("cull lease lost".into()));
+        };
+        if renewed.elapsed() < LEASE_RENEW_AFTER {
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        let expires = self.clock.now_secs() + LEASE_TTL_SECS;
+        let body = Bytes::from(format!("{} {expires}\n", self.owner));
+        report.requests += 1;
+        match self
+            .store
+            .put_control(LEASE_OBJECT, body, PutMode::Update(version))
+            .await
+        {
+            Ok(version) => {
+                *held = Some((version, started));
+                Ok(())
+            }
+            Err(StoreError::Exists | StoreError::Changed) => {
+                *held = None;
+                tracing::warn!("the cull lease was taken over during a pass; pass stopped");
+                Err(StoreError::Unavailable(
+                    "cull lease lost to another replica".into(),
+                ))
+            }
             Err(e) => Err(e),
         }
     }
@@ -376,12 +423,22 @@ mod tests {
         cull_frequency: u64,
         max_bytes: u64,
     ) -> Culler {
+        culler_on(store, max_entries, cull_frequency, max_bytes, Clock::System).await
+    }
+
+    async fn culler_on(
+        store: Arc<dyn Store>,
+        max_entries: u64,
+        cull_frequency: u64,
+        max_bytes: u64,
+        clock: Clock,
+    ) -> Culler {
         let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
         Culler::new(
             store,
             flush,
             Arc::new(Stats::default()),
-            Clock::System,
+            clock,
             CullerConfig {
                 max_entries,
                 cull_frequency,
@@ -513,6 +570,135 @@ mod tests {
         assert!(
             !a.pass().await.unwrap().skipped,
             "the holder renews its lease"
+        );
+    }
+
+    /// A memory store whose listings and batch deletes each take `delay` (paused time).
+    struct SlowStore {
+        inner: MemoryStore,
+        delay: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for SlowStore {
+        async fn get(&self, key: &[u8]) -> Result<Option<crate::store::Versioned>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
+            self.inner.put(entry, mode).await
+        }
+        async fn delete(&self, key: &[u8], v: Option<&Version>) -> Result<bool, StoreError> {
+            self.inner.delete(key, v).await
+        }
+        async fn list(
+            &self,
+            cursor: Option<String>,
+            limit: usize,
+        ) -> Result<crate::store::ListPage, StoreError> {
+            tokio::time::sleep(self.delay).await;
+            self.inner.list(cursor, limit).await
+        }
+        async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
+            self.inner.stored_at_us(name).await
+        }
+        async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
+            tokio::time::sleep(self.delay).await;
+            self.inner.delete_objects(names).await
+        }
+        async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
+            self.inner.get_control(name).await
+        }
+        async fn put_control(
+            &self,
+            name: &str,
+            body: Bytes,
+            mode: PutMode,
+        ) -> Result<Version, StoreError> {
+            self.inner.put_control(name, body, mode).await
+        }
+        fn info(&self) -> crate::store::StoreInfo {
+            self.inner.info()
+        }
+    }
+
+    /// 5,000 items on a store where each list page and delete batch takes 20 s: a pass
+    /// culling a third lists 5 pages and deletes 2 batches, 140 s against a 60 s lease.
+    async fn slow_store() -> Arc<dyn Store> {
+        let slow = SlowStore {
+            inner: MemoryStore::new(),
+            delay: Duration::from_secs(20),
+        };
+        fill(&slow.inner, 5000).await;
+        Arc::new(slow)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_longer_than_the_lease_keeps_it() {
+        let store = slow_store().await;
+        let clock = Clock::tokio();
+        let a = Arc::new(culler_on(store.clone(), 3000, 3, 0, clock).await);
+        let b = culler_on(store.clone(), 3000, 3, 0, clock).await;
+        let started = tokio::time::Instant::now();
+        let pass = tokio::spawn({
+            let a = a.clone();
+            async move { a.pass().await }
+        });
+        let mut tries = 0;
+        while !pass.is_finished() {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            if pass.is_finished() {
+                break;
+            }
+            let report = b.pass().await.unwrap();
+            assert!(
+                report.skipped,
+                "a second culler ran {:?} into the first one's pass",
+                started.elapsed()
+            );
+            tries += 1;
+        }
+        let report = pass.await.unwrap().expect("the pass kept its lease");
+        assert!(
+            started.elapsed() > Duration::from_secs(2 * LEASE_TTL_SECS),
+            "the pass was meant to outlast the lease: {:?}",
+            started.elapsed()
+        );
+        assert!(tries >= 15, "the other culler tried {tries} times");
+        assert_eq!((report.culled, report.remaining), (1666, 3334));
+        // Passes do not release the lease: it is free once it runs out.
+        tokio::time::sleep(Duration::from_secs(LEASE_TTL_SECS + 1)).await;
+        assert!(
+            !b.pass().await.unwrap().skipped,
+            "free again after the pass"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_that_loses_its_lease_stops() {
+        let store = slow_store().await;
+        let a = Arc::new(culler_on(store.clone(), 3000, 3, 0, Clock::tokio()).await);
+        let pass = tokio::spawn({
+            let a = a.clone();
+            async move { a.pass().await }
+        });
+        // Another replica takes the lease over behind the pass's back (as it could once a
+        // lease ran out), before the pass's first renewal.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert!(!pass.is_finished());
+        store
+            .put_control(
+                LEASE_OBJECT,
+                Bytes::from("rival 99999999999\n"),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+        let err = pass.await.unwrap().expect_err("the pass stops");
+        assert!(err.to_string().contains("lease"), "{err}");
+        assert_eq!(
+            store.list(None, 10_000).await.unwrap().objects.len(),
+            5000,
+            "nothing was culled after the lease was lost"
         );
     }
 }

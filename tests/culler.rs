@@ -186,3 +186,70 @@ async fn flush_all_with_a_delay() {
     )
     .await;
 }
+
+/// How far apart in time two replicas may disagree on a flush moment: each measures the
+/// store's `Date` (whole seconds: ±0.5 s after one answer, less after more) plus half a
+/// round trip.
+const STORE_TIME_BOUND: Duration = Duration::from_millis(1200);
+
+/// Sends `request` until the reply is `expect`, for at most `within`.
+async fn within(c: &mut common::Client, within: Duration, request: &[u8], expect: &[u8]) {
+    let deadline = Instant::now() + within;
+    loop {
+        c.send(request).await;
+        let reply = c.read_until(b"END\r\n").await;
+        if reply == expect {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{:?} still answers {:?}",
+            String::from_utf8_lossy(request),
+            String::from_utf8_lossy(&reply)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn flush_all_holds_across_replicas_with_skewed_clocks() {
+    let prefix = unique_prefix("skew");
+    let a = server_sharing(&prefix, "").await;
+    // Replicas whose clocks are 30 s slow and 30 s fast.
+    let slow = server_sharing(&prefix, "clock_offset_ms = -30000\n").await;
+    let fast = server_sharing(&prefix, "clock_offset_ms = 30000\n").await;
+    let (mut ca, mut cs, mut cf) = (a.client().await, slow.client().await, fast.client().await);
+
+    // A flush through the slow replica hides what was stored before it, everywhere (by its
+    // own clock, the flush moment would be 30 s ago and hide nothing).
+    // (Items written within the bound of a flush on another replica may fall either side.)
+    ca.roundtrip(b"set k1 0 0 1\r\n1\r\n", b"STORED\r\n").await;
+    tokio::time::sleep(STORE_TIME_BOUND).await;
+    cs.roundtrip(b"flush_all\r\n", b"OK\r\n").await;
+    for c in [&mut ca, &mut cs, &mut cf] {
+        within(c, STORE_TIME_BOUND, b"get k1\r\n", b"END\r\n").await;
+    }
+
+    // What is stored after the flush (beyond the bound) is seen everywhere, whoever wrote it.
+    tokio::time::sleep(STORE_TIME_BOUND).await;
+    ca.roundtrip(b"set k2 0 0 1\r\n2\r\n", b"STORED\r\n").await;
+    cs.roundtrip(b"set k3 0 0 1\r\n3\r\n", b"STORED\r\n").await;
+    cf.roundtrip(b"set k4 0 0 1\r\n4\r\n", b"STORED\r\n").await;
+    let all = b"VALUE k2 0 1\r\n2\r\nVALUE k3 0 1\r\n3\r\nVALUE k4 0 1\r\n4\r\nEND\r\n";
+    for c in [&mut ca, &mut cs, &mut cf] {
+        c.roundtrip(b"get k2 k3 k4\r\n", all).await;
+    }
+
+    // A flush through the fast replica takes effect now everywhere, not 30 s from now.
+    tokio::time::sleep(STORE_TIME_BOUND).await;
+    cf.roundtrip(b"flush_all\r\n", b"OK\r\n").await;
+    for c in [&mut ca, &mut cs, &mut cf] {
+        within(c, STORE_TIME_BOUND, b"get k2 k3 k4\r\n", b"END\r\n").await;
+    }
+    tokio::time::sleep(STORE_TIME_BOUND).await;
+    cs.roundtrip(b"set k5 0 0 1\r\n5\r\n", b"STORED\r\n").await;
+    for c in [&mut ca, &mut cs, &mut cf] {
+        c.roundtrip(b"get k5\r\n", b"VALUE k5 0 1\r\n5\r\nEND\r\n")
+            .await;
+    }
+}

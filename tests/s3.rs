@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{Credentials, Region};
 use bytes::Bytes;
-use common::proxy::{Mode, Proxy};
+use common::proxy::{Mode, Proxy, WriteFault};
 use common::{s3_endpoint, unique_prefix, Backend, Client, TestServer, TEST_BUCKET};
 use s3cached::config::Config;
 use s3cached::store::format::Codec;
@@ -377,7 +377,14 @@ async fn multi_get_and_pipelined_sets_fan_out() {
 #[tokio::test]
 async fn in_flight_requests_are_capped_globally() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_via(&proxy, "s3_max_in_flight = 4\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(Backend::S3, &unique_prefix("cap"), dir.path(), "");
+    config.endpoint_url = proxy.url();
+    config.s3_max_in_flight = 4;
+    // 200 GETs through 4 slots wait their turn, and the wait counts against each one's
+    // deadline: allow for a slow, loaded test server (about 5 s here at 30-40 requests/s).
+    config.s3_operation_timeout_ms = 30_000;
+    let server = TestServer::start_config(config, dir).await;
     proxy.set(Mode::Forward(Duration::from_millis(10)));
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -398,4 +405,173 @@ async fn in_flight_requests_are_capped_globally() {
     }
     let seen = proxy.max_in_flight.load(SeqCst);
     assert!(seen <= 4, "{seen} S3 requests in flight with a cap of 4");
+}
+
+/// Every read-modify-write command, with its write's answer lost once after S3 applied it:
+/// each gives memcached's single-node answer, and the value shows it applied once.
+async fn commands_apply_once(c: &mut Client, proxy: &Proxy, fault: WriteFault) {
+    let lose_one = || {
+        proxy.set(Mode::OnWrites {
+            fault: fault.clone(),
+            writes: 1,
+        })
+    };
+    c.roundtrip(b"set n 0 0 1\r\n5\r\n", b"STORED\r\n").await;
+    lose_one();
+    c.roundtrip(b"incr n 3\r\n", b"8\r\n").await;
+    c.roundtrip(b"get n\r\n", b"VALUE n 0 1\r\n8\r\nEND\r\n")
+        .await;
+
+    c.roundtrip(b"set a 0 0 1\r\nx\r\n", b"STORED\r\n").await;
+    lose_one();
+    c.roundtrip(b"append a 0 0 1\r\ny\r\n", b"STORED\r\n").await;
+    c.roundtrip(b"get a\r\n", b"VALUE a 0 2\r\nxy\r\nEND\r\n")
+        .await;
+
+    c.line(b"delete fresh\r\n").await;
+    lose_one();
+    c.roundtrip(b"add fresh 7 0 1\r\nf\r\n", b"STORED\r\n")
+        .await;
+    c.roundtrip(b"get fresh\r\n", b"VALUE fresh 7 1\r\nf\r\nEND\r\n")
+        .await;
+
+    c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
+    c.send(b"gets k\r\n").await;
+    let gets = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+    let unique: u64 = gets.split_whitespace().nth(4).unwrap().parse().unwrap();
+    lose_one();
+    c.roundtrip(
+        format!("cas k 0 0 1 {unique}\r\nw\r\n").as_bytes(),
+        b"STORED\r\n",
+    )
+    .await;
+    c.roundtrip(b"get k\r\n", b"VALUE k 0 1\r\nw\r\nEND\r\n")
+        .await;
+
+    lose_one();
+    c.roundtrip(b"delete k\r\n", b"DELETED\r\n").await;
+    c.roundtrip(b"get k\r\n", b"END\r\n").await;
+    assert_eq!(
+        proxy.set_and_get(Mode::Forward(Duration::ZERO)),
+        Mode::Forward(Duration::ZERO),
+        "{fault:?}: every injected fault was used"
+    );
+}
+
+#[tokio::test]
+async fn a_write_whose_answer_is_lost_applies_once() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let server = server_behind(&proxy, "").await;
+    let mut c = server.client().await;
+    for fault in [
+        WriteFault::DropAnswer,
+        WriteFault::DelayAnswer(Duration::from_millis(700)),
+        WriteFault::ReplaceAnswer(500, "InternalError"),
+        WriteFault::ReplaceAnswer(503, "SlowDown"),
+    ] {
+        commands_apply_once(&mut c, &proxy, fault).await;
+    }
+}
+
+#[tokio::test]
+async fn conditional_write_conflicts_are_retried() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let server = server_behind(&proxy, "").await;
+    let mut c = server.client().await;
+    c.roundtrip(b"set n 0 0 1\r\n5\r\n", b"STORED\r\n").await;
+    // S3's answer to concurrent conditional writes on one key: not applied, try again.
+    proxy.set(Mode::OnWrites {
+        fault: WriteFault::Refuse(409, "ConditionalRequestConflict"),
+        writes: 2,
+    });
+    c.roundtrip(b"incr n 1\r\n", b"6\r\n").await;
+    c.roundtrip(b"get n\r\n", b"VALUE n 0 1\r\n6\r\nEND\r\n")
+        .await;
+}
+
+#[tokio::test]
+async fn waiting_for_an_s3_slot_counts_against_the_deadline() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(Backend::S3, &unique_prefix("slots"), dir.path(), "");
+    config.endpoint_url = proxy.url();
+    config.s3_attempt_timeout_ms = 1000;
+    config.s3_operation_timeout_ms = 1000;
+    config.s3_max_attempts = 1;
+    config.s3_max_in_flight = 2;
+    let server = TestServer::start_config(config, dir).await;
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(Client::connect(server.addr).await);
+    }
+    proxy.set(Mode::Stall);
+    // Twelve gets on two slots, each call stalled for its whole deadline: queued in turn
+    // they would answer after 1, 2, ... 6 s; every one must answer within about 1 s.
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let line = c.line(format!("get key{i}\r\n").as_bytes()).await;
+                (line, started.elapsed())
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        let (line, took) = t.await.unwrap();
+        slowest = slowest.max(took);
+        assert!(line.starts_with("SERVER_ERROR S3 "), "{line}");
+        assert!(
+            took < Duration::from_millis(1800),
+            "a reply came after {took:?} with a 1 s deadline"
+        );
+    }
+    eprintln!("12 gets on 2 stalled slots: the slowest reply came after {slowest:?}");
+}
+
+#[tokio::test]
+async fn oversized_foreign_objects_are_not_downloaded() {
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    let server = server_via(&proxy, "").await; // max_item_size: 1 MiB
+    let prefix = &server.config.location;
+    let raw = raw_client().await;
+    let huge = Bytes::from(vec![b'x'; 24 * 1024 * 1024]);
+    raw.put_object()
+        .bucket(TEST_BUCKET)
+        .key(format!("{prefix}/{}", key_hash(b"big")))
+        .body(huge.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let mut c = server.client().await;
+    proxy.reset_counters();
+    let before = proxy.bytes_out.load(SeqCst);
+    let started = tokio::time::Instant::now();
+    c.roundtrip(b"get big\r\n", b"END\r\n").await;
+    let took = started.elapsed();
+    let delivered = proxy.bytes_out.load(SeqCst) - before;
+    eprintln!("a 24 MiB foreign object: a miss in {took:?}, {delivered} bytes delivered");
+    assert!(
+        delivered < 12 * 1024 * 1024,
+        "{delivered} bytes of a 24 MiB object reached s3cached"
+    );
+    assert!(took < Duration::from_secs(3), "the miss took {took:?}");
+    // The flush epoch is read on every request: a huge one is an error, never a download.
+    raw.put_object()
+        .bucket(TEST_BUCKET)
+        .key(format!("{prefix}/_s3cached/flush-epoch"))
+        .body(huge.into())
+        .send()
+        .await
+        .unwrap();
+    let before = proxy.bytes_out.load(SeqCst);
+    let line = c.line(b"get k\r\n").await;
+    assert!(
+        line.starts_with("SERVER_ERROR S3 GetObject: control object"),
+        "{line}"
+    );
+    let delivered = proxy.bytes_out.load(SeqCst) - before;
+    assert!(delivered < 12 * 1024 * 1024, "{delivered} bytes delivered");
 }

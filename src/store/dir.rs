@@ -4,12 +4,18 @@
 //! temporary file that is renamed over the item, so readers never see half an object and
 //! items survive restarts. Conditional writes are atomic within this process (a lock per
 //! hash stripe); several processes sharing one directory get no such guarantee.
+//!
+//! A failed write removes its temporary file. Temporary files left by a crash are removed
+//! when the store opens and on each full listing (the culler's), once they are older than
+//! [`TEMP_GRACE`] (a live writer keeps touching its own), and until then `max_bytes` counts
+//! them. With `fsync`, a write is on disk before it is acknowledged: the file is fsynced
+//! before the rename and the directory after it (and after removals).
 
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,6 +28,10 @@ use super::{
 
 /// Lock stripes for conditional writes.
 const LOCK_STRIPES: usize = 64;
+/// Temporary files start with this.
+const TEMP_PREFIX: &str = ".tmp-";
+/// A temporary file untouched this long belongs to no live write: it is debris of a crash.
+pub const TEMP_GRACE: Duration = Duration::from_secs(60);
 
 pub struct DirStore {
     inner: Arc<Inner>,
@@ -32,21 +42,46 @@ struct Inner {
     root: PathBuf,
     codec: Codec,
     locks: Vec<std::sync::Mutex<()>>,
+    /// fsync each written file before its rename, and the directory after.
+    fsync: bool,
 }
 
 impl DirStore {
     /// Opens (creating if needed) the store at `data_dir` joined with the `location` prefix.
     pub fn open(data_dir: &Path, location: &str, codec: Codec) -> std::io::Result<Self> {
+        Self::open_with(data_dir, location, codec, false)
+    }
+
+    /// [`open`](DirStore::open), with writes fsynced before they are acknowledged when
+    /// `fsync` is set. Removes temporary files left by a crash.
+    pub fn open_with(
+        data_dir: &Path,
+        location: &str,
+        codec: Codec,
+        fsync: bool,
+    ) -> std::io::Result<Self> {
         let root = data_dir.join(normalize_prefix(location));
         fs::create_dir_all(root.join(CONTROL_DIR))?;
+        let inner = Inner {
+            root,
+            codec,
+            locks: (0..LOCK_STRIPES)
+                .map(|_| std::sync::Mutex::new(()))
+                .collect(),
+            fsync,
+        };
+        let (removed, kept_bytes) = inner.sweep_temp_files()?;
+        if removed > 0 {
+            tracing::info!(removed, "removed temporary files left by an earlier crash");
+        }
+        if kept_bytes > 0 {
+            tracing::info!(
+                bytes = kept_bytes,
+                "recent temporary files kept until they are a minute old"
+            );
+        }
         Ok(DirStore {
-            inner: Arc::new(Inner {
-                root,
-                codec,
-                locks: (0..LOCK_STRIPES)
-                    .map(|_| std::sync::Mutex::new(()))
-                    .collect(),
-            }),
+            inner: Arc::new(inner),
         })
     }
 
@@ -92,17 +127,76 @@ impl Inner {
     }
 
     /// Writes `body` to `path` atomically (temporary file, then rename).
-    fn write(path: &Path, body: &[u8]) -> Result<(), StoreError> {
+    fn write(&self, path: &Path, body: &[u8]) -> Result<(), StoreError> {
+        self.write_with(path, |file| file.write_all(body))
+    }
+
+    /// Writes a temporary file with `fill`, then renames it over `path` (fsyncing both when
+    /// asked); on any failure the temporary file is removed.
+    fn write_with(
+        &self,
+        path: &Path,
+        fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+    ) -> Result<(), StoreError> {
         let tmp = path.with_file_name(format!(
-            ".tmp-{}-{:016x}",
+            "{TEMP_PREFIX}{}-{:016x}",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
             rand::random::<u64>()
         ));
-        fs::write(&tmp, body).map_err(io_error)?;
-        fs::rename(&tmp, path).map_err(|e| {
+        let written = (|| {
+            let mut file = fs::File::create(&tmp)?;
+            fill(&mut file)?;
+            if self.fsync {
+                file.sync_all()?;
+            }
+            drop(file);
+            fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
-            io_error(e)
-        })
+            return Err(io_error(e));
+        }
+        self.sync_dir(path.parent().unwrap_or(&self.root))
+    }
+
+    /// With `fsync`, makes a rename or removal in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        if !self.fsync {
+            return Ok(());
+        }
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error)
+    }
+
+    /// Removes temporary files older than [`TEMP_GRACE`] from the item and control folders;
+    /// returns how many went and the bytes of those that are still too recent to remove.
+    fn sweep_temp_files(&self) -> std::io::Result<(usize, u64)> {
+        let (mut removed, mut kept_bytes) = (0, 0);
+        let now = SystemTime::now();
+        for dir in [self.root.clone(), self.root.join(CONTROL_DIR)] {
+            for dirent in fs::read_dir(&dir)? {
+                let dirent = dirent?;
+                let name = dirent.file_name();
+                if !name.to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
+                    continue;
+                }
+                let Ok(meta) = dirent.metadata() else {
+                    continue; // renamed or removed meanwhile
+                };
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .unwrap_or_default();
+                if age < TEMP_GRACE {
+                    kept_bytes += meta.len();
+                } else if fs::remove_file(dirent.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok((removed, kept_bytes))
     }
 
     fn read_item(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
@@ -141,7 +235,7 @@ impl Store for DirStore {
             if mode != PutMode::Overwrite {
                 admit(inner.current_version(&entry.key)?.as_ref(), &mode)?;
             }
-            Inner::write(&inner.item_path(&name), &body)?;
+            inner.write(&inner.item_path(&name), &body)?;
             Ok(content_version(&body))
         })
         .await
@@ -160,7 +254,7 @@ impl Store for DirStore {
                 )?;
             }
             match fs::remove_file(inner.item_path(&name)) {
-                Ok(()) => Ok(true),
+                Ok(()) => inner.sync_dir(&inner.root).map(|()| true),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
                 Err(e) => Err(io_error(e)),
             }
@@ -170,6 +264,11 @@ impl Store for DirStore {
 
     async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
         self.blocking(move |inner| {
+            // A full listing (the culler's) starts here: clear crash debris, count the rest.
+            let other_bytes = match cursor {
+                None => inner.sweep_temp_files().map_err(io_error)?.1,
+                Some(_) => 0,
+            };
             let mut names = Vec::new();
             for dirent in fs::read_dir(&inner.root).map_err(io_error)? {
                 let dirent = dirent.map_err(io_error)?;
@@ -203,7 +302,11 @@ impl Store for DirStore {
             } else {
                 None
             };
-            Ok(ListPage { objects, next })
+            Ok(ListPage {
+                objects,
+                next,
+                other_bytes,
+            })
         })
         .await
     }
@@ -230,6 +333,9 @@ impl Store for DirStore {
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
                     Err(e) => return Err(io_error(e)),
                 }
+            }
+            if removed > 0 {
+                inner.sync_dir(&inner.root)?;
             }
             Ok(removed)
         })
@@ -259,7 +365,7 @@ impl Store for DirStore {
             let _guard = inner.lock("");
             let current = Inner::read(&path)?.map(|b| content_version(&b));
             admit(current.as_ref(), &mode)?;
-            Inner::write(&path, &body)?;
+            inner.write(&path, &body)?;
             Ok(content_version(&body))
         })
         .await
@@ -307,5 +413,134 @@ mod tests {
         let store = DirStore::open(dir.path(), "p", Codec::default()).unwrap();
         assert_eq!(store.get(b"k").await.unwrap().unwrap().entry, entry);
         assert!(dir.path().join("p").join(key_hash(b"k")).is_file());
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        for d in [dir.to_path_buf(), dir.join(CONTROL_DIR)] {
+            for e in fs::read_dir(d).unwrap() {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                if name.starts_with(TEMP_PREFIX) {
+                    found.push(name);
+                }
+            }
+        }
+        found
+    }
+
+    fn entry(key: &str) -> Entry {
+        Entry {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::from("v"),
+            cas: 1,
+            ..Entry::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_writes_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::open(dir.path(), "p", Codec::default()).unwrap();
+        let root = dir.path().join("p");
+        // The write itself fails halfway (a full disk, say).
+        let failed = store.inner.write_with(&root.join(key_hash(b"a")), |file| {
+            file.write_all(b"half an obj")?;
+            Err(std::io::Error::other("injected: no space left"))
+        });
+        assert!(failed.is_err());
+        // The rename fails: something that is not a file sits under the item's name.
+        fs::create_dir_all(root.join(key_hash(b"b")).join("in-the-way")).unwrap();
+        assert!(store.put(&entry("b"), PutMode::Overwrite).await.is_err());
+        assert_eq!(temp_files(&root), Vec::<String>::new());
+        assert!(store.get(b"a").await.unwrap().is_none());
+    }
+
+    fn age(path: &Path, secs: u64) {
+        let file = fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn crash_debris_is_removed_and_counted_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("p");
+        {
+            let store = DirStore::open(dir.path(), "p", Codec::default()).unwrap();
+            store.put(&entry("kept"), PutMode::Overwrite).await.unwrap();
+        }
+        // What a kill -9 during writes leaves: temporary files, old and recent.
+        let old_item = root.join(format!("{TEMP_PREFIX}{}-1", key_hash(b"x")));
+        let old_control = root
+            .join(CONTROL_DIR)
+            .join(format!("{TEMP_PREFIX}flush-epoch-2"));
+        let recent = root.join(format!("{TEMP_PREFIX}{}-3", key_hash(b"y")));
+        fs::write(&old_item, vec![0u8; 1000]).unwrap();
+        fs::write(&old_control, b"1").unwrap();
+        fs::write(&recent, vec![0u8; 500]).unwrap();
+        age(&old_item, TEMP_GRACE.as_secs() + 5);
+        age(&old_control, TEMP_GRACE.as_secs() + 5);
+        let store = DirStore::open(dir.path(), "p", Codec::default()).unwrap();
+        let left = temp_files(&root);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(recent.exists(), "a recent one may be a live write");
+        let page = store.list(None, 1000).await.unwrap();
+        assert_eq!((page.objects.len(), page.other_bytes), (1, 500));
+        // Once it is old enough, the next full listing removes it.
+        age(&recent, TEMP_GRACE.as_secs() + 5);
+        let page = store.list(None, 1000).await.unwrap();
+        assert_eq!(page.other_bytes, 0);
+        assert_eq!(temp_files(&root), Vec::<String>::new());
+        assert!(store.get(b"kept").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn max_bytes_counts_temporary_files() {
+        use crate::culler::{Culler, CullerConfig, WriteHint};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DirStore::open(dir.path(), "p", Codec::default()).unwrap());
+        for i in 0..10 {
+            store
+                .put(&entry(&format!("k{i}")), PutMode::Overwrite)
+                .await
+                .unwrap();
+        }
+        let item_bytes = store.list(None, 100).await.unwrap().objects[0].size;
+        // Debris as large as four items, left by a crash a moment ago.
+        let debris = dir.path().join("p").join(format!("{TEMP_PREFIX}z-1"));
+        fs::write(&debris, vec![0u8; 4 * item_bytes as usize]).unwrap();
+        let store: Arc<dyn Store> = store;
+        let flush = Arc::new(
+            crate::flush::Flush::load(store.clone(), Duration::ZERO)
+                .await
+                .unwrap(),
+        );
+        let culler = Culler::new(
+            store.clone(),
+            flush,
+            Arc::default(),
+            crate::clock::Clock::System,
+            CullerConfig {
+                max_entries: 0,
+                cull_frequency: 3,
+                max_bytes: 10 * item_bytes,
+                interval: Duration::from_secs(3600),
+            },
+            Arc::new(WriteHint::new(0)),
+        );
+        let report = culler.pass().await.unwrap();
+        assert_eq!((report.culled, report.remaining), (4, 6));
+    }
+
+    #[tokio::test]
+    async fn fsynced_store_passes_the_suite_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::open_with(dir.path(), "f", Codec::default(), true).unwrap();
+        conformance::run_all(&store).await;
+        store.put(&entry("k"), PutMode::Overwrite).await.unwrap();
+        drop(store);
+        let store = DirStore::open_with(dir.path(), "f", Codec::default(), true).unwrap();
+        assert!(store.get(b"k").await.unwrap().is_some());
+        assert_eq!(temp_files(&dir.path().join("f")), Vec::<String>::new());
     }
 }

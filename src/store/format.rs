@@ -70,6 +70,13 @@ impl Default for Codec {
 }
 
 impl Codec {
+    /// The largest object [`encode`](Codec::encode) can make of a value this codec accepts:
+    /// anything larger under an item's name is not an item, and is not read.
+    pub fn max_object_bytes(&self) -> usize {
+        // A value is stored gzipped only when that makes it smaller.
+        HEADER_BYTES + crate::protocol::MAX_KEY_BYTES + self.max_value_bytes
+    }
+
     /// Serializes an entry.
     pub fn encode(&self, entry: &Entry) -> Bytes {
         let compressed = match self.gzip_min_bytes {
@@ -240,6 +247,18 @@ mod tests {
             codec.decode(&Bytes::from(bad)),
             Err(FormatError::Version(9))
         );
+    }
+
+    #[test]
+    fn largest_item_fits_the_object_bound() {
+        let codec = Codec {
+            gzip_min_bytes: Some(1),
+            max_value_bytes: 4096,
+        };
+        let mut e = entry(&[7u8; 4096]);
+        e.key = Bytes::from(vec![b'k'; crate::protocol::MAX_KEY_BYTES]);
+        let raw = Codec::default().encode(&e);
+        assert_eq!(raw.len(), codec.max_object_bytes());
     }
 
     #[test]

@@ -98,7 +98,11 @@ impl Store for MemoryStore {
         } else {
             None
         };
-        Ok(ListPage { objects, next })
+        Ok(ListPage {
+            objects,
+            next,
+            other_bytes: 0,
+        })
     }
 
     async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {

@@ -96,6 +96,9 @@ pub struct ListPage {
     pub objects: Vec<ObjectInfo>,
     /// Pass back to get the next page; `None` at the end.
     pub next: Option<String>,
+    /// Bytes under the prefix that are not items yet take space (a directory store's
+    /// unfinished writes), reported with the first page; `max_bytes` counts them.
+    pub other_bytes: u64,
 }
 
 /// What a backend is and what it guarantees.

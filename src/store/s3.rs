@@ -1,90 +1,40 @@
 //! The S3 store: each item is one object named `<prefix><sha1-hex-of-key>`.
 //!
-//! Every S3 type and status code stays in this file. Creates are PUTs with
-//! `If-None-Match: *`, updates PUTs with `If-Match: <etag>`, so read-modify-write commands
-//! are atomic across replicas on stores that honour conditional writes (checked at
-//! startup). Every call waits for a slot under a global in-flight cap and runs under the
-//! SDK's attempt and operation deadlines, so a stalled backend answers an error, not a hang.
+//! Every S3 type and status code stays in this module and its children: [`settings`]
+//! (configuration and the SDK client), [`failure`] (errors in S3's terms), [`write`]
+//! (PUTs, conditional ones applied exactly once), [`probe`] (startup checks and the ACL
+//! fallback), [`skew`] (the offset to the store's clock). Creates are PUTs with `If-None-Match: *`, updates PUTs with
+//! `If-Match: <etag>`, so read-modify-write commands are atomic across replicas on stores
+//! that honour conditional writes (checked at startup). Every call counts from the moment
+//! it is asked for: the wait for a slot under the global in-flight cap and the SDK's
+//! attempts all fit in one operation deadline, so a stalled backend answers an error in
+//! time, not a hang.
+
+mod failure;
+mod probe;
+mod settings;
+mod skew;
+mod write;
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::BehaviorVersion;
-use aws_sdk_s3::config::{
-    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{
-    BucketCannedAcl, CreateBucketConfiguration, Delete, ObjectCannedAcl, ObjectIdentifier,
-    StorageClass,
-};
+use aws_sdk_s3::types::{Delete, ObjectCannedAcl, ObjectIdentifier, StorageClass};
 use aws_sdk_s3::Client;
-use bytes::Bytes;
-use tokio::sync::Semaphore;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 
+use self::failure::Failure;
+pub use self::settings::S3Settings;
 use super::format::Codec;
 use super::{
-    is_item_name, key_hash, normalize_prefix, Entry, ListPage, ObjectInfo, PutMode, Revalidated,
-    Store, StoreError, StoreInfo, Version, Versioned, CONTROL_DIR, DELETE_BATCH,
+    is_item_name, key_hash, Entry, ListPage, ObjectInfo, PutMode, Revalidated, Store, StoreError,
+    StoreInfo, Version, Versioned, CONTROL_DIR, DELETE_BATCH,
 };
-use crate::config::Config;
-
-/// Settings of the S3 store, taken from [`Config`].
-#[derive(Debug, Clone)]
-pub struct S3Settings {
-    pub bucket: String,
-    pub prefix: String,
-    pub region: String,
-    pub endpoint_url: String,
-    pub force_path_style: bool,
-    pub access_key: Option<(String, String)>,
-    pub default_acl: String,
-    pub bucket_acl: String,
-    pub storage_class: Option<String>,
-    pub create_bucket: bool,
-    pub checksum_when_supported: bool,
-    pub attempt_timeout: Duration,
-    pub operation_timeout: Duration,
-    pub max_attempts: u32,
-    pub max_in_flight: usize,
-    pub codec: Codec,
-}
-
-impl S3Settings {
-    pub fn from_config(c: &Config) -> Self {
-        S3Settings {
-            bucket: c.storage_bucket_name.clone(),
-            prefix: normalize_prefix(&c.location),
-            region: c.region.clone(),
-            endpoint_url: c.endpoint_url.clone(),
-            force_path_style: c.force_path_style,
-            access_key: (!c.access_key_id.expose().is_empty()).then(|| {
-                (
-                    c.access_key_id.expose().to_owned(),
-                    c.secret_access_key.expose().to_owned(),
-                )
-            }),
-            default_acl: c.default_acl.clone(),
-            bucket_acl: c.bucket_acl.clone(),
-            storage_class: c.effective_storage_class().map(str::to_owned),
-            create_bucket: c.create_bucket,
-            checksum_when_supported: c.request_checksum == "when_supported",
-            attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
-            operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
-            max_attempts: c.s3_max_attempts,
-            max_in_flight: c.s3_max_in_flight,
-            codec: Codec {
-                gzip_min_bytes: c.is_gzipped.then_some(c.gzip_min_bytes),
-                max_value_bytes: c.max_item_size,
-            },
-        }
-    }
-}
+use crate::clock::{Clock, StoreTime};
 
 pub struct S3Store {
     client: Client,
@@ -98,112 +48,41 @@ pub struct S3Store {
     /// Whether the store enforced a conditional write when probed.
     atomic: AtomicBool,
     in_flight: Arc<Semaphore>,
+    /// One operation's budget, from the moment it is asked for, slot wait included.
     operation_timeout: Duration,
+    /// One attempt's budget; also the time given to settle a PUT whose answer was lost.
+    attempt_timeout: Duration,
+    /// Attempts per PUT (retried in [`write`], not by the SDK).
+    max_attempts: u32,
+    /// The store's time, as measured from its answers.
+    time: &'static StoreTime,
 }
 
-/// What failed, in S3's terms, before it becomes a [`StoreError`].
-#[derive(Debug)]
-struct Failure {
-    status: Option<u16>,
-    code: String,
-    message: String,
+/// Largest control object (flush epoch, cull lease: a few dozen bytes) that is read.
+pub const MAX_CONTROL_BYTES: usize = 4096;
+
+/// What a GET of an item object found, when it may be conditional.
+enum Revalidation {
+    Unchanged,
+    Current(Option<(Bytes, Version)>),
 }
 
-impl Failure {
-    fn from_sdk<E: ProvideErrorMetadata + std::error::Error + 'static, R>(
-        err: SdkError<E, R>,
-    ) -> Self
-    where
-        R: std::fmt::Debug + HasStatus,
-    {
-        let status = err.raw_response().map(HasStatus::status);
-        let kind = match &err {
-            SdkError::TimeoutError(_) => "timeout",
-            SdkError::DispatchFailure(_) => "connection failed",
-            SdkError::ResponseError(_) => "bad response",
-            SdkError::ConstructionFailure(_) => "request construction failed",
-            _ => "",
-        };
-        let (code, message) = match err.as_service_error() {
-            Some(e) => (
-                e.code().unwrap_or_default().to_owned(),
-                e.message().unwrap_or_default().to_owned(),
-            ),
-            None => (String::new(), kind.to_owned()),
-        };
-        Failure {
-            status,
-            code,
-            message,
-        }
-    }
-
-    fn unavailable(&self, op: &str) -> StoreError {
-        let what = match (self.status, self.code.is_empty()) {
-            (Some(s), false) => format!("{} {}", s, self.code),
-            (Some(s), true) => s.to_string(),
-            (None, _) => self.message.clone(),
-        };
-        StoreError::Unavailable(format!("S3 {op}: {what}"))
-    }
-
-    fn is(&self, status: u16) -> bool {
-        self.status == Some(status)
-    }
-}
-
-/// The HTTP status of a raw response, so [`Failure`] needs no SDK-internal types by name.
-trait HasStatus {
-    fn status(&self) -> u16;
-}
-
-impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
-    fn status(&self) -> u16 {
-        self.status().as_u16()
-    }
+/// What a bounded GET found.
+enum Fetched {
+    Missing,
+    /// Still the version the GET named in `If-None-Match` (304): no body sent.
+    NotModified,
+    /// Larger than the caller said the object can be: not read.
+    TooLarge(u64),
+    Body(Bytes, Version),
 }
 
 impl S3Store {
     /// Connects, optionally creates the bucket, and probes conditional-write support.
     pub async fn connect(s: S3Settings) -> Result<Self, StoreError> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(s.attempt_timeout)
-                    .operation_attempt_timeout(s.attempt_timeout)
-                    .operation_timeout(s.operation_timeout)
-                    .build(),
-            )
-            .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts));
-        if !s.region.is_empty() {
-            loader = loader.region(Region::new(s.region.clone()));
-        }
-        if let Some((id, secret)) = &s.access_key {
-            loader = loader.credentials_provider(Credentials::new(
-                id.clone(),
-                secret.clone(),
-                None,
-                None,
-                "s3cached-config",
-            ));
-        }
-        let sdk = loader.load().await;
-        let mut builder =
-            aws_sdk_s3::config::Builder::from(&sdk).force_path_style(s.force_path_style);
-        if sdk.region().is_none() {
-            builder = builder.region(Region::new("us-east-1"));
-        }
-        if !s.endpoint_url.is_empty() {
-            builder = builder.endpoint_url(&s.endpoint_url);
-        }
-        if !s.checksum_when_supported {
-            builder = builder
-                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-        }
-        let client = Client::from_conf(builder.build());
+        let time = StoreTime::leak(s.clock_skew_ms);
         let store = S3Store {
-            client,
+            client: s.client(time).await,
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             codec: s.codec,
@@ -215,6 +94,9 @@ impl S3Store {
             atomic: AtomicBool::new(true),
             in_flight: Arc::new(Semaphore::new(s.max_in_flight)),
             operation_timeout: s.operation_timeout,
+            attempt_timeout: s.attempt_timeout,
+            max_attempts: s.max_attempts.max(1),
+            time,
         };
         if s.create_bucket {
             let acl = if s.bucket_acl.is_empty() {
@@ -238,6 +120,12 @@ impl S3Store {
         Ok(store)
     }
 
+    /// A clock that reads the store's time (measured from every answer, first at connect),
+    /// for stamping items and flush epochs alike on every replica.
+    pub fn clock(&self) -> Clock {
+        Clock::Store(self.time)
+    }
+
     fn object_name(&self, key: &[u8]) -> String {
         format!("{}{}", self.prefix, key_hash(key))
     }
@@ -246,200 +134,145 @@ impl S3Store {
         format!("{}{}/{}", self.prefix, CONTROL_DIR, name)
     }
 
-    /// Runs one S3 call under the in-flight cap and the operation deadline.
+    /// When an operation asked for now must have answered.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.operation_timeout
+    }
+
+    /// A slot under the in-flight cap, or `None` if none frees up before `deadline`.
+    async fn slot(&self, deadline: Instant) -> Option<SemaphorePermit<'_>> {
+        tokio::time::timeout_at(deadline, self.in_flight.acquire())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Runs one S3 call under the in-flight cap, within one operation deadline counted from
+    /// now: the wait for a slot is part of it.
     async fn call<T, F>(&self, op: &str, fut: F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let _slot = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Unavailable("S3 store closed".into()))?;
-        // The SDK enforces the same deadline; this one also covers reading the body.
-        match tokio::time::timeout(self.operation_timeout + Duration::from_millis(250), fut).await {
+        let deadline = self.deadline();
+        let Some(_slot) = self.slot(deadline).await else {
+            return Err(StoreError::Unavailable(format!("S3 {op}: timeout")));
+        };
+        // The SDK's own deadline starts later, after the slot; this one also covers the body.
+        match tokio::time::timeout_at(deadline, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable(format!("S3 {op}: timeout"))),
         }
     }
 
-    async fn ensure_bucket(&self, acl: &str, region: &str) -> Result<(), StoreError> {
-        let head = self.client.head_bucket().bucket(&self.bucket).send().await;
-        match head {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                let f = Failure::from_sdk(e);
-                if !f.is(404) {
-                    return Err(f.unavailable("HeadBucket"));
-                }
-            }
-        }
-        let mut create = self.client.create_bucket().bucket(&self.bucket);
-        if !acl.is_empty() {
-            create = create.acl(BucketCannedAcl::from(acl));
-        }
-        if !region.is_empty() && region != "us-east-1" {
-            create = create.create_bucket_configuration(
-                CreateBucketConfiguration::builder()
-                    .location_constraint(region.into())
-                    .build(),
-            );
-        }
-        match create.send().await {
-            Ok(_) => {
-                tracing::info!(bucket = %self.bucket, "created bucket");
-                Ok(())
-            }
-            Err(e) => {
-                let f = Failure::from_sdk(e);
-                match f.code.as_str() {
-                    "BucketAlreadyOwnedByYou" | "BucketAlreadyExists" => Ok(()),
-                    _ => Err(f.unavailable("CreateBucket")),
-                }
-            }
-        }
-    }
-
-    /// Writes a probe object twice with `If-None-Match: *`: the second must be refused.
-    async fn probe_conditional_writes(&self) -> Result<bool, StoreError> {
-        let name = self.control_name(&format!("probe-{:016x}", rand::random::<u64>()));
-        let body = Bytes::from_static(b"probe");
-        self.put_raw(&name, body.clone(), &PutMode::Create).await?;
-        let second = self.put_raw(&name, body, &PutMode::Create).await;
-        let _ = self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(&name)
-            .send()
-            .await;
-        match second {
-            Err(StoreError::Exists) => Ok(true),
-            Ok(_) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// One PUT with the precondition of `mode`; retries a 409 conflict.
-    async fn put_raw(
+    /// One GET within `deadline`, reading at most `max_bytes` of body: a larger object is
+    /// reported, not downloaded (its length is checked before reading, and again as it comes).
+    async fn read_object(
         &self,
         name: &str,
-        body: Bytes,
-        mode: &PutMode,
-    ) -> Result<Version, StoreError> {
-        const MAX_CONFLICT_RETRIES: usize = 5;
-        for attempt in 0..=MAX_CONFLICT_RETRIES {
-            let acl = self.acl.read().expect("acl lock").clone();
-            let mut put = self
-                .client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(name)
-                .body(ByteStream::from(body.clone()))
-                .set_acl(acl.clone())
-                .set_storage_class(self.storage_class.clone());
-            match mode {
-                PutMode::Overwrite => {}
-                PutMode::Create => put = put.if_none_match("*"),
-                PutMode::Update(Version(etag)) => put = put.if_match(etag),
-            }
-            let result = self
-                .call("PutObject", async { Ok(put.send().await) })
-                .await?;
-            let f = match result {
-                Ok(out) => return Ok(Version(out.e_tag().unwrap_or_default().to_owned())),
-                Err(e) => Failure::from_sdk(e),
-            };
-            if f.code == "AccessControlListNotSupported" && acl.is_some() {
-                if !self.acl_refused.swap(true, Relaxed) {
-                    tracing::warn!(
-                        bucket = %self.bucket,
-                        "the bucket refuses ACLs (Object Ownership: bucket owner enforced); \
-                         writing without default_acl from now on"
-                    );
-                }
-                *self.acl.write().expect("acl lock") = None;
-                continue;
-            }
-            match (f.status, mode) {
-                (Some(412), PutMode::Create) => return Err(StoreError::Exists),
-                (Some(412), _) | (Some(404), PutMode::Update(_)) => {
-                    return Err(StoreError::Changed)
-                }
-                (Some(409), _) if attempt < MAX_CONFLICT_RETRIES => {
-                    tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
-                    continue;
-                }
-                _ => return Err(f.unavailable("PutObject")),
-            }
-        }
-        Err(StoreError::Unavailable(
-            "S3 PutObject: repeated conflicts".into(),
-        ))
+        max_bytes: usize,
+        deadline: Instant,
+    ) -> Result<Fetched, StoreError> {
+        self.read_object_unless(name, None, max_bytes, deadline)
+            .await
     }
 
-    /// One GET: the body and its ETag, `None` when absent.
-    async fn get_raw(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
-        match self.get_conditional(name, None).await? {
-            Fetched::Body(body, etag) => Ok(Some((body, etag))),
-            Fetched::Absent => Ok(None),
-            Fetched::NotModified => Err(StoreError::Unavailable(
-                "S3 GetObject: 304 without a condition".into(),
-            )),
-        }
-    }
-
-    /// One GET, with `If-None-Match: <etag>` when `unless` is given: S3 then answers 304
-    /// Not Modified, with no body, if the object is still that version.
-    async fn get_conditional(
+    /// A bounded GET, with `If-None-Match: <etag>` when `unless` is given: S3 then answers
+    /// 304 Not Modified, with no body, if the object is still that version.
+    async fn read_object_unless(
         &self,
         name: &str,
         unless: Option<&Version>,
+        max_bytes: usize,
+        deadline: Instant,
     ) -> Result<Fetched, StoreError> {
-        self.call("GetObject", async {
-            let request = self
+        let Some(_slot) = self.slot(deadline).await else {
+            return Err(StoreError::Unavailable("S3 GetObject: timeout".into()));
+        };
+        let read = async {
+            let get = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(name)
                 .set_if_none_match(unless.map(|v| v.0.clone()));
-            let out = match request.send().await {
+            let mut out = match get.send().await {
                 Ok(out) => out,
                 Err(e) => {
                     let f = Failure::from_sdk(e);
-                    // The SDK reports 304 as an error: it is the answer we asked for.
+                    // The SDK reports 304 as an error: it is the answer a revalidation asks for.
                     return match f.status {
-                        Some(404) => Ok(Fetched::Absent),
+                        Some(404) => Ok(Fetched::Missing),
                         Some(304) if unless.is_some() => Ok(Fetched::NotModified),
                         _ => Err(f.unavailable("GetObject")),
                     };
                 }
             };
+            let declared = out.content_length().unwrap_or(0).max(0) as u64;
+            if declared > max_bytes as u64 {
+                return Ok(Fetched::TooLarge(declared));
+            }
             let etag = Version(out.e_tag().unwrap_or_default().to_owned());
-            let body = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("S3 GetObject body: {e}")))?
-                .into_bytes();
-            Ok(Fetched::Body(body, etag))
-        })
-        .await
+            let mut body = BytesMut::with_capacity(declared as usize);
+            while let Some(chunk) = out.body.next().await {
+                let chunk = chunk
+                    .map_err(|e| StoreError::Unavailable(format!("S3 GetObject body: {e}")))?;
+                if body.len() + chunk.len() > max_bytes {
+                    return Ok(Fetched::TooLarge((body.len() + chunk.len()) as u64));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Fetched::Body(body.freeze(), etag))
+        };
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable("S3 GetObject: timeout".into())),
+        }
     }
-}
 
-/// What a GET brought back.
-enum Fetched {
-    Body(Bytes, Version),
-    Absent,
-    NotModified,
+    /// One GET of an item object: the body and its ETag, `None` when absent or larger than
+    /// any item can be (a foreign object: logged, not downloaded).
+    async fn get_item_object(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
+        match self.get_item_unless(name, None).await? {
+            Revalidation::Current(read) => Ok(read),
+            Revalidation::Unchanged => Err(StoreError::Unavailable(
+                "S3 GetObject: 304 without a condition".into(),
+            )),
+        }
+    }
+
+    /// [`get_item_object`](Self::get_item_object), or `Unchanged` when the object is still
+    /// the version `unless` names.
+    async fn get_item_unless(
+        &self,
+        name: &str,
+        unless: Option<&Version>,
+    ) -> Result<Revalidation, StoreError> {
+        let limit = self.codec.max_object_bytes();
+        let fetched = self
+            .read_object_unless(name, unless, limit, self.deadline())
+            .await?;
+        Ok(match fetched {
+            Fetched::Body(body, version) => Revalidation::Current(Some((body, version))),
+            Fetched::Missing => Revalidation::Current(None),
+            Fetched::NotModified => Revalidation::Unchanged,
+            Fetched::TooLarge(bytes) => {
+                tracing::warn!(
+                    object = %name,
+                    bytes,
+                    limit,
+                    "object larger than any item can be; treated as a miss, not downloaded"
+                );
+                Revalidation::Current(None)
+            }
+        })
+    }
 }
 
 #[async_trait]
 impl Store for S3Store {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         let name = self.object_name(key);
-        let Some((raw, version)) = self.get_raw(&name).await? else {
+        let Some((raw, version)) = self.get_item_object(&name).await? else {
             return Ok(None);
         };
         Ok(self
@@ -454,10 +287,10 @@ impl Store for S3Store {
         version: &Version,
     ) -> Result<Revalidated, StoreError> {
         let name = self.object_name(key);
-        Ok(match self.get_conditional(&name, Some(version)).await? {
-            Fetched::NotModified => Revalidated::Unchanged,
-            Fetched::Absent => Revalidated::Changed(None),
-            Fetched::Body(raw, version) => Revalidated::Changed(
+        Ok(match self.get_item_unless(&name, Some(version)).await? {
+            Revalidation::Unchanged => Revalidated::Unchanged,
+            Revalidation::Current(None) => Revalidated::Changed(None),
+            Revalidation::Current(Some((raw, version))) => Revalidated::Changed(
                 self.codec
                     .decode_item(&raw, key, &name)
                     .map(|entry| Versioned { entry, version }),
@@ -494,26 +327,7 @@ impl Store for S3Store {
                 };
             }
         }
-        let mut delete = self.client.delete_object().bucket(&self.bucket).key(&name);
-        if let Some(Version(etag)) = version {
-            delete = delete.if_match(etag);
-        }
-        let result = self
-            .call("DeleteObject", async { Ok(delete.send().await) })
-            .await?;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let f = Failure::from_sdk(e);
-                if f.is(412) || f.is(409) {
-                    Err(StoreError::Changed)
-                } else if f.is(404) {
-                    Ok(false)
-                } else {
-                    Err(f.unavailable("DeleteObject"))
-                }
-            }
-        }
+        self.delete_raw(&name, version).await
     }
 
     async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
@@ -552,12 +366,14 @@ impl Store for S3Store {
                 return Ok(ListPage {
                     objects,
                     next: None,
+                    other_bytes: 0,
                 });
             }
             if !objects.is_empty() {
                 return Ok(ListPage {
                     objects,
                     next: last,
+                    other_bytes: 0,
                 });
             }
             after = last;
@@ -568,7 +384,7 @@ impl Store for S3Store {
         if !name.starts_with(&self.prefix) {
             return Ok(None);
         }
-        let raw = self.get_raw(name).await?;
+        let raw = self.get_item_object(name).await?;
         Ok(raw.and_then(|(raw, _)| self.codec.decode(&raw).ok().map(|e| e.stored_at_us)))
     }
 
@@ -604,7 +420,21 @@ impl Store for S3Store {
     }
 
     async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
-        self.get_raw(&self.control_name(name)).await
+        let full = self.control_name(name);
+        match self
+            .read_object(&full, MAX_CONTROL_BYTES, self.deadline())
+            .await?
+        {
+            Fetched::Body(body, version) => Ok(Some((body, version))),
+            Fetched::Missing => Ok(None),
+            Fetched::NotModified => Err(StoreError::Unavailable(
+                "S3 GetObject: 304 without a condition".into(),
+            )),
+            // Read on every request: a huge object here is an error, never a download.
+            Fetched::TooLarge(bytes) => Err(StoreError::Unavailable(format!(
+                "S3 GetObject: control object {full} is {bytes} bytes, not s3cached's"
+            ))),
+        }
     }
 
     async fn put_control(

@@ -2,8 +2,10 @@
 //!
 //! Each client request is read whole (head and Content-Length body), then, depending on the
 //! current [`Mode`], forwarded (optionally after a delay, optionally with headers removed)
-//! over a fresh upstream connection, or answered with a fault. The proxy counts requests
-//! and the most that were in flight at once.
+//! over a fresh upstream connection, or answered with a fault. Write faults can come after the
+//! store has applied the write (the answer is then dropped, delayed or replaced), to test
+//! that a write whose answer was lost is not applied twice. The proxy counts requests, the
+//! most that were in flight at once and the response bytes it delivered.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -28,6 +30,22 @@ pub enum Mode {
     StripConditionals,
     /// Refuse PUTs that carry an ACL header, as buckets with ACLs disabled do.
     RefuseAcls,
+    /// Apply `fault` to the next `writes` PUT or DELETE requests, then forward everything
+    /// again; other requests are forwarded meanwhile.
+    OnWrites { fault: WriteFault, writes: usize },
+}
+
+/// What happens to a PUT or DELETE under [`Mode::OnWrites`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteFault {
+    /// Forward it (the store applies it), then close the connection without an answer.
+    DropAnswer,
+    /// Forward it, then hold the answer this long (past the client's attempt deadline).
+    DelayAnswer(Duration),
+    /// Forward it, then answer this status instead of the store's answer.
+    ReplaceAnswer(u16, &'static str),
+    /// Answer this status without forwarding (the write is not applied).
+    Refuse(u16, &'static str),
 }
 
 pub struct Proxy {
@@ -36,6 +54,8 @@ pub struct Proxy {
     pub requests: Arc<AtomicUsize>,
     in_flight: Arc<AtomicUsize>,
     pub max_in_flight: Arc<AtomicUsize>,
+    /// Response bytes written to clients.
+    pub bytes_out: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,20 +79,22 @@ impl Proxy {
         let requests = Arc::new(AtomicUsize::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let max_in_flight = Arc::new(AtomicUsize::new(0));
-        let shared = (
-            mode.clone(),
-            requests.clone(),
-            in_flight.clone(),
-            max_in_flight.clone(),
-        );
+        let bytes_out = Arc::new(AtomicUsize::new(0));
+        let shared = Counters {
+            mode: mode.clone(),
+            requests: requests.clone(),
+            in_flight: in_flight.clone(),
+            max_in_flight: max_in_flight.clone(),
+            bytes_out: bytes_out.clone(),
+        };
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                let (mode, requests, in_flight, max_in_flight) = shared.clone();
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    let _ = serve(client, upstream, mode, requests, in_flight, max_in_flight).await;
+                    let _ = serve(client, upstream, shared).await;
                 });
             }
         });
@@ -82,6 +104,7 @@ impl Proxy {
             requests,
             in_flight,
             max_in_flight,
+            bytes_out,
             task,
         }
     }
@@ -92,6 +115,11 @@ impl Proxy {
 
     pub fn set(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Sets the mode; returns the one it replaces (to see that counted faults were used).
+    pub fn set_and_get(&self, mode: Mode) -> Mode {
+        std::mem::replace(&mut *self.mode.lock().unwrap(), mode)
     }
 
     pub fn reset_counters(&self) {
@@ -164,25 +192,57 @@ fn error_response(status: u16, code: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn serve(
-    mut client: TcpStream,
-    upstream: SocketAddr,
+#[derive(Clone)]
+struct Counters {
     mode: Arc<Mutex<Mode>>,
     requests: Arc<AtomicUsize>,
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
+    bytes_out: Arc<AtomicUsize>,
+}
+
+/// The mode for this request; counts down [`Mode::OnWrites`].
+fn take_mode(mode: &Mutex<Mode>, request: &[u8]) -> Mode {
+    let mut mode = mode.lock().unwrap();
+    let current = mode.clone();
+    match current {
+        Mode::OnWrites { fault, writes }
+            if request.starts_with(b"PUT ") || request.starts_with(b"DELETE ") =>
+        {
+            *mode = if writes > 1 {
+                Mode::OnWrites {
+                    fault: fault.clone(),
+                    writes: writes - 1,
+                }
+            } else {
+                Mode::Forward(Duration::ZERO)
+            };
+            Mode::OnWrites { fault, writes: 1 }
+        }
+        Mode::OnWrites { .. } => Mode::Forward(Duration::ZERO),
+        other => other,
+    }
+}
+
+async fn serve(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    counters: Counters,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     while let Some(request) = read_request(&mut client, &mut buf).await? {
-        requests.fetch_add(1, SeqCst);
-        let now = in_flight.fetch_add(1, SeqCst) + 1;
-        max_in_flight.fetch_max(now, SeqCst);
-        let current = mode.lock().unwrap().clone();
+        counters.requests.fetch_add(1, SeqCst);
+        let now = counters.in_flight.fetch_add(1, SeqCst) + 1;
+        counters.max_in_flight.fetch_max(now, SeqCst);
+        let current = take_mode(&counters.mode, &request);
         let result = answer(&request, upstream, current).await;
-        in_flight.fetch_sub(1, SeqCst);
-        match result {
-            Some(response) => client.write_all(&response).await?,
-            None => return Ok(()), // reset
+        counters.in_flight.fetch_sub(1, SeqCst);
+        let Some(response) = result else {
+            return Ok(()); // reset
+        };
+        for chunk in response.chunks(64 * 1024) {
+            client.write_all(chunk).await?;
+            counters.bytes_out.fetch_add(chunk.len(), SeqCst);
         }
     }
     Ok(())
@@ -209,7 +269,32 @@ async fn answer(request: &[u8], upstream: SocketAddr, mode: Mode) -> Option<Vec<
             }
             &[]
         }
+        Mode::OnWrites { fault, .. } => {
+            if let WriteFault::Refuse(status, code) = fault {
+                return Some(error_response(status, code));
+            }
+            let response = forward(request, upstream, &[]).await?;
+            assert!(
+                response.starts_with(b"HTTP/1.1 2"),
+                "the faulted write was applied: {:?}",
+                String::from_utf8_lossy(&response[..response.len().min(200)])
+            );
+            return match fault {
+                WriteFault::DropAnswer => None,
+                WriteFault::DelayAnswer(delay) => {
+                    tokio::time::sleep(delay).await;
+                    Some(response)
+                }
+                WriteFault::ReplaceAnswer(status, code) => Some(error_response(status, code)),
+                WriteFault::Refuse(..) => unreachable!(),
+            };
+        }
     };
+    forward(request, upstream, drop).await
+}
+
+/// Sends the request upstream on a fresh connection; the whole response.
+async fn forward(request: &[u8], upstream: SocketAddr, drop: &[&str]) -> Option<Vec<u8>> {
     let mut up = TcpStream::connect(upstream).await.ok()?;
     up.write_all(&rewrite(request, drop)).await.ok()?;
     let mut response = Vec::new();

@@ -1,0 +1,93 @@
+//! Startup checks of the S3 store (bucket, conditional-write support) and the ACL fallback.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use aws_sdk_s3::types::{BucketCannedAcl, CreateBucketConfiguration};
+use bytes::Bytes;
+
+use super::failure::Failure;
+use super::S3Store;
+use crate::store::{PutMode, StoreError};
+
+impl S3Store {
+    /// Creates the bucket unless it exists.
+    pub(super) async fn ensure_bucket(&self, acl: &str, region: &str) -> Result<(), StoreError> {
+        let head = self.client.head_bucket().bucket(&self.bucket).send().await;
+        match head {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let f = Failure::from_sdk(e);
+                if !f.is(404) {
+                    return Err(f.unavailable("HeadBucket"));
+                }
+            }
+        }
+        let mut create = self.client.create_bucket().bucket(&self.bucket);
+        if !acl.is_empty() {
+            create = create.acl(BucketCannedAcl::from(acl));
+        }
+        if !region.is_empty() && region != "us-east-1" {
+            create = create.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(region.into())
+                    .build(),
+            );
+        }
+        match create.send().await {
+            Ok(_) => {
+                tracing::info!(bucket = %self.bucket, "created bucket");
+                Ok(())
+            }
+            Err(e) => {
+                let f = Failure::from_sdk(e);
+                match f.code.as_str() {
+                    "BucketAlreadyOwnedByYou" | "BucketAlreadyExists" => Ok(()),
+                    _ => Err(f.unavailable("CreateBucket")),
+                }
+            }
+        }
+    }
+
+    /// Writes a probe object twice with `If-None-Match: *`: the second must be refused.
+    pub(super) async fn probe_conditional_writes(&self) -> Result<bool, StoreError> {
+        let name = self.control_name(&format!("probe-{:016x}", rand::random::<u64>()));
+        // Two different bodies, so a lost answer to the second is never taken for success.
+        let first = Bytes::from_static(b"probe 1");
+        self.put_raw(&name, first, &PutMode::Create).await?;
+        let second = Bytes::from_static(b"probe 2");
+        let second = self.put_raw(&name, second, &PutMode::Create).await;
+        let _ = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&name)
+            .send()
+            .await;
+        match second {
+            Err(StoreError::Exists) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// New AWS buckets refuse ACLs (Object Ownership "bucket owner enforced") with 400
+    /// AccessControlListNotSupported: stop sending one (warning once). Whether to try again.
+    pub(super) fn refuse_acl_if_unsupported(&self, f: &Failure) -> bool {
+        if f.code != "AccessControlListNotSupported" {
+            return false;
+        }
+        let mut acl = self.acl.write().expect("acl lock");
+        if acl.is_none() {
+            return false;
+        }
+        if !self.acl_refused.swap(true, Relaxed) {
+            tracing::warn!(
+                bucket = %self.bucket,
+                "the bucket refuses ACLs (Object Ownership: bucket owner enforced); \
+                 writing without default_acl from now on"
+            );
+        }
+        *acl = None;
+        true
+    }
+}
