@@ -214,10 +214,12 @@ async fn within(c: &mut common::Client, within: Duration, request: &[u8], expect
 #[tokio::test]
 async fn flush_all_holds_across_replicas_with_skewed_clocks() {
     let prefix = unique_prefix("skew");
-    let a = server_sharing(&prefix, "").await;
+    // Strict mode, so the only delay in seeing a flush is the clocks' disagreement.
+    let strict = "revalidate_after_ms = 0\n";
+    let a = server_sharing(&prefix, strict).await;
     // Replicas whose clocks are 30 s slow and 30 s fast.
-    let slow = server_sharing(&prefix, "clock_offset_ms = -30000\n").await;
-    let fast = server_sharing(&prefix, "clock_offset_ms = 30000\n").await;
+    let slow = server_sharing(&prefix, &format!("{strict}clock_offset_ms = -30000\n")).await;
+    let fast = server_sharing(&prefix, &format!("{strict}clock_offset_ms = 30000\n")).await;
     let (mut ca, mut cs, mut cf) = (a.client().await, slow.client().await, fast.client().await);
 
     // A flush through the slow replica hides what was stored before it, everywhere (by its
