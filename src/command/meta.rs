@@ -24,7 +24,7 @@ pub(super) async fn execute(ctx: &Ctx, request: MetaRequest) -> Response {
     }
 }
 
-fn meta(status: MetaStatus, flags: Vec<String>, value: Option<Bytes>) -> Response {
+fn meta(status: MetaStatus, flags: Vec<Bytes>, value: Option<Bytes>) -> Response {
     Response::Meta(MetaReply {
         status,
         flags,
@@ -49,32 +49,42 @@ fn remaining_ttl(entry: &Entry, now_secs: u64) -> i64 {
     }
 }
 
-fn encode_key(key: &[u8], base64: bool) -> String {
+fn encode_key(key: &[u8], base64: bool) -> Vec<u8> {
     if base64 {
-        base64::engine::general_purpose::STANDARD.encode(key)
+        base64::engine::general_purpose::STANDARD
+            .encode(key)
+            .into_bytes()
     } else {
-        String::from_utf8_lossy(key).into_owned()
+        key.to_vec()
     }
 }
 
+/// One returned flag: its letter and its value, byte for byte.
+fn flag(letter: u8, value: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(value.len() + 1);
+    out.push(letter);
+    out.extend_from_slice(value);
+    Bytes::from(out)
+}
+
 /// The requested return flags rendered for `entry` (or only key/opaque when there is none).
-fn render(flags: &MetaFlags, key: &[u8], entry: Option<&Entry>, now_secs: u64) -> Vec<String> {
+fn render(flags: &MetaFlags, key: &[u8], entry: Option<&Entry>, now_secs: u64) -> Vec<Bytes> {
     let mut out = Vec::with_capacity(flags.ret.len());
-    for flag in &flags.ret {
-        let rendered = match (flag, entry) {
+    for f in &flags.ret {
+        let text = match (f, entry) {
             // memcached returns `b` right after the key, and only with it.
             (ReturnFlag::Base64, _) => continue,
             (ReturnFlag::Key, _) => {
-                out.push(format!("k{}", encode_key(key, flags.base64)));
+                out.push(flag(b'k', &encode_key(key, flags.base64)));
                 if flags.base64 {
-                    out.push("b".to_owned());
+                    out.push(Bytes::from_static(b"b"));
                 }
                 continue;
             }
-            (ReturnFlag::Opaque, _) => format!(
-                "O{}",
-                String::from_utf8_lossy(flags.opaque.as_deref().unwrap_or_default())
-            ),
+            (ReturnFlag::Opaque, _) => {
+                out.push(flag(b'O', flags.opaque.as_deref().unwrap_or_default()));
+                continue;
+            }
             (ReturnFlag::Cas, Some(e)) => format!("c{}", e.cas),
             (ReturnFlag::Flags, Some(e)) => format!("f{}", e.flags),
             (ReturnFlag::Size, Some(e)) => format!("s{}", e.value.len()),
@@ -83,17 +93,43 @@ fn render(flags: &MetaFlags, key: &[u8], entry: Option<&Entry>, now_secs: u64) -
             (ReturnFlag::LastAccess, Some(_)) => "l0".to_owned(),
             (_, None) => continue,
         };
-        out.push(rendered);
+        out.push(Bytes::from(text));
     }
     out
 }
 
 /// Flags that only echo the request (for replies about a missing item).
-fn echo(flags: &MetaFlags, key: &[u8]) -> Vec<String> {
+fn echo(flags: &MetaFlags, key: &[u8]) -> Vec<Bytes> {
     render(flags, key, None, 0)
-        .into_iter()
-        .filter(|f| f.starts_with('O') || f.starts_with('k') || f == "b")
-        .collect()
+}
+
+/// `flags` with only the return flags `keep` allows (memcached's `ms` returns only `O k c b`,
+/// its `ma` only `O k c t b`).
+fn only(flags: &MetaFlags, keep: &[ReturnFlag]) -> MetaFlags {
+    MetaFlags {
+        ret: flags
+            .ret
+            .iter()
+            .copied()
+            .filter(|f| keep.contains(f))
+            .collect(),
+        ..flags.clone()
+    }
+}
+
+/// `ms` reply flags: `O`, `k` (with `b`) and `c`, which is 0 when nothing was stored.
+fn set_flags(flags: &MetaFlags, key: &[u8], cas: u64) -> Vec<Bytes> {
+    use ReturnFlag::{Base64, Cas, Key, Opaque};
+    let entry = Entry {
+        cas,
+        ..Entry::default()
+    };
+    render(
+        &only(flags, &[Base64, Cas, Key, Opaque]),
+        key,
+        Some(&entry),
+        0,
+    )
 }
 
 /// The cas of a new version: the client's `E` if given, else the next after `previous`.
@@ -112,7 +148,7 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
         let Some(read) = read.clone().filter(|_| liveness == Liveness::Live) else {
             Stats::incr(&ctx.stats.get_misses);
             let Some(ttl) = flags.vivify else {
-                return quiet(&flags, true, meta(MetaStatus::En, Vec::new(), None));
+                return quiet(&flags, true, meta(MetaStatus::En, echo(&flags, &key), None));
             };
             // Vivify: create an empty stub whose creator wins the right to recache.
             let stub = Entry {
@@ -135,13 +171,13 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
         };
         Stats::incr(&ctx.stats.get_hits);
         let mut entry = read.entry;
-        let ttl_left = remaining_ttl(&entry, now_secs);
+        // As memcached: `R` is an exptime (relative, absolute or negative) and the item wins
+        // a recache when it expires before that moment.
+        let recache_at = flags.recache.map_or(0, |r| ctx.clock.expires_at(r));
         let wants_win = entry.stale
-            || flags
-                .recache
-                .is_some_and(|r| ttl_left != -1 && ttl_left < r);
+            || (recache_at != 0 && entry.expires_at != 0 && entry.expires_at < recache_at);
         let won = wants_win && !entry.win_sent;
-        let mut markers: Vec<&str> = Vec::new();
+        let mut markers: Vec<&'static str> = Vec::new();
         if won {
             if entry.stale {
                 markers.push("X");
@@ -185,20 +221,20 @@ fn hit_reply(
     key: &[u8],
     entry: &Entry,
     now_secs: u64,
-    markers: &[&str],
+    markers: &[&'static str],
 ) -> Response {
     let mut out = render(flags, key, Some(entry), now_secs);
-    out.extend(markers.iter().map(|m| (*m).to_owned()));
+    out.extend(markers.iter().map(|m| Bytes::from_static(m.as_bytes())));
+    // `q` on mg hides only a plain miss (EN), never a hit nor a vivified stub.
     if flags.value {
         meta(MetaStatus::Va, out, Some(entry.value.clone()))
     } else {
-        quiet(flags, true, meta(MetaStatus::Hd, out, None))
+        meta(MetaStatus::Hd, out, None)
     }
 }
 
 async fn set(ctx: &Ctx, key: Bytes, data: Bytes, flags: MetaFlags) -> Response {
     Stats::incr(&ctx.stats.cmd_set);
-    let max = ctx.settings.max_item_bytes;
     let fresh = Entry {
         key: key.clone(),
         flags: flags.client_flags.unwrap_or(0),
@@ -220,64 +256,80 @@ async fn set(ctx: &Ctx, key: Bytes, data: Bytes, flags: MetaFlags) -> Response {
         }
     } else {
         ctx.read_modify_write(&key, |live| {
-            let mut stale = false;
-            if let Some(want) = flags.compare_cas {
-                match live {
-                    None => return Step::Answer(Response::NotFound),
-                    Some(old) if old.cas != want => {
-                        if flags.invalidate && want < old.cas {
-                            stale = true;
-                        } else {
-                            return Step::Answer(Response::Exists);
-                        }
-                    }
-                    Some(_) => {}
-                }
+            let step = set_step(ctx, &flags, &fresh, live);
+            if let Step::Write(entry, _) = &step {
+                written = Some(entry.clone());
             }
-            let mut entry = match (flags.set_mode, live) {
-                (MetaSetMode::Add, Some(_)) => return Step::Answer(Response::NotStored),
-                (MetaSetMode::Replace | MetaSetMode::Append | MetaSetMode::Prepend, None) => {
-                    return Step::Answer(Response::NotStored)
-                }
-                (MetaSetMode::Append | MetaSetMode::Prepend, Some(old)) => {
-                    if old.value.len() + fresh.value.len() > max {
-                        return Step::Answer(Response::ServerError(
-                            "out of memory storing object".into(),
-                        ));
-                    }
-                    let value = if flags.set_mode == MetaSetMode::Append {
-                        concat(&old.value, &fresh.value)
-                    } else {
-                        concat(&fresh.value, &old.value)
-                    };
-                    Entry {
-                        value,
-                        ..old.clone()
-                    }
-                }
-                _ => fresh.clone(),
-            };
-            entry = ctx.stamp(entry, live);
-            entry.cas = new_cas(ctx, &flags, live);
-            entry.stale = stale;
-            entry.win_sent = false;
-            written = Some(entry.clone());
-            Step::Write(entry, Response::Stored)
+            step
         })
         .await
     };
-    let now_secs = ctx.clock.now_secs();
+    let failed = |status| meta(status, set_flags(&flags, &key, 0), None);
     match r {
         Response::Stored => {
             ctx.stored(written.as_ref().map(|e| (&e.key[..], e.expires_at)));
-            let out = render(&flags, &key, written.as_ref(), now_secs);
-            quiet(&flags, true, meta(MetaStatus::Hd, out, None))
+            let cas = written.as_ref().map_or(0, |e| e.cas);
+            quiet(
+                &flags,
+                true,
+                meta(MetaStatus::Hd, set_flags(&flags, &key, cas), None),
+            )
         }
-        Response::NotStored => meta(MetaStatus::Ns, echo(&flags, &key), None),
-        Response::Exists => meta(MetaStatus::Ex, echo(&flags, &key), None),
-        Response::NotFound => meta(MetaStatus::Nf, echo(&flags, &key), None),
+        Response::NotStored => failed(MetaStatus::Ns),
+        Response::Exists => failed(MetaStatus::Ex),
+        Response::NotFound => failed(MetaStatus::Nf),
         other => other,
     }
+}
+
+/// What an `ms` that reads first (a mode, or `C`) does with the live item.
+fn set_step(ctx: &Ctx, flags: &MetaFlags, fresh: &Entry, live: Option<&Entry>) -> Step {
+    let mut stale = false;
+    if let Some(want) = flags.compare_cas {
+        match live {
+            None => return Step::Answer(Response::NotFound),
+            Some(old) if old.cas != want => {
+                if flags.invalidate && want < old.cas {
+                    stale = true;
+                } else {
+                    return Step::Answer(Response::Exists);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    let mut entry = match (flags.set_mode, live) {
+        (MetaSetMode::Add, Some(_)) => return Step::Answer(Response::NotStored),
+        (MetaSetMode::Replace | MetaSetMode::Append | MetaSetMode::Prepend, None) => {
+            return Step::Answer(Response::NotStored)
+        }
+        (MetaSetMode::Append | MetaSetMode::Prepend, Some(old)) => {
+            if old.value.len() + fresh.value.len() > ctx.settings.max_item_bytes {
+                return Step::Answer(Response::ServerError("out of memory storing object".into()));
+            }
+            let value = if flags.set_mode == MetaSetMode::Append {
+                concat(&old.value, &fresh.value)
+            } else {
+                concat(&fresh.value, &old.value)
+            };
+            Entry {
+                value,
+                ..old.clone()
+            }
+        }
+        _ => fresh.clone(),
+    };
+    entry = ctx.stamp(entry, live);
+    entry.cas = new_cas(ctx, flags, live);
+    entry.stale = stale;
+    entry.win_sent = false;
+    if let Some(old) = live.filter(|_| stale) {
+        // As memcached: a stale recache keeps the item's TTL and its handed-out win,
+        // so the next mg sees Z and only one client wins the recache.
+        entry.expires_at = old.expires_at;
+        entry.win_sent = old.win_sent;
+    }
+    Step::Write(entry, Response::Stored)
 }
 
 async fn delete(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
@@ -325,8 +377,10 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
     let incr = flags.arith_mode == MetaArithMode::Incr;
     let delta = flags.delta.unwrap_or(1);
     let mut written: Option<Entry> = None;
+    let mut created = false;
     let r = ctx
         .read_modify_write(&key, |live| {
+            created = live.is_none();
             let entry = match live {
                 None => {
                     let Some(ttl) = flags.vivify else {
@@ -370,12 +424,16 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
         Response::Stored => {
             Stats::incr(hits);
             let entry = written.expect("written on success");
-            let out = render(&flags, &key, Some(&entry), now_secs);
-            if flags.value {
+            use ReturnFlag::{Base64, Cas, Key, Opaque, Ttl};
+            let shown = only(&flags, &[Base64, Cas, Key, Opaque, Ttl]);
+            let out = render(&shown, &key, Some(&entry), now_secs);
+            // `q` hides an ordinary success, never an auto-created counter.
+            let reply = if flags.value {
                 meta(MetaStatus::Va, out, Some(entry.value))
             } else {
-                quiet(&flags, true, meta(MetaStatus::Hd, out, None))
-            }
+                meta(MetaStatus::Hd, out, None)
+            };
+            quiet(&flags, !created, reply)
         }
         Response::NotFound => {
             Stats::incr(misses);
@@ -391,7 +449,7 @@ async fn debug(ctx: &Ctx, key: Bytes, base64: bool) -> Response {
         Ok((Some(read), Liveness::Live)) => {
             let e = read.entry;
             Response::Debug {
-                key: encode_key(&key, base64),
+                key: String::from_utf8_lossy(&encode_key(&key, base64)).into_owned(),
                 fields: format!(
                     "exp={} la=0 cas={} fetch=no cls=1 size={}",
                     remaining_ttl(&e, ctx.clock.now_secs()),

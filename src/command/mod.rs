@@ -6,6 +6,7 @@
 //! retrying when another writer got there first, so they stay atomic across replicas on a
 //! store that honours conditional writes.
 
+mod detail;
 mod meta;
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use futures::stream::{self, StreamExt};
 
 use crate::clock::Clock;
 use crate::culler::WriteHint;
-use crate::flush::Flush;
+use crate::flush::{Epoch, Flush};
 use crate::protocol::{ProtocolError, Request, Response, StoreMode, Value};
 use crate::stats::Stats;
 use crate::store::{Entry, PutMode, Store, StoreError, Versioned};
@@ -62,6 +63,8 @@ pub struct Ctx {
     pub started_us: u64,
     /// Tells the culler about writes, so it can run early when the bound is near.
     pub write_hint: Arc<WriteHint>,
+    /// `stats detail` counts.
+    pub detail: detail::PrefixStats,
 }
 
 /// What a read-modify-write step decides, given the live item (if any).
@@ -89,6 +92,7 @@ impl Ctx {
             clock,
             settings,
             write_hint,
+            detail: detail::PrefixStats::default(),
         }
     }
 
@@ -111,7 +115,7 @@ impl Ctx {
     }
 
     /// Whether a stored entry is visible now: not expired and not flushed.
-    fn live(&self, entry: &Entry, epoch_us: u64, now_us: u64) -> Liveness {
+    fn live(&self, entry: &Entry, epoch_us: Epoch, now_us: u64) -> Liveness {
         if entry.expires_at != 0 && entry.expires_at <= now_us / 1_000_000 {
             Liveness::Expired
         } else if Flush::hides(epoch_us, entry, now_us) {
@@ -218,8 +222,9 @@ fn short_reason(why: &str) -> String {
 }
 
 fn reply(noreply: bool, response: Response) -> Response {
-    // memcached suppresses every reply under noreply except errors about the request itself.
-    if noreply && !matches!(response, Response::Error(_)) {
+    // memcached suppresses every reply under noreply, errors included (its out_string skips
+    // the reply whenever the command set noreply), so a client's replies never shift.
+    if noreply {
         Response::None
     } else {
         response
@@ -244,8 +249,13 @@ pub async fn execute_arrived(
 /// Executes one request.
 pub async fn execute(ctx: &Ctx, request: Request) -> Response {
     match request {
-        Request::Get { keys, cas } => retrieve(ctx, keys, cas, None).await,
-        Request::Gat { exptime, keys, cas } => retrieve(ctx, keys, cas, Some(exptime)).await,
+        Request::Get { keys, cas, end } => retrieve(ctx, keys, cas, None, end).await,
+        Request::Gat {
+            exptime,
+            keys,
+            cas,
+            end,
+        } => retrieve(ctx, keys, cas, Some(exptime), end).await,
         Request::Store {
             mode,
             key,
@@ -255,6 +265,7 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             cas_unique,
             noreply,
         } => {
+            ctx.detail.set(&key);
             let r = store(ctx, mode, key, flags, exptime, data, cas_unique).await;
             reply(noreply, r)
         }
@@ -263,6 +274,7 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             remove_old,
             noreply,
         } => {
+            ctx.detail.set(&key);
             if remove_old {
                 if let Err(e) = ctx.store.delete(&key, None).await {
                     return ctx.failure(e);
@@ -270,7 +282,10 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             }
             reply(noreply, Response::Error(ProtocolError::TOO_LARGE))
         }
-        Request::Delete { key, noreply } => reply(noreply, delete(ctx, &key).await),
+        Request::Delete { key, noreply } => {
+            ctx.detail.delete(&key);
+            reply(noreply, delete(ctx, &key).await)
+        }
         Request::Arith {
             key,
             delta,
@@ -304,7 +319,13 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
 /// The memcached release whose protocol s3cached speaks; clients parse it.
 pub const MEMCACHED_COMPAT_VERSION: &str = "1.6.18";
 
-async fn retrieve(ctx: &Ctx, keys: Vec<Bytes>, with_cas: bool, touch: Option<i64>) -> Response {
+async fn retrieve(
+    ctx: &Ctx,
+    keys: Vec<Bytes>,
+    with_cas: bool,
+    touch: Option<i64>,
+    end: bool,
+) -> Response {
     let stats = &ctx.stats;
     Stats::add(&stats.cmd_get, keys.len() as u64);
     if touch.is_some() {
@@ -312,10 +333,13 @@ async fn retrieve(ctx: &Ctx, keys: Vec<Bytes>, with_cas: bool, touch: Option<i64
     }
     let mut results = stream::iter(keys)
         .map(|key| async move {
-            match touch {
+            let counted = key.clone();
+            let r = match touch {
                 None => get_one(ctx, key).await,
                 Some(exptime) => touch_one(ctx, key, exptime).await,
-            }
+            };
+            ctx.detail.get(&counted, matches!(r, Ok(Some(_))));
+            r
         })
         .buffered(MAX_GET_FANOUT);
     let mut values = Vec::new();
@@ -335,7 +359,11 @@ async fn retrieve(ctx: &Ctx, keys: Vec<Bytes>, with_cas: bool, touch: Option<i64
             Err(failure) => return failure,
         }
     }
-    Response::Values { values, with_cas }
+    Response::Values {
+        values,
+        with_cas,
+        end,
+    }
 }
 
 fn to_value(entry: Entry) -> Value {
@@ -609,27 +637,57 @@ async fn flush_all(ctx: &Ctx, delay: i64) -> Response {
     }
     Stats::incr(&ctx.stats.cmd_flush);
     let now_us = ctx.clock.now_us();
+    // The parser keeps the delay in memcached's 32-bit range, so this cannot overflow.
     let at_us = if delay <= 0 {
         now_us
     } else {
-        ctx.clock.expires_at(delay) * 1_000_000
+        ctx.clock.expires_at(delay).saturating_mul(1_000_000)
     };
-    match ctx.flush.flush(at_us).await {
+    match ctx.flush.flush_at(at_us, now_us).await {
         Ok(()) => Response::Ok,
         Err(e) => ctx.failure(e),
     }
 }
 
 fn stats(ctx: &Ctx, arg: Option<&str>) -> Response {
-    match arg {
+    let words: Vec<&str> = arg.map(|a| a.split(' ').collect()).unwrap_or_default();
+    match words.first().copied() {
         None => Response::Stats(general_stats(ctx)),
         Some("settings") => Response::Stats(ctx.settings.settings_rows.clone()),
         Some("reset") => {
             ctx.stats.reset();
+            ctx.detail.clear();
             Response::Reset
         }
+        Some("detail") => match words.get(1).copied() {
+            Some(on @ ("on" | "off")) => {
+                ctx.detail.set_enabled(on == "on");
+                Response::Ok
+            }
+            Some("dump") => Response::Prefixes(ctx.detail.dump()),
+            _ => Response::Error(ProtocolError::Client("usage: stats detail on|off|dump")),
+        },
+        Some("cachedump") => cachedump(&words),
+        // Slab and item-class internals have no counterpart on S3: empty lists.
         Some("items" | "slabs" | "sizes" | "conns") => Response::Stats(Vec::new()),
         Some(_) => Response::Error(ProtocolError::UnknownCommand),
+    }
+}
+
+/// memcached's slab classes, the ids `stats cachedump` accepts.
+const MAX_SLAB_CLASSES: u64 = 64;
+
+/// `stats cachedump <class> <limit>`: memcached's checks, then an empty listing (there are
+/// no slab classes to walk here).
+fn cachedump(words: &[&str]) -> Response {
+    if words.len() < 3 {
+        return Response::Error(ProtocolError::Client("bad command line"));
+    }
+    let number = |w: &str| crate::protocol::parse_u32_field(w.as_bytes());
+    match (number(words[1]), number(words[2])) {
+        (Some(id), Some(_)) if u64::from(id) < MAX_SLAB_CLASSES => Response::Stats(Vec::new()),
+        (Some(_), Some(_)) => Response::Error(ProtocolError::Client("Illegal slab id")),
+        _ => Response::Error(ProtocolError::BAD_FORMAT),
     }
 }
 
