@@ -67,10 +67,56 @@ fn flag(letter: u8, value: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// New expiry moments (absolute, 0 = never) that memcached applies where `T` and `N` stand
+/// among the flags, in request order.
+#[derive(Clone, Copy, Default)]
+struct Moves {
+    /// `T`'s expiry, if the command applies it.
+    ttl_at: Option<u64>,
+    /// `N`'s expiry, if the item was just created.
+    vivify_at: Option<u64>,
+}
+
+impl Moves {
+    /// The expiry after every move, and as the `R` test saw it.
+    fn walk(self, flags: &MetaFlags, initial: u64) -> (u64, u64) {
+        let (mut at, mut at_recache) = (initial, initial);
+        for f in &flags.ret {
+            match (f, self.ttl_at, self.vivify_at) {
+                (ReturnFlag::AtNewTtl, Some(t), _) | (ReturnFlag::AtVivify, _, Some(t)) => at = t,
+                (ReturnFlag::AtRecache, _, _) => at_recache = at,
+                _ => {}
+            }
+        }
+        (at, at_recache)
+    }
+}
+
 /// The requested return flags rendered for `entry` (or only key/opaque when there is none).
 fn render(flags: &MetaFlags, key: &[u8], entry: Option<&Entry>, now_secs: u64) -> Vec<Bytes> {
+    render_moving(flags, key, entry, now_secs, Moves::default())
+}
+
+/// [`render`], with `T`/`N` moving the expiry that a later `t` shows.
+fn render_moving(
+    flags: &MetaFlags,
+    key: &[u8],
+    entry: Option<&Entry>,
+    now_secs: u64,
+    moves: Moves,
+) -> Vec<Bytes> {
     let mut out = Vec::with_capacity(flags.ret.len());
+    let mut current = entry.cloned();
     for f in &flags.ret {
+        let moved = match f {
+            ReturnFlag::AtNewTtl => moves.ttl_at,
+            ReturnFlag::AtVivify => moves.vivify_at,
+            _ => None,
+        };
+        if let (Some(e), Some(at)) = (current.as_mut(), moved) {
+            e.expires_at = at;
+        }
+        let entry = current.as_ref();
         let text = match (f, entry) {
             // memcached returns `b` right after the key, and only with it.
             (ReturnFlag::Base64, _) => continue,
@@ -91,6 +137,7 @@ fn render(flags: &MetaFlags, key: &[u8], entry: Option<&Entry>, now_secs: u64) -
             (ReturnFlag::Ttl, Some(e)) => format!("t{}", remaining_ttl(e, now_secs)),
             (ReturnFlag::Hit, Some(_)) => "h0".to_owned(),
             (ReturnFlag::LastAccess, Some(_)) => "l0".to_owned(),
+            (ReturnFlag::AtNewTtl | ReturnFlag::AtVivify | ReturnFlag::AtRecache, _) => continue,
             (_, None) => continue,
         };
         out.push(Bytes::from(text));
@@ -150,32 +197,46 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
             let Some(ttl) = flags.vivify else {
                 return quiet(&flags, true, meta(MetaStatus::En, echo(&flags, &key), None));
             };
-            // Vivify: create an empty stub whose creator wins the right to recache.
-            let stub = Entry {
+            // Vivify: create an empty stub whose creator wins the right to recache. As in
+            // memcached it starts with no expiry; `N` and `T` set it where they stand.
+            let moves = Moves {
+                ttl_at: flags.ttl.map(|t| ctx.clock.expires_at(t)),
+                vivify_at: Some(ctx.clock.expires_at(ttl)),
+            };
+            let shown = Entry {
                 key: key.clone(),
-                expires_at: ctx.clock.expires_at(ttl),
                 stored_at_us: ctx.clock.now_us(),
                 cas: new_cas(ctx, &flags, read.as_ref().map(|v| &v.entry)),
                 win_sent: true,
                 ..Entry::default()
+            };
+            let stub = Entry {
+                expires_at: moves.walk(&flags, 0).0,
+                ..shown.clone()
             };
             let mode = match &read {
                 Some(v) => PutMode::Update(v.version.clone()),
                 None => PutMode::Create,
             };
             match ctx.store.put(&stub, mode).await {
-                Ok(_) => return hit_reply(&flags, &key, &stub, now_secs, &["W"]),
+                Ok(_) => return hit_reply(&flags, &key, &shown, now_secs, &["W"], moves),
                 Err(StoreError::Exists | StoreError::Changed) => continue,
                 Err(e) => return ctx.failure(e),
             }
         };
         Stats::incr(&ctx.stats.get_hits);
         let mut entry = read.entry;
+        let shown = entry.clone();
+        let moves = Moves {
+            ttl_at: flags.ttl.map(|t| ctx.clock.expires_at(t)),
+            vivify_at: None,
+        };
+        let (expires_at, at_recache) = moves.walk(&flags, entry.expires_at);
         // As memcached: `R` is an exptime (relative, absolute or negative) and the item wins
-        // a recache when it expires before that moment.
+        // a recache when, as of where `R` stands, it expires before that moment.
         let recache_at = flags.recache.map_or(0, |r| ctx.clock.expires_at(r));
-        let wants_win = entry.stale
-            || (recache_at != 0 && entry.expires_at != 0 && entry.expires_at < recache_at);
+        let wants_win =
+            entry.stale || (recache_at != 0 && at_recache != 0 && at_recache < recache_at);
         let won = wants_win && !entry.win_sent;
         let mut markers: Vec<&'static str> = Vec::new();
         if won {
@@ -195,8 +256,8 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
         if won {
             entry.win_sent = true;
         }
-        if let Some(ttl) = flags.ttl {
-            entry.expires_at = ctx.clock.expires_at(ttl);
+        if flags.ttl.is_some() {
+            entry.expires_at = expires_at;
             Stats::incr(&ctx.stats.touch_hits);
             write = true;
         }
@@ -211,7 +272,11 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
                 Err(e) => return ctx.failure(e),
             }
         }
-        return hit_reply(&flags, &key, &entry, now_secs, &markers);
+        let shown = Entry {
+            win_sent: entry.win_sent,
+            ..shown
+        };
+        return hit_reply(&flags, &key, &shown, now_secs, &markers, moves);
     }
     ctx.failure(StoreError::Changed)
 }
@@ -222,8 +287,9 @@ fn hit_reply(
     entry: &Entry,
     now_secs: u64,
     markers: &[&'static str],
+    moves: Moves,
 ) -> Response {
-    let mut out = render(flags, key, Some(entry), now_secs);
+    let mut out = render_moving(flags, key, Some(entry), now_secs, moves);
     out.extend(markers.iter().map(|m| Bytes::from_static(m.as_bytes())));
     // `q` on mg hides only a plain miss (EN), never a hit nor a vivified stub.
     if flags.value {
@@ -284,8 +350,11 @@ async fn set(ctx: &Ctx, key: Bytes, data: Bytes, flags: MetaFlags) -> Response {
 
 /// What an `ms` that reads first (a mode, or `C`) does with the live item.
 fn set_step(ctx: &Ctx, flags: &MetaFlags, fresh: &Entry, live: Option<&Entry>) -> Step {
+    // As memcached: `C` turns set and replace into cas (where `I` with an older cas stores
+    // the value stale), is a plain check for append/prepend (0 = none), and add ignores it.
     let mut stale = false;
-    if let Some(want) = flags.compare_cas {
+    let cas_mode = matches!(flags.set_mode, MetaSetMode::Set | MetaSetMode::Replace);
+    if let Some(want) = flags.compare_cas.filter(|_| cas_mode) {
         match live {
             None => return Step::Answer(Response::NotFound),
             Some(old) if old.cas != want => {
@@ -298,10 +367,16 @@ fn set_step(ctx: &Ctx, flags: &MetaFlags, fresh: &Entry, live: Option<&Entry>) -
             Some(_) => {}
         }
     }
+    let append_cas = flags.compare_cas.filter(|&c| c != 0 && !cas_mode);
     let mut entry = match (flags.set_mode, live) {
         (MetaSetMode::Add, Some(_)) => return Step::Answer(Response::NotStored),
         (MetaSetMode::Replace | MetaSetMode::Append | MetaSetMode::Prepend, None) => {
             return Step::Answer(Response::NotStored)
+        }
+        (MetaSetMode::Append | MetaSetMode::Prepend, Some(old))
+            if append_cas.is_some_and(|want| want != old.cas) =>
+        {
+            return Step::Answer(Response::Exists)
         }
         (MetaSetMode::Append | MetaSetMode::Prepend, Some(old)) => {
             if old.value.len() + fresh.value.len() > ctx.settings.max_item_bytes {
@@ -378,6 +453,12 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
     let delta = flags.delta.unwrap_or(1);
     let mut written: Option<Entry> = None;
     let mut created = false;
+    // As memcached: T (and N for a created counter) set the expiry where they stand, so a
+    // `t` before them shows the expiry as it was.
+    let mut moves = Moves {
+        ttl_at: flags.ttl.map(|t| ctx.clock.expires_at(t)),
+        vivify_at: None,
+    };
     let r = ctx
         .read_modify_write(&key, |live| {
             created = live.is_none();
@@ -386,15 +467,19 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
                     let Some(ttl) = flags.vivify else {
                         return Step::Answer(Response::NotFound);
                     };
+                    moves.vivify_at = Some(ctx.clock.expires_at(ttl));
                     Entry {
                         key: key.clone(),
-                        expires_at: ctx.clock.expires_at(ttl),
                         value: Bytes::from(flags.initial.unwrap_or(0).to_string()),
                         ..Entry::default()
                     }
                 }
                 Some(old) => {
-                    if flags.compare_cas.is_some_and(|want| want != old.cas) {
+                    // C0 compares nothing, as in memcached.
+                    if flags
+                        .compare_cas
+                        .is_some_and(|want| want != 0 && want != old.cas)
+                    {
                         return Step::Answer(Response::Exists);
                     }
                     let Some(current) = parse_counter(&old.value) else {
@@ -402,15 +487,13 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
                     };
                     let mut e = old.clone();
                     e.value = Bytes::from(apply_delta(current, delta, incr).to_string());
-                    if let Some(ttl) = flags.ttl {
-                        e.expires_at = ctx.clock.expires_at(ttl);
-                    }
                     e
                 }
             };
             let mut entry = ctx.stamp(entry, live);
             entry.cas = new_cas(ctx, &flags, live);
             written = Some(entry.clone());
+            entry.expires_at = moves.walk(&flags, entry.expires_at).0;
             Step::Write(entry, Response::Stored)
         })
         .await;
@@ -424,9 +507,9 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
         Response::Stored => {
             Stats::incr(hits);
             let entry = written.expect("written on success");
-            use ReturnFlag::{Base64, Cas, Key, Opaque, Ttl};
-            let shown = only(&flags, &[Base64, Cas, Key, Opaque, Ttl]);
-            let out = render(&shown, &key, Some(&entry), now_secs);
+            use ReturnFlag::{AtNewTtl, AtVivify, Base64, Cas, Key, Opaque, Ttl};
+            let shown = only(&flags, &[AtNewTtl, AtVivify, Base64, Cas, Key, Opaque, Ttl]);
+            let out = render_moving(&shown, &key, Some(&entry), now_secs, moves);
             // `q` hides an ordinary success, never an auto-created counter.
             let reply = if flags.value {
                 meta(MetaStatus::Va, out, Some(entry.value))

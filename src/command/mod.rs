@@ -554,16 +554,9 @@ async fn delete(ctx: &Ctx, key: &[u8]) -> Response {
     ctx.failure(StoreError::Changed)
 }
 
-/// Parses an item's data as memcached's incr does: a decimal u64, blanks around allowed.
+/// Parses an item's data as memcached's incr does.
 fn parse_counter(value: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(value)
-        .ok()?
-        .trim_matches(|c: char| c.is_ascii_whitespace());
-    let digits = text.strip_prefix('+').unwrap_or(text);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    crate::protocol::parse_counter(value)
 }
 
 /// The incr/decr arithmetic: incr wraps at 2^64, decr stops at 0.

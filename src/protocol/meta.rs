@@ -35,6 +35,12 @@ pub enum ReturnFlag {
     Size,
     /// `t`: remaining TTL (-1 = none).
     Ttl,
+    /// Where `T` stands: memcached applies it there, so a `t` before it shows the old TTL.
+    AtNewTtl,
+    /// Where `N` stands: an auto-created item gets its TTL there.
+    AtVivify,
+    /// Where `R` stands: the recache test sees the TTL as of there.
+    AtRecache,
 }
 
 /// `M` of `ms`.
@@ -183,7 +189,7 @@ pub(super) fn parse(
         b"ma" => Command::Arith,
         _ => Command::Debug,
     };
-    let flags = match parse_flags(&tokens[2..], which) {
+    let flags = match parse_flags(&tokens[2..], raw_key, which) {
         Ok(flags) => flags,
         Err(e) => return invalid(e),
     };
@@ -223,7 +229,7 @@ fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) ->
     let Some(len) = parse_length(tokens[2]) else {
         return invalid(ProtocolError::BAD_FORMAT, Skip::None);
     };
-    let parsed = parse_flags(&tokens[3..], Command::Set)
+    let parsed = parse_flags(&tokens[3..], tokens[1], Command::Set)
         .and_then(|flags| Ok((decode_key(tokens[1], flags.base64)?, flags)));
     let (key, flags) = match parsed {
         Ok(ok) => ok,
@@ -287,8 +293,13 @@ enum Command {
 /// Parses flag tokens as memcached's `_meta_flag_preparse` does: every command knows every
 /// flag (unused ones are ignored), an unknown or repeated letter stops at once, and other
 /// errors are collected, the last wording winning. `md` and `ma` word them all alike.
-fn parse_flags(tokens: &[&[u8]], command: Command) -> Result<MetaFlags, ProtocolError> {
-    let result = preparse(tokens).and_then(|mut f| {
+/// `raw_key` is decoded where `b` stands, so its error takes its place among the others.
+fn parse_flags(
+    tokens: &[&[u8]],
+    raw_key: &[u8],
+    command: Command,
+) -> Result<MetaFlags, ProtocolError> {
+    let result = preparse(tokens, raw_key).and_then(|mut f| {
         let mode = f.mode;
         match command {
             Command::Set => set_mode(&mut f, mode, false)?,
@@ -313,7 +324,7 @@ fn parse_flags(tokens: &[&[u8]], command: Command) -> Result<MetaFlags, Protocol
     }
 }
 
-fn preparse(tokens: &[&[u8]]) -> Result<MetaFlags, ProtocolError> {
+fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError> {
     let mut f = MetaFlags::default();
     let mut seen = [false; 128];
     let mut error: Option<ProtocolError> = None;
@@ -328,11 +339,23 @@ fn preparse(tokens: &[&[u8]]) -> Result<MetaFlags, ProtocolError> {
             b'b' => {
                 f.base64 = true;
                 f.ret.push(ReturnFlag::Base64);
+                if let Err(e) = decode_key(raw_key, true) {
+                    fail(e);
+                }
             }
             b'N' | b'T' | b'R' => match parse_i32(arg) {
-                Some(v) if flag == b'N' => f.vivify = Some(v),
-                Some(v) if flag == b'T' => f.ttl = Some(v),
-                Some(v) => f.recache = Some(v),
+                Some(v) if flag == b'N' => {
+                    f.vivify = Some(v);
+                    f.ret.push(ReturnFlag::AtVivify);
+                }
+                Some(v) if flag == b'T' => {
+                    f.ttl = Some(v);
+                    f.ret.push(ReturnFlag::AtNewTtl);
+                }
+                Some(v) => {
+                    f.recache = Some(v);
+                    f.ret.push(ReturnFlag::AtRecache);
+                }
                 None => fail(BAD_TOKEN),
             },
             b'c' => f.ret.push(ReturnFlag::Cas),

@@ -158,6 +158,13 @@ pub fn parse_u32_field(token: &[u8]) -> Option<u32> {
     parse::parse_u32(token)
 }
 
+/// A counter's data as memcached's incr reads it (`safe_strtoull` on the item's bytes as a
+/// C string): blanks, digits, then nothing, a blank or a NUL; anything may follow that.
+pub fn parse_counter(data: &[u8]) -> Option<u64> {
+    let text = data.split(|&b| b == 0).next().unwrap_or(data);
+    parse::parse_u64(text)
+}
+
 /// Whether a key is acceptable: 1 to 250 bytes, no whitespace or control characters.
 pub fn valid_key(key: &[u8]) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_BYTES && key.iter().all(|&b| b > b' ' && b != 0x7f)
