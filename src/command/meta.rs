@@ -6,7 +6,7 @@
 use base64::Engine;
 use bytes::Bytes;
 
-use super::{apply_delta, concat, parse_counter, Ctx, Liveness, Step, NON_NUMERIC};
+use super::{apply_delta, concat, counter_bytes, parse_counter, Ctx, Liveness, Step, NON_NUMERIC};
 use crate::protocol::{
     MetaArithMode, MetaFlags, MetaReply, MetaRequest, MetaSetMode, MetaStatus, Response, ReturnFlag,
 };
@@ -486,7 +486,7 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
                         return Step::Answer(Response::Error(NON_NUMERIC));
                     };
                     let mut e = old.clone();
-                    e.value = Bytes::from(apply_delta(current, delta, incr).to_string());
+                    e.value = counter_bytes(apply_delta(current, delta, incr), old.value.len());
                     e
                 }
             };
@@ -512,7 +512,9 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
             let out = render_moving(&shown, &key, Some(&entry), now_secs, moves);
             // `q` hides an ordinary success, never an auto-created counter.
             let reply = if flags.value {
-                meta(MetaStatus::Va, out, Some(entry.value))
+                // The number alone, without the padding memcached keeps in the item.
+                let len = entry.value.iter().take_while(|&&b| b != b' ').count();
+                meta(MetaStatus::Va, out, Some(entry.value.slice(..len)))
             } else {
                 meta(MetaStatus::Hd, out, None)
             };

@@ -331,6 +331,13 @@ async fn retrieve(
     if touch.is_some() {
         Stats::add(&stats.cmd_touch, keys.len() as u64);
     }
+    // A key named twice in one gat is touched twice in order, as memcached does: the second
+    // sees what the first wrote.
+    let fanout = if touch.is_some() && has_duplicates(&keys) {
+        1
+    } else {
+        MAX_GET_FANOUT
+    };
     let mut results = stream::iter(keys)
         .map(|key| async move {
             let counted = key.clone();
@@ -341,7 +348,7 @@ async fn retrieve(
             ctx.detail.get(&counted, matches!(r, Ok(Some(_))));
             r
         })
-        .buffered(MAX_GET_FANOUT);
+        .buffered(fanout);
     let mut values = Vec::new();
     let mut bytes = 0;
     while let Some(r) = results.next().await {
@@ -364,6 +371,11 @@ async fn retrieve(
         with_cas,
         end,
     }
+}
+
+fn has_duplicates(keys: &[Bytes]) -> bool {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    !keys.iter().all(|k| seen.insert(k))
 }
 
 fn to_value(entry: Entry) -> Value {
@@ -568,6 +580,16 @@ fn apply_delta(current: u64, delta: u64, incr: bool) -> u64 {
     }
 }
 
+/// The stored form of a new counter value: as memcached writes it in place, padded with
+/// spaces to the old length when it is shorter (`decr` of `10` reads back as `9 `).
+fn counter_bytes(value: u64, old_len: usize) -> Bytes {
+    let mut text = value.to_string().into_bytes();
+    if text.len() < old_len {
+        text.resize(old_len, b' ');
+    }
+    Bytes::from(text)
+}
+
 const NON_NUMERIC: ProtocolError =
     ProtocolError::Client("cannot increment or decrement non-numeric value");
 
@@ -582,7 +604,7 @@ async fn arith(ctx: &Ctx, key: &[u8], delta: u64, incr: bool) -> Response {
             };
             let next = apply_delta(current, delta, incr);
             let entry = Entry {
-                value: Bytes::from(next.to_string()),
+                value: counter_bytes(next, old.value.len()),
                 ..old.clone()
             };
             Step::Write(ctx.stamp(entry, Some(old)), Response::Number(next))

@@ -49,7 +49,10 @@ def data(rng):
     n = rng.choice([0, 1, 2, 5, 20, 100, 1000])
     if rng.random() < 0.3:
         return str(rng.choice([0, 1, 9, 10, 99, 100, 12345, 2**64 - 1])).encode()
-    return bytes(rng.choice(alphabet) for _ in range(n))
+    value = bytes(rng.choice(alphabet) for _ in range(n))
+    # Never only blanks: memcached's incr then reads past the item's end (whatever memory
+    # follows decides), which nothing can match.
+    return b"z" + value if value and not value.strip() else value
 
 
 def key(rng):
@@ -168,6 +171,9 @@ def meta(rng):
     else:
         flags = meta_flags(rng, "TFckOqICM")
     if rng.random() < 0.05:
+        # memcached shows the key of an item that mg/ma N created in raw form even when
+        # asked with b (it remembers a key's form per item): no N with b.
+        flags = [f for f in flags if not f.startswith(b"N")]
         # Keys used only in base64 form: memcached remembers that an item's key came in
         # base64 and shows it so to any later command (s3cached does not store that).
         flags.append(b"b")
@@ -198,12 +204,13 @@ def stream(seed, count):
         if rng.random() < 0.01:
             batch = [b"get a " + rng.choice(BAD_KEYS) + b"\r\n"]
         sent += len(batch)
-        yield b"".join(batch)
-
-
-def _unpad(m):
-    digits = m.group(4).rstrip(b" ")
-    return m.group(1) + str(len(digits)).encode() + m.group(3) + b"\r\n" + digits + b"\r\n"
+        if any(c.startswith((b"incr ", b"decr ", b"ma ")) for c in batch):
+            # memcached rewrites a counter in place, padded with spaces to its old length,
+            # only when no reply still being sent holds the item: a counter command goes
+            # alone, after every earlier reply was read, so its result is deterministic.
+            yield from batch
+        else:
+            yield b"".join(batch)
 
 
 def _past_ttl(m):
@@ -211,14 +218,23 @@ def _past_ttl(m):
 
 
 def fuzz_normalize(reply):
-    """wire.normalize, plus two documented differences: memcached's space padding after a
-    shrinking decr (`9 ` of length 2 reads as `9` of length 1), and the remaining TTL of an
-    item returned after its exptime passed (memcached's unsigned subtraction wraps to about
-    2^32; s3cached says 0)."""
+    """wire.normalize, plus a documented difference: the remaining TTL of an item returned
+    after its exptime passed (memcached's unsigned subtraction wraps to about 2^32; s3cached
+    says 0)."""
     reply = re.sub(rb"(?<= )t(\d+)(?=[ \r])", _past_ttl, reply)
-    reply = re.sub(rb"(VALUE \S+ \d+ )(\d+)((?: \d+)?)\r\n(\d+ +)\r\n", _unpad, reply)
-    reply = re.sub(rb"(VA )(\d+)([^\r]*)\r\n(\d+ +)\r\n", _unpad, reply)
     return normalize(reply)
+
+
+TTL = re.compile(rb"(?<= )t(\d+)(?=[ \r])")
+TTL_TOLERANCE_SECS = 5  # after wire.normalize's 5-second buckets
+
+
+def same(want, got):
+    """Equal up to remaining TTLs, which may be read a second or two apart."""
+    if TTL.sub(b"t<n>", want) != TTL.sub(b"t<n>", got):
+        return False
+    pairs = zip(TTL.findall(want), TTL.findall(got))
+    return all(abs(int(a) - int(b)) <= TTL_TOLERANCE_SECS for a, b in pairs)
 
 
 def run_seed(seed, ours_address, memcached_address):
@@ -238,11 +254,14 @@ def run_seed(seed, ours_address, memcached_address):
                 got = fuzz_normalize(ours.exchange(batch))
             except OSError as e:
                 pytest.fail(f"seed {seed}, batch {len(history)}: s3cached: {e}: {batch[:300]!r}")
-            if got != want:
+            if not same(want, got):
                 recent = b"".join(history[-8:])
+                at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), 0)
+                at = max(0, at - 200)
                 pytest.fail(
                     f"seed {seed}, batch {len(history)}: {batch[:300]!r}\n"
-                    f" memcached: {want[:600]!r}\n s3cached:  {got[:600]!r}\n"
+                    f" memcached (from byte {at}): {want[at:at + 600]!r}\n"
+                    f" s3cached  (from byte {at}): {got[at:at + 600]!r}\n"
                     f" recent batches: {recent[-1500:]!r}"
                 )
     finally:
