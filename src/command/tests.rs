@@ -98,8 +98,8 @@ async fn incr_decr_rules() {
     assert_eq!(run(&c, "decr n 5\r\n").await, "0\r\n", "stops at 0");
     assert_eq!(
         run(&c, "get n\r\n").await,
-        "VALUE n 5 1\r\n0\r\nEND\r\n",
-        "flags kept"
+        "VALUE n 5 20\r\n0                   \r\nEND\r\n",
+        "flags kept; padded to the old length in place, as memcached does"
     );
     run(&c, "set t 0 0 2\r\nab\r\n").await;
     assert_eq!(
