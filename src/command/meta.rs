@@ -6,7 +6,7 @@
 use base64::Engine;
 use bytes::Bytes;
 
-use super::{apply_delta, concat, counter_bytes, parse_counter, Ctx, Liveness, Step, NON_NUMERIC};
+use super::{apply_delta, concat, counted, parse_counter, Ctx, Liveness, Step, NON_NUMERIC};
 use crate::protocol::{
     MetaArithMode, MetaFlags, MetaReply, MetaRequest, MetaSetMode, MetaStatus, Response, ReturnFlag,
 };
@@ -485,9 +485,7 @@ async fn arith(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
                     let Some(current) = parse_counter(&old.value) else {
                         return Step::Answer(Response::Error(NON_NUMERIC));
                     };
-                    let mut e = old.clone();
-                    e.value = counter_bytes(apply_delta(current, delta, incr), old.value.len());
-                    e
+                    counted(old, apply_delta(current, delta, incr))
                 }
             };
             let mut entry = ctx.stamp(entry, live);

@@ -590,6 +590,19 @@ fn counter_bytes(value: u64, old_len: usize) -> Bytes {
     Bytes::from(text)
 }
 
+/// An item after incr/decr to `value`. memcached rewrites it in place when the number
+/// fits (keeping its meta stale/win marks) and else writes a new item without them.
+fn counted(old: &Entry, value: u64) -> Entry {
+    let value = counter_bytes(value, old.value.len());
+    let in_place = value.len() <= old.value.len();
+    Entry {
+        value,
+        stale: old.stale && in_place,
+        win_sent: old.win_sent && in_place,
+        ..old.clone()
+    }
+}
+
 const NON_NUMERIC: ProtocolError =
     ProtocolError::Client("cannot increment or decrement non-numeric value");
 
@@ -603,10 +616,7 @@ async fn arith(ctx: &Ctx, key: &[u8], delta: u64, incr: bool) -> Response {
                 return Step::Answer(Response::Error(NON_NUMERIC));
             };
             let next = apply_delta(current, delta, incr);
-            let entry = Entry {
-                value: counter_bytes(next, old.value.len()),
-                ..old.clone()
-            };
+            let entry = counted(old, next);
             Step::Write(ctx.stamp(entry, Some(old)), Response::Number(next))
         })
         .await;
