@@ -11,7 +11,7 @@ use crate::protocol::{
     MetaArithMode, MetaFlags, MetaReply, MetaRequest, MetaSetMode, MetaStatus, Response, ReturnFlag,
 };
 use crate::stats::Stats;
-use crate::store::{Entry, PutMode, StoreError};
+use crate::store::{Entry, PutMode, StoreError, Versioned};
 
 pub(super) async fn execute(ctx: &Ctx, request: MetaRequest) -> Response {
     match request {
@@ -197,31 +197,9 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
             let Some(ttl) = flags.vivify else {
                 return quiet(&flags, true, meta(MetaStatus::En, echo(&flags, &key), None));
             };
-            // Vivify: create an empty stub whose creator wins the right to recache. As in
-            // memcached it starts with no expiry; `N` and `T` set it where they stand.
-            let moves = Moves {
-                ttl_at: flags.ttl.map(|t| ctx.clock.expires_at(t)),
-                vivify_at: Some(ctx.clock.expires_at(ttl)),
-            };
-            let shown = Entry {
-                key: key.clone(),
-                stored_at_us: ctx.clock.now_us(),
-                cas: new_cas(ctx, &flags, read.as_ref().map(|v| &v.entry)),
-                win_sent: true,
-                ..Entry::default()
-            };
-            let stub = Entry {
-                expires_at: moves.walk(&flags, 0).0,
-                ..shown.clone()
-            };
-            let mode = match &read {
-                Some(v) => PutMode::Update(v.version.clone()),
-                None => PutMode::Create,
-            };
-            match ctx.store.put(&stub, mode).await {
-                Ok(_) => return hit_reply(&flags, &key, &shown, now_secs, &["W"], moves),
-                Err(StoreError::Exists | StoreError::Changed) => continue,
-                Err(e) => return ctx.failure(e),
+            match vivify(ctx, &key, &flags, read.as_ref(), ttl, now_secs).await {
+                Some(reply) => return reply,
+                None => continue,
             }
         };
         Stats::incr(&ctx.stats.get_hits);
@@ -279,6 +257,43 @@ async fn get(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
         return hit_reply(&flags, &key, &shown, now_secs, &markers, moves);
     }
     ctx.failure(StoreError::Changed)
+}
+
+/// A miss with `N`: creates an empty stub whose creator wins the right to recache. As in
+/// memcached it starts with no expiry; `N` and `T` set it where they stand. `None` = a
+/// concurrent writer got there first: read again.
+async fn vivify(
+    ctx: &Ctx,
+    key: &Bytes,
+    flags: &MetaFlags,
+    read: Option<&Versioned>,
+    ttl: i64,
+    now_secs: u64,
+) -> Option<Response> {
+    let moves = Moves {
+        ttl_at: flags.ttl.map(|t| ctx.clock.expires_at(t)),
+        vivify_at: Some(ctx.clock.expires_at(ttl)),
+    };
+    let shown = Entry {
+        key: key.clone(),
+        stored_at_us: ctx.clock.now_us(),
+        cas: new_cas(ctx, flags, read.map(|v| &v.entry)),
+        win_sent: true,
+        ..Entry::default()
+    };
+    let stub = Entry {
+        expires_at: moves.walk(flags, 0).0,
+        ..shown.clone()
+    };
+    let mode = match read {
+        Some(v) => PutMode::Update(v.version.clone()),
+        None => PutMode::Create,
+    };
+    match ctx.store.put(&stub, mode).await {
+        Ok(_) => Some(hit_reply(flags, key, &shown, now_secs, &["W"], moves)),
+        Err(StoreError::Exists | StoreError::Changed) => None,
+        Err(e) => Some(ctx.failure(e)),
+    }
 }
 
 fn hit_reply(
