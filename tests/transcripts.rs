@@ -629,3 +629,63 @@ async fn flush_edges_on_dir() {
 async fn flush_edges_on_s3() {
     flush_edges(Backend::S3).await;
 }
+
+/// With the default bounds a client that sets 1,000 keys reads back 1,000, after the culler
+/// has run (issue 8, item 8: the seed's max_entries = 300 kept about 300).
+async fn default_bounds_keep_what_was_set(backend: Backend, count: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(backend, &common::unique_prefix("defaults"), dir.path(), "");
+    let defaults = s3cached::config::Config::from_toml(&match backend {
+        Backend::Dir => String::new(),
+        Backend::S3 => "storage_bucket_name = \"b\"".to_owned(),
+    })
+    .unwrap();
+    config.max_entries = defaults.max_entries;
+    config.max_bytes = defaults.max_bytes;
+    config.cull_interval_secs = 1;
+    let server = TestServer::start_config(config, dir).await;
+    let mut c = server.client().await;
+    let mut sets = Vec::new();
+    for i in 0..count {
+        sets.extend_from_slice(format!("set key{i} 0 0 1\r\nv\r\n").as_bytes());
+    }
+    c.roundtrip(&sets, &b"STORED\r\n".repeat(count)).await;
+    // Two culler passes: at least one began after every write.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        c.send(b"stats\r\n").await;
+        let stats = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+        let passes: u64 = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("STAT cull_passes "))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        if passes >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no culler pass: {stats}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let keys: Vec<String> = (0..count).map(|i| format!("key{i}")).collect();
+    c.send(format!("get {}\r\n", keys.join(" ")).as_bytes())
+        .await;
+    let out = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+    assert_eq!(
+        out.matches("VALUE ").count(),
+        count,
+        "items evicted by default"
+    );
+}
+
+#[tokio::test]
+async fn default_bounds_keep_what_was_set_on_dir() {
+    default_bounds_keep_what_was_set(Backend::Dir, 1_000).await;
+}
+
+#[tokio::test]
+async fn default_bounds_keep_what_was_set_on_s3() {
+    default_bounds_keep_what_was_set(Backend::S3, 400).await;
+}
