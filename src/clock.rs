@@ -97,12 +97,15 @@ impl Clock {
     }
 
     /// memcached's reading of an exptime: 0 never, negative already expired, up to 30 days
-    /// relative, beyond that an absolute Unix time. Returns an absolute expiry (0 = never).
+    /// relative, beyond that an absolute Unix time. Returns an absolute expiry (0 = never);
+    /// every moment already past is 1, as memcached's `realtime` makes it, so two past
+    /// moments compare equal (meta `R` against an expired item wins nothing).
     pub fn expires_at(&self, exptime: i64) -> u64 {
         match exptime {
             0 => 0,
             e if e < 0 => 1,
             e if e <= MAX_RELATIVE_EXPTIME_SECS => self.now_secs() + e as u64,
+            e if e as u64 <= self.now_secs() => 1,
             e => e as u64,
         }
     }
@@ -148,6 +151,11 @@ mod tests {
         assert_eq!(clock.expires_at(-1), 1);
         let rel = clock.expires_at(10);
         assert!(rel >= now + 10 && rel <= now + 11);
-        assert_eq!(clock.expires_at(MAX_RELATIVE_EXPTIME_SECS + 1), 2_592_001);
+        assert_eq!(
+            clock.expires_at(MAX_RELATIVE_EXPTIME_SECS + 1),
+            1,
+            "past: 1"
+        );
+        assert_eq!(clock.expires_at(i64::from(i32::MAX)), i32::MAX as u64);
     }
 }

@@ -75,7 +75,16 @@ macro_rules! options {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:11211";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_ITEM_SIZE_BYTES: usize = 1024 * 1024;
-pub const DEFAULT_MAX_ENTRIES: u64 = 300;
+/// Default item bound with a bucket: large, so an application never sees its own fresh
+/// items evicted by count (memcached users expect a bound in bytes, not 300 items), while a
+/// culler pass still lists a bounded number of objects (1,000 per LIST request).
+pub const DEFAULT_S3_MAX_ENTRIES: u64 = 1_000_000;
+/// Default byte bound on the local-directory store: a bound in bytes, as memcached's `-m`,
+/// sized for a disk rather than RAM.
+pub const DEFAULT_DIR_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// The default of `max_entries` and `max_bytes` until the backend is known (see
+/// [`Config::backend_defaults`]); this value cannot be configured.
+const BY_BACKEND: u64 = u64::MAX;
 pub const DEFAULT_CULL_FREQUENCY: u64 = 3;
 pub const DEFAULT_CULL_INTERVAL_SECS: u64 = 60;
 pub const DEFAULT_GZIP_MIN_BYTES: usize = 1024;
@@ -141,12 +150,12 @@ options! {
     s3_max_attempts: u32 = DEFAULT_S3_MAX_ATTEMPTS, env "S3CACHED_S3_MAX_ATTEMPTS";
     /// Most S3 requests in flight at once, across all connections.
     s3_max_in_flight: usize = DEFAULT_S3_MAX_IN_FLIGHT, env "S3CACHED_S3_MAX_IN_FLIGHT";
-    /// Most items kept; the culler removes some when the count reaches it (0 = no limit).
-    max_entries: u64 = DEFAULT_MAX_ENTRIES, env "S3CACHED_MAX_ENTRIES";
+    /// Most items kept; the culler removes some when the count reaches it (0 = no limit; default 1000000 on S3, 0 on the directory store).
+    max_entries: u64 = BY_BACKEND, env "S3CACHED_MAX_ENTRIES";
     /// At max_entries, remove 1/cull_frequency of the items (0 = remove all).
     cull_frequency: u64 = DEFAULT_CULL_FREQUENCY, env "S3CACHED_CULL_FREQUENCY";
-    /// Most bytes of objects kept (0 = no limit).
-    max_bytes: u64 = 0, env "S3CACHED_MAX_BYTES";
+    /// Most bytes of objects kept (0 = no limit; default 1 GiB on the directory store, 0 on S3).
+    max_bytes: u64 = BY_BACKEND, env "S3CACHED_MAX_BYTES";
     /// Seconds between culler passes.
     cull_interval_secs: u64 = DEFAULT_CULL_INTERVAL_SECS, env "S3CACHED_CULL_INTERVAL_SECS";
     /// Bytes of RAM for the near tier of hot items (0 = off).
@@ -211,7 +220,7 @@ impl Config {
             Some(path) => read_file(path)?,
             None => Options::default(),
         };
-        let config = cli.options.clone().over(file).resolve();
+        let config = cli.options.clone().over(file).resolve().backend_defaults();
         config.validate()?;
         Ok(config)
     }
@@ -220,9 +229,22 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let options: Options =
             toml::from_str(text).map_err(|e| ConfigError(format!("config file: {e}")))?;
-        let config = options.resolve();
+        let config = options.resolve().backend_defaults();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Fills the bounds left unset with the backend's defaults: a byte bound on the local
+    /// store, a large item bound on S3. Values set by the user are kept.
+    fn backend_defaults(mut self) -> Config {
+        let s3 = self.uses_s3();
+        if self.max_entries == BY_BACKEND {
+            self.max_entries = if s3 { DEFAULT_S3_MAX_ENTRIES } else { 0 };
+        }
+        if self.max_bytes == BY_BACKEND {
+            self.max_bytes = if s3 { 0 } else { DEFAULT_DIR_MAX_BYTES };
+        }
+        self
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -417,10 +439,23 @@ mod tests {
     fn defaults_are_safe() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.listen, "127.0.0.1:11211");
-        assert_eq!(c.max_entries, 300);
         assert_eq!(c.cull_frequency, 3);
         assert_eq!(c.default_acl, "private");
         assert!(!c.uses_s3());
+    }
+
+    #[test]
+    fn bounds_default_by_backend_and_explicit_values_are_kept() {
+        let dir = Config::from_toml("").unwrap();
+        assert_eq!((dir.max_entries, dir.max_bytes), (0, DEFAULT_DIR_MAX_BYTES));
+        let s3 = Config::from_toml("storage_bucket_name = \"b\"").unwrap();
+        assert_eq!((s3.max_entries, s3.max_bytes), (DEFAULT_S3_MAX_ENTRIES, 0));
+        let set =
+            Config::from_toml("storage_bucket_name = \"b\"\nmax_entries = 300\nmax_bytes = 5")
+                .unwrap();
+        assert_eq!((set.max_entries, set.max_bytes), (300, 5));
+        let dir = Config::from_toml("max_entries = 300\nmax_bytes = 0").unwrap();
+        assert_eq!((dir.max_entries, dir.max_bytes), (300, 0));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::command::{self, Ctx};
-use crate::protocol::{self, Limits, Parsed, Request, Response, Skip};
+use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
 use crate::stats::Stats;
 
 /// Most requests of one connection in flight at once.
@@ -113,6 +113,7 @@ pub async fn serve(
         barrier: None,
         skip_bytes: 0,
         skip_line: false,
+        long_retrieval: None,
         closing: false,
     };
     if let Err(e) = conn.run(&mut socket, &shutdown).await {
@@ -133,6 +134,8 @@ struct Connection {
     skip_bytes: usize,
     /// Discarding the rest of an over-long line.
     skip_line: bool,
+    /// Inside a retrieval line longer than the parser's window: its next keys come next.
+    long_retrieval: Option<LongRetrieval>,
     /// Stop reading: the client quit, hung up, or the server is shutting down.
     closing: bool,
 }
@@ -262,11 +265,13 @@ impl Connection {
                 request,
                 consumed,
                 skip,
-            }) = protocol::parse(&self.read_buf, &self.config.limits)
+                resume,
+            }) = protocol::parse_resumed(&self.read_buf, &self.config.limits, self.long_retrieval)
             else {
                 return;
             };
             self.read_buf.advance(consumed);
+            self.long_retrieval = resume;
             match skip {
                 Skip::None => {}
                 Skip::Bytes(n) => self.skip_bytes = n,

@@ -133,7 +133,7 @@ const META: &[(&str, &str)] = &[
         "HD\r\nVA 1 W\r\na\r\n",
     ),
     ("mg ttl v R200\r\n", "VA 1 Z\r\na\r\n"),
-    ("mg AAEC b v k\r\n", "EN\r\n"),
+    ("mg AAEC b v k\r\n", "EN kAAEC b\r\n"),
     (
         "ms AAEC 1 b\r\nz\r\nmg AAEC b v k\r\n",
         "HD\r\nVA 1 kAAEC b\r\nz\r\n",
@@ -353,4 +353,339 @@ async fn shutdown_finishes_started_commands_then_closes() {
     let rest = c.read_exact(8 * 49).await;
     assert_eq!(rest, b"STORED\r\n".repeat(49));
     assert!(c.closed().await);
+}
+
+/// Issue 8: where s3cached answered otherwise than memcached 1.6.18, each row as memcached
+/// answers (checked by hand against /usr/bin/memcached).
+const FIDELITY: &[(&str, &str)] = &[
+    // 1. Exptimes are read into a signed 32-bit int: 4294967295 is -1, already expired.
+    ("set e1 0 4294967295 1\r\na\r\nget e1\r\n", "STORED\r\nEND\r\n"),
+    (
+        "set e2 0 4294967296 1\r\na\r\nget e2\r\n",
+        "STORED\r\nVALUE e2 0 1\r\na\r\nEND\r\n",
+    ),
+    ("set e3 0 2147483648 1\r\na\r\nget e3\r\n", "STORED\r\nEND\r\n"),
+    (
+        "set e4 0 99999999999999999999 1\r\na\r\n",
+        "CLIENT_ERROR bad command line format\r\nERROR\r\n",
+    ),
+    ("touch e2 4294967295\r\nget e2\r\n", "TOUCHED\r\nEND\r\n"),
+    (
+        "set e5 0 0 1\r\na\r\ngat 4294967295 e5\r\nget e5\r\n",
+        "STORED\r\nVALUE e5 0 1\r\na\r\nEND\r\nEND\r\n",
+    ),
+    ("ms e6 1 T4294967295\r\na\r\nmg e6 v\r\n", "HD\r\nEN\r\n"),
+    (
+        "ms e7 1\r\na\r\nmg e7 T4294967295 v\r\nmg e7 v\r\n",
+        "HD\r\nVA 1\r\na\r\nEN\r\n",
+    ),
+    // 2. Lengths out of range: CLIENT_ERROR, nothing swallowed.
+    (
+        "set l1 0 0 4294967295\r\nget l1\r\n",
+        "CLIENT_ERROR bad command line format\r\nEND\r\n",
+    ),
+    (
+        "set l1 0 0 2147483646\r\nget l1\r\n",
+        "CLIENT_ERROR bad command line format\r\nEND\r\n",
+    ),
+    (
+        "ms l1 4294967295\r\nmn\r\n",
+        "CLIENT_ERROR bad command line format\r\nMN\r\n",
+    ),
+    (
+        "ms l1 -1\r\nmn\r\n",
+        "CLIENT_ERROR bad command line format\r\nMN\r\n",
+    ),
+    (
+        "set l2 0 0 4294967296\r\n\r\nget l2\r\n",
+        "STORED\r\nVALUE l2 0 0\r\n\r\nEND\r\n",
+    ),
+    // 4. noreply hides the errors of the command that carries it.
+    ("delete k 10 noreply\r\nmn\r\n", "MN\r\n"),
+    ("incr k abc noreply\r\nmn\r\n", "MN\r\n"),
+    ("touch k abc noreply\r\nmn\r\n", "MN\r\n"),
+    ("flush_all abc noreply\r\nmn\r\n", "MN\r\n"),
+    ("verbosity abc noreply\r\nmn\r\n", "MN\r\n"),
+    (
+        "set t4 0 0 1\r\na\r\nincr t4 1 noreply\r\nmn\r\n",
+        "STORED\r\nMN\r\n",
+    ),
+    ("set k abc 0 1 noreply\r\na\r\n", "ERROR\r\n"),
+    ("delete noreply\r\n", "NOT_FOUND\r\n"),
+    // 5. A flush delay that overflows 32 bits wraps as in memcached (here: negative = now).
+    (
+        "set f5 0 0 1\r\na\r\nflush_all 18446744073710\r\nget f5\r\n",
+        "STORED\r\nOK\r\nEND\r\n",
+    ),
+    // 6. Meta details.
+    (
+        "ms c6 1\r\na\r\nms c6 1 C1 c k O5\r\nb\r\n",
+        "HD\r\nEX c0 kc6 O5\r\n",
+    ),
+    ("ms c6x 1 C1 c\r\nb\r\n", "NF c0\r\n"),
+    ("ms f6 1 T100 F3 t f s O1 k\r\na\r\n", "HD O1 kf6\r\n"),
+    ("mg miss6 s N30 t q\r\n", "HD s0 t30 W\r\n"),
+    ("mg miss7 k O1 v\r\n", "EN kmiss7 O1\r\n"),
+    (
+        "ms hq 1\r\na\r\nmg hq q\r\nmg hq q s\r\nmn\r\n",
+        "HD\r\nHD\r\nHD s1\r\nMN\r\n",
+    ),
+    ("ma ma6 q\r\nmn\r\n", "NF\r\nMN\r\n"),
+    ("ma ma6 N0 q\r\nmn\r\n", "HD\r\nMN\r\n"),
+    ("ma ma6 q v\r\nmn\r\n", "MN\r\n"),
+    (
+        "ms st6 1 T500\r\na\r\nmd st6 I T30\r\nmg st6 v\r\n",
+        "HD\r\nHD\r\nVA 1 X W\r\na\r\n",
+    ),
+    ("ms st6 1 I C1 T999\r\nb\r\nmg st6 v\r\n", "HD\r\nVA 1 Z X\r\nb\r\n"),
+    // 7. Stats and admin commands.
+    (
+        "verbosity junk\r\n",
+        "CLIENT_ERROR bad command line format\r\n",
+    ),
+    (
+        "slabs automove junk\r\n",
+        "CLIENT_ERROR bad command line format\r\n",
+    ),
+    ("slabs automove 1\r\n", "OK\r\n"),
+    ("slabs automove 9\r\n", "ERROR\r\n"),
+    ("stats cachedump 1 1\r\n", "END\r\n"),
+    ("stats cachedump\r\n", "CLIENT_ERROR bad command line\r\n"),
+    (
+        "stats cachedump a b\r\n",
+        "CLIENT_ERROR bad command line format\r\n",
+    ),
+    ("stats cachedump 64 1\r\n", "CLIENT_ERROR Illegal slab id\r\n"),
+    (
+        "stats detail\r\n",
+        "CLIENT_ERROR usage: stats detail on|off|dump\r\n",
+    ),
+    ("stats detail on\r\n", "OK\r\n"),
+    (
+        "set p:1 0 0 1\r\na\r\nget p:1 p:2\r\ndelete p:1\r\nstats detail dump\r\n",
+        "STORED\r\nVALUE p:1 0 1\r\na\r\nEND\r\nDELETED\r\nPREFIX p get 2 hit 1 set 1 del 1\r\nEND\r\n",
+    ),
+    ("stats detail off\r\n", "OK\r\n"),
+];
+
+#[tokio::test]
+async fn memcached_fidelity_on_dir() {
+    run_table(Backend::Dir, FIDELITY).await;
+}
+
+#[tokio::test]
+async fn memcached_fidelity_on_s3() {
+    run_table(Backend::S3, FIDELITY).await;
+}
+
+/// Keys and opaques that are not UTF-8 echo back byte for byte; a stale recache keeps the
+/// item's TTL (issue 8, item 6).
+async fn meta_bytes_and_stale_ttl(backend: Backend) {
+    let server = TestServer::start(backend, "metabytes", "").await;
+    let mut c = server.client().await;
+    c.roundtrip(
+        b"ms \xff\xfe 1\r\na\r\nmg \xff\xfe k v O\xfa\xfb\r\n",
+        b"HD\r\nVA 1 k\xff\xfe O\xfa\xfb\r\na\r\n",
+    )
+    .await;
+    c.roundtrip(
+        b"ms st 1 T500\r\na\r\nmd st I T30\r\nms st 1 I C1 T999\r\nb\r\n",
+        b"HD\r\nHD\r\nHD\r\n",
+    )
+    .await;
+    let line = c.line(b"mg st t\r\n").await;
+    let ttl: i64 = line
+        .trim_end()
+        .strip_prefix("HD t")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"));
+    assert!((1..=30).contains(&ttl), "stale recache kept TTL: {line:?}");
+}
+
+#[tokio::test]
+async fn meta_bytes_and_stale_ttl_on_dir() {
+    meta_bytes_and_stale_ttl(Backend::Dir).await;
+}
+
+#[tokio::test]
+async fn meta_bytes_and_stale_ttl_on_s3() {
+    meta_bytes_and_stale_ttl(Backend::S3).await;
+}
+
+/// A `get` of any length is served in pieces (issue 8, item 3); a refused line never eats
+/// the commands after it in the same write.
+async fn long_lines(backend: Backend) {
+    // Lines past the 256 KiB window: many short keys on the directory store; on S3 (one GET
+    // per key, about 10 ms each on the local test server) fewer, longer keys, and one pass.
+    let (count, width, commands): (usize, usize, &[&str]) = match backend {
+        Backend::Dir => (50_000, 1, &["get", "gets", "gat 0", "gats 0"]),
+        Backend::S3 => (1_100, 245, &["get"]),
+    };
+    let key = |i: usize| format!(" k{i:0>width$}");
+    let server = TestServer::start(backend, "longlines", "").await;
+    let mut c = server.client().await;
+    c.roundtrip(
+        b"set first 0 0 1\r\na\r\nset last 0 0 1\r\nz\r\n",
+        b"STORED\r\nSTORED\r\n",
+    )
+    .await;
+    for command in commands {
+        let mut line = format!("{command} first").into_bytes();
+        for i in 0..count {
+            line.extend_from_slice(key(i).as_bytes());
+        }
+        line.extend_from_slice(b" last\r\nversion\r\n");
+        assert!(line.len() > 270_000);
+        c.send(&line).await;
+        let out =
+            String::from_utf8(c.read_until(b"VERSION 1.6.18-s3cached-0.1.0\r\n").await).unwrap();
+        // Drop the cas of gets/gats: VALUE <key> <flags> <bytes>.
+        let lines: Vec<String> = out
+            .split("\r\n")
+            .map(|l| l.split(' ').take(4).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "VALUE first 0 1",
+                "a",
+                "VALUE last 0 1",
+                "z",
+                "END",
+                "VERSION 1.6.18-s3cached-0.1.0",
+                ""
+            ],
+            "{command}"
+        );
+    }
+    // A refused over-long line followed by commands in the same write.
+    let mut junk = vec![b'x'; 300_000];
+    junk.extend_from_slice(b"\r\nversion\r\nget first\r\n");
+    c.roundtrip(
+        &junk,
+        b"CLIENT_ERROR line too long\r\nVERSION 1.6.18-s3cached-0.1.0\r\nVALUE first 0 1\r\na\r\nEND\r\n",
+    )
+    .await;
+    if backend == Backend::S3 {
+        return;
+    }
+    // A bad key far into a long line: the error, and the connection goes on.
+    let mut bad = b"get".to_vec();
+    for i in 0..count {
+        bad.extend_from_slice(key(i).as_bytes());
+    }
+    bad.extend_from_slice(format!(" {}\r\nget first\r\n", "y".repeat(300)).as_bytes());
+    c.roundtrip(
+        &bad,
+        b"CLIENT_ERROR bad command line format\r\nVALUE first 0 1\r\na\r\nEND\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn long_lines_on_dir() {
+    long_lines(Backend::Dir).await;
+}
+
+#[tokio::test]
+async fn long_lines_on_s3() {
+    long_lines(Backend::S3).await;
+}
+
+/// flush_all: a passed flush stays in force after a delayed one; an unreadable epoch object
+/// is an error for requests until a flush rewrites it (issue 8, item 5).
+async fn flush_edges(backend: Backend) {
+    let server = TestServer::start(backend, "flushedges", "").await;
+    let mut c = server.client().await;
+    c.roundtrip(
+        b"set a 0 0 1\r\na\r\nflush_all\r\nflush_all 3600\r\nget a\r\nset b 0 0 1\r\nb\r\nget b\r\n",
+        b"STORED\r\nOK\r\nOK\r\nEND\r\nSTORED\r\nVALUE b 0 1\r\nb\r\nEND\r\n",
+    )
+    .await;
+    server
+        .store()
+        .put_control(
+            s3cached::flush::FLUSH_OBJECT,
+            bytes::Bytes::from("not a number"),
+            s3cached::store::PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let line = c.line(b"get b\r\n").await;
+    assert!(line.starts_with("SERVER_ERROR "), "{line:?}");
+    let line = c.line(b"flush_all 10\r\n").await;
+    assert!(line.starts_with("SERVER_ERROR "), "{line:?}");
+    c.roundtrip(b"flush_all\r\nget b\r\n", b"OK\r\nEND\r\n")
+        .await;
+}
+
+#[tokio::test]
+async fn flush_edges_on_dir() {
+    flush_edges(Backend::Dir).await;
+}
+
+#[tokio::test]
+async fn flush_edges_on_s3() {
+    flush_edges(Backend::S3).await;
+}
+
+/// With the default bounds a client that sets 1,000 keys reads back 1,000, after the culler
+/// has run (issue 8, item 8: the seed's max_entries = 300 kept about 300).
+async fn default_bounds_keep_what_was_set(backend: Backend, count: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(backend, &common::unique_prefix("defaults"), dir.path(), "");
+    let defaults = s3cached::config::Config::from_toml(&match backend {
+        Backend::Dir => String::new(),
+        Backend::S3 => "storage_bucket_name = \"b\"".to_owned(),
+    })
+    .unwrap();
+    config.max_entries = defaults.max_entries;
+    config.max_bytes = defaults.max_bytes;
+    config.cull_interval_secs = 1;
+    let server = TestServer::start_config(config, dir).await;
+    let mut c = server.client().await;
+    let mut sets = Vec::new();
+    for i in 0..count {
+        sets.extend_from_slice(format!("set key{i} 0 0 1\r\nv\r\n").as_bytes());
+    }
+    c.roundtrip(&sets, &b"STORED\r\n".repeat(count)).await;
+    // Two culler passes: at least one began after every write.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        c.send(b"stats\r\n").await;
+        let stats = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+        let passes: u64 = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("STAT cull_passes "))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        if passes >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no culler pass: {stats}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let keys: Vec<String> = (0..count).map(|i| format!("key{i}")).collect();
+    c.send(format!("get {}\r\n", keys.join(" ")).as_bytes())
+        .await;
+    let out = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+    assert_eq!(
+        out.matches("VALUE ").count(),
+        count,
+        "items evicted by default"
+    );
+}
+
+#[tokio::test]
+async fn default_bounds_keep_what_was_set_on_dir() {
+    default_bounds_keep_what_was_set(Backend::Dir, 1_000).await;
+}
+
+#[tokio::test]
+async fn default_bounds_keep_what_was_set_on_s3() {
+    default_bounds_keep_what_was_set(Backend::S3, 400).await;
 }

@@ -6,6 +6,7 @@
 //! retrying when another writer got there first, so they stay atomic across replicas on a
 //! store that honours conditional writes.
 
+mod detail;
 mod meta;
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use futures::stream::{self, StreamExt};
 
 use crate::clock::Clock;
 use crate::culler::WriteHint;
-use crate::flush::Flush;
+use crate::flush::{Epoch, Flush};
 use crate::protocol::{ProtocolError, Request, Response, StoreMode, Value};
 use crate::stats::Stats;
 use crate::store::{Entry, PutMode, Store, StoreError, Versioned};
@@ -64,6 +65,8 @@ pub struct Ctx {
     pub started_us: u64,
     /// Tells the culler about writes, so it can run early when the bound is near.
     pub write_hint: Arc<WriteHint>,
+    /// `stats detail` counts.
+    pub detail: detail::PrefixStats,
 }
 
 /// What a read-modify-write step decides, given the live item (if any).
@@ -91,6 +94,7 @@ impl Ctx {
             clock,
             settings,
             write_hint,
+            detail: detail::PrefixStats::default(),
         }
     }
 
@@ -113,7 +117,7 @@ impl Ctx {
     }
 
     /// Whether a stored entry is visible now: not expired and not flushed.
-    fn live(&self, entry: &Entry, epoch_us: u64, now_us: u64) -> Liveness {
+    fn live(&self, entry: &Entry, epoch_us: Epoch, now_us: u64) -> Liveness {
         if entry.expires_at != 0 && entry.expires_at <= now_us / 1_000_000 {
             Liveness::Expired
         } else if Flush::hides(epoch_us, entry, now_us) {
@@ -220,8 +224,9 @@ fn short_reason(why: &str) -> String {
 }
 
 fn reply(noreply: bool, response: Response) -> Response {
-    // memcached suppresses every reply under noreply except errors about the request itself.
-    if noreply && !matches!(response, Response::Error(_)) {
+    // memcached suppresses every reply under noreply, errors included (its out_string skips
+    // the reply whenever the command set noreply), so a client's replies never shift.
+    if noreply {
         Response::None
     } else {
         response
@@ -246,8 +251,13 @@ pub async fn execute_arrived(
 /// Executes one request.
 pub async fn execute(ctx: &Ctx, request: Request) -> Response {
     match request {
-        Request::Get { keys, cas } => retrieve(ctx, keys, cas, None).await,
-        Request::Gat { exptime, keys, cas } => retrieve(ctx, keys, cas, Some(exptime)).await,
+        Request::Get { keys, cas, end } => retrieve(ctx, keys, cas, None, end).await,
+        Request::Gat {
+            exptime,
+            keys,
+            cas,
+            end,
+        } => retrieve(ctx, keys, cas, Some(exptime), end).await,
         Request::Store {
             mode,
             key,
@@ -257,6 +267,7 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             cas_unique,
             noreply,
         } => {
+            ctx.detail.set(&key);
             let r = store(ctx, mode, key, flags, exptime, data, cas_unique).await;
             reply(noreply, r)
         }
@@ -265,6 +276,7 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             remove_old,
             noreply,
         } => {
+            ctx.detail.set(&key);
             if remove_old {
                 if let Err(e) = ctx.store.delete(&key, None).await {
                     return ctx.failure(e);
@@ -272,7 +284,10 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             }
             reply(noreply, Response::Error(ProtocolError::TOO_LARGE))
         }
-        Request::Delete { key, noreply } => reply(noreply, delete(ctx, &key).await),
+        Request::Delete { key, noreply } => {
+            ctx.detail.delete(&key);
+            reply(noreply, delete(ctx, &key).await)
+        }
         Request::Arith {
             key,
             delta,
@@ -306,16 +321,16 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
 /// Answers a `get`/`gets` from the near tier alone, with no I/O, when every key is there
 /// and fresh and the flush epoch is known; `None` sends the request down the usual path.
 pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
-    let Request::Get { keys, cas } = request else {
+    let Request::Get { keys, cas, end } = request else {
         return None;
     };
-    let epoch_us = ctx.flush.current_now()?;
+    let epoch = ctx.flush.current_now()?;
     let now_us = ctx.clock.now_us();
     let mut values = Vec::with_capacity(keys.len());
     let mut bytes = 0;
     for key in keys {
         let item = ctx.store.peek_fresh(key)?;
-        if ctx.live(&item.entry, epoch_us, now_us) != Liveness::Live {
+        if ctx.live(&item.entry, epoch, now_us) != Liveness::Live {
             return None;
         }
         bytes += item.entry.value.len();
@@ -324,6 +339,9 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
         }
         values.push(to_value(item.entry));
     }
+    for key in keys {
+        ctx.detail.get(key, true);
+    }
     let n = keys.len() as u64;
     Stats::add(&ctx.stats.cmd_get, n);
     Stats::add(&ctx.stats.get_hits, n);
@@ -331,26 +349,43 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     Some(Response::Values {
         values,
         with_cas: *cas,
+        end: *end,
     })
 }
 
 /// The memcached release whose protocol s3cached speaks; clients parse it.
 pub const MEMCACHED_COMPAT_VERSION: &str = "1.6.18";
 
-async fn retrieve(ctx: &Ctx, keys: Vec<Bytes>, with_cas: bool, touch: Option<i64>) -> Response {
+async fn retrieve(
+    ctx: &Ctx,
+    keys: Vec<Bytes>,
+    with_cas: bool,
+    touch: Option<i64>,
+    end: bool,
+) -> Response {
     let stats = &ctx.stats;
     Stats::add(&stats.cmd_get, keys.len() as u64);
     if touch.is_some() {
         Stats::add(&stats.cmd_touch, keys.len() as u64);
     }
+    // A key named twice in one gat is touched twice in order, as memcached does: the second
+    // sees what the first wrote.
+    let fanout = if touch.is_some() && has_duplicates(&keys) {
+        1
+    } else {
+        MAX_GET_FANOUT
+    };
     let mut results = stream::iter(keys)
         .map(|key| async move {
-            match touch {
+            let counted = key.clone();
+            let r = match touch {
                 None => get_one(ctx, key).await,
                 Some(exptime) => touch_one(ctx, key, exptime).await,
-            }
+            };
+            ctx.detail.get(&counted, matches!(r, Ok(Some(_))));
+            r
         })
-        .buffered(MAX_GET_FANOUT);
+        .buffered(fanout);
     let mut values = Vec::new();
     let mut bytes = 0;
     while let Some(r) = results.next().await {
@@ -368,7 +403,16 @@ async fn retrieve(ctx: &Ctx, keys: Vec<Bytes>, with_cas: bool, touch: Option<i64
             Err(failure) => return failure,
         }
     }
-    Response::Values { values, with_cas }
+    Response::Values {
+        values,
+        with_cas,
+        end,
+    }
+}
+
+fn has_duplicates(keys: &[Bytes]) -> bool {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    !keys.iter().all(|k| seen.insert(k))
 }
 
 fn to_value(entry: Entry) -> Value {
@@ -559,16 +603,9 @@ async fn delete(ctx: &Ctx, key: &[u8]) -> Response {
     ctx.failure(StoreError::Changed)
 }
 
-/// Parses an item's data as memcached's incr does: a decimal u64, blanks around allowed.
+/// Parses an item's data as memcached's incr does.
 fn parse_counter(value: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(value)
-        .ok()?
-        .trim_matches(|c: char| c.is_ascii_whitespace());
-    let digits = text.strip_prefix('+').unwrap_or(text);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    crate::protocol::parse_counter(value)
 }
 
 /// The incr/decr arithmetic: incr wraps at 2^64, decr stops at 0.
@@ -577,6 +614,29 @@ fn apply_delta(current: u64, delta: u64, incr: bool) -> u64 {
         current.wrapping_add(delta)
     } else {
         current.saturating_sub(delta)
+    }
+}
+
+/// The stored form of a new counter value: as memcached writes it in place, padded with
+/// spaces to the old length when it is shorter (`decr` of `10` reads back as `9 `).
+fn counter_bytes(value: u64, old_len: usize) -> Bytes {
+    let mut text = value.to_string().into_bytes();
+    if text.len() < old_len {
+        text.resize(old_len, b' ');
+    }
+    Bytes::from(text)
+}
+
+/// An item after incr/decr to `value`. memcached rewrites it in place when the number
+/// fits (keeping its meta stale/win marks) and else writes a new item without them.
+fn counted(old: &Entry, value: u64) -> Entry {
+    let value = counter_bytes(value, old.value.len());
+    let in_place = value.len() <= old.value.len();
+    Entry {
+        value,
+        stale: old.stale && in_place,
+        win_sent: old.win_sent && in_place,
+        ..old.clone()
     }
 }
 
@@ -593,10 +653,7 @@ async fn arith(ctx: &Ctx, key: &[u8], delta: u64, incr: bool) -> Response {
                 return Step::Answer(Response::Error(NON_NUMERIC));
             };
             let next = apply_delta(current, delta, incr);
-            let entry = Entry {
-                value: Bytes::from(next.to_string()),
-                ..old.clone()
-            };
+            let entry = counted(old, next);
             Step::Write(ctx.stamp(entry, Some(old)), Response::Number(next))
         })
         .await;
@@ -642,12 +699,13 @@ async fn flush_all(ctx: &Ctx, delay: i64) -> Response {
     }
     Stats::incr(&ctx.stats.cmd_flush);
     let now_us = ctx.clock.now_us();
+    // The parser keeps the delay in memcached's 32-bit range, so this cannot overflow.
     let at_us = if delay <= 0 {
         now_us
     } else {
-        ctx.clock.expires_at(delay) * 1_000_000
+        ctx.clock.expires_at(delay).saturating_mul(1_000_000)
     };
-    match ctx.flush.flush(at_us).await {
+    match ctx.flush.flush_at(at_us, now_us).await {
         Ok(()) => {
             if at_us <= now_us {
                 // What the epoch now hides need not take room in RAM.
@@ -660,15 +718,44 @@ async fn flush_all(ctx: &Ctx, delay: i64) -> Response {
 }
 
 fn stats(ctx: &Ctx, arg: Option<&str>) -> Response {
-    match arg {
+    let words: Vec<&str> = arg.map(|a| a.split(' ').collect()).unwrap_or_default();
+    match words.first().copied() {
         None => Response::Stats(general_stats(ctx)),
         Some("settings") => Response::Stats(ctx.settings.settings_rows.clone()),
         Some("reset") => {
             ctx.stats.reset();
+            ctx.detail.clear();
             Response::Reset
         }
+        Some("detail") => match words.get(1).copied() {
+            Some(on @ ("on" | "off")) => {
+                ctx.detail.set_enabled(on == "on");
+                Response::Ok
+            }
+            Some("dump") => Response::Prefixes(ctx.detail.dump()),
+            _ => Response::Error(ProtocolError::Client("usage: stats detail on|off|dump")),
+        },
+        Some("cachedump") => cachedump(&words),
+        // Slab and item-class internals have no counterpart on S3: empty lists.
         Some("items" | "slabs" | "sizes" | "conns") => Response::Stats(Vec::new()),
         Some(_) => Response::Error(ProtocolError::UnknownCommand),
+    }
+}
+
+/// memcached's slab classes, the ids `stats cachedump` accepts.
+const MAX_SLAB_CLASSES: u64 = 64;
+
+/// `stats cachedump <class> <limit>`: memcached's checks, then an empty listing (there are
+/// no slab classes to walk here).
+fn cachedump(words: &[&str]) -> Response {
+    if words.len() < 3 {
+        return Response::Error(ProtocolError::Client("bad command line"));
+    }
+    let number = |w: &str| crate::protocol::parse_u32_field(w.as_bytes());
+    match (number(words[1]), number(words[2])) {
+        (Some(id), Some(_)) if u64::from(id) < MAX_SLAB_CLASSES => Response::Stats(Vec::new()),
+        (Some(_), Some(_)) => Response::Error(ProtocolError::Client("Illegal slab id")),
+        _ => Response::Error(ProtocolError::BAD_FORMAT),
     }
 }
 

@@ -105,8 +105,8 @@ async fn incr_decr_rules() {
     assert_eq!(run(&c, "decr n 5\r\n").await, "0\r\n", "stops at 0");
     assert_eq!(
         run(&c, "get n\r\n").await,
-        "VALUE n 5 1\r\n0\r\nEND\r\n",
-        "flags kept"
+        "VALUE n 5 20\r\n0                   \r\nEND\r\n",
+        "flags kept; padded to the old length in place, as memcached does"
     );
     run(&c, "set t 0 0 2\r\nab\r\n").await;
     assert_eq!(
@@ -208,11 +208,13 @@ async fn too_large_set_removes_the_old_item() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn noreply_suppresses_replies_but_not_errors() {
+async fn noreply_suppresses_replies_and_errors() {
+    // As memcached 1.6: an error of a command that carries noreply is not sent either.
     let c = ctx().await;
     assert_eq!(run(&c, "set k 0 0 1 noreply\r\na\r\n").await, "");
+    assert_eq!(run(&c, "incr k 1 noreply\r\n").await, "");
     assert_eq!(
-        run(&c, "incr k 1 noreply\r\n").await,
+        run(&c, "incr k 1\r\n").await,
         "CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
     );
     assert_eq!(run(&c, "delete k noreply\r\n").await, "");

@@ -3,8 +3,13 @@
 use base64::Engine;
 use bytes::Bytes;
 
-use super::parse::{data_block, parse_i64, parse_u32, parse_u64, Limits, Parsed, Skip};
+use super::parse::{
+    data_block, parse_i32, parse_length, parse_u32, parse_u64, Limits, Parsed, Skip,
+};
 use super::{valid_key, ProtocolError, Request, MAX_KEY_BYTES};
+
+/// memcached refuses a meta command of this many tokens or more (its MFLAG_MAX_OPT_LENGTH).
+const MAX_META_TOKENS: usize = 20;
 
 /// Longest opaque token memcached copies back.
 const MAX_OPAQUE_BYTES: usize = 32;
@@ -30,6 +35,12 @@ pub enum ReturnFlag {
     Size,
     /// `t`: remaining TTL (-1 = none).
     Ttl,
+    /// Where `T` stands: memcached applies it there, so a `t` before it shows the old TTL.
+    AtNewTtl,
+    /// Where `N` stands: an auto-created item gets its TTL there.
+    AtVivify,
+    /// Where `R` stands: the recache test sees the TTL as of there.
+    AtRecache,
 }
 
 /// `M` of `ms`.
@@ -82,6 +93,8 @@ pub struct MetaFlags {
     pub delta: Option<u64>,
     /// `J`: arithmetic initial value.
     pub initial: Option<u64>,
+    /// The raw `M` letter (0 = none).
+    pub mode: u8,
     /// `M` of `ms`.
     pub set_mode: MetaSetMode,
     /// `M` of `ma`.
@@ -146,6 +159,7 @@ pub(super) fn parse(
             request,
             consumed: line_len,
             skip: Skip::None,
+            resume: None,
         })
     };
     let invalid = |e| done(Request::Invalid(e));
@@ -156,19 +170,26 @@ pub(super) fn parse(
         return invalid(ProtocolError::UnknownCommand);
     }
     let raw_key = tokens[1];
-    if raw_key.len() > MAX_KEY_BYTES * 2 {
+    if raw_key.len() > MAX_KEY_BYTES {
         return invalid(ProtocolError::BAD_FORMAT);
     }
     if command == b"ms" {
         return parse_set(tokens, line_len, rest, limits);
     }
-    let allowed: &[u8] = match command {
-        b"mg" => b"bcfhklOqstuvNRTEPL",
-        b"md" => b"bCEIkOqTxPL",
-        b"ma" => b"bCENJDTMqtcvkOPL",
-        _ => b"b",
+    if tokens.len() >= MAX_META_TOKENS {
+        return invalid(ProtocolError::Client(if command == b"mg" {
+            "options flags are too long"
+        } else {
+            "options flags too long"
+        }));
+    }
+    let which = match command {
+        b"mg" => Command::Get,
+        b"md" => Command::Delete,
+        b"ma" => Command::Arith,
+        _ => Command::Debug,
     };
-    let flags = match parse_flags(&tokens[2..], allowed, command == b"ma") {
+    let flags = match parse_flags(&tokens[2..], raw_key, which) {
         Ok(flags) => flags,
         Err(e) => return invalid(e),
     };
@@ -195,23 +216,38 @@ fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) ->
             request: Request::Invalid(e),
             consumed: line_len,
             skip,
+            resume: None,
         })
     };
-    if tokens.len() < 3 || (!tokens[1].contains(&b'=') && tokens[1].len() > MAX_KEY_BYTES * 2) {
+    if tokens.len() < 3 {
         return invalid(ProtocolError::BAD_FORMAT, Skip::None);
     }
-    let Some(len) = parse_i64(tokens[2]).and_then(|l| usize::try_from(l).ok()) else {
+    if tokens.len() >= MAX_META_TOKENS {
+        return invalid(ProtocolError::Client("options flags too long"), Skip::None);
+    }
+    // As memcached: a length it cannot read (or out of 0..=INT_MAX-2) swallows nothing.
+    let Some(len) = parse_length(tokens[2]) else {
         return invalid(ProtocolError::BAD_FORMAT, Skip::None);
     };
-    if len > limits.max_item_bytes {
-        return invalid(ProtocolError::TOO_LARGE, Skip::Bytes(len + 2));
-    }
-    let parsed = parse_flags(&tokens[3..], b"bcCEFIkOqTMPLS", false)
+    let parsed = parse_flags(&tokens[3..], tokens[1], Command::Set)
         .and_then(|flags| Ok((decode_key(tokens[1], flags.base64)?, flags)));
     let (key, flags) = match parsed {
         Ok(ok) => ok,
         Err(e) => return invalid(e, Skip::Bytes(len + 2)),
     };
+    if len > limits.max_item_bytes {
+        // memcached also drops the stored item, so no stale value outlives a failed set.
+        return Some(Parsed {
+            request: Request::TooLarge {
+                key,
+                remove_old: true,
+                noreply: false,
+            },
+            consumed: line_len,
+            skip: Skip::Bytes(len + 2),
+            resume: None,
+        });
+    }
     let block = data_block(rest, len)?;
     let consumed = line_len + len + 2;
     let request = match block {
@@ -226,6 +262,7 @@ fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) ->
         request,
         consumed,
         skip: Skip::None,
+        resume: None,
     })
 }
 
@@ -243,31 +280,84 @@ fn decode_key(raw: &[u8], base64: bool) -> Result<Bytes, ProtocolError> {
     }
 }
 
-/// Parses flag tokens, each a letter and an optional argument.
-fn parse_flags(tokens: &[&[u8]], allowed: &[u8], arith: bool) -> Result<MetaFlags, ProtocolError> {
+/// Which meta command a flag list belongs to: its mode letters and its error wording.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Get,
+    Set,
+    Delete,
+    Arith,
+    Debug,
+}
+
+/// Parses flag tokens as memcached's `_meta_flag_preparse` does: every command knows every
+/// flag (unused ones are ignored), an unknown or repeated letter stops at once, and other
+/// errors are collected, the last wording winning. `md` and `ma` word them all alike.
+/// `raw_key` is decoded where `b` stands, so its error takes its place among the others.
+fn parse_flags(
+    tokens: &[&[u8]],
+    raw_key: &[u8],
+    command: Command,
+) -> Result<MetaFlags, ProtocolError> {
+    let result = preparse(tokens, raw_key).and_then(|mut f| {
+        let mode = f.mode;
+        match command {
+            Command::Set => set_mode(&mut f, mode, false)?,
+            Command::Arith => set_mode(&mut f, mode, true)?,
+            _ => {}
+        }
+        if f.opaque
+            .as_ref()
+            .is_some_and(|o| o.len() + 1 > MAX_OPAQUE_BYTES)
+        {
+            return Err(ProtocolError::Client("opaque token too long"));
+        }
+        Ok(f)
+    });
+    match (result, command) {
+        (Err(ProtocolError::Client(why)), Command::Delete | Command::Arith)
+            if !why.starts_with("invalid mode") && !why.starts_with("opaque") =>
+        {
+            Err(ProtocolError::Client("invalid or duplicate flag"))
+        }
+        (result, _) => result,
+    }
+}
+
+fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError> {
     let mut f = MetaFlags::default();
     let mut seen = [false; 128];
-    // memcached words numeric-token errors of `ma` differently.
-    let bad_token = if arith {
-        ProtocolError::Client("invalid or duplicate flag")
-    } else {
-        BAD_TOKEN
-    };
+    let mut error: Option<ProtocolError> = None;
     for token in tokens {
         let (&flag, arg) = token.split_first().expect("tokens are non-empty");
-        if !allowed.contains(&flag) {
-            return Err(INVALID_FLAG);
-        }
-        if std::mem::replace(&mut seen[usize::from(flag & 0x7f)], true) {
+        if flag >= 127 || std::mem::replace(&mut seen[usize::from(flag)], true) {
             return Err(ProtocolError::Client("duplicate flag"));
         }
-        let num_i64 = || parse_i64(arg).ok_or(bad_token.clone());
-        let num_u64 = || parse_u64(arg).ok_or(bad_token.clone());
+        let earlier = error.clone();
+        let mut fail = |e: ProtocolError| error = Some(e);
         match flag {
             b'b' => {
                 f.base64 = true;
                 f.ret.push(ReturnFlag::Base64);
+                if let Err(e) = decode_key(raw_key, true) {
+                    fail(e);
+                }
             }
+            b'N' | b'T' | b'R' => match parse_i32(arg) {
+                Some(v) if flag == b'N' => {
+                    f.vivify = Some(v);
+                    f.ret.push(ReturnFlag::AtVivify);
+                }
+                Some(v) if flag == b'T' => {
+                    f.ttl = Some(v);
+                    f.ret.push(ReturnFlag::AtNewTtl);
+                }
+                Some(v) => {
+                    f.recache = Some(v);
+                    f.ret.push(ReturnFlag::AtRecache);
+                }
+                None => fail(BAD_TOKEN),
+            },
             b'c' => f.ret.push(ReturnFlag::Cas),
             b'f' => f.ret.push(ReturnFlag::Flags),
             b'h' => f.ret.push(ReturnFlag::Hit),
@@ -276,9 +366,6 @@ fn parse_flags(tokens: &[&[u8]], allowed: &[u8], arith: bool) -> Result<MetaFlag
             b's' => f.ret.push(ReturnFlag::Size),
             b't' => f.ret.push(ReturnFlag::Ttl),
             b'O' => {
-                if arg.len() > MAX_OPAQUE_BYTES {
-                    return Err(ProtocolError::Client("opaque token too long"));
-                }
                 f.opaque = Some(Bytes::copy_from_slice(arg));
                 f.ret.push(ReturnFlag::Opaque);
             }
@@ -286,37 +373,50 @@ fn parse_flags(tokens: &[&[u8]], allowed: &[u8], arith: bool) -> Result<MetaFlag
             b'u' => f.no_bump = true,
             b'v' => f.value = true,
             b'I' => f.invalidate = true,
-            b'T' => f.ttl = Some(num_i64()?),
-            b'N' => f.vivify = Some(num_i64()?),
-            b'R' => f.recache = Some(num_i64()?),
-            b'C' => f.compare_cas = Some(num_u64()?),
-            b'E' => f.explicit_cas = Some(num_u64()?),
-            b'D' => f.delta = Some(num_u64()?),
-            b'J' => f.initial = Some(num_u64()?),
-            b'F' => f.client_flags = Some(parse_u32(arg).ok_or(ProtocolError::BAD_FORMAT)?),
-            b'M' => set_mode(&mut f, arg, arith)?,
-            // `P`/`L` are proxy hints; `S` and `x` are accepted and ignored.
-            _ => {}
+            // F leaves the error's wording as it was (memcached sets no text for it).
+            b'F' => match parse_u32(arg) {
+                Some(v) => f.client_flags = Some(v),
+                None => fail(earlier.unwrap_or(ProtocolError::BAD_FORMAT)),
+            },
+            b'C' | b'E' => match parse_u64(arg) {
+                Some(v) if flag == b'C' => f.compare_cas = Some(v),
+                Some(v) => f.explicit_cas = Some(v),
+                None => fail(BAD_TOKEN),
+            },
+            b'D' | b'J' => match parse_u64(arg) {
+                Some(v) if flag == b'D' => f.delta = Some(v),
+                Some(v) => f.initial = Some(v),
+                None if flag == b'D' => fail(ProtocolError::Client("invalid numeric delta value")),
+                None => fail(ProtocolError::Client("invalid numeric initial value")),
+            },
+            b'M' if arg.len() == 1 => f.mode = arg[0],
+            b'M' => fail(ProtocolError::Client("incorrect length for M token")),
+            // `P`/`L` are proxy hints; `S` and `x` (newer memcached) are accepted and ignored.
+            b'P' | b'L' | b'S' | b'x' => {}
+            _ => return Err(INVALID_FLAG),
         }
     }
-    Ok(f)
+    match error {
+        Some(e) => Err(e),
+        None => Ok(f),
+    }
 }
 
-fn set_mode(f: &mut MetaFlags, arg: &[u8], arith: bool) -> Result<(), ProtocolError> {
-    let mode = arg.first().copied().unwrap_or(0);
+/// The `M` letter of `ms` or `ma` (uppercase or a sign, as memcached 1.6.18 takes them).
+fn set_mode(f: &mut MetaFlags, mode: u8, arith: bool) -> Result<(), ProtocolError> {
     if arith {
         f.arith_mode = match mode {
-            b'I' | b'i' | b'+' => MetaArithMode::Incr,
-            b'D' | b'd' | b'-' => MetaArithMode::Decr,
+            0 | b'I' | b'+' => MetaArithMode::Incr,
+            b'D' | b'-' => MetaArithMode::Decr,
             _ => return Err(ProtocolError::Client("invalid mode for ma M token")),
         };
     } else {
         f.set_mode = match mode {
-            b'S' | b's' => MetaSetMode::Set,
-            b'E' | b'e' => MetaSetMode::Add,
-            b'R' | b'r' => MetaSetMode::Replace,
-            b'A' | b'a' => MetaSetMode::Append,
-            b'P' | b'p' => MetaSetMode::Prepend,
+            0 | b'S' => MetaSetMode::Set,
+            b'E' => MetaSetMode::Add,
+            b'R' => MetaSetMode::Replace,
+            b'A' => MetaSetMode::Append,
+            b'P' => MetaSetMode::Prepend,
             _ => return Err(ProtocolError::Client("invalid mode for ms M token")),
         };
     }

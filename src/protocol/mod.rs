@@ -9,7 +9,7 @@ mod parse;
 mod response;
 
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
-pub use parse::{parse, Limits, Parsed, Skip};
+pub use parse::{parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
 pub use response::{MetaReply, MetaStatus, Response, Value};
 
 use bytes::Bytes;
@@ -41,12 +41,16 @@ pub enum Request {
     Get {
         keys: Vec<Bytes>,
         cas: bool,
+        /// The last (or only) piece of its line: the reply ends with `END`.
+        end: bool,
     },
     /// `gat`/`gats`: fetch and set a new expiration time.
     Gat {
         exptime: i64,
         keys: Vec<Bytes>,
         cas: bool,
+        /// The last (or only) piece of its line: the reply ends with `END`.
+        end: bool,
     },
     /// `set`, `add`, `replace`, `append`, `prepend`, `cas`.
     Store {
@@ -87,6 +91,7 @@ pub enum Request {
         noreply: bool,
     },
     Version,
+    /// `verbosity` and `slabs automove`: accepted, nothing to change; `OK`.
     Verbosity {
         noreply: bool,
     },
@@ -137,11 +142,27 @@ impl Request {
             Request::Version
             | Request::Verbosity { .. }
             | Request::Invalid(_)
-            | Request::Silent
-            | Request::Stats { .. } => Some(Vec::new()),
-            Request::FlushAll { .. } | Request::Quit | Request::Hangup(_) => None,
+            | Request::Silent => Some(Vec::new()),
+            // `stats` counts what the commands before it did, as in memcached.
+            Request::Stats { .. }
+            | Request::FlushAll { .. }
+            | Request::Quit
+            | Request::Hangup(_) => None,
         }
     }
+}
+
+/// A decimal 32-bit unsigned number as memcached's `safe_strtoul` reads it (for command
+/// arguments parsed outside the protocol module, such as `stats cachedump`).
+pub fn parse_u32_field(token: &[u8]) -> Option<u32> {
+    parse::parse_u32(token)
+}
+
+/// A counter's data as memcached's incr reads it (`safe_strtoull` on the item's bytes as a
+/// C string): blanks, digits, then nothing, a blank or a NUL; anything may follow that.
+pub fn parse_counter(data: &[u8]) -> Option<u64> {
+    let text = data.split(|&b| b == 0).next().unwrap_or(data);
+    parse::parse_u64(text)
 }
 
 /// Whether a key is acceptable: 1 to 250 bytes, no whitespace or control characters.

@@ -58,6 +58,16 @@ pub enum Skip {
     Line,
 }
 
+/// Where a retrieval line longer than the parser's window was cut: the next parse goes on
+/// with its keys. The connection keeps it between frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongRetrieval {
+    /// `gets`/`gats`: values carry their cas.
+    pub cas: bool,
+    /// `gat`/`gats`: the new exptime.
+    pub exptime: Option<i64>,
+}
+
 /// One parsed frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
@@ -66,6 +76,8 @@ pub struct Parsed {
     pub consumed: usize,
     /// What to discard after it.
     pub skip: Skip,
+    /// Set when this frame is a piece of a long retrieval line that goes on.
+    pub resume: Option<LongRetrieval>,
 }
 
 impl Parsed {
@@ -74,10 +86,18 @@ impl Parsed {
             request,
             consumed,
             skip: Skip::None,
+            resume: None,
         }
     }
     fn invalid(error: ProtocolError, consumed: usize) -> Self {
         Parsed::new(Request::Invalid(error), consumed)
+    }
+    /// An error that also discards the rest of the current line.
+    fn invalid_line(error: ProtocolError, consumed: usize) -> Self {
+        Parsed {
+            skip: Skip::Line,
+            ..Parsed::invalid(error, consumed)
+        }
     }
 }
 
@@ -89,8 +109,26 @@ fn line(input: &[u8]) -> IResult<&[u8], &[u8]> {
     terminated(take_until("\n"), tag("\n")).parse(input)
 }
 
+/// The space-separated tokens of a line; memcached reads a line only up to a NUL byte.
+fn tokenize(raw_line: &[u8]) -> Vec<&[u8]> {
+    let text = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
+    let text = text.split(|&b| b == 0).next().unwrap_or(text);
+    text.split(|&b| b == b' ')
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
 /// Parses the next request from `buf`; `None` means more bytes are needed.
 pub fn parse(buf: &[u8], limits: &Limits) -> Option<Parsed> {
+    parse_resumed(buf, limits, None)
+}
+
+/// Parses the next request, going on with the keys of a long retrieval line if `resume`
+/// says the previous frame was cut from one.
+pub fn parse_resumed(buf: &[u8], limits: &Limits, resume: Option<LongRetrieval>) -> Option<Parsed> {
+    if let Some(at) = resume {
+        return retrieval_piece(buf, limits, at);
+    }
     if buf.first() == Some(&BINARY_REQUEST_MAGIC) {
         return Some(Parsed::new(
             Request::Hangup("binary protocol is not supported"),
@@ -100,17 +138,13 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Option<Parsed> {
     let window = &buf[..buf.len().min(limits.max_multiget_line_bytes + 1)];
     let raw_line = match line(window) {
         Ok((_, raw)) => raw,
-        Err(_) => return incomplete_line(buf, limits),
+        Err(_) => return incomplete_line(buf, window.len(), limits),
     };
     let line_len = raw_line.len() + 1;
     if line_len > limits.max_line_bytes && !is_retrieval(raw_line) {
         return Some(Parsed::invalid(ProtocolError::LINE_TOO_LONG, line_len));
     }
-    let text = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
-    let tokens: Vec<&[u8]> = text
-        .split(|&b| b == b' ')
-        .filter(|t| !t.is_empty())
-        .collect();
+    let tokens = tokenize(raw_line);
     let Some(&command) = tokens.first() else {
         return Some(Parsed::invalid(ProtocolError::UnknownCommand, line_len));
     };
@@ -131,21 +165,99 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Option<Parsed> {
     }
 }
 
-/// No `\n` yet: wait, unless the line is already longer than allowed.
-fn incomplete_line(buf: &[u8], limits: &Limits) -> Option<Parsed> {
-    let limit = if is_retrieval(buf) {
-        limits.max_multiget_line_bytes
-    } else {
-        limits.max_line_bytes
-    };
-    if buf.len() > limit {
-        return Some(Parsed {
-            request: Request::Invalid(ProtocolError::LINE_TOO_LONG),
-            consumed: buf.len(),
-            skip: Skip::Line,
-        });
+/// No `\n` within `window` bytes: wait, cut a long retrieval into a first piece, or refuse
+/// a line longer than allowed. A refused line consumes only what was searched; the
+/// connection discards the rest through its `\n`, so commands after it survive.
+fn incomplete_line(buf: &[u8], window: usize, limits: &Limits) -> Option<Parsed> {
+    if is_retrieval(buf) {
+        if buf.len() <= limits.max_multiget_line_bytes {
+            return None;
+        }
+        return Some(first_piece(
+            &buf[..window.min(limits.max_multiget_line_bytes)],
+        ));
+    }
+    if buf.len() > limits.max_line_bytes {
+        return Some(Parsed::invalid_line(ProtocolError::LINE_TOO_LONG, window));
     }
     None
+}
+
+/// The complete tokens of a cut line: everything up to its last space, and their length.
+fn cut(window: &[u8]) -> Option<(Vec<&[u8]>, usize)> {
+    let last_space = window.iter().rposition(|&b| b == b' ')?;
+    Some((tokenize(&window[..last_space]), last_space + 1))
+}
+
+/// The start of a retrieval line longer than the window.
+fn first_piece(window: &[u8]) -> Parsed {
+    let Some((tokens, consumed)) = cut(window).filter(|(t, _)| !t.is_empty()) else {
+        return Parsed::invalid_line(ProtocolError::BAD_FORMAT, window.len());
+    };
+    let touch = tokens[0].starts_with(b"ga");
+    let cas = tokens[0].ends_with(b"s");
+    let exptime = if touch {
+        match tokens.get(1).map(|t| parse_i32(t)) {
+            Some(Some(e)) => Some(e),
+            _ => return Parsed::invalid_line(INVALID_EXPTIME, consumed),
+        }
+    } else {
+        None
+    };
+    let keys = &tokens[if touch { 2 } else { 1 }..];
+    piece(keys, LongRetrieval { cas, exptime }, consumed, false)
+}
+
+/// The next piece of a long retrieval line: its keys up to the `\n` or the window's last
+/// space.
+fn retrieval_piece(buf: &[u8], limits: &Limits, at: LongRetrieval) -> Option<Parsed> {
+    let window = &buf[..buf.len().min(limits.max_multiget_line_bytes)];
+    if let Ok((_, raw)) = line(window) {
+        return Some(piece(&tokenize(raw), at, raw.len() + 1, true));
+    }
+    if buf.len() <= limits.max_multiget_line_bytes {
+        return None;
+    }
+    match cut(window) {
+        Some((tokens, consumed)) => Some(piece(&tokens, at, consumed, false)),
+        None => Some(Parsed::invalid_line(
+            ProtocolError::BAD_FORMAT,
+            window.len(),
+        )),
+    }
+}
+
+/// A retrieval request for `keys`, one piece of a line; `end` for the last piece.
+fn piece(keys: &[&[u8]], at: LongRetrieval, consumed: usize, end: bool) -> Parsed {
+    if !keys.iter().all(|k| valid_key(k)) {
+        let parsed = Parsed::invalid(ProtocolError::BAD_FORMAT, consumed);
+        return if end {
+            parsed
+        } else {
+            Parsed {
+                skip: Skip::Line,
+                ..parsed
+            }
+        };
+    }
+    let keys = keys.iter().map(|k| Bytes::copy_from_slice(k)).collect();
+    let request = match at.exptime {
+        Some(exptime) => Request::Gat {
+            exptime,
+            keys,
+            cas: at.cas,
+            end,
+        },
+        None => Request::Get {
+            keys,
+            cas: at.cas,
+            end,
+        },
+    };
+    Parsed {
+        resume: (!end).then_some(at),
+        ..Parsed::new(request, consumed)
+    }
 }
 
 fn is_retrieval(line: &[u8]) -> bool {
@@ -167,9 +279,9 @@ fn retrieval(tokens: &[&[u8]], touch: bool) -> Request {
     }
     let cas = tokens[0].ends_with(b"s");
     let (exptime, key_tokens) = if touch {
-        match parse_i64(tokens[1]) {
+        match parse_i32(tokens[1]) {
             Some(e) => (e, &tokens[2..]),
-            None => return Request::Invalid(ProtocolError::Client("invalid exptime argument")),
+            None => return Request::Invalid(INVALID_EXPTIME),
         }
     } else {
         (0, &tokens[1..])
@@ -182,9 +294,18 @@ fn retrieval(tokens: &[&[u8]], touch: bool) -> Request {
         .map(|k| Bytes::copy_from_slice(k))
         .collect();
     if touch {
-        Request::Gat { exptime, keys, cas }
+        Request::Gat {
+            exptime,
+            keys,
+            cas,
+            end: true,
+        }
     } else {
-        Request::Get { keys, cas }
+        Request::Get {
+            keys,
+            cas,
+            end: true,
+        }
     }
 }
 
@@ -206,8 +327,8 @@ fn storage(
             return None;
         }
         let flags = parse_u32(tokens[2])?;
-        let exptime = parse_i64(tokens[3])?;
-        let len = usize::try_from(parse_i64(tokens[4])?).ok()?;
+        let exptime = parse_i32(tokens[3])?;
+        let len = parse_length(tokens[4])?;
         let cas_unique = if mode == StoreMode::Cas {
             parse_u64(tokens[5])?
         } else {
@@ -215,12 +336,17 @@ fn storage(
         };
         Some((key, flags, exptime, len, cas_unique))
     })();
-    let Some((key, flags, exptime, len, cas_unique)) = header else {
-        return Some(Parsed::invalid(ProtocolError::BAD_FORMAT, line_len));
-    };
     let noreply = noreply(tokens);
+    let Some((key, flags, exptime, len, cas_unique)) = header else {
+        // As memcached: the data line is not swallowed, and noreply hides the error.
+        return Some(Parsed::new(
+            quiet_error(ProtocolError::BAD_FORMAT, noreply),
+            line_len,
+        ));
+    };
     if len > limits.max_item_bytes {
         return Some(Parsed {
+            resume: None,
             request: Request::TooLarge {
                 key: Bytes::copy_from_slice(key),
                 remove_old: mode == StoreMode::Set,
@@ -275,129 +401,209 @@ fn quiet_error(error: ProtocolError, noreply: bool) -> Request {
 /// Every command without a data block other than retrievals.
 fn other(tokens: &[&[u8]]) -> Request {
     let n = tokens.len();
-    let noreply = noreply(tokens);
-    let bad = Request::Invalid(ProtocolError::BAD_FORMAT);
     let unknown = Request::Invalid(ProtocolError::UnknownCommand);
     match tokens[0] {
-        b"delete" => {
-            if !(2..=4).contains(&n) {
-                return unknown;
-            }
-            if n > 2 {
-                let hold_is_zero = tokens[2] == b"0";
-                let valid =
-                    (n == 3 && (hold_is_zero || noreply)) || (n == 4 && hold_is_zero && noreply);
-                if !valid {
-                    return Request::Invalid(ProtocolError::Client(
-                        "bad command line format.  Usage: delete <key> [noreply]",
-                    ));
-                }
-            }
-            if !valid_key(tokens[1]) {
-                return bad;
-            }
-            Request::Delete {
-                key: Bytes::copy_from_slice(tokens[1]),
-                noreply,
-            }
-        }
-        b"incr" | b"decr" => {
-            if n != 3 && n != 4 {
-                return unknown;
-            }
-            if !valid_key(tokens[1]) {
-                return bad;
-            }
-            let Some(delta) = parse_u64(tokens[2]) else {
-                return Request::Invalid(ProtocolError::Client("invalid numeric delta argument"));
-            };
-            Request::Arith {
-                key: Bytes::copy_from_slice(tokens[1]),
-                delta,
-                incr: tokens[0] == b"incr",
-                noreply,
-            }
-        }
-        b"touch" => {
-            if n != 3 && n != 4 {
-                return unknown;
-            }
-            if !valid_key(tokens[1]) {
-                return bad;
-            }
-            let Some(exptime) = parse_i64(tokens[2]) else {
-                return Request::Invalid(ProtocolError::Client("invalid exptime argument"));
-            };
-            Request::Touch {
-                key: Bytes::copy_from_slice(tokens[1]),
-                exptime,
-                noreply,
-            }
-        }
-        b"flush_all" => {
-            if n > 3 {
-                return unknown;
-            }
-            let delay = if n == (if noreply { 2 } else { 1 }) {
-                0
-            } else {
-                match parse_i64(tokens[1]) {
-                    Some(d) => d,
-                    None => {
-                        return Request::Invalid(ProtocolError::Client("invalid exptime argument"))
-                    }
-                }
-            };
-            Request::FlushAll { delay, noreply }
-        }
+        b"delete" => delete(tokens),
+        b"incr" | b"decr" if n == 3 || n == 4 => arith(tokens),
+        b"touch" if n == 3 || n == 4 => touch(tokens),
+        b"flush_all" if n <= 3 => flush_all(tokens),
         b"version" => Request::Version,
         b"quit" => Request::Quit,
-        b"verbosity" => {
-            if n != 2 && n != 3 {
-                return unknown;
-            }
-            if !noreply && parse_u64(tokens[1]).is_none() {
-                return bad;
+        b"verbosity" if n == 2 || n == 3 => {
+            let noreply = noreply(tokens);
+            if parse_u64(tokens[1]).is_none() {
+                return quiet_error(ProtocolError::BAD_FORMAT, noreply);
             }
             Request::Verbosity { noreply }
         }
+        b"slabs" if n >= 3 && tokens[1] == b"automove" => slabs_automove(tokens),
         b"stats" => Request::Stats {
             arg: (n > 1).then(|| String::from_utf8_lossy(&tokens[1..].join(&b' ')).into_owned()),
         },
-        t if n >= 2 && tokens[n - 1].starts_with(b"HTTP/") => {
-            let _ = t;
+        _ if n >= 2 && tokens[n - 1].starts_with(b"HTTP/") => {
             Request::Hangup("HTTP request on the memcached port")
         }
         _ => unknown,
     }
 }
 
-/// A decimal unsigned 32-bit number (an optional leading `+`, as strtoul takes).
+/// `delete <key> [0] [noreply]`; memcached reads `noreply` only past the key.
+fn delete(tokens: &[&[u8]]) -> Request {
+    let n = tokens.len();
+    if !(2..=4).contains(&n) {
+        return Request::Invalid(ProtocolError::UnknownCommand);
+    }
+    let noreply = n > 2 && noreply(tokens);
+    if n > 2 {
+        let hold_is_zero = tokens[2] == b"0";
+        let valid = (n == 3 && (hold_is_zero || noreply)) || (n == 4 && hold_is_zero && noreply);
+        if !valid {
+            return quiet_error(
+                ProtocolError::Client("bad command line format.  Usage: delete <key> [noreply]"),
+                noreply,
+            );
+        }
+    }
+    if !valid_key(tokens[1]) {
+        return quiet_error(ProtocolError::BAD_FORMAT, noreply);
+    }
+    Request::Delete {
+        key: Bytes::copy_from_slice(tokens[1]),
+        noreply,
+    }
+}
+
+/// `incr|decr <key> <delta> [noreply]`.
+fn arith(tokens: &[&[u8]]) -> Request {
+    let noreply = noreply(tokens);
+    if !valid_key(tokens[1]) {
+        return quiet_error(ProtocolError::BAD_FORMAT, noreply);
+    }
+    let Some(delta) = parse_u64(tokens[2]) else {
+        return quiet_error(
+            ProtocolError::Client("invalid numeric delta argument"),
+            noreply,
+        );
+    };
+    Request::Arith {
+        key: Bytes::copy_from_slice(tokens[1]),
+        delta,
+        incr: tokens[0] == b"incr",
+        noreply,
+    }
+}
+
+/// `touch <key> <exptime> [noreply]`.
+fn touch(tokens: &[&[u8]]) -> Request {
+    let noreply = noreply(tokens);
+    if !valid_key(tokens[1]) {
+        return quiet_error(ProtocolError::BAD_FORMAT, noreply);
+    }
+    let Some(exptime) = parse_i32(tokens[2]) else {
+        return quiet_error(INVALID_EXPTIME, noreply);
+    };
+    Request::Touch {
+        key: Bytes::copy_from_slice(tokens[1]),
+        exptime,
+        noreply,
+    }
+}
+
+const INVALID_EXPTIME: ProtocolError = ProtocolError::Client("invalid exptime argument");
+
+/// `flush_all [delay] [noreply]`.
+fn flush_all(tokens: &[&[u8]]) -> Request {
+    let noreply = noreply(tokens);
+    let delay = if tokens.len() == (if noreply { 2 } else { 1 }) {
+        0
+    } else {
+        match parse_i32(tokens[1]) {
+            Some(d) => d,
+            None => return quiet_error(INVALID_EXPTIME, noreply),
+        }
+    };
+    Request::FlushAll { delay, noreply }
+}
+
+/// `slabs automove <0|1|2>` or `slabs automove ratio <x>`: accepted, nothing to tune here.
+fn slabs_automove(tokens: &[&[u8]]) -> Request {
+    let noreply = noreply(tokens);
+    let ok = Request::Verbosity { noreply };
+    if tokens[2] == b"ratio" {
+        let ratio = tokens
+            .get(3)
+            .filter(|_| tokens.len() >= 4)
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(|t| t.parse::<f64>().ok());
+        return match ratio {
+            Some(_) => ok,
+            None => quiet_error(ProtocolError::UnknownCommand, noreply),
+        };
+    }
+    match parse_u64(tokens[2]).map(|l| l as u32) {
+        Some(0..=2) => ok,
+        Some(_) => quiet_error(ProtocolError::UnknownCommand, noreply),
+        None => quiet_error(ProtocolError::BAD_FORMAT, noreply),
+    }
+}
+
+/// C's `isspace`, which ends a number for memcached's `safe_strto*` helpers.
+fn c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// What C's `strtol` family reads from a token: leading blanks, an optional sign, decimal
+/// digits, then nothing or a blank. Returns the sign and the magnitude (`None` = beyond
+/// 2^64, C's ERANGE); `None` overall when there are no digits or junk follows them.
+fn c_digits(token: &[u8]) -> Option<(bool, Option<u64>)> {
+    let start = token
+        .iter()
+        .position(|&b| !c_space(b))
+        .unwrap_or(token.len());
+    let mut rest = &token[start..];
+    let negative = match rest.first() {
+        Some(b'-') => {
+            rest = &rest[1..];
+            true
+        }
+        Some(b'+') => {
+            rest = &rest[1..];
+            false
+        }
+        _ => false,
+    };
+    let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 || rest.get(n).is_some_and(|&b| !c_space(b)) {
+        return None;
+    }
+    let magnitude = rest[..n].iter().try_fold(0u64, |v, &d| {
+        v.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    });
+    Some((negative, magnitude))
+}
+
+/// memcached's `safe_strtoul` for a 32-bit field; values above 2^32-1 are refused (a
+/// documented difference: memcached truncates them).
 pub(super) fn parse_u32(token: &[u8]) -> Option<u32> {
     u32::try_from(parse_u64(token)?).ok()
 }
 
-/// A decimal unsigned 64-bit number; no sign but an optional `+`.
+/// memcached's `safe_strtoull`: an unsigned 64-bit number; `-N` wraps as in C unless the
+/// result looks negative, which is refused.
 pub(super) fn parse_u64(token: &[u8]) -> Option<u64> {
-    let digits = token.strip_prefix(b"+").unwrap_or(token);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
+    let (negative, magnitude) = c_digits(token)?;
+    let magnitude = magnitude?;
+    if !negative {
+        return Some(magnitude);
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    let value = magnitude.wrapping_neg();
+    (value as i64 >= 0).then_some(value)
 }
 
-/// A decimal signed 64-bit number.
-pub(super) fn parse_i64(token: &[u8]) -> Option<i64> {
-    let (negative, digits) = match token.first() {
-        Some(b'-') => (true, &token[1..]),
-        Some(b'+') => (false, &token[1..]),
-        _ => (false, token),
+/// memcached's `safe_strtol` into an `int32_t` (exptimes, data lengths, meta `T`/`N`/`R`):
+/// read as a 64-bit C long (overflow refused), then truncated to 32 bits, so `4294967295`
+/// reads as -1 and `4294967296` as 0, exactly as memcached 1.6 reads them.
+pub(super) fn parse_i32(token: &[u8]) -> Option<i64> {
+    let (negative, magnitude) = c_digits(token)?;
+    let magnitude = magnitude?;
+    let long = if negative {
+        if magnitude > 1 << 63 {
+            return None;
+        }
+        (magnitude as i64).wrapping_neg()
+    } else {
+        i64::try_from(magnitude).ok()?
     };
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    Some(i64::from(long as i32))
+}
+
+/// A declared data length as memcached accepts it: `safe_strtol`, then 0..=INT_MAX-2.
+pub(super) fn parse_length(token: &[u8]) -> Option<usize> {
+    let len = parse_i32(token)?;
+    if !(0..=i64::from(i32::MAX) - 2).contains(&len) {
         return None;
     }
-    let magnitude: i64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some(if negative { -magnitude } else { magnitude })
+    usize::try_from(len).ok()
 }
 
 #[cfg(test)]
@@ -429,14 +635,16 @@ mod tests {
             parsed.request,
             Request::Get {
                 keys: vec![Bytes::from("a"), Bytes::from("b")],
-                cas: false
+                cas: false,
+                end: true
             }
         );
         assert_eq!(
             req(b"  gets   k  \n"),
             Request::Get {
                 keys: vec![Bytes::from("k")],
-                cas: true
+                cas: true,
+                end: true
             }
         );
         assert_eq!(
@@ -456,7 +664,8 @@ mod tests {
             Request::Gat {
                 exptime: 10,
                 keys: vec![Bytes::from("k")],
-                cas: true
+                cas: true,
+                end: true
             }
         );
     }
@@ -582,6 +791,116 @@ mod tests {
             parse(&line, &limits).unwrap().request,
             Request::Get { .. }
         ));
+    }
+
+    #[test]
+    fn numbers_read_as_memcached_reads_them() {
+        // safe_strtol into an int32_t: truncated, overflow refused.
+        assert_eq!(parse_i32(b"4294967295"), Some(-1));
+        assert_eq!(parse_i32(b"4294967296"), Some(0));
+        assert_eq!(parse_i32(b"2147483648"), Some(-2_147_483_648));
+        assert_eq!(parse_i32(b"-2147483649"), Some(2_147_483_647));
+        assert_eq!(parse_i32(b"18446744073710"), Some(-140_462_610));
+        assert_eq!(parse_i32(b"99999999999999999999"), None);
+        assert_eq!(parse_i32(b"+5"), Some(5));
+        assert_eq!(parse_i32(b"5x"), None);
+        assert_eq!(parse_i32(b""), None);
+        // safe_strtoull: "-N" is refused unless it wraps to a small value.
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        assert_eq!(parse_u64(b"-1"), None);
+        assert_eq!(parse_u64(b"-0"), Some(0));
+        // Lengths: 0..=INT_MAX-2 after the 32-bit reading.
+        assert_eq!(parse_length(b"4294967295"), None);
+        assert_eq!(parse_length(b"2147483646"), None);
+        assert_eq!(parse_length(b"4294967296"), Some(0));
+        assert_eq!(
+            req(b"set k 0 4294967295 1\r\na\r\n"),
+            Request::Store {
+                mode: StoreMode::Set,
+                key: Bytes::from("k"),
+                flags: 0,
+                exptime: -1,
+                data: Bytes::from("a"),
+                cas_unique: 0,
+                noreply: false
+            }
+        );
+        let refused = p(b"set k 0 0 4294967295\r\nget k\r\n").unwrap();
+        assert_eq!(refused.request, Request::Invalid(ProtocolError::BAD_FORMAT));
+        assert_eq!((refused.consumed, refused.skip), (22, Skip::None));
+        assert_eq!(req(b"set k 0 0 -1 noreply\r\n"), Request::Silent);
+        assert_eq!(req(b"delete k 10 noreply\r\n"), Request::Silent);
+        assert!(matches!(
+            req(b"delete noreply\r\n"),
+            Request::Delete { noreply: false, .. }
+        ));
+    }
+
+    #[test]
+    fn long_retrievals_come_in_pieces() {
+        let limits = Limits {
+            max_multiget_line_bytes: 64,
+            ..Limits::default()
+        };
+        let mut line = b"gets".to_vec();
+        for i in 0..40 {
+            line.extend_from_slice(format!(" key{i}").as_bytes());
+        }
+        line.extend_from_slice(b"\r\nversion\r\n");
+        let mut rest = &line[..];
+        let mut resume = None;
+        let mut keys = Vec::new();
+        let mut ends = 0;
+        while keys.len() < 40 {
+            let parsed = parse_resumed(rest, &limits, resume).expect("complete");
+            assert!(parsed.consumed > 0 && parsed.consumed <= 64);
+            let Request::Get { keys: k, cas, end } = parsed.request else {
+                panic!("{:?}", parsed.request)
+            };
+            assert!(cas);
+            assert_eq!(end, parsed.resume.is_none());
+            ends += usize::from(end);
+            keys.extend(k);
+            resume = parsed.resume;
+            rest = &rest[parsed.consumed..];
+        }
+        assert_eq!(ends, 1);
+        assert_eq!(keys[39], Bytes::from("key39"));
+        assert_eq!(
+            parse_resumed(rest, &limits, None).unwrap().request,
+            Request::Version
+        );
+        // A gat keeps its exptime across pieces; a bad key ends the line with an error.
+        let mut gat = b"gat 100".to_vec();
+        for i in 0..20 {
+            gat.extend_from_slice(format!(" key{i}").as_bytes());
+        }
+        let first = parse(&gat, &limits).unwrap();
+        assert_eq!(
+            first.resume,
+            Some(LongRetrieval {
+                cas: false,
+                exptime: Some(100)
+            })
+        );
+        let bad = [&[b'y'; 70][..], b" k\r\n"].concat();
+        let refused = parse_resumed(&bad, &limits, first.resume).unwrap();
+        assert_eq!(refused.request, Request::Invalid(ProtocolError::BAD_FORMAT));
+        assert_eq!(refused.skip, Skip::Line);
+    }
+
+    #[test]
+    fn refused_line_leaves_what_follows() {
+        let limits = Limits::default();
+        let mut junk = vec![b'x'; 300_000];
+        junk.extend_from_slice(b"\r\nversion\r\n");
+        let parsed = parse(&junk, &limits).unwrap();
+        assert_eq!(parsed.skip, Skip::Line);
+        assert!(
+            parsed.consumed < 300_000,
+            "the newline and what follows stay"
+        );
     }
 
     #[test]

@@ -49,10 +49,11 @@ impl MetaStatus {
 }
 
 /// A meta reply: status, returned flags (already rendered, in order) and an optional value.
+/// Flags are bytes: keys and opaques that are not UTF-8 echo back exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaReply {
     pub status: MetaStatus,
-    pub flags: Vec<String>,
+    pub flags: Vec<Bytes>,
     pub value: Option<Bytes>,
 }
 
@@ -69,15 +70,19 @@ pub enum Response {
     Touched,
     Ok,
     Reset,
-    /// `VALUE ... END` for get/gets/gat/gats (`with_cas` for the `s` forms).
+    /// `VALUE ... END` for get/gets/gat/gats (`with_cas` for the `s` forms); without
+    /// `END` for a piece of a long line that goes on.
     Values {
         values: Vec<Value>,
         with_cas: bool,
+        end: bool,
     },
     /// incr/decr result.
     Number(u64),
     Version(String),
     Stats(Vec<(String, String)>),
+    /// `stats detail dump`: `PREFIX <p> get <n> hit <n> set <n> del <n>` lines, then `END`.
+    Prefixes(Vec<(Bytes, [u64; 4])>),
     /// `ME <key> <k>=<v>*`.
     Debug {
         key: String,
@@ -108,7 +113,11 @@ impl Response {
             Response::Touched => line(out, "TOUCHED"),
             Response::Ok => line(out, "OK"),
             Response::Reset => line(out, "RESET"),
-            Response::Values { values, with_cas } => {
+            Response::Values {
+                values,
+                with_cas,
+                end,
+            } => {
                 for v in values {
                     out.reserve(v.key.len() + v.data.len() + 64);
                     out.put_slice(b"VALUE ");
@@ -121,13 +130,23 @@ impl Response {
                     out.put_slice(&v.data);
                     out.put_slice(b"\r\n");
                 }
-                line(out, "END");
+                if *end {
+                    line(out, "END");
+                }
             }
             Response::Number(n) => line(out, &n.to_string()),
             Response::Version(v) => line(out, &format!("VERSION {v}")),
             Response::Stats(stats) => {
                 for (name, value) in stats {
                     line(out, &format!("STAT {name} {value}"));
+                }
+                line(out, "END");
+            }
+            Response::Prefixes(rows) => {
+                for (prefix, [get, hit, set, del]) in rows {
+                    out.put_slice(b"PREFIX ");
+                    out.put_slice(prefix);
+                    line(out, &format!(" get {get} hit {hit} set {set} del {del}"));
                 }
                 line(out, "END");
             }
@@ -139,7 +158,7 @@ impl Response {
                 }
                 for flag in &reply.flags {
                     out.put_u8(b' ');
-                    out.put_slice(flag.as_bytes());
+                    out.put_slice(flag);
                 }
                 out.put_slice(b"\r\n");
                 if let Some(value) = &reply.value {
@@ -190,14 +209,16 @@ mod tests {
         assert_eq!(
             wire(Response::Values {
                 values: vec![v.clone()],
-                with_cas: false
+                with_cas: false,
+                end: true
             }),
             b"VALUE k 5 2\r\nab\r\nEND\r\n"
         );
         assert_eq!(
             wire(Response::Values {
                 values: vec![v],
-                with_cas: true
+                with_cas: true,
+                end: true
             }),
             b"VALUE k 5 2 9\r\nab\r\nEND\r\n"
         );
@@ -216,7 +237,7 @@ mod tests {
         assert_eq!(
             wire(Response::Meta(MetaReply {
                 status: MetaStatus::Va,
-                flags: vec!["f5".into(), "t-1".into()],
+                flags: vec![Bytes::from("f5"), Bytes::from("t-1")],
                 value: Some(Bytes::from("hi"))
             })),
             b"VA 2 f5 t-1\r\nhi\r\n"
