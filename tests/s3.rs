@@ -534,7 +534,8 @@ async fn waiting_for_an_s3_slot_counts_against_the_deadline() {
 #[tokio::test]
 async fn oversized_foreign_objects_are_not_downloaded() {
     let proxy = Proxy::start(&s3_endpoint()).await;
-    let server = server_via(&proxy, "").await; // max_item_size: 1 MiB
+    // max_item_size: 1 MiB; strict mode, so the next request reads the flush epoch.
+    let server = server_via(&proxy, "revalidate_after_ms = 0\n").await;
     let prefix = &server.config.location;
     let raw = raw_client().await;
     let huge = Bytes::from(vec![b'x'; 24 * 1024 * 1024]);
