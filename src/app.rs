@@ -1,5 +1,6 @@
 //! Wires the rooms together: store, flush epoch, culler, commands, server; and shutdown.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -51,11 +52,17 @@ pub struct App {
     culler_task: JoinHandle<()>,
 }
 
-/// Sets up tracing from the config (text or JSON).
+/// Sets up tracing from the config (text or JSON) on standard output; colours only when
+/// that is a terminal and NO_COLOR is unset, so files and log collectors get plain text.
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let colour = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(colour);
     if config.log_format == "json" {
         builder.json().init();
     } else {
