@@ -110,7 +110,7 @@ pub const DEFAULT_FLUSH_CHECK_MS: u64 = 0;
 options! {
     /// Address to listen on.
     listen: String = DEFAULT_LISTEN.into(), env "S3CACHED_LISTEN";
-    /// Most client connections at once; more wait in the accept queue.
+    /// Most client connections at once; more get memcached's "ERROR Too many open connections".
     max_connections: usize = DEFAULT_MAX_CONNECTIONS, env "S3CACHED_MAX_CONNECTIONS";
     /// Largest item value in bytes (memcached's -I).
     max_item_size: usize = DEFAULT_MAX_ITEM_SIZE_BYTES, env "S3CACHED_MAX_ITEM_SIZE";

@@ -27,6 +27,8 @@ macro_rules! counters {
 counters!(
     curr_connections,
     total_connections,
+    rejected_connections,
+    accept_errors,
     cmd_get,
     cmd_set,
     cmd_flush,

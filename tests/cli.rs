@@ -1,6 +1,6 @@
 //! The binary: bad configs stop it before any port is bound, `--check-config` prints TOML
-//! that reads back the same (without secrets), `check` tells whether a server works
-//! (with plain logs when its output is piped).
+//! that reads back the same (without secrets), `check` tells whether a server works (with
+//! plain logs when its output is piped), a client over the connection cap is told at once.
 
 use std::process::Command;
 
@@ -240,4 +240,39 @@ fn check_passes_against_a_running_server_and_fails_without_one() {
         err.contains("FAILED at connect") && err.contains(&addr),
         "{err}"
     );
+}
+
+#[test]
+fn over_the_connection_cap_a_client_is_told_and_closed() {
+    use std::io::{Read, Write};
+    let server = Server::start(&["--max-connections", "1"]);
+    let mut held = std::net::TcpStream::connect(&server.addr).unwrap();
+    held.write_all(b"version\r\n").unwrap();
+    let mut reply = [0u8; 64];
+    let n = held.read(&mut reply).unwrap();
+    assert!(reply[..n].starts_with(b"VERSION "));
+
+    let mut refused = std::net::TcpStream::connect(&server.addr).unwrap();
+    refused
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    refused.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"ERROR Too many open connections\r\n");
+
+    let out = server.check(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Too many open connections"), "{err}");
+
+    held.write_all(b"stats\r\n").unwrap();
+    let mut stats = Vec::new();
+    while !stats.ends_with(b"END\r\n") {
+        let n = held.read(&mut reply).unwrap();
+        assert!(n > 0, "closed before END");
+        stats.extend_from_slice(&reply[..n]);
+    }
+    let stats = String::from_utf8_lossy(&stats);
+    assert!(stats.contains("STAT rejected_connections 2\r\n"), "{stats}");
+    assert!(stats.contains("STAT curr_connections 1\r\n"), "{stats}");
 }
