@@ -61,6 +61,7 @@ counters!(
     cull_last_pass_unix,
     cull_last_duration_ms,
     flush_objects_removed,
+    culler_restarts,
 );
 
 /// Counters that describe the present, not a running total: `stats reset` leaves them.
