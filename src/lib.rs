@@ -17,3 +17,4 @@ pub mod protocol;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod throttle;

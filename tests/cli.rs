@@ -1,6 +1,7 @@
 //! The binary: bad configs stop it before any port is bound, `--check-config` prints TOML
 //! that reads back the same (without secrets), `check` tells whether a server works (with
-//! plain logs when its output is piped), a client over the connection cap is told at once.
+//! plain logs when its output is piped), a client over the connection cap is told at once,
+//! and refused protocols cannot flood the log.
 
 use std::process::Command;
 
@@ -176,6 +177,13 @@ impl Server {
         }
     }
 
+    /// Stops the server and returns the log lines not yet read.
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log.iter().collect()
+    }
+
     fn check(&self, extra: &[&str]) -> std::process::Output {
         s3cached()
             .args(["check", "--addr", &self.addr])
@@ -275,4 +283,29 @@ fn over_the_connection_cap_a_client_is_told_and_closed() {
     let stats = String::from_utf8_lossy(&stats);
     assert!(stats.contains("STAT rejected_connections 2\r\n"), "{stats}");
     assert!(stats.contains("STAT curr_connections 1\r\n"), "{stats}");
+}
+
+#[test]
+fn refused_protocols_log_at_most_one_line_a_second() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let begun = std::time::Instant::now();
+    for _ in 0..20 {
+        let mut http = std::net::TcpStream::connect(&server.addr).unwrap();
+        http.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let _ = http.read_to_end(&mut Vec::new()); // until the server hangs up
+    }
+    let secs = begun.elapsed().as_secs() as usize;
+    let lines: Vec<String> = server
+        .stop()
+        .into_iter()
+        .filter(|l| l.contains("closing connection"))
+        .collect();
+    assert!(!lines.is_empty(), "the first refusal is logged");
+    assert!(lines[0].contains("suppressed=0"), "{}", lines[0]);
+    assert!(
+        lines.len() <= secs + 1,
+        "{} lines in {secs} s: {lines:#?}",
+        lines.len()
+    );
 }
