@@ -54,6 +54,7 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 export S3CACHED_LISTEN="127.0.0.1:$port"
 
 log="$tmp/server.log"
+: >"$log"
 # shellcheck disable=SC2086 # the README's arguments split as the shell would split them
 (cd "$fresh" && exec "$bin" $serve_args) >"$log" 2>&1 &
 server_pid=$!
