@@ -2,11 +2,14 @@
 # Multi-stage build: compile in the Rust image, run in a small Debian image as a non-root user.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml ./
+# A Cargo.lock in the build context pins every dependency (README: "Pin a build"): the
+# glob copies it when present, and the build then insists on it with --locked.
+COPY Cargo.toml Cargo.lock* ./
 COPY src ./src
 COPY benches ./benches
 COPY config.example.toml ./
-RUN cargo build --release --bin s3cached \
+RUN if [ -f Cargo.lock ]; then locked=--locked; else locked=; fi \
+    && cargo build --release --bin s3cached $locked \
     && strip target/release/s3cached
 
 FROM debian:bookworm-slim
@@ -21,6 +24,8 @@ WORKDIR /var/lib/s3cached
 ENV S3CACHED_LISTEN=0.0.0.0:11211 \
     S3CACHED_DATA_DIR=/var/lib/s3cached/data
 EXPOSE 11211
+# Liveness: the server answers `version` on its listen address (0.0.0.0 is read as loopback).
+# Drop --version-only to check a set/get/delete round trip through the store as well.
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/11211 && printf 'version\\r\\n' >&3 && read -r -t 2 line <&3 && [[ $line == VERSION* ]]"]
+    CMD ["/usr/local/bin/s3cached", "check", "--version-only", "--timeout-ms", "2000"]
 ENTRYPOINT ["/usr/local/bin/s3cached"]

@@ -1,5 +1,7 @@
 //! Wires the rooms together: store, flush epoch, culler, commands, server; and shutdown.
 
+use std::future::Future;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -52,11 +54,20 @@ pub struct App {
     culler_task: JoinHandle<()>,
 }
 
-/// Sets up tracing from the config (text or JSON).
+/// Pause before restarting a background task that panicked, in milliseconds.
+pub const RESTART_PAUSE_MS: u64 = 1000;
+
+/// Sets up tracing from the config (text or JSON) on standard output; colours only when
+/// that is a terminal and NO_COLOR is unset, so files and log collectors get plain text.
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let colour = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(colour);
     if config.log_format == "json" {
         builder.json().init();
     } else {
@@ -159,7 +170,19 @@ pub async fn start_with(
         hint,
     ));
     let shutdown = CancellationToken::new();
-    let culler_task = tokio::spawn(culler.clone().run(shutdown.clone()));
+    let culler_task = tokio::spawn(supervise(
+        "culler",
+        {
+            let (culler, shutdown) = (culler.clone(), shutdown.clone());
+            move || culler.clone().run(shutdown.clone())
+        },
+        {
+            let stats = ctx.stats.clone();
+            move || Stats::incr(&stats.culler_restarts)
+        },
+        Duration::from_millis(RESTART_PAUSE_MS),
+        shutdown.clone(),
+    ));
     tokio::spawn(flush.clone().run_refresher(shutdown.clone()));
     let limits = Limits {
         max_item_bytes: config.max_item_size,
@@ -203,6 +226,38 @@ impl App {
     }
 }
 
+/// Runs the task `start` makes until it returns or `shutdown` fires; when it panics, logs
+/// the panic, calls `restarted` and starts a new one after `pause`.
+pub async fn supervise<F, Fut>(
+    name: &'static str,
+    mut start: F,
+    restarted: impl Fn(),
+    pause: Duration,
+    shutdown: CancellationToken,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let err = match tokio::spawn(start()).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => e.into_panic(),
+            Err(_) => return,
+        };
+        let cause = err
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| err.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(task = name, %cause, "background task panicked; restarting it");
+        restarted();
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Runs until SIGINT or SIGTERM, then drains.
 pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
     let app = start(config).await?;
@@ -231,5 +286,62 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_task_is_restarted_and_counted() {
+        let starts = Arc::new(AtomicU64::new(0));
+        let restarts = Arc::new(AtomicU64::new(0));
+        let make = {
+            let starts = starts.clone();
+            move || {
+                let n = starts.fetch_add(1, Relaxed);
+                async move {
+                    if n < 2 {
+                        panic!("culler bug {n}");
+                    }
+                }
+            }
+        };
+        let counted = {
+            let restarts = restarts.clone();
+            move || {
+                restarts.fetch_add(1, Relaxed);
+            }
+        };
+        let pause = Duration::from_secs(1);
+        let begun = tokio::time::Instant::now();
+        supervise("test", make, counted, pause, CancellationToken::new()).await;
+        assert_eq!(starts.load(Relaxed), 3);
+        assert_eq!(restarts.load(Relaxed), 2);
+        assert!(begun.elapsed() >= 2 * pause, "restarts wait their pause");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_supervision_during_the_pause() {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let make = move || {
+            stop.cancel();
+            async { panic!("always") }
+        };
+        let restarts = Arc::new(AtomicU64::new(0));
+        let counted = {
+            let restarts = restarts.clone();
+            move || {
+                restarts.fetch_add(1, Relaxed);
+            }
+        };
+        let hour = Duration::from_secs(3600);
+        let begun = tokio::time::Instant::now();
+        supervise("test", make, counted, hour, shutdown).await;
+        assert_eq!(restarts.load(Relaxed), 1);
+        assert!(begun.elapsed() < hour);
     }
 }

@@ -20,6 +20,15 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// "set" or "unset": all that is ever shown of a secret.
+    pub fn state(&self) -> &'static str {
+        if self.0.is_empty() {
+            "unset"
+        } else {
+            "set"
+        }
+    }
 }
 
 impl std::fmt::Debug for Secret {
@@ -66,6 +75,19 @@ macro_rules! options {
             }
         }
 
+        impl Config {
+            /// Name and value of every option, secrets shown only as set or unset
+            /// (`stats settings`).
+            pub fn rows(&self) -> Vec<(String, String)> {
+                vec![ $( (stringify!($name).to_owned(), OptionValue::setting(&self.$name)), )* ]
+            }
+
+            /// Every option as a line of TOML that `--config` reads back, secrets as comments.
+            pub fn toml_lines(&self) -> Vec<String> {
+                vec![ $( OptionValue::toml_line(&self.$name, stringify!($name)), )* ]
+            }
+        }
+
         /// `(key, environment variable)` of every option, for docs and tests.
         pub const KEYS: &[(&str, &str)] = &[ $( (stringify!($name), $env), )* ];
     };
@@ -96,7 +118,7 @@ pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
 options! {
     /// Address to listen on.
     listen: String = DEFAULT_LISTEN.into(), env "S3CACHED_LISTEN";
-    /// Most client connections at once; more wait in the accept queue.
+    /// Most client connections at once; more get memcached's "ERROR Too many open connections".
     max_connections: usize = DEFAULT_MAX_CONNECTIONS, env "S3CACHED_MAX_CONNECTIONS";
     /// Largest item value in bytes (memcached's -I).
     max_item_size: usize = DEFAULT_MAX_ITEM_SIZE_BYTES, env "S3CACHED_MAX_ITEM_SIZE";
@@ -185,6 +207,17 @@ pub struct Cli {
     pub check_config: bool,
     #[command(flatten)]
     pub options: Options,
+    /// With no subcommand, s3cached runs the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does instead of serving.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Check a running server: version, a set/get/delete round trip of a unique key, stats.
+    /// Exits 0 when all is well, 1 with the reason otherwise (usable as a health check).
+    Check(crate::check::CheckArgs),
 }
 
 /// A configuration that cannot be used, with the reason.
@@ -350,78 +383,51 @@ impl Config {
         }
     }
 
-    /// Name and value of every option, secrets shown only as set or unset.
-    pub fn rows(&self) -> Vec<(String, String)> {
-        let secret = |s: &Secret| {
-            if s.expose().is_empty() {
-                "unset"
-            } else {
-                "set"
-            }
-            .to_owned()
-        };
-        vec![
-            ("listen".into(), self.listen.clone()),
-            ("max_connections".into(), self.max_connections.to_string()),
-            ("max_item_size".into(), self.max_item_size.to_string()),
-            (
-                "idle_timeout_secs".into(),
-                self.idle_timeout_secs.to_string(),
-            ),
-            ("log_level".into(), self.log_level.clone()),
-            ("log_format".into(), self.log_format.clone()),
-            ("flush_enabled".into(), self.flush_enabled.to_string()),
-            (
-                "miss_on_backend_error".into(),
-                self.miss_on_backend_error.to_string(),
-            ),
-            ("data_dir".into(), self.data_dir.display().to_string()),
-            ("location".into(), self.location.clone()),
-            (
-                "storage_bucket_name".into(),
-                self.storage_bucket_name.clone(),
-            ),
-            ("access_key_id".into(), secret(&self.access_key_id)),
-            ("secret_access_key".into(), secret(&self.secret_access_key)),
-            ("default_acl".into(), self.default_acl.clone()),
-            ("bucket_acl".into(), self.bucket_acl.clone()),
-            (
-                "reduced_redundancy".into(),
-                self.reduced_redundancy.to_string(),
-            ),
-            ("storage_class".into(), self.storage_class.clone()),
-            ("is_gzipped".into(), self.is_gzipped.to_string()),
-            ("gzip_min_bytes".into(), self.gzip_min_bytes.to_string()),
-            ("region".into(), self.region.clone()),
-            ("endpoint_url".into(), self.endpoint_url.clone()),
-            ("force_path_style".into(), self.force_path_style.to_string()),
-            ("create_bucket".into(), self.create_bucket.to_string()),
-            ("request_checksum".into(), self.request_checksum.clone()),
-            (
-                "s3_attempt_timeout_ms".into(),
-                self.s3_attempt_timeout_ms.to_string(),
-            ),
-            (
-                "s3_operation_timeout_ms".into(),
-                self.s3_operation_timeout_ms.to_string(),
-            ),
-            ("s3_max_attempts".into(), self.s3_max_attempts.to_string()),
-            ("s3_max_in_flight".into(), self.s3_max_in_flight.to_string()),
-            ("max_entries".into(), self.max_entries.to_string()),
-            ("cull_frequency".into(), self.cull_frequency.to_string()),
-            ("max_bytes".into(), self.max_bytes.to_string()),
-            (
-                "cull_interval_secs".into(),
-                self.cull_interval_secs.to_string(),
-            ),
-            ("ram_cache_bytes".into(), self.ram_cache_bytes.to_string()),
-            (
-                "revalidate_after_ms".into(),
-                self.revalidate_after_ms.to_string(),
-            ),
-            ("dir_fsync".into(), self.dir_fsync.to_string()),
-            ("clock_offset_ms".into(), self.clock_offset_ms.to_string()),
-        ]
+    /// The resolved configuration as a TOML document that `--config` accepts back.
+    pub fn to_toml(&self) -> String {
+        let mut text = String::from(
+            "# s3cached configuration, resolved from defaults, file, environment and flags.\n",
+        );
+        for line in self.toml_lines() {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    }
+}
+
+/// How one option's value is shown: in `stats settings` and as a line of TOML.
+pub trait OptionValue {
+    /// The value as `stats settings` shows it.
+    fn setting(&self) -> String;
+    /// `key = value` in TOML, typed as the file expects it.
+    fn toml_line(&self, key: &str) -> String;
+}
+
+impl<T: serde::Serialize> OptionValue for T {
+    fn setting(&self) -> String {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::String(s)) => s,
+            Ok(v) => v.to_string(),
+            Err(e) => format!("<{e}>"),
+        }
+    }
+
+    fn toml_line(&self, key: &str) -> String {
+        match toml::Value::try_from(self) {
+            Ok(v) => format!("{key} = {v}"),
+            Err(e) => format!("# {key}: cannot be written as TOML: {e}"),
+        }
+    }
+}
+
+impl OptionValue for Secret {
+    fn setting(&self) -> String {
+        self.state().to_owned()
+    }
+
+    fn toml_line(&self, key: &str) -> String {
+        format!("# {key} = <redacted: {}>", self.state())
     }
 }
 
@@ -490,6 +496,43 @@ mod tests {
             .unwrap();
         let shown = format!("{c:?} {:?}", c.rows());
         assert!(!shown.contains("hunter2") && !shown.contains("AKIAXXXX"));
+    }
+
+    #[test]
+    fn to_toml_is_typed_reads_back_the_same_and_covers_every_key() {
+        let c = Config::from_toml(
+            "max_connections = 9\nflush_enabled = false\nlocation = \"it's \\\"here\\\"\"\n\
+             data_dir = \"/tmp/x y\"\ns3_max_attempts = 7\naccess_key_id = \"AKIAXXXX\"\n\
+             secret_access_key = \"hunter2\"\n",
+        )
+        .unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("\nmax_connections = 9\n"), "{text}");
+        assert!(text.contains("\nflush_enabled = false\n"), "{text}");
+        assert!(text.contains("\ns3_max_attempts = 7\n"), "{text}");
+        assert!(
+            text.contains("\n# access_key_id = <redacted: set>\n"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2") && !text.contains("AKIAXXXX"));
+        let back = Config::from_toml(&text).unwrap();
+        assert_eq!(back.location, "it's \"here\"");
+        assert_eq!(back.data_dir, PathBuf::from("/tmp/x y"));
+        let mut expected = c.rows();
+        for (key, value) in &mut expected {
+            if key.ends_with("_key") || key.ends_with("_key_id") {
+                *value = "unset".into();
+            }
+        }
+        assert_eq!(back.rows(), expected);
+        for (key, _) in KEYS {
+            let row = format!("\n{key} = ");
+            let secret = format!("\n# {key} = <redacted: ");
+            assert!(
+                text.contains(&row) || text.contains(&secret),
+                "{key} missing"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod check;
 pub mod clock;
 pub mod command;
 pub mod config;
@@ -17,4 +18,5 @@ pub mod protocol;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod throttle;
 pub mod tier;

@@ -1,24 +1,29 @@
-//! The `s3cached` binary: parse configuration, set up logging, run the app.
+//! The `s3cached` binary: parse configuration, set up logging, run the app; or, with the
+//! `check` subcommand, check a running server.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-use s3cached::config::{Cli, Config};
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
+use clap::Parser;
+use s3cached::check::{self, CheckArgs};
+use s3cached::config::{Cli, Command, Config};
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("s3cached: invalid configuration: {e}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
+    if let Some(Command::Check(args)) = &cli.command {
+        return run_check(&config, args);
+    }
     if cli.check_config {
-        for (key, value) in config.rows() {
-            println!("{key} = {value:?}");
-        }
+        print!("{}", config.to_toml());
         println!("# configuration is valid");
-        return std::process::ExitCode::SUCCESS;
+        return ExitCode::SUCCESS;
     }
     s3cached::app::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -28,15 +33,41 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("s3cached: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(s3cached::app::run_until_signal(config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(cause = %e, "s3cached stopped");
             eprintln!("s3cached: {e}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `s3cached check`: 0 when the server works, 1 with the failed step otherwise.
+fn run_check(config: &Config, args: &CheckArgs) -> ExitCode {
+    let addr = match &args.addr {
+        Some(a) => a.clone(),
+        None => check::reachable(config.listen_addr()).to_string(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("s3cached check: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    match runtime.block_on(check::run(&addr, args, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("s3cached check: FAILED at {e}");
+            ExitCode::FAILURE
         }
     }
 }

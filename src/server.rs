@@ -1,9 +1,10 @@
-//! The accept loop: a connection permit before each accept, one task per connection.
+//! The accept loop: one task per connection up to the cap; over it, memcached's refusal.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -11,6 +12,19 @@ use tokio_util::task::TaskTracker;
 use crate::command::Ctx;
 use crate::connection::{self, ConnectionConfig};
 use crate::stats::Stats;
+
+/// memcached's reply to a client over the connection cap, sent before closing it.
+pub const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
+/// Most refused connections draining their input at once; beyond it they close at once.
+pub const MAX_DRAINING_REFUSALS: usize = 64;
+/// How long a refused connection may drain its input, in milliseconds.
+pub const REFUSAL_DRAIN_MS: u64 = 500;
+/// Most input bytes drained from a refused connection.
+pub const REFUSAL_DRAIN_MAX_BYTES: usize = 64 * 1024;
+/// Pause after the first failed accept of a burst, in milliseconds.
+pub const ACCEPT_BACKOFF_MIN_MS: u64 = 10;
+/// Longest pause between failed accepts, in milliseconds.
+pub const ACCEPT_BACKOFF_MAX_MS: u64 = 1000;
 
 /// Accepts clients until `shutdown` fires; returns the tracker of live connections so the
 /// caller can wait for them to drain.
@@ -22,23 +36,31 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> TaskTracker {
     let permits = Arc::new(Semaphore::new(max_connections));
+    let draining = Arc::new(Semaphore::new(MAX_DRAINING_REFUSALS));
     let connections = TaskTracker::new();
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
-            _ = shutdown.cancelled() => break,
-        };
         let (socket, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.succeeded();
+                    a
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::error!(cause = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    Stats::incr(&ctx.stats.accept_errors);
+                    let pause = backoff.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
             },
             _ = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refuse(socket, &ctx.stats, &draining);
+            continue;
         };
         let _ = socket.set_nodelay(true);
         let ctx = ctx.clone();
@@ -57,4 +79,97 @@ pub async fn run(
     }
     connections.close();
     connections
+}
+
+/// Tells a client over the cap why, as memcached does, and closes it. The reply fits an
+/// empty send buffer, so the write never waits. Closing a socket with unread input sends a
+/// reset that can destroy the reply before the client reads it, so the input is drained
+/// first, briefly, by a bounded number of tasks.
+fn refuse(socket: TcpStream, stats: &Stats, draining: &Arc<Semaphore>) {
+    Stats::incr(&stats.rejected_connections);
+    if let Err(e) = socket.try_write(TOO_MANY_CONNECTIONS) {
+        tracing::debug!(cause = %e, "could not tell a client over the cap");
+        return;
+    }
+    let Ok(permit) = draining.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut socket = socket;
+        let drain = async {
+            socket.shutdown().await?;
+            let mut buf = [0u8; 4096];
+            let mut left = REFUSAL_DRAIN_MAX_BYTES;
+            while left > 0 {
+                match socket.read(&mut buf).await? {
+                    0 => break,
+                    n => left = left.saturating_sub(n),
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(REFUSAL_DRAIN_MS), drain).await;
+        drop(permit);
+    });
+}
+
+/// Failed accepts in a row: how long to pause, and one log line per burst.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    /// Records a failed accept and returns the pause before the next; logs only the first
+    /// failure of a burst.
+    fn failed(&mut self, err: &std::io::Error) -> Duration {
+        if self.failures == 0 {
+            tracing::error!(cause = %err, "accept failed; backing off until an accept succeeds");
+        }
+        self.failures = self.failures.saturating_add(1);
+        accept_pause(self.failures)
+    }
+
+    /// Ends a burst of failures, saying how long it was.
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::warn!(
+                failures = self.failures,
+                "accepting again after failed accepts"
+            );
+            self.failures = 0;
+        }
+    }
+}
+
+/// The pause after `failures` failed accepts in a row: doubling from the minimum, capped.
+fn accept_pause(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    Duration::from_millis((ACCEPT_BACKOFF_MIN_MS << doublings).min(ACCEPT_BACKOFF_MAX_MS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_pauses_double_up_to_the_cap() {
+        let pauses: Vec<u64> = (1..=9)
+            .map(|n| accept_pause(n).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(accept_pause(u32::MAX), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn a_burst_counts_failures_and_a_success_ends_it() {
+        let mut backoff = AcceptBackoff::default();
+        let err = std::io::Error::other("too many open files");
+        assert_eq!(backoff.failed(&err), Duration::from_millis(10));
+        assert_eq!(backoff.failed(&err), Duration::from_millis(20));
+        assert_eq!(backoff.failures, 2);
+        backoff.succeeded();
+        assert_eq!(backoff.failures, 0);
+        assert_eq!(backoff.failed(&err), Duration::from_millis(10));
+    }
 }

@@ -27,6 +27,8 @@ macro_rules! counters {
 counters!(
     curr_connections,
     total_connections,
+    rejected_connections,
+    accept_errors,
     cmd_get,
     cmd_set,
     cmd_flush,
@@ -69,6 +71,7 @@ counters!(
     backend_deletes,
     backend_lists,
     backend_control_gets,
+    culler_restarts,
 );
 
 /// Counters that describe the present, not a running total: `stats reset` leaves them.

@@ -288,7 +288,7 @@ async fn stats_settings_hide_secrets() {
 }
 
 #[tokio::test]
-async fn connection_cap_is_taken_before_accept() {
+async fn over_the_connection_cap_a_client_is_refused_at_once() {
     let server = TestServer::start(Backend::Dir, "cap", "max_connections = 2\n").await;
     let mut a = server.client().await;
     let mut b = server.client().await;
@@ -296,14 +296,32 @@ async fn connection_cap_is_taken_before_accept() {
         .await;
     b.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n")
         .await;
-    // A third connection is queued, not served, until one of the first two closes.
+    // A third connection is told why and closed, as memcached does, even after a request.
     let mut third = server.client().await;
     third.send(b"version\r\n").await;
-    let early =
-        tokio::time::timeout(std::time::Duration::from_millis(300), third.read_exact(9)).await;
-    assert!(early.is_err(), "third connection was served beyond the cap");
+    assert_eq!(
+        third.read_until(b"\r\n").await,
+        b"ERROR Too many open connections\r\n"
+    );
+    assert!(third.closed().await);
+    // Once a slot is free again (its task has seen the close), new clients are served.
     drop(a);
-    assert_eq!(third.read_exact(9).await, b"VERSION 1");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut next = server.client().await;
+        if next.line(b"version\r\n").await.starts_with("VERSION ") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    b.send(b"stats\r\n").await;
+    let stats = String::from_utf8(b.read_until(b"END\r\n").await).unwrap();
+    assert!(stats.contains("STAT rejected_connections "), "{stats}");
+    assert!(
+        !stats.contains("STAT rejected_connections 0\r\n"),
+        "{stats}"
+    );
 }
 
 #[tokio::test]

@@ -312,7 +312,9 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
         Request::Silent => Response::None,
         Request::Quit => Response::Close,
         Request::Hangup(why) => {
-            tracing::info!(reason = why, "closing connection");
+            if let Some(suppressed) = crate::throttle::REFUSED_CONNECTIONS.allow() {
+                tracing::info!(reason = why, suppressed, "closing connection");
+            }
             Response::Close
         }
     }
