@@ -116,8 +116,9 @@ async fn two_replicas_culling_at_once_do_not_over_cull() {
 #[tokio::test]
 async fn flush_all_over_ten_thousand_objects() {
     let prefix = unique_prefix("flush10k");
-    let a = server_sharing(&prefix, "").await;
-    let b = server_sharing(&prefix, "").await;
+    // Strict mode: B sees A's flush at once (tests/tier.rs covers the default window).
+    let a = server_sharing(&prefix, "revalidate_after_ms = 0\n").await;
+    let b = server_sharing(&prefix, "revalidate_after_ms = 0\n").await;
     let fill_started = Instant::now();
     fill(a.store(), 10_000).await;
     eprintln!("filled 10,000 objects in {:?}", fill_started.elapsed());
