@@ -280,7 +280,9 @@ impl Connection {
             self.discard_skipped();
             // A hit in the near tier with nothing in flight before it is answered here, with
             // no task, channel or allocation beyond the reply.
-            if self.pipeline.len() == 0 {
+            // Past the write high-water mark the pipeline takes over, which is bounded and
+            // flushes.
+            if self.pipeline.len() == 0 && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
                 if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
                     self.emit(response);
                     continue;

@@ -4,7 +4,8 @@
 //! replica sharing the bucket honours it; the objects themselves are removed later, in the
 //! background, by the culler. The epoch is kept in memory and re-read once per
 //! revalidation window by a background task, so reads cost no request for it; a flush
-//! through this replica is seen by it at once, one through another replica within a window.
+//! through this replica is seen by it at once, one through another replica within two
+//! windows (a reading is used for two windows before a request waits for a fresh one).
 //! A window of zero is strict mode: each read uses an epoch read after the request arrived
 //! (concurrent requests share one read), so nothing flushed by any replica is served after.
 

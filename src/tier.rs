@@ -60,11 +60,21 @@ struct Cached {
 
 type Flight = Shared<BoxFuture<'static, Result<Option<Versioned>, StoreError>>>;
 
+/// A backend read in flight for one key, shared by the reads that join it.
+#[derive(Clone)]
+struct InFlight {
+    flight: Flight,
+    /// The key's write generation when it started.
+    generation: u64,
+    /// Set when a write makes its result too old to enter RAM; also its identity.
+    abandoned: Arc<AtomicBool>,
+    started: Instant,
+}
+
 /// What is going on for one key: a backend read in flight, writes in flight.
 #[derive(Default)]
 struct KeyState {
-    /// The shared backend read, and the write generation it started at.
-    flight: Option<(Flight, u64, Arc<AtomicBool>)>,
+    flight: Option<InFlight>,
     /// Writes through this replica that have started and not finished.
     writers: u32,
     /// Bumped by every write that starts: a result from before it must not enter the tier.
@@ -126,6 +136,15 @@ impl Tiered {
         }
     }
 
+    /// The item as the backend has it now: RAM is used only to make the read conditional
+    /// (a 304 without a body when unchanged). For commands that decide from what they read
+    /// without writing (`add` finding an item, `cas` a different unique), which a stale RAM
+    /// entry would mislead.
+    pub async fn get_confirmed(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        let known = self.ram.as_ref().and_then(|ram| ram.get(key));
+        self.load(key, known, false).await
+    }
+
     /// Forgets every entry (a flush through this replica).
     pub fn clear(&self) {
         if let Some(ram) = &self.ram {
@@ -148,11 +167,17 @@ impl Tiered {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn remember(&self, item: Versioned) {
+    /// Milliseconds since the tier started, at `at`.
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// Puts `item` in RAM as confirmed by the backend at `checked`.
+    fn remember(&self, item: Versioned, checked: Instant) {
         if let Some(ram) = &self.ram {
             let cached = Cached {
                 item,
-                checked_at_ms: AtomicU64::new(self.now_ms()),
+                checked_at_ms: AtomicU64::new(self.ms_at(checked)),
             };
             ram.insert(cached.item.entry.key.clone(), Arc::new(cached));
         }
@@ -164,36 +189,48 @@ impl Tiered {
         }
     }
 
-    /// A read through the backend, shared with every concurrent read of the same key.
+    /// A read through the backend, shared with concurrent reads of the same key. A read
+    /// joins one already in flight only if `may_join` and it started within the window, so
+    /// what it answers is never older than the window allows; in strict mode, or for reads
+    /// that must be confirmed, it starts its own.
     async fn load(
         &self,
         key: &[u8],
         known: Option<Arc<Cached>>,
+        may_join: bool,
     ) -> Result<Option<Versioned>, StoreError> {
-        let (flight, generation, abandoned, leader) = {
+        let (read, leader) = {
             let mut keys = self.lock();
             let state = keys.entry(Bytes::copy_from_slice(key)).or_default();
-            match &state.flight {
-                Some((flight, generation, abandoned)) => {
-                    (flight.clone(), *generation, abandoned.clone(), false)
-                }
+            let joinable = state.flight.as_ref().filter(|f| {
+                may_join && !self.window.is_zero() && f.started.elapsed() < self.window
+            });
+            match joinable {
+                Some(f) => (f.clone(), false),
                 None => {
-                    let flight = self.start_flight(key, known.clone());
-                    let abandoned = Arc::new(AtomicBool::new(false));
-                    state.flight = Some((flight.clone(), state.generation, abandoned.clone()));
-                    (flight, state.generation, abandoned, true)
+                    if let Some(old) = state.flight.take() {
+                        old.abandoned.store(true, Relaxed);
+                    }
+                    let read = InFlight {
+                        flight: self.start_flight(key, known.clone()),
+                        generation: state.generation,
+                        abandoned: Arc::new(AtomicBool::new(false)),
+                        started: Instant::now(),
+                    };
+                    state.flight = Some(read.clone());
+                    (read, true)
                 }
             }
         };
-        let guard = leader.then(|| FlightGuard {
+        // Whoever is dropped first, or sees the read finish first, takes it off the table.
+        let guard = FlightGuard {
             tier: self,
             key,
-            abandoned: abandoned.clone(),
-        });
-        let result = flight.await;
-        if let Some(guard) = guard {
-            guard.land(generation, &result, known.as_ref());
-        }
+            read: &read,
+            leader,
+        };
+        let result = read.flight.clone().await;
+        guard.land(&result, known.as_ref());
         result
     }
 
@@ -224,91 +261,136 @@ impl Tiered {
     }
 
     /// Marks the start of a write through this replica: reads already in flight may return
-    /// what was there before, so none of them may fill the tier from now on.
-    fn begin_write(&self, key: &[u8]) -> u64 {
+    /// what was there before, so none of them may fill the tier from now on. The guard ends
+    /// the write, also when the write is cancelled.
+    fn begin_write<'a>(&'a self, key: &'a [u8]) -> WriteGuard<'a> {
         let mut keys = self.lock();
         let state = keys.entry(Bytes::copy_from_slice(key)).or_default();
+        let alone = state.writers == 0;
         state.writers += 1;
         state.generation += 1;
-        if let Some((_, _, abandoned)) = state.flight.take() {
-            abandoned.store(true, Relaxed);
+        if let Some(read) = state.flight.take() {
+            read.abandoned.store(true, Relaxed);
         }
         self.forget(key);
-        state.generation
+        WriteGuard {
+            tier: self,
+            key,
+            generation: state.generation,
+            alone,
+            done: false,
+        }
+    }
+}
+
+/// A write in progress through this replica.
+struct WriteGuard<'a> {
+    tier: &'a Tiered,
+    key: &'a [u8],
+    generation: u64,
+    /// No other write to the key was in progress when this one started.
+    alone: bool,
+    done: bool,
+}
+
+impl WriteGuard<'_> {
+    /// Ends the write: what the backend acknowledged enters the tier, unless another write to
+    /// the key overlapped this one (whose order against it at the backend is unknown).
+    fn end(mut self, stored: Option<Versioned>) {
+        self.finish(stored);
     }
 
-    /// Marks the end of a write: what the backend acknowledged enters the tier, unless
-    /// another write to the key started meanwhile (whose outcome would then be unknown).
-    fn end_write(&self, key: &[u8], generation: u64, stored: Option<Versioned>) {
-        let mut keys = self.lock();
-        let Some(state) = keys.get_mut(key) else {
+    fn finish(&mut self, stored: Option<Versioned>) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let tier = self.tier;
+        let mut keys = tier.lock();
+        let Some(state) = keys.get_mut(self.key) else {
             return;
         };
         state.writers -= 1;
-        if let Some((_, _, abandoned)) = state.flight.take() {
-            abandoned.store(true, Relaxed);
+        if let Some(read) = state.flight.take() {
+            read.abandoned.store(true, Relaxed);
         }
+        let overlapped = !self.alone || state.generation != self.generation;
         match stored {
-            Some(item) if state.generation == generation => self.remember(item),
-            _ => self.forget(key),
+            Some(item) if !overlapped => tier.remember(item, Instant::now()),
+            _ => tier.forget(self.key),
         }
         if state.writers == 0 {
-            keys.remove(key);
+            keys.remove(self.key);
         }
     }
 }
 
-/// Held by the read that started a flight: when it finishes (or is dropped) the flight
-/// leaves the table, and a result still current enters the tier.
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        // A cancelled write: its outcome is unknown, so the key leaves RAM.
+        self.finish(None);
+    }
+}
+
+/// Held by every read waiting on a flight. The first to see it finish takes it off the
+/// table and, if nothing newer was written meanwhile, puts its result in RAM; if the leader
+/// is dropped before that, it takes it off the table so later reads start afresh.
 struct FlightGuard<'a> {
     tier: &'a Tiered,
     key: &'a [u8],
-    abandoned: Arc<AtomicBool>,
+    read: &'a InFlight,
+    leader: bool,
 }
 
 impl FlightGuard<'_> {
-    fn land(
-        self,
-        generation: u64,
-        result: &Result<Option<Versioned>, StoreError>,
-        known: Option<&Arc<Cached>>,
-    ) {
+    /// Unregisters the flight if it is still this key's; returns whether it was.
+    fn unregister(&self, keys: &mut HashMap<Bytes, KeyState>) -> bool {
+        let Some(state) = keys.get_mut(self.key) else {
+            return false;
+        };
+        let ours = state
+            .flight
+            .as_ref()
+            .is_some_and(|f| Arc::ptr_eq(&f.abandoned, &self.read.abandoned));
+        if ours {
+            state.flight = None;
+        }
+        if state.flight.is_none() && state.writers == 0 {
+            keys.remove(self.key);
+        }
+        ours
+    }
+
+    fn land(mut self, result: &Result<Option<Versioned>, StoreError>, known: Option<&Arc<Cached>>) {
         let tier = self.tier;
-        let keys = tier.lock();
-        let current = !self.abandoned.load(Relaxed)
+        let mut keys = tier.lock();
+        let current = !self.read.abandoned.load(Relaxed)
             && keys
                 .get(self.key)
-                .is_some_and(|s| s.writers == 0 && s.generation == generation);
-        if current {
+                .is_some_and(|s| s.writers == 0 && s.generation == self.read.generation);
+        if self.unregister(&mut keys) && current {
+            let checked = self.read.started;
             match result {
                 Ok(Some(item)) => match known {
                     Some(k) if k.item.version == item.version => {
-                        k.checked_at_ms.store(tier.now_ms(), Relaxed);
+                        k.checked_at_ms.store(tier.ms_at(checked), Relaxed);
                     }
-                    _ => tier.remember(item.clone()),
+                    _ => tier.remember(item.clone(), checked),
                 },
                 Ok(None) => tier.forget(self.key),
                 Err(_) => {}
             }
         }
         drop(keys);
+        // Already off the table: nothing left for Drop to do.
+        self.leader = false;
     }
 }
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
-        let mut keys = self.tier.lock();
-        if let Some(state) = keys.get_mut(self.key) {
-            let ours = state
-                .flight
-                .as_ref()
-                .is_some_and(|(_, _, a)| Arc::ptr_eq(a, &self.abandoned));
-            if ours {
-                state.flight = None;
-            }
-            if state.flight.is_none() && state.writers == 0 {
-                keys.remove(self.key);
-            }
+        if self.leader {
+            let mut keys = self.tier.lock();
+            self.unregister(&mut keys);
         }
     }
 }
@@ -324,7 +406,7 @@ impl Store for Tiered {
         if known.is_none() {
             Stats::incr(&self.stats.tier_misses);
         }
-        self.load(key, known).await
+        self.load(key, known, true).await
     }
 
     async fn get_if_changed(
@@ -339,22 +421,21 @@ impl Store for Tiered {
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
-        let generation = self.begin_write(&entry.key);
+        let write = self.begin_write(&entry.key);
         Stats::incr(&self.stats.backend_puts);
         let result = self.inner.put(entry, mode).await;
-        let stored = result.as_ref().ok().map(|version| Versioned {
+        write.end(result.as_ref().ok().map(|version| Versioned {
             entry: entry.clone(),
             version: version.clone(),
-        });
-        self.end_write(&entry.key, generation, stored);
+        }));
         result
     }
 
     async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
-        let generation = self.begin_write(key);
+        let write = self.begin_write(key);
         Stats::incr(&self.stats.backend_deletes);
         let result = self.inner.delete(key, version).await;
-        self.end_write(key, generation, None);
+        write.end(None);
         result
     }
 

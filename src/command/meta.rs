@@ -424,7 +424,7 @@ fn set_step(ctx: &Ctx, flags: &MetaFlags, fresh: &Entry, live: Option<&Entry>) -
 
 async fn delete(ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
     for _ in 0..super::MAX_WRITE_RETRIES {
-        let (read, liveness) = match ctx.read_live(&key).await {
+        let (read, liveness) = match ctx.read_confirmed(&key).await {
             Ok(r) => r,
             Err(e) => return ctx.failure(e),
         };

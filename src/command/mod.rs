@@ -143,10 +143,36 @@ impl Ctx {
 
     /// Reads a key, answering what is live (with its stored version).
     async fn read_live(&self, key: &[u8]) -> Result<(Option<Versioned>, Liveness), StoreError> {
+        self.read_live_from(key, false).await
+    }
+
+    /// Reads a key as the store has it now, RAM serving only to make the read conditional:
+    /// for commands that may answer from what they read without writing (`add` finding an
+    /// item, `cas` a different unique, `delete` finding none), where a stale RAM entry would
+    /// give another answer than the store.
+    async fn read_confirmed(
+        &self,
+        key: &[u8],
+    ) -> Result<(Option<Versioned>, Liveness), StoreError> {
+        self.read_live_from(key, true).await
+    }
+
+    async fn read_live_from(
+        &self,
+        key: &[u8],
+        confirmed: bool,
+    ) -> Result<(Option<Versioned>, Liveness), StoreError> {
         let asked_at = ARRIVED
             .try_with(|t| *t)
             .unwrap_or_else(|_| tokio::time::Instant::now());
-        let (read, epoch_us) = tokio::try_join!(self.store.get(key), self.flush.current(asked_at))?;
+        let read = async {
+            if confirmed {
+                self.store.get_confirmed(key).await
+            } else {
+                self.store.get(key).await
+            }
+        };
+        let (read, epoch_us) = tokio::try_join!(read, self.flush.current(asked_at))?;
         let now = self.clock.now_us();
         let liveness = match &read {
             Some(v) => self.live(&v.entry, epoch_us, now),
@@ -165,7 +191,7 @@ impl Ctx {
                 Stats::incr(&self.stats.backend_retries);
                 contention_backoff(attempt).await;
             }
-            let (read, liveness) = match self.read_live(key).await {
+            let (read, liveness) = match self.read_confirmed(key).await {
                 Ok(r) => r,
                 Err(e) => return self.failure(e),
             };
@@ -335,7 +361,7 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
         if ctx.live(&item.entry, epoch, now_us) != Liveness::Live {
             return None;
         }
-        bytes += item.entry.value.len();
+        bytes += item.entry.value.len() + item.entry.key.len();
         if bytes > MAX_RESPONSE_BYTES {
             return None;
         }
@@ -585,7 +611,7 @@ fn concat(a: &[u8], b: &[u8]) -> Bytes {
 
 async fn delete(ctx: &Ctx, key: &[u8]) -> Response {
     for _ in 0..MAX_WRITE_RETRIES {
-        let (read, liveness) = match ctx.read_live(key).await {
+        let (read, liveness) = match ctx.read_confirmed(key).await {
             Ok(r) => r,
             Err(e) => return ctx.failure(e),
         };

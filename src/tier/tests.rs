@@ -15,6 +15,8 @@ struct Probe {
     revalidations: AtomicUsize,
     /// While set, reads wait for a permit.
     gate: Option<Arc<Semaphore>>,
+    /// While set, writes wait for a permit before they reach the store.
+    put_gate: Option<Arc<Semaphore>>,
 }
 
 impl Probe {
@@ -44,6 +46,9 @@ impl Store for Probe {
         self.inner.get_if_changed(key, version).await
     }
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
+        if let Some(gate) = &self.put_gate {
+            gate.acquire().await.expect("gate").forget();
+        }
         self.inner.put(entry, mode).await
     }
     async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
@@ -288,4 +293,125 @@ async fn no_ram_tier_still_reads_through() {
     t.put(&entry("k", "v"), PutMode::Overwrite).await.unwrap();
     assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v"));
     assert_eq!(probe.gets.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_finished_read_leaves_the_table_though_its_leader_is_never_polled_again() {
+    let gate = Arc::new(Semaphore::new(0));
+    let probe = Arc::new(Probe {
+        gate: Some(gate.clone()),
+        ..Probe::default()
+    });
+    probe
+        .inner
+        .put(&entry("k", "v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let t = Arc::new(tier(probe.clone(), 1 << 20, Duration::from_secs(3600)));
+    let mut leader = Box::pin(t.get(b"k"));
+    assert!(
+        futures::poll!(&mut leader).is_pending(),
+        "the leader waits at the gate"
+    );
+    let follower = {
+        let t = t.clone();
+        tokio::spawn(async move { t.get(b"k").await })
+    };
+    gate.add_permits(1);
+    assert_eq!(
+        value_of(follower.await.unwrap().unwrap()).as_deref(),
+        Some("v")
+    );
+    assert!(
+        t.lock().is_empty(),
+        "the follower took the finished read off the table"
+    );
+    drop(leader);
+    assert!(t.lock().is_empty());
+}
+
+#[tokio::test]
+async fn overlapping_writes_leave_neither_value_in_ram() {
+    let put_gate = Arc::new(Semaphore::new(0));
+    let probe = Arc::new(Probe {
+        put_gate: Some(put_gate.clone()),
+        ..Probe::default()
+    });
+    let t = Arc::new(tier(probe.clone(), 1 << 20, Duration::from_secs(3600)));
+    let first = {
+        let t = t.clone();
+        tokio::spawn(async move { t.put(&entry("k", "a"), PutMode::Overwrite).await })
+    };
+    let second = {
+        let t = t.clone();
+        tokio::spawn(async move { t.put(&entry("k", "b"), PutMode::Overwrite).await })
+    };
+    while t.lock().get(&b"k"[..]).is_none_or(|s| s.writers < 2) {
+        tokio::task::yield_now().await;
+    }
+    put_gate.add_permits(2);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    // Their order at the store is not known here: the next read must ask it.
+    assert!(t.peek_fresh(b"k").is_none());
+    assert!(t.lock().is_empty());
+}
+
+#[tokio::test]
+async fn a_cancelled_write_leaves_no_state_and_no_entry() {
+    let put_gate = Arc::new(Semaphore::new(0));
+    let probe = Arc::new(Probe {
+        put_gate: Some(put_gate.clone()),
+        ..Probe::default()
+    });
+    let t = tier(probe, 1 << 20, Duration::from_secs(3600));
+    put_gate.add_permits(1);
+    t.put(&entry("k", "old"), PutMode::Overwrite).await.unwrap();
+    assert!(t.peek_fresh(b"k").is_some());
+    let e = entry("k", "new");
+    let mut write = Box::pin(t.put(&e, PutMode::Overwrite));
+    assert!(futures::poll!(&mut write).is_pending());
+    drop(write);
+    assert!(t.lock().is_empty(), "no write is left counted");
+    assert!(
+        t.peek_fresh(b"k").is_none(),
+        "its outcome is unknown: not in RAM"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_and_confirmed_reads_never_join_an_earlier_read() {
+    let gate = Arc::new(Semaphore::new(0));
+    let probe = Arc::new(Probe {
+        gate: Some(gate.clone()),
+        ..Probe::default()
+    });
+    probe
+        .inner
+        .put(&entry("k", "v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let t = Arc::new(tier(probe.clone(), 1 << 20, WINDOW));
+    let early = {
+        let t = t.clone();
+        tokio::spawn(async move { t.get(b"k").await })
+    };
+    while probe.gets.load(Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let confirmed = {
+        let t = t.clone();
+        tokio::spawn(async move { t.get_confirmed(b"k").await })
+    };
+    while probe.gets.load(Relaxed) < 2 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(2);
+    early.await.unwrap().unwrap();
+    confirmed.await.unwrap().unwrap();
+    assert_eq!(
+        probe.gets.load(Relaxed),
+        2,
+        "the confirmed read made its own"
+    );
 }
