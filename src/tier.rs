@@ -409,17 +409,6 @@ impl Store for Tiered {
         self.load(key, known, true).await
     }
 
-    async fn get_if_changed(
-        &self,
-        key: &[u8],
-        version: &Version,
-    ) -> Result<Revalidated, StoreError> {
-        Ok(match self.get(key).await? {
-            Some(v) if &v.version == version => Revalidated::Unchanged,
-            other => Revalidated::Changed(other),
-        })
-    }
-
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
         let write = self.begin_write(&entry.key);
         Stats::incr(&self.stats.backend_puts);
