@@ -189,12 +189,10 @@ async fn atomic_commands_stay_exact_across_replicas_whatever_the_window() {
     assert_eq!(cb.line(b"incr n 0\r\n").await, "100\r\n");
     assert_eq!(ca.line(b"incr n 0\r\n").await, "100\r\n");
 
-    // cas: B's unique from before A's write loses, A's wins.
-    cb.send(b"gets c\r\n").await;
+    // cas: A's unique wins once; the same unique through B, whose RAM still holds the item
+    // as it was before A's cas, loses.
     ca.roundtrip(b"set c 0 0 1\r\nx\r\n", b"STORED\r\n").await;
-    cb.send(b"gets c\r\n").await;
-    let b_view = String::from_utf8(cb.read_until(b"END\r\n").await).unwrap();
-    let _ = b_view;
+    assert_eq!(get_value(&mut cb, "c").await.as_deref(), Some("x"));
     ca.send(b"gets c\r\n").await;
     let a_view = String::from_utf8(ca.read_until(b"END\r\n").await).unwrap();
     let cas: u64 = a_view.split_whitespace().nth(4).unwrap().parse().unwrap();
