@@ -614,7 +614,9 @@ async fn long_lines_on_s3() {
 /// flush_all: a passed flush stays in force after a delayed one; an unreadable epoch object
 /// is an error for requests until a flush rewrites it (issue 8, item 5).
 async fn flush_edges(backend: Backend) {
-    let server = TestServer::start(backend, "flushedges", "").await;
+    // Strict mode: every request reads the epoch object, so a broken one shows at once
+    // (with a window it shows once the background re-read fails, within two windows).
+    let server = TestServer::start(backend, "flushedges", "revalidate_after_ms = 0\n").await;
     let mut c = server.client().await;
     c.roundtrip(
         b"set a 0 0 1\r\na\r\nflush_all\r\nflush_all 3600\r\nget a\r\nset b 0 0 1\r\nb\r\nget b\r\n",
