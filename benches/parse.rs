@@ -6,15 +6,13 @@
 
 use std::hint::black_box;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use s3cached::protocol::{self, Limits, MetaReply, MetaStatus, Parsed, Response, Value};
 
 /// Takes the next request off the front of `buf`, as the connection does.
 fn take(buf: &mut BytesMut, limits: &Limits) -> Option<Parsed> {
-    let parsed = protocol::parse(buf, limits)?;
-    buf.advance(parsed.consumed);
-    Some(parsed)
+    protocol::parse_resumed(buf, limits, None)
 }
 
 /// A pipelined batch: 100 requests of the kinds clients send most.

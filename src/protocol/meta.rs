@@ -4,7 +4,7 @@ use base64::Engine;
 use bytes::Bytes;
 
 use super::parse::{
-    data_block, parse_i32, parse_length, parse_u32, parse_u64, Limits, Parsed, Skip,
+    data_block, parse_i32, parse_length, parse_u32, parse_u64, Limits, Parsed, Skip, Source,
 };
 use super::{valid_key, ProtocolError, Request, MAX_KEY_BYTES};
 
@@ -146,8 +146,10 @@ impl MetaRequest {
 const INVALID_FLAG: ProtocolError = ProtocolError::Client("invalid flag");
 const BAD_TOKEN: ProtocolError = ProtocolError::Client("bad token in command line format");
 
-/// Parses a meta command whose line (`line_len` bytes, split into `tokens`) is complete.
+/// Parses a meta command whose line (`line_len` bytes, split into `tokens`) is complete;
+/// keys, opaques and values are taken from `src`.
 pub(super) fn parse(
+    src: Source,
     command: &[u8],
     tokens: &[&[u8]],
     line_len: usize,
@@ -174,7 +176,7 @@ pub(super) fn parse(
         return invalid(ProtocolError::BAD_FORMAT);
     }
     if command == b"ms" {
-        return parse_set(tokens, line_len, rest, limits);
+        return parse_set(src, tokens, line_len, rest, limits);
     }
     if tokens.len() >= MAX_META_TOKENS {
         return invalid(ProtocolError::Client(if command == b"mg" {
@@ -189,11 +191,11 @@ pub(super) fn parse(
         b"ma" => Command::Arith,
         _ => Command::Debug,
     };
-    let flags = match parse_flags(&tokens[2..], raw_key, which) {
+    let flags = match parse_flags(src, &tokens[2..], raw_key, which) {
         Ok(flags) => flags,
         Err(e) => return invalid(e),
     };
-    let key = match decode_key(raw_key, flags.base64) {
+    let key = match decode_key(src, raw_key, flags.base64) {
         Ok(key) => key,
         Err(e) => return invalid(e),
     };
@@ -210,7 +212,13 @@ pub(super) fn parse(
 }
 
 /// `ms <key> <datalen> <flags>*` and its data block; errors after the length swallow the data.
-fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) -> Option<Parsed> {
+fn parse_set(
+    src: Source,
+    tokens: &[&[u8]],
+    line_len: usize,
+    rest: &[u8],
+    limits: &Limits,
+) -> Option<Parsed> {
     let invalid = |e, skip| {
         Some(Parsed {
             request: Request::Invalid(e),
@@ -229,8 +237,8 @@ fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) ->
     let Some(len) = parse_length(tokens[2]) else {
         return invalid(ProtocolError::BAD_FORMAT, Skip::None);
     };
-    let parsed = parse_flags(&tokens[3..], tokens[1], Command::Set)
-        .and_then(|flags| Ok((decode_key(tokens[1], flags.base64)?, flags)));
+    let parsed = parse_flags(src, &tokens[3..], tokens[1], Command::Set)
+        .and_then(|flags| Ok((decode_key(src, tokens[1], flags.base64)?, flags)));
     let (key, flags) = match parsed {
         Ok(ok) => ok,
         Err(e) => return invalid(e, Skip::Bytes(len + 2)),
@@ -253,7 +261,7 @@ fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) ->
     let request = match block {
         Some(data) => Request::Meta(MetaRequest::Set {
             key,
-            data: Bytes::copy_from_slice(data),
+            data: src.bytes(data),
             flags,
         }),
         None => Request::Invalid(ProtocolError::BAD_DATA_CHUNK),
@@ -266,14 +274,19 @@ fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) ->
     })
 }
 
-fn decode_key(raw: &[u8], base64: bool) -> Result<Bytes, ProtocolError> {
+/// The key as given, or decoded from base64 (the one copy the parser makes: a new key).
+fn decode_key(src: Source, raw: &[u8], base64: bool) -> Result<Bytes, ProtocolError> {
     if !base64 {
         return if valid_key(raw) {
-            Ok(Bytes::copy_from_slice(raw))
+            Ok(src.bytes(raw))
         } else {
             Err(ProtocolError::BAD_FORMAT)
         };
     }
+    decode_base64(raw)
+}
+
+fn decode_base64(raw: &[u8]) -> Result<Bytes, ProtocolError> {
     match base64::engine::general_purpose::STANDARD.decode(raw) {
         Ok(key) if !key.is_empty() && key.len() <= MAX_KEY_BYTES => Ok(Bytes::from(key)),
         _ => Err(ProtocolError::Client("error decoding key")),
@@ -295,11 +308,12 @@ enum Command {
 /// errors are collected, the last wording winning. `md` and `ma` word them all alike.
 /// `raw_key` is decoded where `b` stands, so its error takes its place among the others.
 fn parse_flags(
+    src: Source,
     tokens: &[&[u8]],
     raw_key: &[u8],
     command: Command,
 ) -> Result<MetaFlags, ProtocolError> {
-    let result = preparse(tokens, raw_key).and_then(|mut f| {
+    let result = preparse(src, tokens, raw_key).and_then(|mut f| {
         let mode = f.mode;
         match command {
             Command::Set => set_mode(&mut f, mode, false)?,
@@ -324,7 +338,7 @@ fn parse_flags(
     }
 }
 
-fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError> {
+fn preparse(src: Source, tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError> {
     let mut f = MetaFlags::default();
     let mut seen = [false; 128];
     let mut error: Option<ProtocolError> = None;
@@ -339,7 +353,7 @@ fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError
             b'b' => {
                 f.base64 = true;
                 f.ret.push(ReturnFlag::Base64);
-                if let Err(e) = decode_key(raw_key, true) {
+                if let Err(e) = decode_base64(raw_key) {
                     fail(e);
                 }
             }
@@ -366,7 +380,7 @@ fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError
             b's' => f.ret.push(ReturnFlag::Size),
             b't' => f.ret.push(ReturnFlag::Ttl),
             b'O' => {
-                f.opaque = Some(Bytes::copy_from_slice(arg));
+                f.opaque = Some(src.bytes(arg));
                 f.ret.push(ReturnFlag::Opaque);
             }
             b'q' => f.quiet = true,

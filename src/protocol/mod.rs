@@ -9,7 +9,7 @@ mod parse;
 mod response;
 
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
-pub use parse::{parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
+pub use parse::{line_end, parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
 pub use response::{MetaReply, MetaStatus, Response, Value};
 
 use bytes::Bytes;
