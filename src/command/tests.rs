@@ -3,12 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::*;
 use crate::culler::WriteHint;
 use crate::protocol::{parse, Limits};
 use crate::store::memory::MemoryStore;
+use crate::store::{PutMode, Store};
 
 async fn ctx() -> Ctx {
     // The near tier is on, as in production: single-node semantics must not change.
