@@ -89,6 +89,22 @@ impl MetaReply {
         }
     }
 
+    /// The returned `c` flag, if any (for protocols that carry the cas elsewhere).
+    pub fn cas(&self) -> Option<u64> {
+        self.flags.iter().find_map(|f| match f {
+            MetaFlag::Cas(cas) => Some(*cas),
+            _ => None,
+        })
+    }
+
+    /// The returned `f` flag, if any.
+    pub fn client_flags(&self) -> Option<u32> {
+        self.flags.iter().find_map(|f| match f {
+            MetaFlag::ClientFlags(flags) => Some(*flags),
+            _ => None,
+        })
+    }
+
     /// Appends the wire form: `<status> [<size>] <flags> <markers>\r\n[<value>\r\n]`.
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_slice(self.status.code());
@@ -227,8 +243,10 @@ mod tests {
             value: Some(Bytes::from("hi")),
         };
         assert_eq!(wire(&reply), b"VA 2 f5 t-1 k/w== b Oop h0 l0 X W\r\nhi\r\n");
+        assert_eq!((reply.client_flags(), reply.cas()), (Some(5), None));
         let plain = MetaReply::new(MetaStatus::Hd, vec![MetaFlag::Cas(0)]);
         assert_eq!(wire(&plain), b"HD c0\r\n");
+        assert_eq!(plain.cas(), Some(0));
         let z = MetaReply {
             markers: Markers {
                 already_won: true,
