@@ -172,10 +172,8 @@ impl MetaDebug {
     /// Appends the wire form.
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_slice(b"ME ");
-        let mut key = BytesMut::new();
-        encode_key(&self.key, self.base64, &mut key);
-        // The key as text, as it has always been written (not UTF-8 bytes become U+FFFD).
-        out.put_slice(String::from_utf8_lossy(&key).as_bytes());
+        // Byte for byte, as memcached writes it (a key need not be UTF-8).
+        encode_key(&self.key, self.base64, out);
         let _ = write!(
             WriteBytes(out),
             " exp={} la=0 cas={} fetch=no cls=1 size={}\r\n",
@@ -273,5 +271,12 @@ mod tests {
             &out[..],
             b"ME k exp=-1 la=0 cas=7 fetch=no cls=1 size=3\r\n"
         );
+        let raw = MetaDebug {
+            key: Bytes::from_static(b"\xff\xfe"),
+            ..debug
+        };
+        let mut out = BytesMut::new();
+        raw.encode(&mut out);
+        assert!(out.starts_with(b"ME \xff\xfe exp=-1 "), "{out:?}");
     }
 }
