@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use s3cached::protocol::{self, Limits, MetaReply, MetaStatus, Parsed, Response, Value};
+use s3cached::protocol::{self, Limits, MetaFlag, MetaReply, MetaStatus, Parsed, Response, Value};
 
 /// Takes the next request off the front of `buf`, as the connection does.
 fn take(buf: &mut BytesMut, limits: &Limits) -> Option<Parsed> {
@@ -107,14 +107,19 @@ fn encoding(c: &mut Criterion) {
         })
     });
     let meta = Response::Meta(MetaReply {
-        status: MetaStatus::Va,
-        flags: vec![
-            Bytes::from_static(b"f0"),
-            Bytes::from_static(b"t-1"),
-            Bytes::from_static(b"c123456"),
-            Bytes::from_static(b"kuser:1234567890"),
-        ],
         value: Some(Bytes::from(vec![b'x'; 100])),
+        ..MetaReply::new(
+            MetaStatus::Va,
+            vec![
+                MetaFlag::ClientFlags(0),
+                MetaFlag::Ttl(-1),
+                MetaFlag::Cas(123_456),
+                MetaFlag::Key {
+                    key: Bytes::from_static(b"user:1234567890"),
+                    base64: false,
+                },
+            ],
+        )
     });
     group.bench_function("meta", |b| {
         b.iter(|| {
