@@ -210,7 +210,8 @@ def test_a_silent_client_is_dropped_at_the_handshake_deadline_and_frees_its_slot
         with socket.create_connection(server.address, timeout=5) as silent:
             began = time.monotonic()
             assert read_until_closed(silent) == b""
-            assert time.monotonic() - began < DEADLINE_SECS
+            # Closed at the deadline: not at once (it was given its 300 ms), not never.
+            assert 0.25 <= time.monotonic() - began < DEADLINE_SECS
         # The only slot is free again: a TLS client gets in.
         deadline = time.monotonic() + DEADLINE_SECS
         while True:
