@@ -392,6 +392,11 @@ impl Config {
                 "tls_handshake_timeout_ms must be at least 1".into(),
             ));
         }
+        // Read the files now, so --check-config catches a bad certificate too.
+        if let Some(files) = self.tls_files() {
+            crate::tls::Tls::load(files, Duration::from_millis(self.tls_handshake_timeout_ms))
+                .map_err(|e| ConfigError(format!("TLS: {e}")))?;
+        }
         Ok(())
     }
 
@@ -516,9 +521,9 @@ mod tests {
         assert!(Config::from_toml("access_key_id = \"AKIA\"").is_err());
         assert!(Config::from_toml("tls_cert = \"c.pem\"").is_err());
         assert!(Config::from_toml("tls_ca = \"ca.pem\"").is_err());
-        let tls = Config::from_toml("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"").unwrap();
-        let files = tls.tls_files().unwrap();
-        assert_eq!((files.key, files.ca), (PathBuf::from("k.pem"), None));
+        let missing = Config::from_toml("tls_cert = \"/no/c.pem\"\ntls_key = \"/no/k.pem\"");
+        let err = missing.unwrap_err().to_string();
+        assert!(err.starts_with("TLS: /no/c.pem:"), "{err}");
         assert!(Config::from_toml("").unwrap().tls_files().is_none());
     }
 

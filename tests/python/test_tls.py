@@ -279,3 +279,22 @@ def wait_for_log(path, text, count):
         if time.monotonic() > deadline:
             raise AssertionError(f"the log never said {text!r}")
         time.sleep(0.05)
+
+
+def test_check_config_reads_the_certificates(pki, tmp_path):
+    from conftest import s3cached_binary
+
+    env = dict(os.environ, **pki.server_env(ca=True))
+    good = subprocess.run(
+        [s3cached_binary(), "--check-config"], env=env, capture_output=True, timeout=30
+    )
+    assert good.returncode == 0, good.stderr
+    assert b"tls_ca = " in good.stdout
+    bad = tmp_path / "bad.pem"
+    bad.write_text("no certificate here\n")
+    env["S3CACHED_TLS_CERT"] = str(bad)
+    refused = subprocess.run(
+        [s3cached_binary(), "--check-config"], env=env, capture_output=True, timeout=30
+    )
+    assert refused.returncode == 2
+    assert str(bad).encode() in refused.stderr
