@@ -207,11 +207,19 @@ def test_a_silent_client_is_dropped_at_the_handshake_deadline_and_frees_its_slot
     )
     server = Server("dir", extra_env=env)
     try:
-        with socket.create_connection(server.address, timeout=5) as silent:
-            began = time.monotonic()
-            assert read_until_closed(silent) == b""
-            # Closed at the deadline: not at once (it was given its 300 ms), not never.
-            assert 0.25 <= time.monotonic() - began < DEADLINE_SECS
+        deadline = time.monotonic() + DEADLINE_SECS
+        while True:
+            with socket.create_connection(server.address, timeout=5) as silent:
+                began = time.monotonic()
+                data = read_until_closed(silent)
+                took = time.monotonic() - began
+            # The startup probe's slot is freed once its task ends, which may lag its close.
+            if data.startswith(b"ERROR Too many open connections") and time.monotonic() < deadline:
+                continue
+            break
+        assert data == b""
+        # Closed at the deadline: not at once (it was given its 300 ms), not never.
+        assert 0.25 <= took < DEADLINE_SECS
         # The only slot is free again: a TLS client gets in.
         deadline = time.monotonic() + DEADLINE_SECS
         while True:
