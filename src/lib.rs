@@ -20,3 +20,4 @@ pub mod stats;
 pub mod store;
 pub mod throttle;
 pub mod tier;
+pub mod tls;
