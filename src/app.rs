@@ -191,6 +191,9 @@ pub async fn start_with(
     let connection_config = ConnectionConfig {
         limits,
         idle_timeout: config.idle_timeout(),
+        request_timeout: crate::config::secs(config.request_timeout_secs),
+        write_timeout: crate::config::secs(config.write_timeout_secs),
+        budget: crate::budget::Budget::new(config.memory_limit_bytes),
     };
     let server = tokio::spawn(crate::server::run(
         listener,

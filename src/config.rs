@@ -114,6 +114,12 @@ pub const DEFAULT_S3_ATTEMPT_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_S3_OPERATION_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
+/// Default request timeout: a 1 MiB set may arrive at 35 KB/s; a client trickling bytes
+/// holds its slot and buffer no longer than this.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Default write timeout: the largest reply (64 MiB) written at 2.2 MB/s, a 1 MiB value at
+/// 35 KB/s; a client that stops reading holds its slot and replies no longer than this.
+pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 30;
 
 options! {
     /// Address to listen on.
@@ -187,6 +193,13 @@ options! {
     revalidate_after_ms: u64 = crate::tier::DEFAULT_REVALIDATE_AFTER_MS, env "S3CACHED_REVALIDATE_AFTER_MS";
     /// Directory store: fsync each write (file and directory) before acknowledging it.
     dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
+    /// Memory budget in bytes for read buffers, values in flight and replies waiting to be
+    /// written, across all connections; a connection past its share waits for its replies.
+    memory_limit_bytes: u64 = crate::budget::DEFAULT_MEMORY_LIMIT_BYTES, env "S3CACHED_MEMORY_LIMIT_BYTES";
+    /// Close a connection whose started request is not complete after this many seconds (0 = never).
+    request_timeout_secs: u64 = DEFAULT_REQUEST_TIMEOUT_SECS, env "S3CACHED_REQUEST_TIMEOUT_SECS";
+    /// Close a connection whose replies are not all written after this many seconds (0 = never).
+    write_timeout_secs: u64 = DEFAULT_WRITE_TIMEOUT_SECS, env "S3CACHED_WRITE_TIMEOUT_SECS";
     /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
@@ -351,6 +364,12 @@ impl Config {
         if self.s3_max_in_flight == 0 {
             return fail("s3_max_in_flight must be at least 1".into());
         }
+        if self.memory_limit_bytes < crate::budget::MIN_MEMORY_LIMIT_BYTES {
+            return fail(format!(
+                "memory_limit_bytes must be at least {} (8 MiB)",
+                crate::budget::MIN_MEMORY_LIMIT_BYTES
+            ));
+        }
         if self.cull_interval_secs == 0 {
             return fail("cull_interval_secs must be at least 1".into());
         }
@@ -394,6 +413,11 @@ impl Config {
         }
         text
     }
+}
+
+/// A timeout of `secs` seconds; 0 means none.
+pub fn secs(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 /// How one option's value is shown: in `stats settings` and as a line of TOML.

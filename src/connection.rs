@@ -4,7 +4,12 @@
 //! burst of gets costs about one backend round trip, not one each), yet replies leave in
 //! request order and requests on the same key run in order. Barrier commands (`flush_all`,
 //! `quit`) wait for everything before them. Every buffer is bounded: the read buffer by the
-//! parser's limits, the pipeline by [`MAX_PIPELINE_DEPTH`].
+//! parser's limits, the pipeline by [`MAX_PIPELINE_DEPTH`], and all of them together, across
+//! connections, by the memory [`Budget`]: each request is charged the most its reply can take
+//! before it starts, the buffers their capacity. A connection past its share, or refused by
+//! the budget, stops reading and dispatching until its replies drain or memory is granted.
+//! A request that is not complete within the request timeout, or replies not written within
+//! the write timeout, end the connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Account, Budget, Grant};
 use crate::command::{self, Ctx};
 use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
 use crate::stats::Stats;
@@ -26,19 +32,49 @@ use crate::stats::Stats;
 pub const MAX_PIPELINE_DEPTH: usize = 128;
 /// Flush replies once this many bytes are waiting, even mid-batch.
 const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
-/// Bytes asked of the socket per read.
+/// Room added to the read buffer when it runs short, at least.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Capacity of a new connection's read and write buffers, each; what they shrink back to.
+const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
+/// A drained write buffer larger than this is given back and replaced by a small one.
+const WRITE_KEEP_BYTES: usize = 64 * 1024;
+/// Charged for a reply's line and framing, beyond keys and data.
+const REPLY_OVERHEAD_BYTES: usize = 64;
+/// Charged for a request whose reply holds no value (stats, errors, status lines).
+const SMALL_REPLY_BYTES: usize = 4 * 1024;
 
 /// Per-connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionConfig {
     pub limits: Limits,
     /// Close a connection with nothing in flight after this long without input.
     pub idle_timeout: Option<Duration>,
+    /// Close a connection whose started request is not complete after this long, so a
+    /// client trickling bytes cannot hold a slot and a buffer forever.
+    pub request_timeout: Option<Duration>,
+    /// Close a connection whose waiting replies are not all written after this long, so a
+    /// client that stops reading cannot hold a slot and its replies forever.
+    pub write_timeout: Option<Duration>,
+    /// The memory budget every connection draws on.
+    pub budget: Arc<Budget>,
+}
+
+impl ConnectionConfig {
+    /// Settings with the given limits, no timeouts and an unshared budget (for tests).
+    pub fn new(limits: Limits, memory_limit_bytes: u64) -> Self {
+        ConnectionConfig {
+            limits,
+            idle_timeout: None,
+            request_timeout: None,
+            write_timeout: None,
+            budget: Budget::new(memory_limit_bytes),
+        }
+    }
 }
 
 type Done = Shared<BoxFuture<'static, ()>>;
-type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>)>;
+/// A finished request: its reply, sequence number, keys and the budget units it holds.
+type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>, u32)>;
 
 /// The requests of a connection that have started but whose replies are not yet written.
 struct Pipeline {
@@ -61,8 +97,9 @@ impl Pipeline {
         self.running.len()
     }
 
-    /// Starts a request; it waits for earlier requests on the same keys before it runs.
-    fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>) {
+    /// Starts a request holding `units` of the budget; it waits for earlier requests on the
+    /// same keys before it runs.
+    fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>, units: u32) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let waits: Vec<Done> = keys
@@ -81,7 +118,7 @@ impl Pipeline {
                 futures::future::join_all(waits).await;
                 let response = command::execute_arrived(&ctx, request, arrived).await;
                 drop(finished);
-                (response, seq, keys)
+                (response, seq, keys, units)
             }
             .boxed(),
         );
@@ -104,28 +141,51 @@ pub async fn serve(
     config: ConnectionConfig,
     shutdown: CancellationToken,
 ) {
+    let account = Account::new(config.budget.clone());
     let mut conn = Connection {
         ctx,
         config,
-        read_buf: BytesMut::with_capacity(16 * 1024),
-        write_buf: BytesMut::with_capacity(16 * 1024),
+        read_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
+        read_alloc: INITIAL_BUFFER_BYTES,
+        write_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
         pipeline: Pipeline::new(),
         barrier: None,
         skip_bytes: 0,
         skip_line: false,
         long_retrieval: None,
         closing: false,
+        account,
+        waiting: None,
+        partial_since: None,
+        parsed: 0,
     };
+    conn.sync_buffers();
     if let Err(e) = conn.run(&mut socket, &shutdown).await {
         tracing::debug!(cause = %e, "connection ended with an error");
     }
     let _ = socket.shutdown().await;
 }
 
+/// Work held back until the memory budget can take it.
+enum Want {
+    /// A parsed request, its keys, and the units it is to hold.
+    Request(Box<Request>, Vec<Bytes>, u32),
+    /// Room in the read buffer: its new capacity.
+    ReadRoom(usize),
+}
+
+/// What a connection waits for: a grant of budget, or (no grant) its own replies to drain.
+struct Waiting {
+    want: Want,
+    grant: Option<Grant>,
+}
+
 struct Connection {
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
     read_buf: BytesMut,
+    /// Bytes allocated for `read_buf` (its capacity shrinks as it is consumed; this doesn't).
+    read_alloc: usize,
     write_buf: BytesMut,
     pipeline: Pipeline,
     /// A barrier request waiting for the pipeline to drain.
@@ -138,6 +198,14 @@ struct Connection {
     long_retrieval: Option<LongRetrieval>,
     /// Stop reading: the client quit, hung up, or the server is shutting down.
     closing: bool,
+    /// What this connection holds of the memory budget.
+    account: Account,
+    /// Work held back for the budget; nothing more is read or dispatched meanwhile.
+    waiting: Option<Waiting>,
+    /// Since when an incomplete request has been waiting for its remaining bytes.
+    partial_since: Option<tokio::time::Instant>,
+    /// Requests parsed so far: a change means the client made progress.
+    parsed: u64,
 }
 
 impl Connection {
@@ -149,24 +217,33 @@ impl Connection {
         let idle = self.config.idle_timeout;
         let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
         loop {
-            if self.closing && self.pipeline.len() == 0 && self.barrier.is_none() {
-                socket.write_all(&self.write_buf).await?;
-                return Ok(());
+            if self.closing
+                && self.pipeline.len() == 0
+                && self.barrier.is_none()
+                && self.waiting.is_none()
+            {
+                return self.flush(socket).await;
             }
-            let can_read =
-                !self.closing && self.barrier.is_none() && self.pipeline.len() < MAX_PIPELINE_DEPTH;
+            let can_read = self.may_read() && self.make_read_room();
+            let request_deadline = self.request_deadline(can_read);
             let idle_armed = idle_deadline.is_some() && self.pipeline.len() == 0;
+            let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
             tokio::select! {
-                Some((response, seq, keys)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {
-                    self.pipeline.finish(seq, &keys);
-                    self.emit(response);
+                Some((response, seq, keys, units)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {
+                    self.finish(response, seq, &keys, units);
                     // Take every other reply that is already done, then write once.
-                    while let Some(Some((response, seq, keys))) = self.pipeline.running.next().now_or_never() {
-                        self.pipeline.finish(seq, &keys);
-                        self.emit(response);
+                    while let Some(Some((response, seq, keys, units))) = self.pipeline.running.next().now_or_never() {
+                        self.finish(response, seq, &keys, units);
                     }
                     self.advance().await;
                     if self.pipeline.len() == 0 || self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
+                        self.flush(socket).await?;
+                    }
+                }
+                permit = wait_grant(&mut self.waiting), if granting => {
+                    self.granted(permit);
+                    self.advance().await;
+                    if self.pipeline.len() == 0 {
                         self.flush(socket).await?;
                     }
                 }
@@ -182,17 +259,20 @@ impl Connection {
                     }
                     self.discard_skipped();
                     self.advance().await;
+                    self.tidy_read_buf();
                     if self.pipeline.len() == 0 {
                         self.flush(socket).await?;
-                    }
-                    if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK_BYTES / 4 {
-                        self.read_buf.reserve(READ_CHUNK_BYTES);
                     }
                 }
                 _ = sleep_until(idle_deadline), if idle_armed && !self.closing => {
                     Stats::incr(&self.ctx.stats.idle_kicks);
                     tracing::debug!("closing idle connection");
                     self.closing = true;
+                }
+                _ = sleep_until(request_deadline), if request_deadline.is_some() => {
+                    Stats::incr(&self.ctx.stats.request_timeouts);
+                    tracing::debug!("closing a connection whose request did not complete in time");
+                    self.stop_reading();
                 }
                 _ = shutdown.cancelled(), if !self.closing => {
                     self.closing = true;
@@ -201,20 +281,159 @@ impl Connection {
         }
     }
 
+    /// Whether the connection may take more input, budget aside.
+    fn may_read(&self) -> bool {
+        !self.closing
+            && self.barrier.is_none()
+            && self.waiting.is_none()
+            && self.pipeline.len() < MAX_PIPELINE_DEPTH
+            && !self.over_share()
+    }
+
+    /// Past its share of the budget with replies still to come: wait for them first.
+    fn over_share(&self) -> bool {
+        self.pipeline.len() > 0 && self.account.held_units() > self.account.budget().share_units()
+    }
+
+    /// Stops taking input and ends the connection once what is in flight is answered.
+    fn stop_reading(&mut self) {
+        self.closing = true;
+        self.read_buf.clear();
+        self.skip_bytes = 0;
+        self.skip_line = false;
+    }
+
+    /// When the incomplete request in the read buffer must be complete, if there is one and
+    /// the connection is waiting for the client (not for itself).
+    fn request_deadline(&mut self, reading: bool) -> Option<tokio::time::Instant> {
+        let waiting_for_client = !self.read_buf.is_empty() || self.skip_bytes > 0 || self.skip_line;
+        if !reading || !waiting_for_client {
+            self.partial_since = None;
+            return None;
+        }
+        let since = *self
+            .partial_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        self.config.request_timeout.map(|t| since + t)
+    }
+
+    /// Makes sure the read buffer has room for a read; returns false when the budget cannot
+    /// give it now (a grant is then awaited).
+    fn make_read_room(&mut self) -> bool {
+        let len = self.read_buf.len();
+        if self.read_buf.capacity() - len >= READ_CHUNK_BYTES / 4 {
+            return true;
+        }
+        let new_cap = if len < INITIAL_BUFFER_BYTES / 2 {
+            INITIAL_BUFFER_BYTES
+        } else {
+            (len * 2).max(len + READ_CHUNK_BYTES)
+        };
+        let more = Budget::units(new_cap).saturating_sub(Budget::units(self.read_alloc));
+        if self.account.try_grow_buffers(more) {
+            self.regrow_read_buf(new_cap);
+            return true;
+        }
+        Stats::incr(&self.ctx.stats.budget_waits);
+        self.waiting = Some(Waiting {
+            want: Want::ReadRoom(new_cap),
+            grant: Some(self.account.grant(self.account.budget().clamp(more))),
+        });
+        false
+    }
+
+    /// Moves the read buffer's bytes into a new allocation of `capacity`.
+    fn regrow_read_buf(&mut self, capacity: usize) {
+        let mut fresh = BytesMut::with_capacity(capacity.max(self.read_buf.len()));
+        fresh.extend_from_slice(&self.read_buf);
+        self.read_alloc = fresh.capacity();
+        self.read_buf = fresh;
+        self.sync_buffers();
+    }
+
+    /// Gives back a read buffer grown for a large request once it is mostly consumed.
+    fn tidy_read_buf(&mut self) {
+        if self.read_alloc > INITIAL_BUFFER_BYTES + READ_CHUNK_BYTES
+            && self.read_buf.len() < INITIAL_BUFFER_BYTES / 2
+        {
+            self.regrow_read_buf(INITIAL_BUFFER_BYTES);
+        }
+    }
+
+    /// Charges the budget for what the buffers hold allocated now.
+    fn sync_buffers(&mut self) {
+        let bytes = self.read_alloc + self.write_buf.capacity();
+        self.account.set_buffers(bytes);
+    }
+
+    /// Books a grant for the work that waited for it.
+    fn granted(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let Some(waiting) = self.waiting.take() else {
+            return;
+        };
+        match waiting.want {
+            Want::Request(request, keys, units) => {
+                self.account.granted(permit, true);
+                self.pipeline.start(&self.ctx, *request, keys, units);
+            }
+            Want::ReadRoom(capacity) => {
+                self.account.granted(permit, false);
+                self.regrow_read_buf(capacity);
+            }
+        }
+    }
+
+    /// Writes a finished request's reply and gives back what the request held.
+    fn finish(&mut self, response: Response, seq: u64, keys: &[Bytes], units: u32) {
+        self.pipeline.finish(seq, keys);
+        self.emit(response);
+        self.account.release_request(units);
+    }
+
     /// Encodes a reply; a `Close` reply stops the connection after what is already queued.
     fn emit(&mut self, response: Response) {
         if response == Response::Close {
             self.closing = true;
             self.read_buf.clear();
         }
+        // Size the buffer for a large reply at once: growing by doubling could take twice
+        // the reply's size.
+        let need = encoded_len_hint(&response);
+        if need > self.write_buf.capacity() - self.write_buf.len() {
+            if self.write_buf.is_empty() {
+                self.write_buf = BytesMut::with_capacity(need);
+            } else {
+                self.write_buf.reserve(need);
+            }
+        }
         response.encode(&mut self.write_buf);
+        self.sync_buffers();
     }
 
+    /// Writes every waiting reply within the write timeout, then shrinks a write buffer a
+    /// large reply grew.
     async fn flush(&mut self, socket: &mut TcpStream) -> std::io::Result<()> {
         if !self.write_buf.is_empty() {
-            socket.write_all(&self.write_buf).await?;
+            let write = socket.write_all(&self.write_buf);
+            match self.config.write_timeout {
+                None => write.await?,
+                Some(limit) => match tokio::time::timeout(limit, write).await {
+                    Ok(written) => written?,
+                    Err(_) => {
+                        Stats::incr(&self.ctx.stats.write_timeouts);
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "client did not read its replies within the write timeout",
+                        ));
+                    }
+                },
+            }
             Stats::add(&self.ctx.stats.bytes_written, self.write_buf.len() as u64);
             self.write_buf.clear();
+        }
+        if self.write_buf.capacity() > WRITE_KEEP_BYTES {
+            self.write_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
+            self.sync_buffers();
         }
         Ok(())
     }
@@ -242,7 +461,7 @@ impl Connection {
     async fn advance(&mut self) {
         loop {
             self.dispatch();
-            if self.pipeline.len() > 0 {
+            if self.pipeline.len() > 0 || self.waiting.is_some() {
                 return;
             }
             let Some(barrier) = self.barrier.take() else {
@@ -253,10 +472,14 @@ impl Connection {
         }
     }
 
-    /// Parses and starts as many buffered requests as the pipeline allows.
+    /// Parses and starts as many buffered requests as the pipeline and the budget allow.
     fn dispatch(&mut self) {
+        if !self.retry_waiting() {
+            return;
+        }
         while !self.closing
             && self.barrier.is_none()
+            && self.waiting.is_none()
             && self.pipeline.len() < MAX_PIPELINE_DEPTH
             && self.skip_bytes == 0
             && !self.skip_line
@@ -270,6 +493,8 @@ impl Connection {
             else {
                 return;
             };
+            self.parsed += 1;
+            self.partial_since = None;
             self.read_buf.advance(consumed);
             self.long_retrieval = resume;
             match skip {
@@ -291,7 +516,7 @@ impl Connection {
             match request.keys() {
                 Some(keys) => {
                     let keys = keys.into_iter().cloned().collect();
-                    self.pipeline.start(&self.ctx, request, keys);
+                    self.start_or_wait(request, keys);
                 }
                 None => {
                     if matches!(request, Request::Quit | Request::Hangup(_)) {
@@ -301,6 +526,87 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Tries again a request that waited for this connection's own replies to drain;
+    /// returns whether nothing waits any more.
+    fn retry_waiting(&mut self) -> bool {
+        match self.waiting.take() {
+            None => true,
+            Some(Waiting {
+                want: Want::Request(request, keys, _),
+                grant: None,
+            }) => {
+                self.start_or_wait(*request, keys);
+                self.waiting.is_none()
+            }
+            Some(other) => {
+                self.waiting = Some(other);
+                false
+            }
+        }
+    }
+
+    /// Starts a request if the budget grants its charge now; otherwise holds it back until
+    /// this connection's replies drain (past its share) or the budget grants it.
+    fn start_or_wait(&mut self, request: Request, keys: Vec<Bytes>) {
+        let budget = self.account.budget().clone();
+        let units = budget.clamp(Budget::units(reply_bound(&request, &self.config.limits)));
+        let grant = if self.pipeline.len() > 0
+            && self.account.request_units().saturating_add(units) > budget.share_units()
+        {
+            None
+        } else if self.account.try_take_request(units) {
+            self.pipeline.start(&self.ctx, request, keys, units);
+            return;
+        } else {
+            Stats::incr(&self.ctx.stats.budget_waits);
+            Some(self.account.grant(units))
+        };
+        self.waiting = Some(Waiting {
+            want: Want::Request(Box::new(request), keys, units),
+            grant,
+        });
+    }
+}
+
+/// The most bytes a request can hold while it runs and its reply waits: values read from
+/// the store and their encoding.
+fn reply_bound(request: &Request, limits: &Limits) -> usize {
+    let per_value = limits.max_item_bytes + REPLY_OVERHEAD_BYTES;
+    match request {
+        Request::Get { keys, .. } | Request::Gat { keys, .. } => {
+            let values = keys.len().saturating_mul(per_value);
+            let keys: usize = keys.iter().map(|k| k.len()).sum();
+            values.min(command::MAX_RESPONSE_BYTES + per_value) + keys + SMALL_REPLY_BYTES
+        }
+        // The data block, a copy as written to the store, and the old value read for
+        // append, prepend, incr and decr.
+        Request::Store { data, .. } => 2 * data.len() + per_value,
+        Request::Arith { .. } | Request::Meta(_) => 2 * per_value + SMALL_REPLY_BYTES,
+        _ => SMALL_REPLY_BYTES,
+    }
+}
+
+/// Bytes a reply encodes to, near enough to size the write buffer (0 when small).
+fn encoded_len_hint(response: &Response) -> usize {
+    match response {
+        Response::Values { values, .. } => values
+            .iter()
+            .map(|v| v.key.len() + v.data.len() + REPLY_OVERHEAD_BYTES)
+            .sum::<usize>()
+            .saturating_add(8),
+        _ => 0,
+    }
+}
+
+/// Waits for the grant the connection is waiting for, if any.
+async fn wait_grant(waiting: &mut Option<Waiting>) -> tokio::sync::OwnedSemaphorePermit {
+    match waiting {
+        Some(Waiting {
+            grant: Some(grant), ..
+        }) => grant.await,
+        _ => futures::future::pending().await,
     }
 }
 

@@ -1,0 +1,288 @@
+//! The global memory budget: one byte accountant shared by every connection.
+//!
+//! What a connection holds is charged here: its read and write buffers, and for each request
+//! in flight the most its reply can take (values read from the store, then the encoded
+//! reply). A request starts only once its charge is granted, so the values in flight and the
+//! replies waiting to be written of all connections together stay within the limit; a
+//! connection that cannot be granted stops reading and dispatching until its replies drain
+//! or others release theirs. Grants are first come, first served: a large request is not
+//! starved by a stream of small ones.
+//!
+//! Buffers must sometimes grow to make progress (a reply being encoded): such charges are
+//! forced, and what the semaphore cannot give becomes debt, paid back from the next releases
+//! before anyone else is granted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Default budget: 256 MiB. Sized for a small machine (a 512 MiB container or a 1 GiB VM):
+/// with the 64 MiB near tier and the runtime it leaves room for the OS. It covers the
+/// default 256 S3 requests in flight each reading a maximum-size (1 MiB) item, or four
+/// maximum-size (64 MiB) `get` replies at once.
+pub const DEFAULT_MEMORY_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
+/// The smallest budget accepted: room for one maximum-size item and a few buffers.
+pub const MIN_MEMORY_LIMIT_BYTES: u64 = 8 * 1024 * 1024;
+/// The accounting unit: charges are rounded up to whole KiB.
+pub const UNIT_BYTES: u64 = 1024;
+/// One connection may hold at most this fraction (1/N) of the budget while it has replies
+/// pending; past it, it stops reading and dispatching until they drain.
+pub const SHARE_DIVISOR: u32 = 8;
+
+/// The accountant. Units are KiB so a `u32` count covers 4 TiB.
+#[derive(Debug)]
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    limit_units: u32,
+    /// Units charged by force beyond what the semaphore held: paid from the next releases.
+    debt_units: AtomicU64,
+}
+
+/// A pending grant of units, to be awaited.
+pub type Grant = futures::future::BoxFuture<'static, OwnedSemaphorePermit>;
+
+impl Budget {
+    pub fn new(limit_bytes: u64) -> Arc<Budget> {
+        let limit_units = u32::try_from(limit_bytes.div_ceil(UNIT_BYTES))
+            .unwrap_or(u32::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS as u32);
+        Arc::new(Budget {
+            permits: Arc::new(Semaphore::new(limit_units as usize)),
+            limit_units,
+            debt_units: AtomicU64::new(0),
+        })
+    }
+
+    /// `bytes` in units, rounded up.
+    pub fn units(bytes: usize) -> u32 {
+        u32::try_from((bytes as u64).div_ceil(UNIT_BYTES)).unwrap_or(u32::MAX)
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        u64::from(self.limit_units) * UNIT_BYTES
+    }
+
+    /// Bytes charged now, forced charges included.
+    pub fn used_bytes(&self) -> u64 {
+        let free = self.permits.available_permits() as u64;
+        (u64::from(self.limit_units).saturating_sub(free) + self.debt_units.load(Ordering::Relaxed))
+            * UNIT_BYTES
+    }
+
+    /// Most units one connection holds while it has replies pending.
+    pub fn share_units(&self) -> u32 {
+        (self.limit_units / SHARE_DIVISOR).max(1)
+    }
+
+    /// The largest single grant: half the budget, so one request never needs all of it.
+    pub fn clamp(&self, units: u32) -> u32 {
+        units.min((self.limit_units / 2).max(1))
+    }
+
+    /// Takes `units` if they are free now.
+    fn try_take(&self, units: u32) -> bool {
+        if units == 0 {
+            return true;
+        }
+        match self.permits.try_acquire_many(units) {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A future that takes `units` once they are free, in arrival order.
+    fn grant(&self, units: u32) -> Grant {
+        let permits = self.permits.clone();
+        Box::pin(async move {
+            permits
+                .acquire_many_owned(units)
+                .await
+                .expect("the budget's semaphore is never closed")
+        })
+    }
+
+    /// Takes `units` whether or not they are free; what is missing becomes debt.
+    fn force(&self, units: u32) {
+        if self.try_take(units) {
+            return;
+        }
+        let free = self.permits.available_permits().min(units as usize) as u32;
+        let taken = if free > 0 && self.try_take(free) {
+            free
+        } else {
+            0
+        };
+        self.debt_units
+            .fetch_add(u64::from(units - taken), Ordering::Relaxed);
+    }
+
+    /// Gives back `units`: first to the debt, the rest to whoever waits.
+    fn release(&self, units: u32) {
+        let mut left = u64::from(units);
+        let _ = self
+            .debt_units
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
+                let paid = debt.min(u64::from(units));
+                left = u64::from(units) - paid;
+                Some(debt - paid)
+            });
+        if left > 0 {
+            self.permits.add_permits(left as usize);
+        }
+    }
+}
+
+/// What one connection holds of the budget; everything is given back when it is dropped.
+#[derive(Debug)]
+pub struct Account {
+    budget: Arc<Budget>,
+    /// Units charged for the read and write buffers' capacity.
+    buffer_units: u32,
+    /// Units granted to requests in flight.
+    request_units: u32,
+}
+
+impl Account {
+    pub fn new(budget: Arc<Budget>) -> Account {
+        Account {
+            budget,
+            buffer_units: 0,
+            request_units: 0,
+        }
+    }
+
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Units held for buffers and requests together.
+    pub fn held_units(&self) -> u32 {
+        self.buffer_units.saturating_add(self.request_units)
+    }
+
+    /// Units held by requests in flight.
+    pub fn request_units(&self) -> u32 {
+        self.request_units
+    }
+
+    /// Sets the charge for buffers to `bytes` of capacity: growth is forced (the bytes are
+    /// already allocated), shrinking gives units back.
+    pub fn set_buffers(&mut self, bytes: usize) {
+        let units = Budget::units(bytes);
+        if units > self.buffer_units {
+            self.budget.force(units - self.buffer_units);
+        } else {
+            self.budget.release(self.buffer_units - units);
+        }
+        self.buffer_units = units;
+    }
+
+    /// Takes `units` for buffers about to grow, if they are free now.
+    pub fn try_grow_buffers(&mut self, units: u32) -> bool {
+        let ok = self.budget.try_take(units);
+        if ok {
+            self.buffer_units += units;
+        }
+        ok
+    }
+
+    /// Takes `units` for a request, if they are free now.
+    pub fn try_take_request(&mut self, units: u32) -> bool {
+        let ok = self.budget.try_take(units);
+        if ok {
+            self.request_units += units;
+        }
+        ok
+    }
+
+    /// Waits for `units`, in arrival order with every other connection.
+    pub fn grant(&self, units: u32) -> Grant {
+        self.budget.grant(units)
+    }
+
+    /// Books an awaited grant as held by buffers (`for_request` false) or a request.
+    pub fn granted(&mut self, permit: OwnedSemaphorePermit, for_request: bool) {
+        let units = permit.num_permits() as u32;
+        permit.forget();
+        if for_request {
+            self.request_units += units;
+        } else {
+            self.buffer_units += units;
+        }
+    }
+
+    /// Gives back what a finished request held.
+    pub fn release_request(&mut self, units: u32) {
+        let units = units.min(self.request_units);
+        self.request_units -= units;
+        self.budget.release(units);
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        self.budget.release(self.held_units());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_round_up() {
+        assert_eq!(Budget::units(0), 0);
+        assert_eq!(Budget::units(1), 1);
+        assert_eq!(Budget::units(1024), 1);
+        assert_eq!(Budget::units(1025), 2);
+    }
+
+    #[test]
+    fn requests_are_refused_past_the_limit_and_granted_after_a_release() {
+        let budget = Budget::new(64 * 1024);
+        let mut a = Account::new(budget.clone());
+        let mut b = Account::new(budget.clone());
+        assert!(a.try_take_request(48));
+        assert!(!b.try_take_request(32));
+        assert!(b.try_take_request(16));
+        assert_eq!(budget.used_bytes(), 64 * 1024);
+        let mut grant = b.grant(8);
+        assert!(futures::FutureExt::now_or_never(&mut grant).is_none());
+        a.release_request(8);
+        let permit = futures::FutureExt::now_or_never(grant).expect("granted after a release");
+        b.granted(permit, true);
+        assert_eq!(b.request_units(), 24);
+        drop(a);
+        drop(b);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn forced_charges_become_debt_paid_before_new_grants() {
+        let budget = Budget::new(16 * 1024);
+        let mut a = Account::new(budget.clone());
+        a.set_buffers(24 * 1024);
+        assert_eq!(budget.used_bytes(), 24 * 1024);
+        let mut b = Account::new(budget.clone());
+        assert!(!b.try_take_request(1));
+        a.set_buffers(12 * 1024);
+        assert_eq!(budget.used_bytes(), 12 * 1024);
+        assert!(b.try_take_request(4));
+        assert!(!b.try_take_request(1));
+        drop(a);
+        drop(b);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn shares_and_clamps_scale_with_the_limit() {
+        let budget = Budget::new(DEFAULT_MEMORY_LIMIT_BYTES);
+        assert_eq!(budget.share_units(), 32 * 1024);
+        assert_eq!(budget.clamp(u32::MAX), 128 * 1024);
+        assert_eq!(budget.clamp(5), 5);
+    }
+}
