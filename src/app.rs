@@ -193,7 +193,10 @@ pub async fn start_with(
         idle_timeout: config.idle_timeout(),
         request_timeout: crate::config::secs(config.request_timeout_secs),
         write_timeout: crate::config::secs(config.write_timeout_secs),
-        budget: crate::budget::Budget::new(config.memory_limit_bytes),
+        budget: crate::budget::Budget::with_stats(
+            config.memory_limit_bytes,
+            Some(ctx.stats.clone()),
+        ),
     };
     let server = tokio::spawn(crate::server::run(
         listener,

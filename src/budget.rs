@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::stats::Stats;
+
 /// Default budget: 256 MiB. Sized for a small machine (a 512 MiB container or a 1 GiB VM):
 /// with the 64 MiB near tier and the runtime it leaves room for the OS. It covers the
 /// default 256 S3 requests in flight each reading a maximum-size (1 MiB) item, or four
@@ -37,6 +39,8 @@ pub struct Budget {
     limit_units: u32,
     /// Units charged by force beyond what the semaphore held: paid from the next releases.
     debt_units: AtomicU64,
+    /// Where `memory_used_bytes` and `memory_peak_bytes` are shown, if anywhere.
+    stats: Option<Arc<Stats>>,
 }
 
 /// A pending grant of units, to be awaited.
@@ -44,14 +48,33 @@ pub type Grant = futures::future::BoxFuture<'static, OwnedSemaphorePermit>;
 
 impl Budget {
     pub fn new(limit_bytes: u64) -> Arc<Budget> {
+        Self::with_stats(limit_bytes, None)
+    }
+
+    /// A budget that keeps the `memory_used_bytes` and `memory_peak_bytes` gauges current.
+    pub fn with_stats(limit_bytes: u64, stats: Option<Arc<Stats>>) -> Arc<Budget> {
         let limit_units = u32::try_from(limit_bytes.div_ceil(UNIT_BYTES))
             .unwrap_or(u32::MAX)
             .clamp(1, Semaphore::MAX_PERMITS as u32);
+        if let Some(stats) = &stats {
+            let limit = u64::from(limit_units) * UNIT_BYTES;
+            stats.memory_limit_bytes.store(limit, Ordering::Relaxed);
+        }
         Arc::new(Budget {
             permits: Arc::new(Semaphore::new(limit_units as usize)),
             limit_units,
             debt_units: AtomicU64::new(0),
+            stats,
         })
+    }
+
+    /// Updates the gauges after a change.
+    fn show(&self) {
+        if let Some(stats) = &self.stats {
+            let used = self.used_bytes();
+            stats.memory_used_bytes.store(used, Ordering::Relaxed);
+            stats.memory_peak_bytes.fetch_max(used, Ordering::Relaxed);
+        }
     }
 
     /// `bytes` in units, rounded up.
@@ -88,6 +111,7 @@ impl Budget {
         match self.permits.try_acquire_many(units) {
             Ok(permit) => {
                 permit.forget();
+                self.show();
                 true
             }
             Err(_) => false,
@@ -118,6 +142,7 @@ impl Budget {
         };
         self.debt_units
             .fetch_add(u64::from(units - taken), Ordering::Relaxed);
+        self.show();
     }
 
     /// Gives back `units`: first to the debt, the rest to whoever waits.
@@ -133,6 +158,7 @@ impl Budget {
         if left > 0 {
             self.permits.add_permits(left as usize);
         }
+        self.show();
     }
 }
 
@@ -208,11 +234,20 @@ impl Account {
     pub fn granted(&mut self, permit: OwnedSemaphorePermit, for_request: bool) {
         let units = permit.num_permits() as u32;
         permit.forget();
+        self.budget.show();
         if for_request {
             self.request_units += units;
         } else {
             self.buffer_units += units;
         }
+    }
+
+    /// Moves what a finished request held to the buffers, which its reply is written to;
+    /// the next [`Account::set_buffers`] gives back what they do not need.
+    pub fn transfer_to_buffers(&mut self, units: u32) {
+        let units = units.min(self.request_units);
+        self.request_units -= units;
+        self.buffer_units += units;
     }
 
     /// Gives back what a finished request held.

@@ -364,10 +364,11 @@ impl Config {
         if self.s3_max_in_flight == 0 {
             return fail("s3_max_in_flight must be at least 1".into());
         }
-        if self.memory_limit_bytes < crate::budget::MIN_MEMORY_LIMIT_BYTES {
+        let min_memory = crate::budget::MIN_MEMORY_LIMIT_BYTES.max(8 * self.max_item_size as u64);
+        if self.memory_limit_bytes < min_memory {
             return fail(format!(
-                "memory_limit_bytes must be at least {} (8 MiB)",
-                crate::budget::MIN_MEMORY_LIMIT_BYTES
+                "memory_limit_bytes must be at least {min_memory} (8 MiB and 8 x max_item_size: \
+                 one request may take half the budget, a set up to three times its item)"
             ));
         }
         if self.cull_interval_secs == 0 {

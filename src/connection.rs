@@ -158,6 +158,7 @@ pub async fn serve(
         waiting: None,
         partial_since: None,
         parsed: 0,
+        queued: std::collections::VecDeque::new(),
     };
     conn.sync_buffers();
     if let Err(e) = conn.run(&mut socket, &shutdown).await {
@@ -206,6 +207,8 @@ struct Connection {
     partial_since: Option<tokio::time::Instant>,
     /// Requests parsed so far: a change means the client made progress.
     parsed: u64,
+    /// Parsed requests not yet started: the pieces of a retrieval split to fit the budget.
+    queued: std::collections::VecDeque<Request>,
 }
 
 impl Connection {
@@ -221,6 +224,7 @@ impl Connection {
                 && self.pipeline.len() == 0
                 && self.barrier.is_none()
                 && self.waiting.is_none()
+                && self.queued.is_empty()
             {
                 return self.flush(socket).await;
             }
@@ -383,11 +387,12 @@ impl Connection {
         }
     }
 
-    /// Writes a finished request's reply and gives back what the request held.
+    /// Writes a finished request's reply; what the request held pays for the write buffer
+    /// and the rest is given back.
     fn finish(&mut self, response: Response, seq: u64, keys: &[Bytes], units: u32) {
         self.pipeline.finish(seq, keys);
+        self.account.transfer_to_buffers(units);
         self.emit(response);
-        self.account.release_request(units);
     }
 
     /// Encodes a reply; a `Close` reply stops the connection after what is already queued.
@@ -474,16 +479,7 @@ impl Connection {
 
     /// Parses and starts as many buffered requests as the pipeline and the budget allow.
     fn dispatch(&mut self) {
-        if !self.retry_waiting() {
-            return;
-        }
-        while !self.closing
-            && self.barrier.is_none()
-            && self.waiting.is_none()
-            && self.pipeline.len() < MAX_PIPELINE_DEPTH
-            && self.skip_bytes == 0
-            && !self.skip_line
-        {
+        while self.start_queued() && !self.closing && self.skip_bytes == 0 && !self.skip_line {
             let Some(Parsed {
                 request,
                 consumed,
@@ -503,29 +499,64 @@ impl Connection {
                 Skip::Line => self.skip_line = true,
             }
             self.discard_skipped();
-            // A hit in the near tier with nothing in flight before it is answered here, with
-            // no task, channel or allocation beyond the reply.
-            // Past the write high-water mark the pipeline takes over, which is bounded and
-            // flushes.
-            if self.pipeline.len() == 0 && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
-                if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
-                    self.emit(response);
-                    continue;
-                }
+            let max_units = self.account.budget().clamp(u32::MAX);
+            self.queued
+                .extend(split_retrieval(request, &self.config.limits, max_units));
+        }
+    }
+
+    /// Starts queued requests while the pipeline, barriers and the budget allow; returns
+    /// whether more may be parsed.
+    fn start_queued(&mut self) -> bool {
+        if !self.retry_waiting() {
+            return false;
+        }
+        loop {
+            if self.barrier.is_some() || self.pipeline.len() >= MAX_PIPELINE_DEPTH {
+                return false;
             }
-            match request.keys() {
-                Some(keys) => {
-                    let keys = keys.into_iter().cloned().collect();
-                    self.start_or_wait(request, keys);
-                }
-                None => {
-                    if matches!(request, Request::Quit | Request::Hangup(_)) {
-                        self.read_buf.clear();
-                    }
-                    self.barrier = Some(request);
-                }
+            let Some(request) = self.queued.pop_front() else {
+                return true;
+            };
+            self.start(request);
+            if self.waiting.is_some() {
+                return false;
             }
         }
+    }
+
+    /// Starts one request: a barrier waits for the pipeline; any other runs once the budget
+    /// has granted the most its reply can take.
+    fn start(&mut self, request: Request) {
+        let Some(keys) = request.keys() else {
+            if matches!(request, Request::Quit | Request::Hangup(_)) {
+                self.read_buf.clear();
+            }
+            self.barrier = Some(request);
+            return;
+        };
+        let keys: Vec<Bytes> = keys.into_iter().cloned().collect();
+        // Never more than the largest grant (configuration keeps every request within it).
+        let units = (self.account.budget())
+            .clamp(Budget::units(reply_bound(&request, &self.config.limits)));
+        // A hit in the near tier with nothing in flight before it is answered here, with
+        // no task, channel or allocation beyond the reply.
+        // Past the write high-water mark the pipeline takes over, which is bounded and
+        // flushes.
+        if self.pipeline.len() == 0
+            && self.write_buf.len() < WRITE_HIGH_WATER_BYTES
+            && self.account.try_take_request(units)
+        {
+            match command::answer_from_tier(&self.ctx, &request) {
+                Some(response) => {
+                    self.account.transfer_to_buffers(units);
+                    self.emit(response);
+                }
+                None => self.pipeline.start(&self.ctx, request, keys, units),
+            }
+            return;
+        }
+        self.start_or_wait(request, keys, units);
     }
 
     /// Tries again a request that waited for this connection's own replies to drain;
@@ -534,10 +565,10 @@ impl Connection {
         match self.waiting.take() {
             None => true,
             Some(Waiting {
-                want: Want::Request(request, keys, _),
+                want: Want::Request(request, keys, units),
                 grant: None,
             }) => {
-                self.start_or_wait(*request, keys);
+                self.start_or_wait(*request, keys, units);
                 self.waiting.is_none()
             }
             Some(other) => {
@@ -547,13 +578,12 @@ impl Connection {
         }
     }
 
-    /// Starts a request if the budget grants its charge now; otherwise holds it back until
-    /// this connection's replies drain (past its share) or the budget grants it.
-    fn start_or_wait(&mut self, request: Request, keys: Vec<Bytes>) {
-        let budget = self.account.budget().clone();
-        let units = budget.clamp(Budget::units(reply_bound(&request, &self.config.limits)));
+    /// Starts a request if the budget grants its `units` now; otherwise holds it back until
+    /// this connection's replies drain (past its share) or the budget grants them.
+    fn start_or_wait(&mut self, request: Request, keys: Vec<Bytes>, units: u32) {
+        let share = self.account.budget().share_units();
         let grant = if self.pipeline.len() > 0
-            && self.account.request_units().saturating_add(units) > budget.share_units()
+            && self.account.request_units().saturating_add(units) > share
         {
             None
         } else if self.account.try_take_request(units) {
@@ -570,15 +600,66 @@ impl Connection {
     }
 }
 
+/// Splits a retrieval whose reply could take more than `max_units` into pieces that cannot;
+/// every piece but the last leaves out `END`, as with a line longer than the parser's
+/// window. Other requests come back whole.
+fn split_retrieval(request: Request, limits: &Limits, max_units: u32) -> Vec<Request> {
+    let max_bytes = max_units as usize * crate::budget::UNIT_BYTES as usize;
+    if Budget::units(reply_bound(&request, limits)) <= max_units {
+        return vec![request];
+    }
+    let per_key = reply_bound_per_key(limits) + 2 * protocol::MAX_KEY_BYTES;
+    let per_piece = (max_bytes.saturating_sub(SMALL_REPLY_BYTES) / per_key).max(1);
+    let piece = |keys: &[Bytes], last: bool, end: bool| (keys.to_vec(), last && end);
+    match request {
+        Request::Get { keys, cas, end } => {
+            let n = keys.chunks(per_piece).count();
+            keys.chunks(per_piece)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let (keys, end) = piece(chunk, i + 1 == n, end);
+                    Request::Get { keys, cas, end }
+                })
+                .collect()
+        }
+        Request::Gat {
+            exptime,
+            keys,
+            cas,
+            end,
+        } => {
+            let n = keys.chunks(per_piece).count();
+            keys.chunks(per_piece)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let (keys, end) = piece(chunk, i + 1 == n, end);
+                    Request::Gat {
+                        exptime,
+                        keys,
+                        cas,
+                        end,
+                    }
+                })
+                .collect()
+        }
+        other => vec![other],
+    }
+}
+
+/// What one key of a retrieval can take: its value read from the store, and encoded.
+fn reply_bound_per_key(limits: &Limits) -> usize {
+    2 * (limits.max_item_bytes + REPLY_OVERHEAD_BYTES)
+}
+
 /// The most bytes a request can hold while it runs and its reply waits: values read from
-/// the store and their encoding.
+/// the store, and their encoding in the write buffer.
 fn reply_bound(request: &Request, limits: &Limits) -> usize {
     let per_value = limits.max_item_bytes + REPLY_OVERHEAD_BYTES;
     match request {
         Request::Get { keys, .. } | Request::Gat { keys, .. } => {
-            let values = keys.len().saturating_mul(per_value);
-            let keys: usize = keys.iter().map(|k| k.len()).sum();
-            values.min(command::MAX_RESPONSE_BYTES + per_value) + keys + SMALL_REPLY_BYTES
+            let values = keys.len().saturating_mul(reply_bound_per_key(limits));
+            let keys: usize = keys.iter().map(|k| 2 * k.len()).sum();
+            values.min(2 * (command::MAX_RESPONSE_BYTES + per_value)) + keys + SMALL_REPLY_BYTES
         }
         // The data block, a copy as written to the store, and the old value read for
         // append, prepend, incr and decr.

@@ -52,6 +52,9 @@ counters!(
     request_timeouts,
     write_timeouts,
     budget_waits,
+    memory_limit_bytes,
+    memory_used_bytes,
+    memory_peak_bytes,
     bytes_read,
     bytes_written,
     total_items,
@@ -83,6 +86,9 @@ const GAUGES: &[&str] = &[
     "curr_items",
     "cull_last_pass_unix",
     "cull_last_duration_ms",
+    "memory_limit_bytes",
+    "memory_used_bytes",
+    "memory_peak_bytes",
 ];
 
 impl Stats {
