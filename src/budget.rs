@@ -8,6 +8,10 @@
 //! or others release theirs. Grants are first come, first served: a large request is not
 //! starved by a stream of small ones.
 //!
+//! A quarter of the budget is a lane for small requests (a `get` of one key, a small `set`):
+//! they take it when the rest is spent, so clients with small requests are still served
+//! while large ones queue (1,000 connections each waiting for a 4 MiB reply, say).
+//!
 //! Buffers must sometimes grow to make progress (a reply being encoded): such charges are
 //! forced, and what the semaphore cannot give becomes debt, paid back from the next releases
 //! before anyone else is granted.
@@ -32,11 +36,25 @@ pub const UNIT_BYTES: u64 = 1024;
 /// pending; past it, it stops reading and dispatching until they drain.
 pub const SHARE_DIVISOR: u32 = 8;
 
+/// The fraction (1/N) of the budget kept as the lane for small requests.
+pub const SMALL_LANE_DIVISOR: u32 = 4;
+
+/// What a request holds: its units, and whether they came from the small-request lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub units: u32,
+    pub lane: bool,
+}
+
 /// The accountant. Units are KiB so a `u32` count covers 4 TiB.
 #[derive(Debug)]
 pub struct Budget {
+    /// Everything but the lane: buffers, and requests of any size.
     permits: Arc<Semaphore>,
+    /// The lane: small requests only.
+    lane: Arc<Semaphore>,
     limit_units: u32,
+    lane_units: u32,
     /// Units charged by force beyond what the semaphore held: paid from the next releases.
     debt_units: AtomicU64,
     /// Where `memory_used_bytes` and `memory_peak_bytes` are shown, if anywhere.
@@ -60,9 +78,12 @@ impl Budget {
             let limit = u64::from(limit_units) * UNIT_BYTES;
             stats.memory_limit_bytes.store(limit, Ordering::Relaxed);
         }
+        let lane_units = limit_units / SMALL_LANE_DIVISOR;
         Arc::new(Budget {
-            permits: Arc::new(Semaphore::new(limit_units as usize)),
+            permits: Arc::new(Semaphore::new((limit_units - lane_units) as usize)),
+            lane: Arc::new(Semaphore::new(lane_units as usize)),
             limit_units,
+            lane_units,
             debt_units: AtomicU64::new(0),
             stats,
         })
@@ -88,7 +109,7 @@ impl Budget {
 
     /// Bytes charged now, forced charges included.
     pub fn used_bytes(&self) -> u64 {
-        let free = self.permits.available_permits() as u64;
+        let free = (self.permits.available_permits() + self.lane.available_permits()) as u64;
         (u64::from(self.limit_units).saturating_sub(free) + self.debt_units.load(Ordering::Relaxed))
             * UNIT_BYTES
     }
@@ -103,7 +124,34 @@ impl Budget {
         units.min((self.limit_units / 2).max(1))
     }
 
-    /// Takes `units` if they are free now.
+    /// Whether a request of `units` may use the small-request lane.
+    pub fn is_small(&self, units: u32) -> bool {
+        units <= self.lane_units / 4
+    }
+
+    /// Takes `units` for a request if they are free now: from the main part, or for a small
+    /// request from the lane.
+    fn try_take_request(&self, units: u32) -> Option<Charge> {
+        if self.try_take(units) {
+            return Some(Charge { units, lane: false });
+        }
+        if self.is_small(units)
+            && self
+                .lane
+                .clone()
+                .try_acquire_many_owned(units)
+                .is_ok_and(|p| {
+                    p.forget();
+                    true
+                })
+        {
+            self.show();
+            return Some(Charge { units, lane: true });
+        }
+        None
+    }
+
+    /// Takes `units` from the main part if they are free now.
     fn try_take(&self, units: u32) -> bool {
         if units == 0 {
             return true;
@@ -118,9 +166,14 @@ impl Budget {
         }
     }
 
-    /// A future that takes `units` once they are free, in arrival order.
-    fn grant(&self, units: u32) -> Grant {
-        let permits = self.permits.clone();
+    /// A future that takes `units` once they are free, in arrival order: from the lane for
+    /// a small request, else from the main part.
+    fn grant(&self, units: u32, request: bool) -> Grant {
+        let permits = if request && self.is_small(units) {
+            self.lane.clone()
+        } else {
+            self.permits.clone()
+        };
         Box::pin(async move {
             permits
                 .acquire_many_owned(units)
@@ -145,7 +198,13 @@ impl Budget {
         self.show();
     }
 
-    /// Gives back `units`: first to the debt, the rest to whoever waits.
+    /// Gives back units of the lane.
+    fn release_lane(&self, units: u32) {
+        self.lane.add_permits(units as usize);
+        self.show();
+    }
+
+    /// Gives back `units` of the main part: first to the debt, the rest to whoever waits.
     fn release(&self, units: u32) {
         let mut left = u64::from(units);
         let _ = self
@@ -168,8 +227,10 @@ pub struct Account {
     budget: Arc<Budget>,
     /// Units charged for the read and write buffers' capacity.
     buffer_units: u32,
-    /// Units granted to requests in flight.
+    /// Units granted to requests in flight, from either part.
     request_units: u32,
+    /// Of `request_units`, those from the lane.
+    lane_units: u32,
 }
 
 impl Account {
@@ -178,6 +239,7 @@ impl Account {
             budget,
             buffer_units: 0,
             request_units: 0,
+            lane_units: 0,
         }
     }
 
@@ -217,56 +279,73 @@ impl Account {
     }
 
     /// Takes `units` for a request, if they are free now.
-    pub fn try_take_request(&mut self, units: u32) -> bool {
-        let ok = self.budget.try_take(units);
-        if ok {
-            self.request_units += units;
+    pub fn try_take_request(&mut self, units: u32) -> Option<Charge> {
+        let charge = self.budget.try_take_request(units)?;
+        self.hold(charge);
+        Some(charge)
+    }
+
+    fn hold(&mut self, charge: Charge) {
+        self.request_units += charge.units;
+        if charge.lane {
+            self.lane_units += charge.units;
         }
-        ok
     }
 
-    /// Waits for `units`, in arrival order with every other connection.
-    pub fn grant(&self, units: u32) -> Grant {
-        self.budget.grant(units)
+    /// Waits for `units` for a request (`request`) or buffers, in arrival order with every
+    /// other connection.
+    pub fn grant(&self, units: u32, request: bool) -> Grant {
+        self.budget.grant(units, request)
     }
 
-    /// Books an awaited grant as held by buffers (`for_request` false) or a request.
-    pub fn granted(&mut self, permit: OwnedSemaphorePermit, for_request: bool) {
-        let units = permit.num_permits() as u32;
+    /// Books an awaited grant as held by a request, which it returns.
+    pub fn granted_request(&mut self, permit: OwnedSemaphorePermit) -> Charge {
+        let lane = Arc::ptr_eq(permit.semaphore(), &self.budget.lane);
+        let charge = Charge {
+            units: permit.num_permits() as u32,
+            lane,
+        };
+        permit.forget();
+        self.hold(charge);
+        self.budget.show();
+        charge
+    }
+
+    /// Books an awaited grant as held by the buffers.
+    pub fn granted_buffers(&mut self, permit: OwnedSemaphorePermit) {
+        self.buffer_units += permit.num_permits() as u32;
         permit.forget();
         self.budget.show();
-        if for_request {
-            self.request_units += units;
+    }
+
+    /// A request has finished and its reply goes to the write buffer: units from the main
+    /// part pay for the buffer (the next [`Account::set_buffers`] gives back what it does not
+    /// need); units from the lane go back to the lane.
+    pub fn finish_request(&mut self, charge: Charge) {
+        let units = charge.units.min(self.request_units);
+        self.request_units -= units;
+        if charge.lane {
+            let units = units.min(self.lane_units);
+            self.lane_units -= units;
+            self.budget.release_lane(units);
         } else {
             self.buffer_units += units;
         }
-    }
-
-    /// Moves what a finished request held to the buffers, which its reply is written to;
-    /// the next [`Account::set_buffers`] gives back what they do not need.
-    pub fn transfer_to_buffers(&mut self, units: u32) {
-        let units = units.min(self.request_units);
-        self.request_units -= units;
-        self.buffer_units += units;
-    }
-
-    /// Gives back what a finished request held.
-    pub fn release_request(&mut self, units: u32) {
-        let units = units.min(self.request_units);
-        self.request_units -= units;
-        self.budget.release(units);
     }
 }
 
 impl Drop for Account {
     fn drop(&mut self) {
-        self.budget.release(self.held_units());
+        self.budget.release_lane(self.lane_units);
+        self.budget
+            .release(self.held_units().saturating_sub(self.lane_units));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
 
     #[test]
     fn units_round_up() {
@@ -278,21 +357,54 @@ mod tests {
 
     #[test]
     fn requests_are_refused_past_the_limit_and_granted_after_a_release() {
+        // 64 units: 48 main, a lane of 16 for requests of at most 4.
         let budget = Budget::new(64 * 1024);
         let mut a = Account::new(budget.clone());
         let mut b = Account::new(budget.clone());
-        assert!(a.try_take_request(48));
-        assert!(!b.try_take_request(32));
-        assert!(b.try_take_request(16));
-        assert_eq!(budget.used_bytes(), 64 * 1024);
-        let mut grant = b.grant(8);
-        assert!(futures::FutureExt::now_or_never(&mut grant).is_none());
-        a.release_request(8);
-        let permit = futures::FutureExt::now_or_never(grant).expect("granted after a release");
-        b.granted(permit, true);
-        assert_eq!(b.request_units(), 24);
+        let big = a.try_take_request(40).expect("main part");
+        assert!(!big.lane);
+        assert!(b.try_take_request(16).is_none(), "too big for what is left");
+        let small = b.try_take_request(8).expect("main part");
+        assert!(!small.lane);
+        let lane = b
+            .try_take_request(4)
+            .expect("the lane takes a small request");
+        assert!(lane.lane);
+        assert!(b.try_take_request(5).is_none(), "not small: no lane");
+        let mut grant = b.grant(8, true);
+        assert!((&mut grant).now_or_never().is_none());
+        a.finish_request(big);
+        a.set_buffers(0);
+        let charge = b.granted_request(grant.now_or_never().expect("granted after a release"));
+        assert_eq!(
+            charge,
+            Charge {
+                units: 8,
+                lane: false
+            }
+        );
+        assert_eq!(b.request_units(), 20);
         drop(a);
         drop(b);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn small_requests_are_served_from_the_lane_while_large_ones_queue() {
+        let budget = Budget::new(64 * 1024);
+        let mut hog = Account::new(budget.clone());
+        assert!(hog.try_take_request(48).is_some());
+        let mut queued = hog.grant(40, true);
+        assert!((&mut queued).now_or_never().is_none());
+        let mut small = Account::new(budget.clone());
+        for _ in 0..4 {
+            let charge = small.try_take_request(4).expect("lane");
+            small.finish_request(charge);
+        }
+        assert_eq!(budget.used_bytes(), 48 * 1024);
+        drop(queued);
+        drop(hog);
+        drop(small);
         assert_eq!(budget.used_bytes(), 0);
     }
 
@@ -303,11 +415,9 @@ mod tests {
         a.set_buffers(24 * 1024);
         assert_eq!(budget.used_bytes(), 24 * 1024);
         let mut b = Account::new(budget.clone());
-        assert!(!b.try_take_request(1));
-        a.set_buffers(12 * 1024);
-        assert_eq!(budget.used_bytes(), 12 * 1024);
-        assert!(b.try_take_request(4));
-        assert!(!b.try_take_request(1));
+        assert!(b.try_take_request(8).is_none());
+        a.set_buffers(4 * 1024);
+        assert!(b.try_take_request(8).is_some());
         drop(a);
         drop(b);
         assert_eq!(budget.used_bytes(), 0);
@@ -319,5 +429,6 @@ mod tests {
         assert_eq!(budget.share_units(), 32 * 1024);
         assert_eq!(budget.clamp(u32::MAX), 128 * 1024);
         assert_eq!(budget.clamp(5), 5);
+        assert!(budget.is_small(16 * 1024) && !budget.is_small(16 * 1024 + 1));
     }
 }

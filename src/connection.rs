@@ -23,9 +23,9 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::{Account, Budget, Grant};
+use crate::budget::{Account, Budget, Charge, Grant};
 use crate::command::{self, Ctx};
-use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
+use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip, StoreMode};
 use crate::stats::Stats;
 
 /// Most requests of one connection in flight at once.
@@ -73,8 +73,8 @@ impl ConnectionConfig {
 }
 
 type Done = Shared<BoxFuture<'static, ()>>;
-/// A finished request: its reply, sequence number, keys and the budget units it holds.
-type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>, u32)>;
+/// A finished request: its reply, sequence number, keys and what it holds of the budget.
+type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>, Charge)>;
 
 /// The requests of a connection that have started but whose replies are not yet written.
 struct Pipeline {
@@ -97,9 +97,9 @@ impl Pipeline {
         self.running.len()
     }
 
-    /// Starts a request holding `units` of the budget; it waits for earlier requests on the
+    /// Starts a request holding `charge` of the budget; it waits for earlier requests on the
     /// same keys before it runs.
-    fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>, units: u32) {
+    fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>, charge: Charge) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let waits: Vec<Done> = keys
@@ -118,7 +118,7 @@ impl Pipeline {
                 futures::future::join_all(waits).await;
                 let response = command::execute_arrived(&ctx, request, arrived).await;
                 drop(finished);
-                (response, seq, keys, units)
+                (response, seq, keys, charge)
             }
             .boxed(),
         );
@@ -233,11 +233,11 @@ impl Connection {
             let idle_armed = idle_deadline.is_some() && self.pipeline.len() == 0;
             let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
             tokio::select! {
-                Some((response, seq, keys, units)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {
-                    self.finish(response, seq, &keys, units);
+                Some((response, seq, keys, charge)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {
+                    self.finish(response, seq, &keys, charge);
                     // Take every other reply that is already done, then write once.
-                    while let Some(Some((response, seq, keys, units))) = self.pipeline.running.next().now_or_never() {
-                        self.finish(response, seq, &keys, units);
+                    while let Some(Some((response, seq, keys, charge))) = self.pipeline.running.next().now_or_never() {
+                        self.finish(response, seq, &keys, charge);
                     }
                     self.advance().await;
                     if self.pipeline.len() == 0 || self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
@@ -341,7 +341,7 @@ impl Connection {
         Stats::incr(&self.ctx.stats.budget_waits);
         self.waiting = Some(Waiting {
             want: Want::ReadRoom(new_cap),
-            grant: Some(self.account.grant(self.account.budget().clamp(more))),
+            grant: Some(self.account.grant(self.account.budget().clamp(more), false)),
         });
         false
     }
@@ -376,12 +376,12 @@ impl Connection {
             return;
         };
         match waiting.want {
-            Want::Request(request, keys, units) => {
-                self.account.granted(permit, true);
-                self.pipeline.start(&self.ctx, *request, keys, units);
+            Want::Request(request, keys, _) => {
+                let charge = self.account.granted_request(permit);
+                self.pipeline.start(&self.ctx, *request, keys, charge);
             }
             Want::ReadRoom(capacity) => {
-                self.account.granted(permit, false);
+                self.account.granted_buffers(permit);
                 self.regrow_read_buf(capacity);
             }
         }
@@ -389,9 +389,9 @@ impl Connection {
 
     /// Writes a finished request's reply; what the request held pays for the write buffer
     /// and the rest is given back.
-    fn finish(&mut self, response: Response, seq: u64, keys: &[Bytes], units: u32) {
+    fn finish(&mut self, response: Response, seq: u64, keys: &[Bytes], charge: Charge) {
         self.pipeline.finish(seq, keys);
-        self.account.transfer_to_buffers(units);
+        self.account.finish_request(charge);
         self.emit(response);
     }
 
@@ -543,18 +543,17 @@ impl Connection {
         // no task, channel or allocation beyond the reply.
         // Past the write high-water mark the pipeline takes over, which is bounded and
         // flushes.
-        if self.pipeline.len() == 0
-            && self.write_buf.len() < WRITE_HIGH_WATER_BYTES
-            && self.account.try_take_request(units)
-        {
-            match command::answer_from_tier(&self.ctx, &request) {
-                Some(response) => {
-                    self.account.transfer_to_buffers(units);
-                    self.emit(response);
+        if self.pipeline.len() == 0 && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
+            if let Some(charge) = self.account.try_take_request(units) {
+                match command::answer_from_tier(&self.ctx, &request) {
+                    Some(response) => {
+                        self.account.finish_request(charge);
+                        self.emit(response);
+                    }
+                    None => self.pipeline.start(&self.ctx, request, keys, charge),
                 }
-                None => self.pipeline.start(&self.ctx, request, keys, units),
+                return;
             }
-            return;
         }
         self.start_or_wait(request, keys, units);
     }
@@ -586,12 +585,12 @@ impl Connection {
             && self.account.request_units().saturating_add(units) > share
         {
             None
-        } else if self.account.try_take_request(units) {
-            self.pipeline.start(&self.ctx, request, keys, units);
+        } else if let Some(charge) = self.account.try_take_request(units) {
+            self.pipeline.start(&self.ctx, request, keys, charge);
             return;
         } else {
             Stats::incr(&self.ctx.stats.budget_waits);
-            Some(self.account.grant(units))
+            Some(self.account.grant(units, true))
         };
         self.waiting = Some(Waiting {
             want: Want::Request(Box::new(request), keys, units),
@@ -661,9 +660,15 @@ fn reply_bound(request: &Request, limits: &Limits) -> usize {
             let keys: usize = keys.iter().map(|k| 2 * k.len()).sum();
             values.min(2 * (command::MAX_RESPONSE_BYTES + per_value)) + keys + SMALL_REPLY_BYTES
         }
-        // The data block, a copy as written to the store, and the old value read for
-        // append, prepend, incr and decr.
-        Request::Store { data, .. } => 2 * data.len() + per_value,
+        // The data block and a copy as written to the store; append and prepend also read
+        // the old value.
+        Request::Store { data, mode, .. } => {
+            let old = match mode {
+                StoreMode::Append | StoreMode::Prepend => per_value,
+                _ => 0,
+            };
+            2 * data.len() + old + SMALL_REPLY_BYTES
+        }
         Request::Arith { .. } | Request::Meta(_) => 2 * per_value + SMALL_REPLY_BYTES,
         _ => SMALL_REPLY_BYTES,
     }

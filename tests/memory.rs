@@ -224,7 +224,9 @@ fn rss_stays_within_the_budget_under_a_thousand_connections() {
         budget_peak / MIB,
         used / MIB
     );
-    assert!(budget_peak <= budget, "budget peak {budget_peak}");
+    // A new connection's two 16 KiB buffers are charged but never refused.
+    let buffers = 1001 * 32 * 1024;
+    assert!(budget_peak <= budget + buffers, "budget peak {budget_peak}");
     assert!(
         peak <= baseline + budget + FIXED_OVERHEAD_BYTES,
         "peak RSS {peak} over baseline {baseline} + budget + overhead"
