@@ -499,7 +499,8 @@ impl Connection {
                 Skip::Line => self.skip_line = true,
             }
             self.discard_skipped();
-            let max_units = self.account.budget().clamp(u32::MAX);
+            // Pieces of a connection's share: several connections' large gets run at once.
+            let max_units = self.account.budget().share_units();
             self.queued
                 .extend(split_retrieval(request, &self.config.limits, max_units));
         }
