@@ -18,7 +18,6 @@ use crate::config::Config;
 use crate::connection::ConnectionConfig;
 use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
-use crate::protocol::Limits;
 use crate::stats::Stats;
 use crate::store::dir::DirStore;
 use crate::store::format::Codec;
@@ -184,20 +183,7 @@ pub async fn start_with(
         shutdown.clone(),
     ));
     tokio::spawn(flush.clone().run_refresher(shutdown.clone()));
-    let limits = Limits {
-        max_item_bytes: config.max_item_size,
-        ..Limits::default()
-    };
-    let connection_config = ConnectionConfig {
-        limits,
-        idle_timeout: config.idle_timeout(),
-        request_timeout: crate::config::secs(config.request_timeout_secs),
-        write_timeout: crate::config::secs(config.write_timeout_secs),
-        budget: crate::budget::Budget::with_stats(
-            config.memory_limit_bytes,
-            Some(ctx.stats.clone()),
-        ),
-    };
+    let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone());
     let server = tokio::spawn(crate::server::run(
         listener,
         ctx.clone(),

@@ -364,18 +364,24 @@ impl Config {
         if self.s3_max_in_flight == 0 {
             return fail("s3_max_in_flight must be at least 1".into());
         }
-        let min_memory = crate::budget::MIN_MEMORY_LIMIT_BYTES.max(8 * self.max_item_size as u64);
-        if self.memory_limit_bytes < min_memory {
-            return fail(format!(
-                "memory_limit_bytes must be at least {min_memory} (8 MiB and 8 x max_item_size: \
-                 one request may take half the budget, a set up to three times its item)"
-            ));
-        }
+        self.validate_memory()?;
         if self.cull_interval_secs == 0 {
             return fail("cull_interval_secs must be at least 1".into());
         }
         if self.location.split('/').any(|part| part == "..") {
             return fail("location must not contain '..'".into());
+        }
+        Ok(())
+    }
+
+    /// The memory budget must hold a request of the largest item: one request may take
+    /// half the budget, and a set up to three times its item.
+    fn validate_memory(&self) -> Result<(), ConfigError> {
+        let min = crate::budget::MIN_MEMORY_LIMIT_BYTES.max(8 * self.max_item_size as u64);
+        if self.memory_limit_bytes < min {
+            return Err(ConfigError(format!(
+                "memory_limit_bytes must be at least {min} (8 MiB and 8 x max_item_size)"
+            )));
         }
         Ok(())
     }
@@ -495,6 +501,17 @@ mod tests {
         assert!(Config::from_toml("listen = \"nowhere\"").is_err());
         assert!(Config::from_toml("default_acl = \"everyone\"").is_err());
         assert!(Config::from_toml("access_key_id = \"AKIA\"").is_err());
+    }
+
+    #[test]
+    fn the_memory_budget_must_hold_the_largest_requests() {
+        assert!(Config::from_toml("memory_limit_bytes = 8388607").is_err());
+        assert!(Config::from_toml("memory_limit_bytes = 8388608").is_ok());
+        let big_items = "max_item_size = 4194304\nmemory_limit_bytes = 16777216";
+        assert!(Config::from_toml(big_items).is_err());
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.memory_limit_bytes, 256 * 1024 * 1024);
+        assert_eq!((c.request_timeout_secs, c.write_timeout_secs), (30, 30));
     }
 
     #[test]
