@@ -186,9 +186,10 @@ fn rss_stays_within_the_budget_under_a_client_that_never_reads() {
         used / MIB
     );
     assert!(budget_peak <= budget, "budget peak {budget_peak}");
+    // A connection's share is an eighth of the budget: the attack holds at least that.
     assert!(
-        budget_peak >= budget / 4,
-        "the attack never reached the budget"
+        budget_peak >= budget / 8,
+        "the attack never reached its share"
     );
     assert!(
         peak <= baseline + budget + FIXED_OVERHEAD_BYTES,
