@@ -18,7 +18,6 @@ use crate::config::Config;
 use crate::connection::ConnectionConfig;
 use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
-use crate::protocol::Limits;
 use crate::stats::Stats;
 use crate::store::dir::DirStore;
 use crate::store::format::Codec;
@@ -141,13 +140,7 @@ pub async fn start_with(
     let shutdown = CancellationToken::new();
     let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
     tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
-    let connection_config = ConnectionConfig {
-        limits: Limits {
-            max_item_bytes: config.max_item_size,
-            ..Limits::default()
-        },
-        idle_timeout: config.idle_timeout(),
-    };
+    let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone());
     let server = tokio::spawn(crate::server::run(
         listener,
         ctx.clone(),

@@ -116,6 +116,12 @@ pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
 /// How long a client has to finish its TLS handshake before it is dropped.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default request timeout: a 1 MiB set may arrive at 35 KB/s; a client trickling bytes
+/// holds its slot and buffer no longer than this.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Default write timeout: the largest reply (64 MiB) written at 2.2 MB/s, a 1 MiB value at
+/// 35 KB/s; a client that stops reading holds its slot and replies no longer than this.
+pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 30;
 
 options! {
     /// Address to listen on.
@@ -199,6 +205,13 @@ options! {
     tls_ca: PathBuf = PathBuf::new(), env "S3CACHED_TLS_CA";
     /// Drop a client that has not finished its TLS handshake within this many ms.
     tls_handshake_timeout_ms: u64 = DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS, env "S3CACHED_TLS_HANDSHAKE_TIMEOUT_MS";
+    /// Memory budget in bytes for read buffers, values in flight and replies waiting to be
+    /// written, across all connections; a connection past its share waits for its replies.
+    memory_limit_bytes: u64 = crate::budget::DEFAULT_MEMORY_LIMIT_BYTES, env "S3CACHED_MEMORY_LIMIT_BYTES";
+    /// Close a connection whose started request is not complete after this many seconds (0 = never).
+    request_timeout_secs: u64 = DEFAULT_REQUEST_TIMEOUT_SECS, env "S3CACHED_REQUEST_TIMEOUT_SECS";
+    /// Close a connection whose replies are not all written after this many seconds (0 = never).
+    write_timeout_secs: u64 = DEFAULT_WRITE_TIMEOUT_SECS, env "S3CACHED_WRITE_TIMEOUT_SECS";
     /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
@@ -363,6 +376,7 @@ impl Config {
         if self.s3_max_in_flight == 0 {
             return fail("s3_max_in_flight must be at least 1".into());
         }
+        self.validate_memory()?;
         if self.cull_interval_secs == 0 {
             return fail("cull_interval_secs must be at least 1".into());
         }
@@ -409,6 +423,18 @@ impl Config {
         })
     }
 
+    /// The memory budget must hold a request of the largest item: one request may take
+    /// half the budget, and a set up to three times its item.
+    fn validate_memory(&self) -> Result<(), ConfigError> {
+        let min = crate::budget::MIN_MEMORY_LIMIT_BYTES.max(8 * self.max_item_size as u64);
+        if self.memory_limit_bytes < min {
+            return Err(ConfigError(format!(
+                "memory_limit_bytes must be at least {min} (8 MiB and 8 x max_item_size)"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen.parse().expect("validated")
     }
@@ -443,6 +469,11 @@ impl Config {
         }
         text
     }
+}
+
+/// A timeout of `secs` seconds; 0 means none.
+pub fn secs(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 /// How one option's value is shown: in `stats settings` and as a line of TOML.
@@ -525,6 +556,17 @@ mod tests {
         let err = missing.unwrap_err().to_string();
         assert!(err.starts_with("TLS: /no/c.pem:"), "{err}");
         assert!(Config::from_toml("").unwrap().tls_files().is_none());
+    }
+
+    #[test]
+    fn the_memory_budget_must_hold_the_largest_requests() {
+        assert!(Config::from_toml("memory_limit_bytes = 8388607").is_err());
+        assert!(Config::from_toml("memory_limit_bytes = 8388608").is_ok());
+        let big_items = "max_item_size = 4194304\nmemory_limit_bytes = 16777216";
+        assert!(Config::from_toml(big_items).is_err());
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.memory_limit_bytes, 256 * 1024 * 1024);
+        assert_eq!((c.request_timeout_secs, c.write_timeout_secs), (30, 30));
     }
 
     #[test]

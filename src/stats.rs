@@ -49,6 +49,12 @@ counters!(
     touch_hits,
     touch_misses,
     idle_kicks,
+    request_timeouts,
+    write_timeouts,
+    budget_waits,
+    memory_limit_bytes,
+    memory_used_bytes,
+    memory_peak_bytes,
     bytes_read,
     bytes_written,
     total_items,
@@ -81,6 +87,9 @@ const GAUGES: &[&str] = &[
     "curr_items",
     "cull_last_pass_unix",
     "cull_last_duration_ms",
+    "memory_limit_bytes",
+    "memory_used_bytes",
+    "memory_peak_bytes",
 ];
 
 impl Stats {

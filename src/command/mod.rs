@@ -275,10 +275,17 @@ async fn retrieve(
     }
     // A key named twice in one gat is touched twice in order, as memcached does: the second
     // sees what the first wrote.
-    let fanout = if touch.is_some() && has_duplicates(&keys) {
+    let duplicates = has_duplicates(&keys);
+    let fanout = if touch.is_some() && duplicates {
         1
     } else {
         MAX_GET_FANOUT
+    };
+    // A key named twice in one get is read once; its value is repeated (shared, not copied).
+    let asked = (touch.is_none() && duplicates).then(|| keys.clone());
+    let keys = match &asked {
+        Some(all) => distinct(all),
+        None => keys,
     };
     let mut results = stream::iter(keys)
         .map(|key| async move {
@@ -307,11 +314,42 @@ async fn retrieve(
             Err(failure) => return failure,
         }
     }
+    if let Some(asked) = asked {
+        values = repeat_values(ctx, &asked, values);
+    }
     Response::Values {
         values,
         with_cas,
         end,
     }
+}
+
+/// The keys in order, each once.
+fn distinct(keys: &[Bytes]) -> Vec<Bytes> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.iter().filter(|k| seen.insert(*k)).cloned().collect()
+}
+
+/// The values of a get whose keys repeat, one per key asked, counted as memcached counts.
+fn repeat_values(ctx: &Ctx, asked: &[Bytes], values: Vec<Value>) -> Vec<Value> {
+    let found: std::collections::HashMap<Bytes, Value> =
+        values.into_iter().map(|v| (v.key.clone(), v)).collect();
+    let mut seen = std::collections::HashSet::with_capacity(asked.len());
+    let mut out = Vec::with_capacity(asked.len());
+    for key in asked {
+        let again = !seen.insert(key);
+        let hit = found.get(key);
+        if again {
+            Stats::incr(if hit.is_some() {
+                &ctx.stats.get_hits
+            } else {
+                &ctx.stats.get_misses
+            });
+            ctx.detail.get(key, hit.is_some());
+        }
+        out.extend(hit.cloned());
+    }
+    out
 }
 
 fn has_duplicates(keys: &[Bytes]) -> bool {
