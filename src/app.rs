@@ -49,6 +49,8 @@ pub struct App {
     pub addr: SocketAddr,
     pub ctx: Arc<Ctx>,
     pub culler: Arc<Culler>,
+    /// The admin listener's address (`admin_listen`), when one runs.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     server: JoinHandle<TaskTracker>,
     culler_task: JoinHandle<()>,
@@ -129,7 +131,7 @@ pub async fn start_with(
     let addr = listener
         .local_addr()
         .map_err(|source| AppError::Bind { addr, source })?;
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::with_s3(store.request_counts()));
     let window = Duration::from_millis(config.revalidate_after_ms);
     let tier = TierConfig {
         ram_bytes: config.ram_cache_bytes,
@@ -192,6 +194,7 @@ pub async fn start_with(
         limits,
         idle_timeout: config.idle_timeout(),
     };
+    let admin_addr = start_admin(&config, &ctx, &shutdown).await?;
     let server = tokio::spawn(crate::server::run(
         listener,
         ctx.clone(),
@@ -204,10 +207,31 @@ pub async fn start_with(
         addr,
         ctx,
         culler,
+        admin_addr,
         shutdown,
         server,
         culler_task,
     })
+}
+
+/// Binds the admin listener when `admin_listen` is set and serves it until shutdown.
+async fn start_admin(
+    config: &Config,
+    ctx: &Arc<Ctx>,
+    shutdown: &CancellationToken,
+) -> Result<Option<SocketAddr>, AppError> {
+    let Some(addr) = config.admin_addr() else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr, source })?;
+    tokio::spawn(crate::admin::serve(listener, ctx.clone(), shutdown.clone()));
+    tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+    Ok(Some(addr))
 }
 
 impl App {

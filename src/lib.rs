@@ -6,6 +6,7 @@
 //! the store; [`app`] wires them together.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod check;
 pub mod clock;
@@ -14,6 +15,8 @@ pub mod config;
 pub mod connection;
 pub mod culler;
 pub mod flush;
+pub mod lifecycle;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod stats;

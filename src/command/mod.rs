@@ -271,7 +271,12 @@ pub async fn execute_arrived(
     request: Request,
     arrived: tokio::time::Instant,
 ) -> Response {
-    ARRIVED.scope(arrived, execute(ctx, request)).await
+    let kind = crate::metrics::kind_of(&request);
+    let response = ARRIVED.scope(arrived, execute(ctx, request)).await;
+    ctx.stats
+        .timings
+        .command(kind, &response, arrived.elapsed());
+    response
 }
 
 /// Executes one request.
@@ -352,6 +357,7 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     let Request::Get { keys, cas, end } = request else {
         return None;
     };
+    let began = tokio::time::Instant::now();
     let epoch = ctx.flush.current_now()?;
     let now_us = ctx.clock.now_us();
     let mut values = Vec::with_capacity(keys.len());
@@ -374,11 +380,14 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     Stats::add(&ctx.stats.cmd_get, n);
     Stats::add(&ctx.stats.get_hits, n);
     Stats::add(&ctx.stats.tier_hits, n);
-    Some(Response::Values {
+    let response = Response::Values {
         values,
         with_cas: *cas,
         end: *end,
-    })
+    };
+    let kind = crate::metrics::kind_of(request);
+    ctx.stats.timings.command(kind, &response, began.elapsed());
+    Some(response)
 }
 
 /// The memcached release whose protocol s3cached speaks; clients parse it.
