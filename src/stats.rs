@@ -186,6 +186,8 @@ pub struct S3Requests {
     pub prices: S3Prices,
     /// Time of each attempt, by S3 operation and answer.
     pub latency: BackendTimings,
+    /// Since when the counts run (start, or the last `stats reset`), for the hourly cost.
+    since: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl S3Requests {
@@ -202,6 +204,7 @@ impl S3Requests {
             no_answer: AtomicU64::new(0),
             prices,
             latency: BackendTimings::default(),
+            since: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
@@ -234,6 +237,14 @@ impl S3Requests {
             + n(&self.delete) * self.prices.delete_per_1000
     }
 
+    /// The cost so far spread over the hours the counts ran (at least a minute, so the
+    /// first requests after a start do not read as a huge rate).
+    pub fn cost_per_hour_usd(&self) -> f64 {
+        let since = *self.since.lock().expect("since lock");
+        let hours = since.elapsed().as_secs_f64().max(60.0) / 3600.0;
+        self.cost_usd() / hours
+    }
+
     /// Rows for `stats`: requests by class and answer, and the cost in nano-dollars
     /// (stats values are integers; a GET costs 400 of them at the default price).
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
@@ -248,6 +259,10 @@ impl S3Requests {
             ("s3_answers_server_error", self.server_errors.load(Relaxed)),
             ("s3_no_answer", self.no_answer.load(Relaxed)),
             ("s3_cost_nanousd", (self.cost_usd() * 1e9).round() as u64),
+            (
+                "s3_cost_per_hour_nanousd",
+                (self.cost_per_hour_usd() * 1e9).round() as u64,
+            ),
         ]
     }
 
@@ -265,6 +280,7 @@ impl S3Requests {
         ] {
             c.store(0, Relaxed);
         }
+        *self.since.lock().expect("since lock") = tokio::time::Instant::now();
     }
 }
 
@@ -314,6 +330,8 @@ mod tests {
         assert_eq!(row("s3_get_requests"), 1000);
         assert_eq!(row("s3_put_requests"), 2000);
         assert_eq!(row("s3_cost_nanousd"), 10_400_000);
+        // Under a minute of counting: the cost is spread over one minute.
+        assert_eq!(row("s3_cost_per_hour_nanousd"), 60 * 10_400_000);
         stats.reset();
         assert_eq!(stats.s3.as_ref().unwrap().cost_usd(), 0.0);
     }
