@@ -45,7 +45,7 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let settings = S3Settings::from_config(config);
+    let settings = S3Settings::from_config(config, crate::app::codec(config));
     let installed = runtime
         .block_on(install(&settings, &rules))
         .map_err(|e| e.to_string())?;
