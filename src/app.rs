@@ -50,6 +50,8 @@ pub struct App {
     pub addr: SocketAddr,
     pub ctx: Arc<Ctx>,
     pub culler: Arc<Culler>,
+    /// The admin listener's address (`admin_listen`), when one runs.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     server: JoinHandle<TaskTracker>,
     culler_task: JoinHandle<()>,
@@ -141,6 +143,7 @@ pub async fn start_with(
     let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
     tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
     let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone());
+    let admin_addr = start_admin(&config, &ctx, &shutdown).await?;
     let server = tokio::spawn(crate::server::run(
         listener,
         ctx.clone(),
@@ -157,6 +160,7 @@ pub async fn start_with(
         addr,
         ctx,
         culler,
+        admin_addr,
         shutdown,
         server,
         culler_task,
@@ -182,6 +186,26 @@ fn tls_client_auth(config: &Config) -> &'static str {
     }
 }
 
+/// Binds the admin listener when `admin_listen` is set and serves it until shutdown.
+async fn start_admin(
+    config: &Config,
+    ctx: &Arc<Ctx>,
+    shutdown: &CancellationToken,
+) -> Result<Option<SocketAddr>, AppError> {
+    let Some(addr) = config.admin_addr() else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr, source })?;
+    tokio::spawn(crate::admin::serve(listener, ctx.clone(), shutdown.clone()));
+    tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+    Ok(Some(addr))
+}
+
 /// Builds the rooms around the store: near tier, flush epoch, the commands' context and
 /// the culler, which hears of the commands' writes.
 async fn wire(
@@ -189,7 +213,7 @@ async fn wire(
     store: Arc<dyn Store>,
     clock: Clock,
 ) -> Result<(Arc<Ctx>, Arc<Culler>), AppError> {
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::with_s3(store.request_counts()));
     let window = Duration::from_millis(config.revalidate_after_ms);
     let tier = TierConfig {
         ram_bytes: config.ram_cache_bytes,

@@ -180,6 +180,18 @@ options! {
     s3_max_attempts: u32 = DEFAULT_S3_MAX_ATTEMPTS, env "S3CACHED_S3_MAX_ATTEMPTS";
     /// Most S3 requests in flight at once, across all connections.
     s3_max_in_flight: usize = DEFAULT_S3_MAX_IN_FLIGHT, env "S3CACHED_S3_MAX_IN_FLIGHT";
+    /// Server-side encryption sent on every PUT: "" (the bucket's default), AES256 or aws:kms.
+    server_side_encryption: String = String::new(), env "S3CACHED_SERVER_SIDE_ENCRYPTION";
+    /// KMS key for server_side_encryption = "aws:kms" ("" = the account's aws/s3 key).
+    sse_kms_key_id: String = String::new(), env "S3CACHED_SSE_KMS_KEY_ID";
+    /// Price of 1,000 S3 GET/HEAD requests in USD, for the cost estimate (AWS S3 Standard, us-east-1).
+    s3_price_get_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.get_per_1000, env "S3CACHED_S3_PRICE_GET_PER_1000";
+    /// Price of 1,000 S3 PUT/COPY/POST/LIST requests in USD (AWS S3 Standard, us-east-1).
+    s3_price_put_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.put_per_1000, env "S3CACHED_S3_PRICE_PUT_PER_1000";
+    /// Price of 1,000 S3 DELETE requests in USD (free on AWS).
+    s3_price_delete_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.delete_per_1000, env "S3CACHED_S3_PRICE_DELETE_PER_1000";
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz); "" = off.
+    admin_listen: String = String::new(), env "S3CACHED_ADMIN_LISTEN";
     /// Most items kept; the culler removes some when the count reaches it (0 = no limit; default 1000000 on S3, 0 on the directory store).
     max_entries: u64 = BY_BACKEND, env "S3CACHED_MAX_ENTRIES";
     /// At max_entries, remove 1/cull_frequency of the items (0 = remove all).
@@ -243,6 +255,9 @@ pub enum Command {
     /// Check a running server: version, a set/get/delete round trip of a unique key, stats.
     /// Exits 0 when all is well, 1 with the reason otherwise (usable as a health check).
     Check(crate::check::CheckArgs),
+    /// Print (or, with --apply, install) S3 lifecycle rules that expire item objects under
+    /// the prefix after --days days: a bound on the bucket even when no replica runs.
+    Lifecycle(crate::lifecycle::LifecycleArgs),
 }
 
 /// A configuration that cannot be used, with the reason.
@@ -373,6 +388,29 @@ impl Config {
         {
             return fail("S3 timeouts and max attempts must be at least 1".into());
         }
+        if !self.admin_listen.is_empty() && self.admin_listen.parse::<SocketAddr>().is_err() {
+            return fail(format!(
+                "admin_listen: {:?} is not an address like 127.0.0.1:9211",
+                self.admin_listen
+            ));
+        }
+        if !["", "AES256", "aws:kms"].contains(&self.server_side_encryption.as_str()) {
+            return fail(format!(
+                "server_side_encryption: {:?} is not AES256 or aws:kms",
+                self.server_side_encryption
+            ));
+        }
+        if !self.sse_kms_key_id.is_empty() && self.server_side_encryption != "aws:kms" {
+            return fail("sse_kms_key_id needs server_side_encryption = \"aws:kms\"".into());
+        }
+        let prices = [
+            self.s3_price_get_per_1000,
+            self.s3_price_put_per_1000,
+            self.s3_price_delete_per_1000,
+        ];
+        if prices.iter().any(|p| !p.is_finite() || *p < 0.0) {
+            return fail("S3 prices must be finite and not negative".into());
+        }
         if self.s3_max_in_flight == 0 {
             return fail("s3_max_in_flight must be at least 1".into());
         }
@@ -437,6 +475,20 @@ impl Config {
 
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen.parse().expect("validated")
+    }
+
+    /// The admin listener's address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listen.parse().ok()
+    }
+
+    /// The S3 prices the cost estimate uses.
+    pub fn s3_prices(&self) -> crate::stats::S3Prices {
+        crate::stats::S3Prices {
+            get_per_1000: self.s3_price_get_per_1000,
+            put_per_1000: self.s3_price_put_per_1000,
+            delete_per_1000: self.s3_price_delete_per_1000,
+        }
     }
 
     pub fn uses_s3(&self) -> bool {
@@ -556,6 +608,16 @@ mod tests {
         let err = missing.unwrap_err().to_string();
         assert!(err.starts_with("TLS: /no/c.pem:"), "{err}");
         assert!(Config::from_toml("").unwrap().tls_files().is_none());
+        assert!(Config::from_toml("admin_listen = \"localhost\"").is_err());
+        assert!(Config::from_toml("server_side_encryption = \"aes\"").is_err());
+        assert!(Config::from_toml("sse_kms_key_id = \"k\"").is_err());
+        assert!(Config::from_toml("s3_price_get_per_1000 = -1.0").is_err());
+        let ok = "server_side_encryption = \"aws:kms\"\nsse_kms_key_id = \"k\"\n\
+                  admin_listen = \"127.0.0.1:9211\"\ns3_price_put_per_1000 = 0.0055";
+        let c = Config::from_toml(ok).unwrap();
+        assert_eq!(c.admin_addr(), Some("127.0.0.1:9211".parse().unwrap()));
+        assert_eq!(c.s3_prices().put_per_1000, 0.0055);
+        assert_eq!(Config::from_toml("").unwrap().admin_addr(), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the store; [`app`] wires them together.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod budget;
 pub mod check;
@@ -15,6 +16,8 @@ pub mod config;
 pub mod connection;
 pub mod culler;
 pub mod flush;
+pub mod lifecycle;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod stats;

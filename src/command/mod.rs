@@ -151,8 +151,18 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
 }
 
 /// Executes one request that arrived at `arrived`: a flush epoch read started after that
-/// moment is fresh enough for it, so a burst of pipelined reads shares one.
+/// moment is fresh enough for it, so a burst of pipelined reads shares one. Its kind,
+/// result and time to the reply go to the metrics.
 pub async fn execute_arrived(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
+    let kind = crate::metrics::kind_of(&request);
+    let response = dispatch(ctx, request, arrived).await;
+    ctx.stats
+        .timings
+        .command(kind, &response, arrived.elapsed());
+    response
+}
+
+async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
     let items = Items::new(ctx, arrived);
     match request {
         Request::Get { keys, cas, end } => retrieve(&items, ctx, keys, cas, None, end).await,
@@ -231,6 +241,7 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     let Request::Get { keys, cas, end } = request else {
         return None;
     };
+    let began = tokio::time::Instant::now();
     let epoch = ctx.flush.current_now()?;
     let now_us = ctx.clock.now_us();
     let mut values = Vec::with_capacity(keys.len());
@@ -253,11 +264,14 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     Stats::add(&ctx.stats.cmd_get, n);
     Stats::add(&ctx.stats.get_hits, n);
     Stats::add(&ctx.stats.tier_hits, n);
-    Some(Response::Values {
+    let response = Response::Values {
         values,
         with_cas: *cas,
         end: *end,
-    })
+    };
+    let kind = crate::metrics::kind_of(request);
+    ctx.stats.timings.command(kind, &response, began.elapsed());
+    Some(response)
 }
 
 async fn retrieve(

@@ -158,6 +158,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Version, StoreError>;
 
     fn info(&self) -> StoreInfo;
+
+    /// The S3 requests this store sends, counted by price class (S3 stores only).
+    fn request_counts(&self) -> Option<std::sync::Arc<crate::stats::S3Requests>> {
+        None
+    }
 }
 
 /// Checks a write's precondition against the version stored now (`None`: nothing stored);

@@ -11,7 +11,9 @@
 //! time, not a hang.
 
 mod failure;
+pub mod lifecycle;
 mod probe;
+mod requests;
 mod settings;
 mod skew;
 mod write;
@@ -35,6 +37,7 @@ use super::{
     StoreInfo, Version, Versioned, CONTROL_DIR, DELETE_BATCH,
 };
 use crate::clock::{Clock, StoreTime};
+use crate::stats::S3Requests;
 
 pub struct S3Store {
     client: Client,
@@ -56,6 +59,10 @@ pub struct S3Store {
     max_attempts: u32,
     /// The store's time, as measured from its answers.
     time: &'static StoreTime,
+    /// Every request sent, by price class (shared with the server's stats).
+    requests: Arc<S3Requests>,
+    /// Encryption at rest asked for on every PUT.
+    sse: write::Encryption,
 }
 
 /// Largest control object (flush epoch, cull lease: a few dozen bytes) that is read.
@@ -81,8 +88,9 @@ impl S3Store {
     /// Connects, optionally creates the bucket, and probes conditional-write support.
     pub async fn connect(s: S3Settings) -> Result<Self, StoreError> {
         let time = StoreTime::leak(s.clock_skew_ms);
+        let requests = Arc::new(S3Requests::new(s.prices));
         let store = S3Store {
-            client: s.client(time).await,
+            client: s.client(time, requests.clone()).await,
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             codec: s.codec,
@@ -97,6 +105,8 @@ impl S3Store {
             attempt_timeout: s.attempt_timeout,
             max_attempts: s.max_attempts.max(1),
             time,
+            requests,
+            sse: write::Encryption::new(&s),
         };
         if s.create_bucket {
             let acl = if s.bucket_acl.is_empty() {
@@ -451,5 +461,9 @@ impl Store for S3Store {
             kind: "s3",
             atomic: self.atomic.load(Relaxed),
         }
+    }
+
+    fn request_counts(&self) -> Option<Arc<S3Requests>> {
+        Some(self.requests.clone())
     }
 }

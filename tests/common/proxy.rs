@@ -5,7 +5,8 @@
 //! over a fresh upstream connection, or answered with a fault. Write faults can come after the
 //! store has applied the write (the answer is then dropped, delayed or replaced), to test
 //! that a write whose answer was lost is not applied twice. The proxy counts requests, the
-//! most that were in flight at once and the response bytes it delivered.
+//! most that were in flight at once and the response bytes it delivered, and keeps the head
+//! (request line and headers) of every request it received.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -14,6 +15,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Most request heads kept (a bound for long tests; later heads are not kept).
+pub const MAX_HEADS_KEPT: usize = 20_000;
 
 /// What the proxy does with the next requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +60,8 @@ pub struct Proxy {
     pub max_in_flight: Arc<AtomicUsize>,
     /// Response bytes written to clients.
     pub bytes_out: Arc<AtomicUsize>,
+    /// The head of every request received, in order (request line and headers, as sent).
+    pub heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -80,7 +86,9 @@ impl Proxy {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let max_in_flight = Arc::new(AtomicUsize::new(0));
         let bytes_out = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
         let shared = Counters {
+            heads: heads.clone(),
             mode: mode.clone(),
             requests: requests.clone(),
             in_flight: in_flight.clone(),
@@ -105,6 +113,7 @@ impl Proxy {
             in_flight,
             max_in_flight,
             bytes_out,
+            heads,
             task,
         }
     }
@@ -120,6 +129,11 @@ impl Proxy {
     /// Sets the mode; returns the one it replaces (to see that counted faults were used).
     pub fn set_and_get(&self, mode: Mode) -> Mode {
         std::mem::replace(&mut *self.mode.lock().unwrap(), mode)
+    }
+
+    /// The heads of the requests received so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
     }
 
     pub fn reset_counters(&self) {
@@ -199,6 +213,7 @@ struct Counters {
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
     bytes_out: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
 }
 
 /// The mode for this request; counts down [`Mode::OnWrites`].
@@ -232,6 +247,14 @@ async fn serve(
     let mut buf = Vec::new();
     while let Some(request) = read_request(&mut client, &mut buf).await? {
         counters.requests.fetch_add(1, SeqCst);
+        let end = find(&request, b"\r\n\r\n").unwrap_or(request.len());
+        let head = String::from_utf8_lossy(&request[..end]).into_owned();
+        {
+            let mut heads = counters.heads.lock().unwrap();
+            if heads.len() < MAX_HEADS_KEPT {
+                heads.push(head);
+            }
+        }
         let now = counters.in_flight.fetch_add(1, SeqCst) + 1;
         counters.max_in_flight.fetch_max(now, SeqCst);
         let current = take_mode(&counters.mode, &request);

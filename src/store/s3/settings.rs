@@ -1,5 +1,6 @@
 //! The S3 store's settings, taken from the configuration, and the SDK client built from them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
@@ -10,9 +11,11 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::Client;
 
+use super::requests::RequestCounter;
 use super::skew::DateProbe;
 use crate::clock::StoreTime;
 use crate::config::Config;
+use crate::stats::{S3Prices, S3Requests};
 use crate::store::format::Codec;
 use crate::store::normalize_prefix;
 
@@ -37,6 +40,12 @@ pub struct S3Settings {
     pub codec: Codec,
     /// Testing only: this replica's clock error, in ms (`clock_offset_ms`).
     pub clock_skew_ms: i64,
+    /// `server_side_encryption`: AES256 or aws:kms, sent on every PUT.
+    pub server_side_encryption: Option<String>,
+    /// `sse_kms_key_id`: the KMS key for aws:kms.
+    pub sse_kms_key_id: Option<String>,
+    /// Prices per 1,000 requests, for the cost estimate.
+    pub prices: S3Prices,
 }
 
 impl S3Settings {
@@ -65,13 +74,21 @@ impl S3Settings {
             max_in_flight: c.s3_max_in_flight,
             codec,
             clock_skew_ms: c.clock_offset_ms,
+            server_side_encryption: Some(c.server_side_encryption.clone())
+                .filter(|s| !s.is_empty()),
+            sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
+            prices: c.s3_prices(),
         }
     }
 
     /// The SDK client: attempt and operation deadlines, bounded retries (for idempotent
     /// calls; PUTs turn them off and retry in [`write`](super::write)), and the `Date`
     /// probe that keeps `time` on the store's clock.
-    pub(super) async fn client(&self, time: &'static StoreTime) -> Client {
+    pub(super) async fn client(
+        &self,
+        time: &'static StoreTime,
+        requests: Arc<S3Requests>,
+    ) -> Client {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .timeout_config(
                 TimeoutConfig::builder()
@@ -96,7 +113,8 @@ impl S3Settings {
         let sdk = loader.load().await;
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(self.force_path_style)
-            .interceptor(DateProbe::new(time));
+            .interceptor(DateProbe::new(time))
+            .interceptor(RequestCounter::new(requests));
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }

@@ -17,17 +17,39 @@ use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ServerSideEncryption;
 use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::failure::Failure;
-use super::{Fetched, S3Store};
+use super::{Fetched, S3Settings, S3Store};
 use crate::store::{PutMode, StoreError, Version};
 
 /// How often a 409 conflict is retried before giving up.
 const MAX_CONFLICT_RETRIES: u32 = 5;
 /// First pause before retrying a PUT whose fate is unknown; doubles each time.
 const RETRY_BASE_MS: u64 = 25;
+
+/// Encryption at rest (`server_side_encryption`, `sse_kms_key_id`), sent on every PUT:
+/// items, control objects and the startup probe alike, so a bucket policy that refuses
+/// unencrypted uploads refuses none of ours.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Encryption {
+    mode: Option<ServerSideEncryption>,
+    kms_key_id: Option<String>,
+}
+
+impl Encryption {
+    pub fn new(s: &S3Settings) -> Self {
+        Encryption {
+            mode: s
+                .server_side_encryption
+                .as_deref()
+                .map(ServerSideEncryption::from),
+            kms_key_id: s.sse_kms_key_id.clone(),
+        }
+    }
+}
 
 /// What one PUT attempt tells.
 enum Attempt {
@@ -163,7 +185,9 @@ impl S3Store {
             .key(name)
             .body(ByteStream::from(body.clone()))
             .set_acl(acl)
-            .set_storage_class(self.storage_class.clone());
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse.mode.clone())
+            .set_ssekms_key_id(self.sse.kms_key_id.clone());
         match mode {
             PutMode::Overwrite => {}
             PutMode::Create => put = put.if_none_match("*"),
