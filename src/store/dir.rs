@@ -41,6 +41,11 @@ use super::{
 /// Lock stripes: writes to one stripe (and reads against them) take turns; each stripe has
 /// one spare file.
 const LOCK_STRIPES: usize = 64;
+/// Values up to this size are written on the calling (async) thread when writes are not
+/// fsynced: a write into the page cache costs less than handing it to a blocking thread and
+/// waking the caller again. Larger or fsynced writes, and reads (which may wait for the disk),
+/// go to tokio's blocking pool.
+const INLINE_WRITE_BYTES: usize = 16 * 1024;
 /// Temporary files start with this.
 const TEMP_PREFIX: &str = ".tmp-";
 /// A stripe's spare file (the previous content of an item it swapped with) starts with this.
@@ -322,6 +327,18 @@ impl Inner {
             })
     }
 
+    /// Writes `entry` as `mode` allows; returns its version.
+    fn put(&self, entry: &Entry, mode: &PutMode) -> Result<Version, StoreError> {
+        let name = key_hash(&entry.key);
+        let body = self.codec.encode(entry);
+        let _guard = self.lock(&name);
+        if *mode != PutMode::Overwrite {
+            admit(self.current_version(&entry.key)?.as_ref(), mode)?;
+        }
+        self.write_item(&name, &body)?;
+        Ok(content_version(&body))
+    }
+
     /// The version of what is stored under `key` now, for conditional writes; the caller
     /// holds the key's stripe write lock.
     fn current_version(&self, key: &[u8]) -> Result<Option<Version>, StoreError> {
@@ -341,18 +358,11 @@ impl Store for DirStore {
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
+        if !self.inner.fsync && entry.value.len() <= INLINE_WRITE_BYTES {
+            return self.inner.put(entry, &mode);
+        }
         let entry = entry.clone();
-        self.blocking(move |inner| {
-            let name = key_hash(&entry.key);
-            let body = inner.codec.encode(&entry);
-            let _guard = inner.lock(&name);
-            if mode != PutMode::Overwrite {
-                admit(inner.current_version(&entry.key)?.as_ref(), &mode)?;
-            }
-            inner.write_item(&name, &body)?;
-            Ok(content_version(&body))
-        })
-        .await
+        self.blocking(move |inner| inner.put(&entry, &mode)).await
     }
 
     async fn delete(&self, key: &[u8], want: Option<&Version>) -> Result<bool, StoreError> {
