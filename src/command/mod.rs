@@ -247,15 +247,15 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     let mut values = Vec::with_capacity(keys.len());
     let mut bytes = 0;
     for key in keys {
-        let item = ctx.store.peek_fresh(key)?;
-        if item::hidden(&item.entry, epoch, now_us).is_some() {
+        let entry = ctx.store.peek_fresh_entry(key)?;
+        if item::hidden(&entry, epoch, now_us).is_some() {
             return None;
         }
-        bytes += item.entry.value.len() + item.entry.key.len();
+        bytes += entry.value.len() + entry.key.len();
         if bytes > MAX_RESPONSE_BYTES {
             return None;
         }
-        values.push(to_value(item.entry));
+        values.push(to_value(entry));
     }
     for key in keys {
         ctx.detail.get(key, true);
