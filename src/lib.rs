@@ -6,6 +6,11 @@
 //! the store; [`app`] wires them together.
 #![forbid(unsafe_code)]
 
+// Lets test code shared with the integration tests name this crate as they do
+// (see `store::conformance`).
+#[cfg(test)]
+extern crate self as s3cached;
+
 pub mod app;
 pub mod check;
 pub mod clock;
@@ -20,3 +25,20 @@ pub mod stats;
 pub mod store;
 pub mod throttle;
 pub mod tier;
+
+/// The memcached release whose protocol s3cached speaks, as a literal for `concat!`.
+macro_rules! memcached_release {
+    () => {
+        "1.6.18"
+    };
+}
+
+/// The memcached release whose protocol s3cached speaks; clients parse it.
+pub const MEMCACHED_COMPAT_VERSION: &str = memcached_release!();
+
+/// What `version` answers and `stats` reports: the memcached release, then s3cached's own.
+pub const VERSION: &str = concat!(
+    memcached_release!(),
+    "-s3cached-",
+    env!("CARGO_PKG_VERSION")
+);

@@ -326,11 +326,7 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
             noreply,
         } => reply(noreply, touch(ctx, &key, exptime).await),
         Request::FlushAll { delay, noreply } => reply(noreply, flush_all(ctx, delay).await),
-        Request::Version => Response::Version(format!(
-            "{}-s3cached-{}",
-            MEMCACHED_COMPAT_VERSION,
-            env!("CARGO_PKG_VERSION")
-        )),
+        Request::Version => Response::Version(crate::VERSION.into()),
         Request::Verbosity { noreply } => reply(noreply, Response::Ok),
         Request::Stats { arg } => stats(ctx, arg.as_deref()),
         Request::Meta(m) => meta::execute(ctx, m).await,
@@ -380,9 +376,6 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
         end: *end,
     })
 }
-
-/// The memcached release whose protocol s3cached speaks; clients parse it.
-pub const MEMCACHED_COMPAT_VERSION: &str = "1.6.18";
 
 async fn retrieve(
     ctx: &Ctx,
@@ -797,13 +790,7 @@ fn general_stats(ctx: &Ctx) -> Vec<(String, String)> {
             ((now_us.saturating_sub(ctx.started_us)) / 1_000_000).to_string(),
         ),
         ("time".into(), (now_us / 1_000_000).to_string()),
-        (
-            "version".into(),
-            format!(
-                "{MEMCACHED_COMPAT_VERSION}-s3cached-{}",
-                env!("CARGO_PKG_VERSION")
-            ),
-        ),
+        ("version".into(), crate::VERSION.into()),
         ("pointer_size".into(), (usize::BITS).to_string()),
     ];
     rows.extend(
