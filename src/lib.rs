@@ -5,6 +5,8 @@
 //! [`config`], [`culler`], [`flush`], [`stats`]; [`tier`] keeps hot items in RAM in front of
 //! the store; [`app`] wires them together.
 #![forbid(unsafe_code)]
+// Style rules that lints enforce; thresholds and banned items are in clippy.toml.
+#![warn(clippy::too_many_lines, clippy::unwrap_used)]
 
 // Lets test code shared with the integration tests name this crate as they do
 // (see `store::conformance`).

@@ -503,6 +503,8 @@ async fn touch_one(ctx: &Ctx, key: Bytes, exptime: i64) -> Result<Option<Value>,
     }
 }
 
+// Over 80 lines: split by the core refactor (issue 9).
+#[allow(clippy::too_many_lines)]
 async fn store(
     ctx: &Ctx,
     mode: StoreMode,
