@@ -81,7 +81,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
 }
 
 /// The S3 store's settings, taken from the configuration: all the store sees of it.
-pub fn s3_settings(c: &Config) -> S3Settings {
+pub fn s3_settings(c: &Config, codec: Codec) -> S3Settings {
     S3Settings {
         bucket: c.storage_bucket_name.clone(),
         prefix: normalize_prefix(&c.location),
@@ -103,28 +103,30 @@ pub fn s3_settings(c: &Config) -> S3Settings {
         operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
         max_attempts: c.s3_max_attempts,
         max_in_flight: c.s3_max_in_flight,
-        codec: Codec {
-            gzip_min_bytes: c.is_gzipped.then_some(c.gzip_min_bytes),
-            max_value_bytes: c.max_item_size,
-        },
+        codec,
         clock_skew_ms: c.clock_offset_ms,
+    }
+}
+
+/// The value codec every store writes items with, built from the config once.
+pub fn codec(config: &Config) -> Codec {
+    Codec {
+        gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
+        max_value_bytes: config.max_item_size,
     }
 }
 
 /// Opens the store the config names, with the clock to stamp items by: the S3 store's
 /// time when items live in S3 (so replicas agree on flush moments), else this machine's.
 pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
+    let codec = codec(config);
     if config.uses_s3() {
-        let store = S3Store::connect(s3_settings(config))
+        let store = S3Store::connect(s3_settings(config, codec))
             .await
             .map_err(AppError::Store)?;
         let clock = store.clock();
         Ok((Arc::new(store), clock))
     } else {
-        let codec = Codec {
-            gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
-            max_value_bytes: config.max_item_size,
-        };
         let store = DirStore::open_with(
             Path::new(&config.data_dir),
             &config.location,
@@ -148,8 +150,6 @@ pub async fn start(config: Config) -> Result<App, AppError> {
 }
 
 /// Starts the server with a given store and clock (tests use the memory store and tokio time).
-// Over 80 lines: split by the core refactor (issue 9).
-#[allow(clippy::too_many_lines)]
 pub async fn start_with(
     config: Config,
     store: Arc<dyn Store>,
@@ -162,6 +162,42 @@ pub async fn start_with(
     let addr = listener
         .local_addr()
         .map_err(|source| AppError::Bind { addr, source })?;
+    let (ctx, culler) = wire(&config, store, clock).await?;
+    let shutdown = CancellationToken::new();
+    let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
+    tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
+    let connection_config = ConnectionConfig {
+        limits: Limits {
+            max_item_bytes: config.max_item_size,
+            ..Limits::default()
+        },
+        idle_timeout: config.idle_timeout(),
+    };
+    let server = tokio::spawn(crate::server::run(
+        listener,
+        ctx.clone(),
+        connection_config,
+        config.max_connections,
+        shutdown.clone(),
+    ));
+    tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
+    Ok(App {
+        addr,
+        ctx,
+        culler,
+        shutdown,
+        server,
+        culler_task,
+    })
+}
+
+/// Builds the rooms around the store: near tier, flush epoch, the commands' context and
+/// the culler, which hears of the commands' writes.
+async fn wire(
+    config: &Config,
+    store: Arc<dyn Store>,
+    clock: Clock,
+) -> Result<(Arc<Ctx>, Arc<Culler>), AppError> {
     let stats = Arc::new(Stats::default());
     let window = Duration::from_millis(config.revalidate_after_ms);
     let tier = TierConfig {
@@ -189,58 +225,32 @@ pub async fn start_with(
         settings,
         hint.clone(),
     ));
-    let culler = Arc::new(Culler::new(
-        store,
-        flush.clone(),
-        stats,
-        clock,
-        CullerConfig {
-            max_entries: config.max_entries,
-            cull_frequency: config.cull_frequency,
-            max_bytes: config.max_bytes,
-            interval: Duration::from_secs(config.cull_interval_secs),
-        },
-        hint,
-    ));
-    let shutdown = CancellationToken::new();
-    let culler_task = tokio::spawn(supervise(
+    let culler_config = CullerConfig {
+        max_entries: config.max_entries,
+        cull_frequency: config.cull_frequency,
+        max_bytes: config.max_bytes,
+        interval: Duration::from_secs(config.cull_interval_secs),
+    };
+    let culler = Culler::new(store, flush, stats, clock, culler_config, hint);
+    Ok((ctx, Arc::new(culler)))
+}
+
+/// Runs the culler under supervision until shutdown.
+fn spawn_culler(
+    culler: Arc<Culler>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(supervise(
         "culler",
         {
-            let (culler, shutdown) = (culler.clone(), shutdown.clone());
+            let shutdown = shutdown.clone();
             move || culler.clone().run(shutdown.clone())
         },
-        {
-            let stats = ctx.stats.clone();
-            move || Stats::incr(&stats.culler_restarts)
-        },
+        move || Stats::incr(&stats.culler_restarts),
         Duration::from_millis(RESTART_PAUSE_MS),
-        shutdown.clone(),
-    ));
-    tokio::spawn(flush.clone().run_refresher(shutdown.clone()));
-    let limits = Limits {
-        max_item_bytes: config.max_item_size,
-        ..Limits::default()
-    };
-    let connection_config = ConnectionConfig {
-        limits,
-        idle_timeout: config.idle_timeout(),
-    };
-    let server = tokio::spawn(crate::server::run(
-        listener,
-        ctx.clone(),
-        connection_config,
-        config.max_connections,
-        shutdown.clone(),
-    ));
-    tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
-    Ok(App {
-        addr,
-        ctx,
-        culler,
         shutdown,
-        server,
-        culler_task,
-    })
+    ))
 }
 
 impl App {

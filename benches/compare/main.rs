@@ -498,9 +498,12 @@ async fn cull_cost(endpoint: &str, entries: usize) {
     ))
     .unwrap();
     let store: Arc<dyn Store> = Arc::new(
-        S3Store::connect(s3cached::app::s3_settings(&config))
-            .await
-            .unwrap(),
+        S3Store::connect(s3cached::app::s3_settings(
+            &config,
+            s3cached::app::codec(&config),
+        ))
+        .await
+        .unwrap(),
     );
     let fill = Instant::now();
     stream::iter(0..entries)
