@@ -41,6 +41,8 @@ pub enum AppError {
     Dir(std::io::Error),
     #[error("cannot use the S3 store: {0}")]
     Store(crate::store::StoreError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running server.
@@ -191,6 +193,8 @@ pub async fn start_with(
     let connection_config = ConnectionConfig {
         limits,
         idle_timeout: config.idle_timeout(),
+        sasl: config.sasl_users()?.map(Arc::new),
+        text_auth: config.text_auth,
     };
     let server = tokio::spawn(crate::server::run(
         listener,

@@ -187,6 +187,12 @@ options! {
     revalidate_after_ms: u64 = crate::tier::DEFAULT_REVALIDATE_AFTER_MS, env "S3CACHED_REVALIDATE_AFTER_MS";
     /// Directory store: fsync each write (file and directory) before acknowledging it.
     dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
+    /// SASL users file, lines of `user:password` (memcached's -Y format); when set, every
+    /// client must log in: binary clients with SASL PLAIN, text clients as text_auth says.
+    sasl_users_file: PathBuf = PathBuf::new(), env "S3CACHED_SASL_USERS_FILE";
+    /// With sasl_users_file: let text clients log in with memcached's `set` of
+    /// `user password`; off = text connections are refused.
+    text_auth: bool = false, env "S3CACHED_TEXT_AUTH";
     /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
@@ -357,7 +363,20 @@ impl Config {
         if self.location.split('/').any(|part| part == "..") {
             return fail("location must not contain '..'".into());
         }
-        Ok(())
+        self.sasl_users().map(|_| ())
+    }
+
+    /// The SASL users, read from `sasl_users_file` (`None` when unset: no login needed).
+    pub fn sasl_users(&self) -> Result<Option<crate::sasl::Users>, ConfigError> {
+        if self.sasl_users_file.as_os_str().is_empty() {
+            if self.text_auth {
+                return Err(ConfigError("text_auth needs sasl_users_file".into()));
+            }
+            return Ok(None);
+        }
+        crate::sasl::Users::load(&self.sasl_users_file)
+            .map(Some)
+            .map_err(ConfigError)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

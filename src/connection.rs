@@ -19,7 +19,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::command::{self, Ctx};
-use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
+use crate::protocol::{
+    self, Limits, LongRetrieval, Parsed, ProtocolError, Request, Response, Skip, StoreMode,
+};
+use crate::sasl::Users;
 use crate::stats::Stats;
 
 /// Most requests of one connection in flight at once.
@@ -30,11 +33,16 @@ const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Per-connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionConfig {
     pub limits: Limits,
     /// Close a connection with nothing in flight after this long without input.
     pub idle_timeout: Option<Duration>,
+    /// SASL users: when set, clients must log in (binary SASL, or text `set` with `text_auth`).
+    pub sasl: Option<Arc<Users>>,
+    /// Let text-protocol clients log in with memcached's `set <any> 0 0 <n>` + `user password`;
+    /// without it, text clients are refused while SASL is on.
+    pub text_auth: bool,
 }
 
 type Done = Shared<BoxFuture<'static, ()>>;
@@ -104,10 +112,32 @@ pub async fn serve(
     config: ConnectionConfig,
     shutdown: CancellationToken,
 ) {
+    let mut read_buf = BytesMut::with_capacity(16 * 1024);
+    // memcached tells the protocols apart by the first byte of a connection.
+    match first_read(&mut socket, &mut read_buf, &config, &shutdown).await {
+        Some(&first) if first == protocol::binary::REQUEST_MAGIC => {
+            let served = crate::binary::serve(&mut socket, &ctx, &config, read_buf, &shutdown);
+            if let Err(e) = served.await {
+                tracing::debug!(cause = %e, "binary connection ended with an error");
+            }
+            let _ = socket.shutdown().await;
+            return;
+        }
+        Some(_) if config.sasl.is_some() && !config.text_auth => {
+            let _ = socket.write_all(UNAUTHENTICATED).await;
+            let _ = socket.shutdown().await;
+            return;
+        }
+        Some(_) => {}
+        None => return,
+    }
+    let auth_required = config.sasl.is_some();
     let mut conn = Connection {
         ctx,
         config,
-        read_buf: BytesMut::with_capacity(16 * 1024),
+        auth_required,
+        auth_failures: 0,
+        read_buf,
         write_buf: BytesMut::with_capacity(16 * 1024),
         pipeline: Pipeline::new(),
         barrier: None,
@@ -122,9 +152,36 @@ pub async fn serve(
     let _ = socket.shutdown().await;
 }
 
+/// memcached's answer to a text command before a text-protocol login.
+const UNAUTHENTICATED: &[u8] = b"CLIENT_ERROR unauthenticated\r\n";
+
+/// Reads until the first byte arrives; `None` if the client left, idled out or the server
+/// is shutting down first.
+async fn first_read<'b>(
+    socket: &mut TcpStream,
+    buf: &'b mut BytesMut,
+    config: &ConnectionConfig,
+    shutdown: &CancellationToken,
+) -> Option<&'b u8> {
+    let read = async {
+        match config.idle_timeout {
+            Some(d) => tokio::time::timeout(d, socket.read_buf(buf)).await.ok(),
+            None => Some(socket.read_buf(buf).await),
+        }
+    };
+    let n = tokio::select! {
+        read = read => read?.ok()?,
+        _ = shutdown.cancelled() => return None,
+    };
+    buf.first().filter(|_| n > 0)
+}
+
 struct Connection {
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
+    /// SASL is on and this text connection has not logged in (memcached's `-Y` text auth).
+    auth_required: bool,
+    auth_failures: u32,
     read_buf: BytesMut,
     write_buf: BytesMut,
     pipeline: Pipeline,
@@ -278,6 +335,11 @@ impl Connection {
                 Skip::Line => self.skip_line = true,
             }
             self.discard_skipped();
+            if self.auth_required {
+                let response = self.text_login(request);
+                self.emit(response);
+                continue;
+            }
             // A hit in the near tier with nothing in flight before it is answered here, with
             // no task, channel or allocation beyond the reply.
             // Past the write high-water mark the pipeline takes over, which is bounded and
@@ -300,6 +362,35 @@ impl Connection {
                     self.barrier = Some(request);
                 }
             }
+        }
+    }
+}
+
+impl Connection {
+    /// Before a text login, memcached takes only a `set` whose data is `user password`.
+    fn text_login(&mut self, request: Request) -> Response {
+        let Some(users) = &self.config.sasl else {
+            return Response::None;
+        };
+        match request {
+            Request::Store {
+                mode: StoreMode::Set,
+                data,
+                ..
+            } => {
+                let ok = users.check_text(&data);
+                if crate::sasl::record_now(&self.ctx.stats, ok, &mut self.auth_failures) {
+                    self.auth_required = !ok;
+                    if ok {
+                        return Response::Stored;
+                    }
+                    Response::Error(ProtocolError::Client("authentication failure"))
+                } else {
+                    Response::Close
+                }
+            }
+            Request::Quit | Request::Hangup(_) => Response::Close,
+            _ => Response::Error(ProtocolError::Client("unauthenticated")),
         }
     }
 }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod binary;
 pub mod check;
 pub mod clock;
 pub mod command;
@@ -15,6 +16,7 @@ pub mod connection;
 pub mod culler;
 pub mod flush;
 pub mod protocol;
+pub mod sasl;
 pub mod server;
 pub mod stats;
 pub mod store;

@@ -65,6 +65,7 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let config = config.clone();
         connections.spawn(async move {
             Stats::incr(&ctx.stats.total_connections);
             Stats::incr(&ctx.stats.curr_connections);

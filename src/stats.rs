@@ -49,6 +49,8 @@ counters!(
     touch_hits,
     touch_misses,
     idle_kicks,
+    auth_cmds,
+    auth_errors,
     bytes_read,
     bytes_written,
     total_items,
