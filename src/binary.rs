@@ -1,8 +1,8 @@
 //! A binary-protocol connection: decode frames, run them through the command layer in order,
 //! write the replies once per batch of input.
 //!
-//! Consecutive plain gets (as libmemcached sends a multi-get: getkq... noop) run concurrently
-//! and answer in order; every other frame runs after everything before it. Quiet frames
+//! Consecutive plain gets (as libmemcached sends a multi-get: getkq... noop) run concurrently,
+//! as many at once as a text multi-get fans out, and answer in order; every other frame runs after everything before it. Quiet frames
 //! answer nothing on success (gets: on a miss); replies are written when the input runs dry
 //! or past a high-water mark, so a noop or any loud frame after quiet ones flushes them.
 
@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::command::{self, Ctx};
-use crate::connection::{ConnectionConfig, MAX_PIPELINE_DEPTH};
+use crate::connection::ConnectionConfig;
 use crate::protocol::binary::{self, Command, Frame, Reply, Status};
 use crate::protocol::{MetaRequest, Request, Response};
 use crate::sasl;
@@ -111,7 +111,7 @@ impl Conn<'_> {
             self.read_buf.advance(decoded.consumed);
             self.skip = decoded.skip;
             if plain_get(&decoded.frame) {
-                if gets.len() == MAX_PIPELINE_DEPTH {
+                if gets.len() == command::MAX_GET_FANOUT {
                     self.run_gets(&mut gets).await;
                 }
                 gets.push(decoded.frame);

@@ -146,7 +146,13 @@ pub async fn serve(
         long_retrieval: None,
         closing: false,
     };
-    if let Err(e) = conn.run(&mut socket, &shutdown).await {
+    // The first read happened before the protocol was known: run what it brought.
+    conn.advance().await;
+    let served = match conn.flush(&mut socket).await {
+        Ok(()) => conn.run(&mut socket, &shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
         tracing::debug!(cause = %e, "connection ended with an error");
     }
     let _ = socket.shutdown().await;

@@ -57,12 +57,13 @@ class BinWire:
         finally:
             self.sock.settimeout(REPLY_TIMEOUT_SECS)
 
-    def roundtrip(self, data):
-        """Sends frames followed by a noop; returns every reply up to the noop's, and the noop's."""
-        self.sock.sendall(data + frame(0x0A, opaque=0xFFFFFFFF))
+    def roundtrip(self, data, sentinel=0x0A):
+        """Sends frames followed by a sentinel frame (a noop; a version before a SASL login);
+        returns every reply before the sentinel's."""
+        self.sock.sendall(data + frame(sentinel, opaque=0xFFFFFFFF))
         out = []
         while True:
             r = self.reply()
-            if r[0] == 0x0A and r[2] == 0xFFFFFFFF:
+            if r[0] == sentinel and r[2] == 0xFFFFFFFF:
                 return out
             out.append(r)
