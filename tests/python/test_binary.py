@@ -370,3 +370,21 @@ def test_text_login_as_memcached_does(tmp_path, memcached_text_auth):
             assert got == want, f"{step!r}\n memcached: {want!r}\n s3cached:  {got!r}"
     finally:
         s.stop()
+
+
+def test_libmemcached_tools_binary_sasl(tmp_path):
+    s = Server("dir", {"S3CACHED_SASL_USERS_FILE": users_file(tmp_path)})
+    servers = f"--servers=127.0.0.1:{s.port}"
+    try:
+        ok = subprocess.run(
+            ["memcstat", servers, "--binary", "--username=bob", "--password=hunter2"],
+            capture_output=True, timeout=30,
+        )
+        assert ok.returncode == 0 and b"version: 1.6" in ok.stdout, ok
+        wrong = subprocess.run(
+            ["memcstat", servers, "--binary", "--username=bob", "--password=wrong"],
+            capture_output=True, timeout=30,
+        )
+        assert b"pid:" not in wrong.stdout, wrong
+    finally:
+        s.stop()
