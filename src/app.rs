@@ -118,6 +118,19 @@ pub async fn start(config: Config) -> Result<App, AppError> {
     start_with(config, store, clock).await
 }
 
+/// What every connection needs to know; reads the SASL users file.
+fn connection_config(config: &Config) -> Result<ConnectionConfig, AppError> {
+    Ok(ConnectionConfig {
+        limits: Limits {
+            max_item_bytes: config.max_item_size,
+            ..Limits::default()
+        },
+        idle_timeout: config.idle_timeout(),
+        sasl: config.sasl_users()?.map(Arc::new),
+        text_auth: config.text_auth,
+    })
+}
+
 /// Starts the server with a given store and clock (tests use the memory store and tokio time).
 pub async fn start_with(
     config: Config,
@@ -186,16 +199,7 @@ pub async fn start_with(
         shutdown.clone(),
     ));
     tokio::spawn(flush.clone().run_refresher(shutdown.clone()));
-    let limits = Limits {
-        max_item_bytes: config.max_item_size,
-        ..Limits::default()
-    };
-    let connection_config = ConnectionConfig {
-        limits,
-        idle_timeout: config.idle_timeout(),
-        sasl: config.sasl_users()?.map(Arc::new),
-        text_auth: config.text_auth,
-    };
+    let connection_config = connection_config(&config)?;
     let server = tokio::spawn(crate::server::run(
         listener,
         ctx.clone(),
