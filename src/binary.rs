@@ -111,6 +111,11 @@ impl Conn<'_> {
             self.read_buf.advance(decoded.consumed);
             self.skip = decoded.skip;
             if plain_get(&decoded.frame) {
+                // A hit in the near tier with nothing before it is answered here, as in
+                // the text protocol, with no store call.
+                if gets.is_empty() && self.answer_from_tier(&decoded.frame) {
+                    continue;
+                }
                 if gets.len() == command::MAX_GET_FANOUT {
                     self.run_gets(&mut gets).await;
                 }
@@ -125,6 +130,22 @@ impl Conn<'_> {
         }
         self.run_gets(&mut gets).await;
         Ok(())
+    }
+
+    /// Answers a get from the near tier alone when its item is there and fresh.
+    fn answer_from_tier(&mut self, frame: &Frame) -> bool {
+        let get = Request::Get {
+            keys: vec![frame.key.clone()],
+            cas: true,
+            end: true,
+        };
+        match command::answer_from_tier(self.ctx, &get) {
+            Some(response) => {
+                binary::encode(frame, &response, &mut self.write_buf);
+                true
+            }
+            None => false,
+        }
     }
 
     fn discard_skipped(&mut self) {

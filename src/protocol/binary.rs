@@ -564,6 +564,11 @@ pub fn encode(frame: &Frame, response: &Response, out: &mut BytesMut) {
     };
     match response {
         Response::Meta(reply) => encode_meta(frame, reply, out),
+        // A classic reply to a get (answered from the near tier): one hit.
+        Response::Values { values, .. } if values.len() == 1 => {
+            let v = &values[0];
+            encode_hit(frame, v.flags, v.cas, &v.data, out)
+        }
         Response::Ok => success(out, 0, &[], &[]),
         Response::Version(v) => success(out, 0, &[], v.as_bytes()),
         Response::Stats(_) | Response::Reset | Response::Prefixes(_) => {
@@ -659,6 +664,23 @@ fn flag_value(flags: &[Bytes], letter: u8) -> u64 {
         .unwrap_or(0)
 }
 
+/// A hit of a get, gat or touch: flags, the key for getk/gatk, the value but for touch.
+fn encode_hit(frame: &Frame, flags: u32, cas: u64, value: &[u8], out: &mut BytesMut) {
+    let key: &[u8] = if matches!(loud(frame.opcode), opcode::GETK | opcode::GATK) {
+        &frame.key
+    } else {
+        &[]
+    };
+    put_frame(
+        out,
+        frame.opcode,
+        frame.opaque,
+        Status::Success,
+        cas,
+        (&flags.to_be_bytes(), key, value),
+    );
+}
+
 /// Encodes the reply of a frame that ran as a meta request.
 fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
     use opcode::*;
@@ -699,17 +721,9 @@ fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
         return;
     }
     if is_read {
-        let flags = (flag_value(&reply.flags, b'f') as u32).to_be_bytes();
-        let key: &[u8] = if returns_key { &frame.key } else { &[] };
+        let flags = flag_value(&reply.flags, b'f') as u32;
         let value: &[u8] = reply.value.as_deref().unwrap_or(&[]);
-        put_frame(
-            out,
-            frame.opcode,
-            frame.opaque,
-            Status::Success,
-            cas,
-            (&flags, key, value),
-        );
+        encode_hit(frame, flags, cas, value, out);
         return;
     }
     if frame.quiet() {
@@ -873,6 +887,27 @@ mod tests {
         assert_eq!(
             encoded(&get, meta(MetaStatus::En, &[], None)),
             vec![(opcode::GETK, 1, 0, vec![], b"k".to_vec(), vec![])]
+        );
+        let tier_hit = Response::Values {
+            values: vec![crate::protocol::Value {
+                key: Bytes::from_static(b"k"),
+                flags: 5,
+                cas: 42,
+                data: Bytes::from_static(b"hi"),
+            }],
+            with_cas: true,
+            end: true,
+        };
+        assert_eq!(
+            encoded(&get, tier_hit),
+            vec![(
+                opcode::GETK,
+                0,
+                42,
+                vec![0, 0, 0, 5],
+                b"k".to_vec(),
+                b"hi".to_vec()
+            )]
         );
         let getq = frame(opcode::GETQ, b"k", &[], &[], 0);
         assert!(encoded(&getq, meta(MetaStatus::En, &[], None)).is_empty());
