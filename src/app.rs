@@ -82,20 +82,25 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     Ok(open_store_and_clock(config).await?.0)
 }
 
+/// The value codec every store writes items with, built from the config once.
+pub fn codec(config: &Config) -> Codec {
+    Codec {
+        gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
+        max_value_bytes: config.max_item_size,
+    }
+}
+
 /// Opens the store the config names, with the clock to stamp items by: the S3 store's
 /// time when items live in S3 (so replicas agree on flush moments), else this machine's.
 pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
+    let codec = codec(config);
     if config.uses_s3() {
-        let store = S3Store::connect(S3Settings::from_config(config))
+        let store = S3Store::connect(S3Settings::from_config(config, codec))
             .await
             .map_err(AppError::Store)?;
         let clock = store.clock();
         Ok((Arc::new(store), clock))
     } else {
-        let codec = Codec {
-            gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
-            max_value_bytes: config.max_item_size,
-        };
         let store = DirStore::open_with(
             Path::new(&config.data_dir),
             &config.location,
@@ -144,6 +149,36 @@ pub async fn start_with(
     let addr = listener
         .local_addr()
         .map_err(|source| AppError::Bind { addr, source })?;
+    let (ctx, culler) = wire(&config, store, clock).await?;
+    let shutdown = CancellationToken::new();
+    let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
+    tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
+    let connection_config = connection_config(&config)?;
+    let server = tokio::spawn(crate::server::run(
+        listener,
+        ctx.clone(),
+        connection_config,
+        config.max_connections,
+        shutdown.clone(),
+    ));
+    tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
+    Ok(App {
+        addr,
+        ctx,
+        culler,
+        shutdown,
+        server,
+        culler_task,
+    })
+}
+
+/// Builds the rooms around the store: near tier, flush epoch, the commands' context and
+/// the culler, which hears of the commands' writes.
+async fn wire(
+    config: &Config,
+    store: Arc<dyn Store>,
+    clock: Clock,
+) -> Result<(Arc<Ctx>, Arc<Culler>), AppError> {
     let stats = Arc::new(Stats::default());
     let window = Duration::from_millis(config.revalidate_after_ms);
     let tier = TierConfig {
@@ -171,51 +206,32 @@ pub async fn start_with(
         settings,
         hint.clone(),
     ));
-    let culler = Arc::new(Culler::new(
-        store,
-        flush.clone(),
-        stats,
-        clock,
-        CullerConfig {
-            max_entries: config.max_entries,
-            cull_frequency: config.cull_frequency,
-            max_bytes: config.max_bytes,
-            interval: Duration::from_secs(config.cull_interval_secs),
-        },
-        hint,
-    ));
-    let shutdown = CancellationToken::new();
-    let culler_task = tokio::spawn(supervise(
+    let culler_config = CullerConfig {
+        max_entries: config.max_entries,
+        cull_frequency: config.cull_frequency,
+        max_bytes: config.max_bytes,
+        interval: Duration::from_secs(config.cull_interval_secs),
+    };
+    let culler = Culler::new(store, flush, stats, clock, culler_config, hint);
+    Ok((ctx, Arc::new(culler)))
+}
+
+/// Runs the culler under supervision until shutdown.
+fn spawn_culler(
+    culler: Arc<Culler>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(supervise(
         "culler",
         {
-            let (culler, shutdown) = (culler.clone(), shutdown.clone());
+            let shutdown = shutdown.clone();
             move || culler.clone().run(shutdown.clone())
         },
-        {
-            let stats = ctx.stats.clone();
-            move || Stats::incr(&stats.culler_restarts)
-        },
+        move || Stats::incr(&stats.culler_restarts),
         Duration::from_millis(RESTART_PAUSE_MS),
-        shutdown.clone(),
-    ));
-    tokio::spawn(flush.clone().run_refresher(shutdown.clone()));
-    let connection_config = connection_config(&config)?;
-    let server = tokio::spawn(crate::server::run(
-        listener,
-        ctx.clone(),
-        connection_config,
-        config.max_connections,
-        shutdown.clone(),
-    ));
-    tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
-    Ok(App {
-        addr,
-        ctx,
-        culler,
         shutdown,
-        server,
-        culler_task,
-    })
+    ))
 }
 
 impl App {

@@ -42,6 +42,19 @@ pub struct CullerConfig {
     pub interval: Duration,
 }
 
+/// What the culler needs to hear from the command layer: each item stored, so a pass can
+/// run early when the bound is near and cull expired items first.
+pub trait WriteListener: Send + Sync {
+    /// An item was stored under `key`, expiring at `expires_at` (Unix seconds, 0 = never).
+    fn stored(&self, key: &[u8], expires_at: u64);
+}
+
+impl WriteListener for WriteHint {
+    fn stored(&self, key: &[u8], expires_at: u64) {
+        self.wrote(Some((key, expires_at)));
+    }
+}
+
 /// Most expiry times the culler remembers from this replica's own writes.
 pub const MAX_KNOWN_EXPIRIES: usize = 100_000;
 

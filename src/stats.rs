@@ -58,6 +58,7 @@ counters!(
     evictions,
     backend_errors,
     backend_retries,
+    backend_retries_exhausted,
     cull_passes,
     cull_requests,
     cull_last_pass_unix,

@@ -15,7 +15,9 @@ use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use s3cached::protocol::binary::{self, Decoded, HEADER_BYTES, RESPONSE_MAGIC};
-use s3cached::protocol::{Limits, MetaReply, MetaStatus, ProtocolError, Response, MAX_KEY_BYTES};
+use s3cached::protocol::{
+    Limits, MetaFlag, MetaReply, MetaStatus, ProtocolError, Response, MAX_KEY_BYTES,
+};
 
 const DEFAULT_ITERATIONS: u64 = 3_000;
 const DEFAULT_SEED: u64 = 20_261_126;
@@ -177,23 +179,22 @@ fn decode_chunked(rng: &mut StdRng, input: &[u8], context: &str) -> Vec<binary::
 }
 
 fn replies() -> Vec<Response> {
-    let meta = |status, flags: &[&'static str], value: Option<&'static str>| {
-        Response::Meta(MetaReply {
-            status,
-            flags: flags
-                .iter()
-                .map(|f| Bytes::from_static(f.as_bytes()))
-                .collect(),
-            value: value.map(|v| Bytes::from_static(v.as_bytes())),
-        })
+    let meta = |status, flags: Vec<MetaFlag>, value: Option<&'static str>| {
+        let mut reply = MetaReply::new(status, flags);
+        reply.value = value.map(|v| Bytes::from_static(v.as_bytes()));
+        Response::Meta(reply)
     };
     vec![
-        meta(MetaStatus::Va, &["f7", "c9"], Some("value")),
-        meta(MetaStatus::Hd, &["c1"], None),
-        meta(MetaStatus::En, &[], None),
-        meta(MetaStatus::Nf, &[], None),
-        meta(MetaStatus::Ns, &[], None),
-        meta(MetaStatus::Ex, &[], None),
+        meta(
+            MetaStatus::Va,
+            vec![MetaFlag::ClientFlags(7), MetaFlag::Cas(9)],
+            Some("value"),
+        ),
+        meta(MetaStatus::Hd, vec![MetaFlag::Cas(1)], None),
+        meta(MetaStatus::En, vec![], None),
+        meta(MetaStatus::Nf, vec![], None),
+        meta(MetaStatus::Ns, vec![], None),
+        meta(MetaStatus::Ex, vec![], None),
         Response::Ok,
         Response::Version("1.6.18".into()),
         Response::Stats(vec![("pid".into(), "1".into())]),

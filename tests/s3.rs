@@ -22,7 +22,7 @@ fn settings(prefix: &str, endpoint: &str) -> S3Settings {
          location = {prefix:?}\n"
     ))
     .unwrap();
-    S3Settings::from_config(&config)
+    S3Settings::from_config(&config, s3cached::app::codec(&config))
 }
 
 /// A plain SDK client, to look at objects behind s3cached's back.

@@ -510,9 +510,12 @@ async fn cull_cost(endpoint: &str, entries: usize) {
     ))
     .unwrap();
     let store: Arc<dyn Store> = Arc::new(
-        S3Store::connect(S3Settings::from_config(&config))
-            .await
-            .unwrap(),
+        S3Store::connect(S3Settings::from_config(
+            &config,
+            s3cached::app::codec(&config),
+        ))
+        .await
+        .unwrap(),
     );
     let fill = Instant::now();
     stream::iter(0..entries)

@@ -3,21 +3,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::*;
 use crate::culler::WriteHint;
 use crate::protocol::{parse, Limits};
 use crate::store::memory::MemoryStore;
+use crate::store::{PutMode, Store};
 
 async fn ctx() -> Ctx {
+    ctx_over(Arc::new(MemoryStore::new())).await
+}
+
+async fn ctx_over(backend: Arc<dyn Store>) -> Ctx {
     // The near tier is on, as in production: single-node semantics must not change.
     let stats = Arc::new(Stats::default());
     let tier = crate::tier::TierConfig {
         ram_bytes: 1 << 20,
         revalidate_after: Duration::from_secs(1),
     };
-    let backend: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let store = Arc::new(Tiered::new(backend, tier, stats.clone()));
     let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
     Ctx::new(
@@ -289,4 +293,127 @@ async fn oversized_retrieval_replies_are_refused_as_memcached_does() {
     assert!(run(&c, &format!("get {}\r\n", fewer.join(" ")))
         .await
         .ends_with("END\r\n"));
+}
+
+/// A memory store on which another writer wins the next `losses` conditional writes
+/// (puts over a version, conditional deletes) just before they land.
+struct Racing {
+    inner: MemoryStore,
+    losses: std::sync::atomic::AtomicUsize,
+}
+
+impl Racing {
+    fn new(losses: usize) -> Arc<Self> {
+        Arc::new(Racing {
+            inner: MemoryStore::new(),
+            losses: losses.into(),
+        })
+    }
+
+    fn loses(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.losses
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Racing {
+    async fn get(&self, key: &[u8]) -> Result<Option<crate::store::Versioned>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, entry: &Entry, mode: PutMode) -> Result<crate::store::Version, StoreError> {
+        if matches!(mode, PutMode::Update(_)) && self.loses() {
+            return Err(StoreError::Changed);
+        }
+        self.inner.put(entry, mode).await
+    }
+    async fn delete(
+        &self,
+        key: &[u8],
+        version: Option<&crate::store::Version>,
+    ) -> Result<bool, StoreError> {
+        if version.is_some() && self.loses() {
+            return Err(StoreError::Changed);
+        }
+        self.inner.delete(key, version).await
+    }
+    async fn list(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<crate::store::ListPage, StoreError> {
+        self.inner.list(cursor, limit).await
+    }
+    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.stored_at_us(name).await
+    }
+    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
+        self.inner.delete_objects(names).await
+    }
+    async fn get_control(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Bytes, crate::store::Version)>, StoreError> {
+        self.inner.get_control(name).await
+    }
+    async fn put_control(
+        &self,
+        name: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<crate::store::Version, StoreError> {
+        self.inner.put_control(name, body, mode).await
+    }
+    fn info(&self) -> crate::store::StoreInfo {
+        self.inner.info()
+    }
+}
+
+fn counter(c: &Ctx, name: &str) -> u64 {
+    let snapshot = c.stats.snapshot();
+    snapshot.iter().find(|(n, _)| *n == name).unwrap().1
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_conditional_write_retries_under_one_counted_policy() {
+    // Each command loses its first two races; the policy retries it and counts each retry.
+    let cases = [
+        ("incr n 1\r\n", "2\r\n"),
+        ("touch n 100\r\n", "TOUCHED\r\n"),
+        ("mg n T30 t v\r\n", "VA 1 t30\r\n1\r\n"),
+        ("md n I\r\n", "HD\r\n"),
+        ("delete n\r\n", "DELETED\r\n"),
+    ];
+    for (command, reply) in cases {
+        let store = Racing::new(0);
+        let c = ctx_over(store.clone()).await;
+        assert_eq!(run(&c, "set n 0 0 1\r\n1\r\n").await, "STORED\r\n");
+        store.losses.store(2, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(run(&c, command).await, reply, "{command}");
+        assert_eq!(counter(&c, "backend_retries"), 2, "{command}");
+        assert_eq!(counter(&c, "backend_retries_exhausted"), 0, "{command}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_always_loses_gives_up_after_the_policy_s_attempts() {
+    let store = Racing::new(0);
+    let c = ctx_over(store.clone()).await;
+    run(&c, "set k 0 0 1\r\na\r\n").await;
+    store
+        .losses
+        .store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+    let begun = tokio::time::Instant::now();
+    assert_eq!(
+        run(&c, "append k 0 0 1\r\nb\r\n").await,
+        "SERVER_ERROR too much contention on key\r\n"
+    );
+    let retries = item::RETRY.max_attempts as u64 - 1;
+    assert_eq!(counter(&c, "backend_retries"), retries);
+    assert_eq!(counter(&c, "backend_retries_exhausted"), 1);
+    let most = Duration::from_millis(item::RETRY.max_backoff_ms) * retries as u32;
+    assert!(begun.elapsed() <= most, "pauses are bounded");
+    assert_eq!(run(&c, "get k\r\n").await, "VALUE k 0 1\r\na\r\nEND\r\n");
 }

@@ -655,15 +655,6 @@ fn server_error(frame: &Frame, why: &str, out: &mut BytesMut) {
     );
 }
 
-/// The value of a returned meta flag (`c123` -> 123), 0 when absent.
-fn flag_value(flags: &[Bytes], letter: u8) -> u64 {
-    flags
-        .iter()
-        .find(|f| f.first() == Some(&letter))
-        .and_then(|f| std::str::from_utf8(&f[1..]).ok()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A hit of a get, gat or touch: flags, the key for getk/gatk, the value but for touch.
 fn encode_hit(frame: &Frame, flags: u32, cas: u64, value: &[u8], out: &mut BytesMut) {
     let key: &[u8] = if matches!(loud(frame.opcode), opcode::GETK | opcode::GATK) {
@@ -685,7 +676,7 @@ fn encode_hit(frame: &Frame, flags: u32, cas: u64, value: &[u8], out: &mut Bytes
 fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
     use opcode::*;
     let op = loud(frame.opcode);
-    let cas = flag_value(&reply.flags, b'c');
+    let cas = reply.cas().unwrap_or(0);
     let status = match (reply.status, op) {
         (MetaStatus::Va | MetaStatus::Hd, _) => Status::Success,
         (MetaStatus::En | MetaStatus::Nf, _) => Status::KeyNotFound,
@@ -721,7 +712,7 @@ fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
         return;
     }
     if is_read {
-        let flags = flag_value(&reply.flags, b'f') as u32;
+        let flags = reply.client_flags().unwrap_or(0);
         let value: &[u8] = reply.value.as_deref().unwrap_or(&[]);
         encode_hit(frame, flags, cas, value, out);
         return;
@@ -755,7 +746,7 @@ fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::MetaReply;
+    use crate::protocol::{MetaFlag, MetaReply};
     use proptest::prelude::*;
 
     const LIMITS: Limits = Limits {
@@ -822,15 +813,18 @@ mod tests {
         replies(&out)
     }
 
-    fn meta(status: MetaStatus, flags: &[&'static str], value: Option<&'static str>) -> Response {
-        Response::Meta(MetaReply {
-            status,
-            flags: flags
-                .iter()
-                .map(|f| Bytes::from_static(f.as_bytes()))
-                .collect(),
-            value: value.map(|v| Bytes::from_static(v.as_bytes())),
-        })
+    /// A meta reply with `f` and `c` flags as given (0 = absent) and an optional value.
+    fn meta(status: MetaStatus, flags: u32, cas: u64, value: Option<&'static str>) -> Response {
+        let mut returned = Vec::new();
+        if flags != 0 {
+            returned.push(MetaFlag::ClientFlags(flags));
+        }
+        if cas != 0 {
+            returned.push(MetaFlag::Cas(cas));
+        }
+        let mut reply = MetaReply::new(status, returned);
+        reply.value = value.map(|v| Bytes::from_static(v.as_bytes()));
+        Response::Meta(reply)
     }
 
     #[test]
@@ -874,7 +868,7 @@ mod tests {
     fn replies_carry_status_cas_flags_and_key() {
         let get = frame(opcode::GETK, b"k", &[], &[], 0);
         assert_eq!(
-            encoded(&get, meta(MetaStatus::Va, &["f5", "c42"], Some("hi"))),
+            encoded(&get, meta(MetaStatus::Va, 5, 42, Some("hi"))),
             vec![(
                 opcode::GETK,
                 0,
@@ -885,7 +879,7 @@ mod tests {
             )]
         );
         assert_eq!(
-            encoded(&get, meta(MetaStatus::En, &[], None)),
+            encoded(&get, meta(MetaStatus::En, 0, 0, None)),
             vec![(opcode::GETK, 1, 0, vec![], b"k".to_vec(), vec![])]
         );
         let tier_hit = Response::Values {
@@ -910,22 +904,25 @@ mod tests {
             )]
         );
         let getq = frame(opcode::GETQ, b"k", &[], &[], 0);
-        assert!(encoded(&getq, meta(MetaStatus::En, &[], None)).is_empty());
+        assert!(encoded(&getq, meta(MetaStatus::En, 0, 0, None)).is_empty());
         let add = frame(opcode::ADD, b"k", &[0; 8], b"v", 0);
-        assert_eq!(encoded(&add, meta(MetaStatus::Ns, &[], None))[0].1, 0x02);
+        assert_eq!(encoded(&add, meta(MetaStatus::Ns, 0, 0, None))[0].1, 0x02);
         let addq = frame(opcode::ADDQ, b"k", &[0; 8], b"v", 0);
-        assert!(encoded(&addq, meta(MetaStatus::Hd, &["c1"], None)).is_empty());
-        assert_eq!(encoded(&addq, meta(MetaStatus::Ns, &[], None))[0].1, 0x02);
+        assert!(encoded(&addq, meta(MetaStatus::Hd, 0, 1, None)).is_empty());
+        assert_eq!(encoded(&addq, meta(MetaStatus::Ns, 0, 0, None))[0].1, 0x02);
         let replace = frame(opcode::REPLACE, b"k", &[0; 8], b"v", 0);
         assert_eq!(
-            encoded(&replace, meta(MetaStatus::Ns, &[], None))[0].1,
+            encoded(&replace, meta(MetaStatus::Ns, 0, 0, None))[0].1,
             0x01
         );
         let append = frame(opcode::APPEND, b"k", &[], b"v", 0);
-        assert_eq!(encoded(&append, meta(MetaStatus::Ns, &[], None))[0].1, 0x05);
+        assert_eq!(
+            encoded(&append, meta(MetaStatus::Ns, 0, 0, None))[0].1,
+            0x05
+        );
         let incr = frame(opcode::INCREMENT, b"n", &[0; 20], b"", 0);
         assert_eq!(
-            encoded(&incr, meta(MetaStatus::Va, &["c3"], Some("15"))),
+            encoded(&incr, meta(MetaStatus::Va, 0, 3, Some("15"))),
             vec![(
                 opcode::INCREMENT,
                 0,
@@ -1017,7 +1014,7 @@ mod tests {
                 let mut out = BytesMut::new();
                 for r in [
                     Response::Stored,
-                    meta(MetaStatus::Va, &["f1", "c2"], Some("v")),
+                    meta(MetaStatus::Va, 1, 2, Some("v")),
                     Response::Ok,
                 ] {
                     encode(&d.frame, &r, &mut out);

@@ -6,12 +6,14 @@
 
 pub mod binary;
 mod meta;
+mod meta_reply;
 mod parse;
 mod response;
 
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
+pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
 pub use parse::{parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
-pub use response::{MetaReply, MetaStatus, Response, Value};
+pub use response::{Response, Value};
 
 use bytes::Bytes;
 

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::meta_reply::{MetaDebug, MetaReply};
 use super::ProtocolError;
 
 /// One item of a retrieval reply.
@@ -13,48 +14,6 @@ pub struct Value {
     pub flags: u32,
     pub cas: u64,
     pub data: Bytes,
-}
-
-/// The two-letter status of a meta reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetaStatus {
-    /// `HD`: success, no value.
-    Hd,
-    /// `VA`: success with a value.
-    Va,
-    /// `EN`: miss.
-    En,
-    /// `NF`: not found.
-    Nf,
-    /// `NS`: not stored.
-    Ns,
-    /// `EX`: cas mismatch.
-    Ex,
-    /// `MN`: end of a pipeline.
-    Mn,
-}
-
-impl MetaStatus {
-    fn code(self) -> &'static str {
-        match self {
-            MetaStatus::Hd => "HD",
-            MetaStatus::Va => "VA",
-            MetaStatus::En => "EN",
-            MetaStatus::Nf => "NF",
-            MetaStatus::Ns => "NS",
-            MetaStatus::Ex => "EX",
-            MetaStatus::Mn => "MN",
-        }
-    }
-}
-
-/// A meta reply: status, returned flags (already rendered, in order) and an optional value.
-/// Flags are bytes: keys and opaques that are not UTF-8 echo back exactly.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetaReply {
-    pub status: MetaStatus,
-    pub flags: Vec<Bytes>,
-    pub value: Option<Bytes>,
 }
 
 /// Everything the server says.
@@ -84,10 +43,7 @@ pub enum Response {
     /// `stats detail dump`: `PREFIX <p> get <n> hit <n> set <n> del <n>` lines, then `END`.
     Prefixes(Vec<(Bytes, [u64; 4])>),
     /// `ME <key> <k>=<v>*`.
-    Debug {
-        key: String,
-        fields: String,
-    },
+    Debug(MetaDebug),
     Meta(MetaReply),
     Error(ProtocolError),
     /// `SERVER_ERROR <reason>` for backend failures.
@@ -150,22 +106,8 @@ impl Response {
                 }
                 line(out, "END");
             }
-            Response::Debug { key, fields } => line(out, &format!("ME {key} {fields}")),
-            Response::Meta(reply) => {
-                out.put_slice(reply.status.code().as_bytes());
-                if let Some(value) = &reply.value {
-                    let _ = write!(WriteBytes(out), " {}", value.len());
-                }
-                for flag in &reply.flags {
-                    out.put_u8(b' ');
-                    out.put_slice(flag);
-                }
-                out.put_slice(b"\r\n");
-                if let Some(value) = &reply.value {
-                    out.put_slice(value);
-                    out.put_slice(b"\r\n");
-                }
-            }
+            Response::Debug(debug) => debug.encode(out),
+            Response::Meta(reply) => reply.encode(out),
             Response::Error(ProtocolError::UnknownCommand) => line(out, "ERROR"),
             Response::Error(ProtocolError::Client(why)) => {
                 line(out, &format!("CLIENT_ERROR {why}"))
@@ -178,19 +120,10 @@ impl Response {
     }
 }
 
-/// `fmt::Write` into a `BytesMut`.
-struct WriteBytes<'a>(&'a mut BytesMut);
-
-impl std::fmt::Write for WriteBytes<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.put_slice(s.as_bytes());
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{MetaFlag, MetaStatus};
 
     fn wire(r: Response) -> Vec<u8> {
         let mut out = BytesMut::new();
@@ -236,9 +169,11 @@ mod tests {
         );
         assert_eq!(
             wire(Response::Meta(MetaReply {
-                status: MetaStatus::Va,
-                flags: vec![Bytes::from("f5"), Bytes::from("t-1")],
-                value: Some(Bytes::from("hi"))
+                value: Some(Bytes::from("hi")),
+                ..MetaReply::new(
+                    MetaStatus::Va,
+                    vec![MetaFlag::ClientFlags(5), MetaFlag::Ttl(-1)]
+                )
             })),
             b"VA 2 f5 t-1\r\nhi\r\n"
         );

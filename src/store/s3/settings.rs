@@ -40,7 +40,8 @@ pub struct S3Settings {
 }
 
 impl S3Settings {
-    pub fn from_config(c: &Config) -> Self {
+    /// The settings `c` gives, writing items with `codec`.
+    pub fn from_config(c: &Config, codec: Codec) -> Self {
         S3Settings {
             bucket: c.storage_bucket_name.clone(),
             prefix: normalize_prefix(&c.location),
@@ -62,10 +63,7 @@ impl S3Settings {
             operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
             max_attempts: c.s3_max_attempts,
             max_in_flight: c.s3_max_in_flight,
-            codec: Codec {
-                gzip_min_bytes: c.is_gzipped.then_some(c.gzip_min_bytes),
-                max_value_bytes: c.max_item_size,
-            },
+            codec,
             clock_skew_ms: c.clock_offset_ms,
         }
     }
