@@ -41,6 +41,8 @@ pub enum AppError {
     Dir(std::io::Error),
     #[error("cannot use the S3 store: {0}")]
     Store(crate::store::StoreError),
+    #[error("cannot load the TLS certificates: {0}")]
+    Tls(crate::tls::TlsError),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
 }
@@ -142,6 +144,7 @@ pub async fn start_with(
     store: Arc<dyn Store>,
     clock: Clock,
 ) -> Result<App, AppError> {
+    let tls = load_tls(&config)?;
     let addr = config.listen_addr();
     let listener = TcpListener::bind(addr)
         .await
@@ -159,8 +162,12 @@ pub async fn start_with(
         ctx.clone(),
         connection_config,
         config.max_connections,
+        tls.clone(),
         shutdown.clone(),
     ));
+    if let Some(tls) = tls {
+        tokio::spawn(crate::tls::reload_on_hangup(tls, shutdown.clone()));
+    }
     tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
     Ok(App {
         addr,
@@ -170,6 +177,25 @@ pub async fn start_with(
         server,
         culler_task,
     })
+}
+
+/// Reads the TLS certificates the config names, before any port is bound.
+fn load_tls(config: &Config) -> Result<Option<Arc<crate::tls::Tls>>, AppError> {
+    let Some(files) = config.tls_files() else {
+        return Ok(None);
+    };
+    let timeout = Duration::from_millis(config.tls_handshake_timeout_ms);
+    let tls = crate::tls::Tls::load(files, timeout).map_err(AppError::Tls)?;
+    tracing::info!(cert = %config.tls_cert.display(), client_certificates = tls_client_auth(config), "TLS on");
+    Ok(Some(Arc::new(tls)))
+}
+
+fn tls_client_auth(config: &Config) -> &'static str {
+    if config.tls_ca.as_os_str().is_empty() {
+        "not asked"
+    } else {
+        "required"
+    }
 }
 
 /// Builds the rooms around the store: near tier, flush epoch, the commands' context and

@@ -114,6 +114,8 @@ pub const DEFAULT_S3_ATTEMPT_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_S3_OPERATION_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
+/// How long a client has to finish its TLS handshake before it is dropped.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 options! {
     /// Address to listen on.
@@ -187,6 +189,16 @@ options! {
     revalidate_after_ms: u64 = crate::tier::DEFAULT_REVALIDATE_AFTER_MS, env "S3CACHED_REVALIDATE_AFTER_MS";
     /// Directory store: fsync each write (file and directory) before acknowledging it.
     dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
+    /// PEM certificate chain for TLS on the memcached port ("" = plain TCP; memcached's
+    /// ssl_chain_cert). Re-read with the key on SIGHUP.
+    tls_cert: PathBuf = PathBuf::new(), env "S3CACHED_TLS_CERT";
+    /// PEM private key of tls_cert (memcached's ssl_key).
+    tls_key: PathBuf = PathBuf::new(), env "S3CACHED_TLS_KEY";
+    /// PEM CA certificates; when set, clients must present a certificate they signed
+    /// (memcached's ssl_ca_cert with ssl_verify_mode=2). "" = no client certificates.
+    tls_ca: PathBuf = PathBuf::new(), env "S3CACHED_TLS_CA";
+    /// Drop a client that has not finished its TLS handshake within this many ms.
+    tls_handshake_timeout_ms: u64 = DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS, env "S3CACHED_TLS_HANDSHAKE_TIMEOUT_MS";
     /// SASL users file, lines of `user:password` (memcached's -Y format); when set, every
     /// client must log in: binary clients with SASL PLAIN, text clients as text_auth says.
     sasl_users_file: PathBuf = PathBuf::new(), env "S3CACHED_SASL_USERS_FILE";
@@ -363,7 +375,36 @@ impl Config {
         if self.location.split('/').any(|part| part == "..") {
             return fail("location must not contain '..'".into());
         }
+        self.validate_tls()?;
         self.sasl_users().map(|_| ())
+    }
+
+    /// TLS needs a certificate and its key together; a CA only with them.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let (cert, key, ca) = (
+            self.tls_cert.as_os_str().is_empty(),
+            self.tls_key.as_os_str().is_empty(),
+            self.tls_ca.as_os_str().is_empty(),
+        );
+        if cert != key {
+            return Err(ConfigError(
+                "tls_cert and tls_key must be set together".into(),
+            ));
+        }
+        if cert && !ca {
+            return Err(ConfigError("tls_ca needs tls_cert and tls_key".into()));
+        }
+        if self.tls_handshake_timeout_ms == 0 {
+            return Err(ConfigError(
+                "tls_handshake_timeout_ms must be at least 1".into(),
+            ));
+        }
+        // Read the files now, so --check-config catches a bad certificate too.
+        if let Some(files) = self.tls_files() {
+            crate::tls::Tls::load(files, Duration::from_millis(self.tls_handshake_timeout_ms))
+                .map_err(|e| ConfigError(format!("TLS: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The SASL users, read from `sasl_users_file` (`None` when unset: no login needed).
@@ -377,6 +418,15 @@ impl Config {
         crate::sasl::Users::load(&self.sasl_users_file)
             .map(Some)
             .map_err(ConfigError)
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        (!self.tls_cert.as_os_str().is_empty()).then(|| crate::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: (!self.tls_ca.as_os_str().is_empty()).then(|| self.tls_ca.clone()),
+        })
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -489,6 +539,12 @@ mod tests {
         assert!(Config::from_toml("listen = \"nowhere\"").is_err());
         assert!(Config::from_toml("default_acl = \"everyone\"").is_err());
         assert!(Config::from_toml("access_key_id = \"AKIA\"").is_err());
+        assert!(Config::from_toml("tls_cert = \"c.pem\"").is_err());
+        assert!(Config::from_toml("tls_ca = \"ca.pem\"").is_err());
+        let missing = Config::from_toml("tls_cert = \"/no/c.pem\"\ntls_key = \"/no/k.pem\"");
+        let err = missing.unwrap_err().to_string();
+        assert!(err.starts_with("TLS: /no/c.pem:"), "{err}");
+        assert!(Config::from_toml("").unwrap().tls_files().is_none());
     }
 
     #[test]
@@ -539,7 +595,7 @@ mod tests {
         assert_eq!(back.data_dir, PathBuf::from("/tmp/x y"));
         let mut expected = c.rows();
         for (key, value) in &mut expected {
-            if key.ends_with("_key") || key.ends_with("_key_id") {
+            if ["access_key_id", "secret_access_key"].contains(&key.as_str()) {
                 *value = "unset".into();
             }
         }

@@ -13,8 +13,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{FuturesOrdered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -105,9 +104,10 @@ impl Pipeline {
     }
 }
 
-/// Serves one client until it quits, errs, idles out or the server shuts down.
-pub async fn serve(
-    mut socket: TcpStream,
+/// Serves one client until it quits, errs, idles out or the server shuts down, over a TCP
+/// socket or a TLS stream.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut socket: S,
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
     shutdown: CancellationToken,
@@ -163,8 +163,8 @@ const UNAUTHENTICATED: &[u8] = b"CLIENT_ERROR unauthenticated\r\n";
 
 /// Reads until the first byte arrives; `None` if the client left, idled out or the server
 /// is shutting down first.
-async fn first_read<'b>(
-    socket: &mut TcpStream,
+async fn first_read<'b, S: AsyncRead + Unpin>(
+    socket: &mut S,
     buf: &'b mut BytesMut,
     config: &ConnectionConfig,
     shutdown: &CancellationToken,
@@ -204,9 +204,9 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(
+    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
-        socket: &mut TcpStream,
+        socket: &mut S,
         shutdown: &CancellationToken,
     ) -> std::io::Result<()> {
         let idle = self.config.idle_timeout;
@@ -273,7 +273,7 @@ impl Connection {
         response.encode(&mut self.write_buf);
     }
 
-    async fn flush(&mut self, socket: &mut TcpStream) -> std::io::Result<()> {
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
         if !self.write_buf.is_empty() {
             socket.write_all(&self.write_buf).await?;
             Stats::add(&self.ctx.stats.bytes_written, self.write_buf.len() as u64);

@@ -22,3 +22,4 @@ pub mod stats;
 pub mod store;
 pub mod throttle;
 pub mod tier;
+pub mod tls;

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::command::Ctx;
 use crate::connection::{self, ConnectionConfig};
 use crate::stats::Stats;
+use crate::tls::Tls;
 
 /// memcached's reply to a client over the connection cap, sent before closing it.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
@@ -27,12 +28,13 @@ pub const ACCEPT_BACKOFF_MIN_MS: u64 = 10;
 pub const ACCEPT_BACKOFF_MAX_MS: u64 = 1000;
 
 /// Accepts clients until `shutdown` fires; returns the tracker of live connections so the
-/// caller can wait for them to drain.
+/// caller can wait for them to drain. With `tls`, each client is served inside TLS.
 pub async fn run(
     listener: TcpListener,
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
     max_connections: usize,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) -> TaskTracker {
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -65,12 +67,16 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         let config = config.clone();
         connections.spawn(async move {
             Stats::incr(&ctx.stats.total_connections);
             Stats::incr(&ctx.stats.curr_connections);
             tracing::debug!(%peer, "connection opened");
-            connection::serve(socket, ctx.clone(), config, shutdown).await;
+            match tls {
+                None => connection::serve(socket, ctx.clone(), config, shutdown).await,
+                Some(tls) => serve_tls(&tls, socket, ctx.clone(), config, shutdown).await,
+            }
             ctx.stats
                 .curr_connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -80,6 +86,26 @@ pub async fn run(
     }
     connections.close();
     connections
+}
+
+/// Runs the TLS handshake (under its deadline, abandoned at shutdown), then serves the
+/// client inside TLS. A client that fails the handshake (a plain-text client, a missing or
+/// untrusted client certificate) is closed; the reason is logged at debug level.
+async fn serve_tls(
+    tls: &Tls,
+    socket: TcpStream,
+    ctx: Arc<Ctx>,
+    config: ConnectionConfig,
+    shutdown: CancellationToken,
+) {
+    let stream = tokio::select! {
+        accepted = tls.accept(socket) => accepted,
+        _ = shutdown.cancelled() => return,
+    };
+    match stream {
+        Ok(stream) => connection::serve(stream, ctx, config, shutdown).await,
+        Err(e) => tracing::debug!(cause = %e, "TLS handshake failed"),
+    }
 }
 
 /// Tells a client over the cap why, as memcached does, and closes it. The reply fits an

@@ -46,7 +46,7 @@ def s3cached_binary():
 class Server:
     """A running s3cached process."""
 
-    def __init__(self, backend, extra_env=None, location=None):
+    def __init__(self, backend, extra_env=None, location=None, log=None):
         self.backend = backend
         self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="s3cached-test-")
@@ -78,7 +78,10 @@ class Server:
             )
         env.update(extra_env or {})
         self.proc = subprocess.Popen(
-            [s3cached_binary()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [s3cached_binary()],
+            env=env,
+            stdout=log or subprocess.DEVNULL,  # an open file, to read the server's log
+            stderr=subprocess.PIPE,
         )
         wait_for_port(self.port, self.proc, "s3cached")
 
