@@ -42,6 +42,8 @@ pub enum AppError {
     Store(crate::store::StoreError),
     #[error("cannot load the TLS certificates: {0}")]
     Tls(crate::tls::TlsError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running server.
@@ -173,7 +175,7 @@ pub async fn start_with(
     let shutdown = CancellationToken::new();
     let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
     tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
-    let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone());
+    let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone())?;
     let admin_addr = start_admin(&config, &ctx, &shutdown).await?;
     let server = tokio::spawn(crate::server::run(
         listener,

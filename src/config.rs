@@ -224,6 +224,12 @@ options! {
     request_timeout_secs: u64 = DEFAULT_REQUEST_TIMEOUT_SECS, env "S3CACHED_REQUEST_TIMEOUT_SECS";
     /// Close a connection whose replies are not all written after this many seconds (0 = never).
     write_timeout_secs: u64 = DEFAULT_WRITE_TIMEOUT_SECS, env "S3CACHED_WRITE_TIMEOUT_SECS";
+    /// SASL users file, lines of `user:password` (memcached's -Y format); when set, every
+    /// client must log in: binary clients with SASL PLAIN, text clients as text_auth says.
+    sasl_users_file: PathBuf = PathBuf::new(), env "S3CACHED_SASL_USERS_FILE";
+    /// With sasl_users_file: let text clients log in with memcached's `set` of
+    /// `user password`; off = text connections are refused.
+    text_auth: bool = false, env "S3CACHED_TEXT_AUTH";
     /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
@@ -399,7 +405,8 @@ impl Config {
         if self.location.split('/').any(|part| part == "..") {
             return fail("location must not contain '..'".into());
         }
-        self.validate_tls()
+        self.validate_tls()?;
+        self.sasl_users().map(|_| ())
     }
 
     /// The admin listener, encryption at rest and the S3 prices.
@@ -457,6 +464,19 @@ impl Config {
                 .map_err(|e| ConfigError(format!("TLS: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The SASL users, read from `sasl_users_file` (`None` when unset: no login needed).
+    pub fn sasl_users(&self) -> Result<Option<crate::sasl::Users>, ConfigError> {
+        if self.sasl_users_file.as_os_str().is_empty() {
+            if self.text_auth {
+                return Err(ConfigError("text_auth needs sasl_users_file".into()));
+            }
+            return Ok(None);
+        }
+        crate::sasl::Users::load(&self.sasl_users_file)
+            .map(Some)
+            .map_err(ConfigError)
     }
 
     /// The TLS files, when TLS is on.

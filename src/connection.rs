@@ -24,7 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Account, Budget, Charge, Grant};
 use crate::command::{self, Ctx};
-use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip, StoreMode};
+use crate::protocol::{
+    self, Limits, LongRetrieval, Parsed, ProtocolError, Request, Response, Skip, StoreMode,
+};
+use crate::sasl::Users;
 use crate::stats::Stats;
 
 /// Most requests of one connection in flight at once.
@@ -56,12 +59,21 @@ pub struct ConnectionConfig {
     pub write_timeout: Option<Duration>,
     /// The memory budget every connection draws on.
     pub budget: Arc<Budget>,
+    /// SASL users: when set, clients must log in (binary SASL, or text `set` with `text_auth`).
+    pub sasl: Option<Arc<Users>>,
+    /// Let text-protocol clients log in with memcached's `set <any> 0 0 <n>` + `user password`;
+    /// without it, text clients are refused while SASL is on.
+    pub text_auth: bool,
 }
 
 impl ConnectionConfig {
-    /// The settings `config` gives, with a budget that shows its use in `stats`.
-    pub fn from_config(config: &crate::config::Config, stats: Arc<Stats>) -> Self {
-        ConnectionConfig {
+    /// The settings `config` gives, with a budget that shows its use in `stats`; fails if
+    /// the SASL users file cannot be read.
+    pub fn from_config(
+        config: &crate::config::Config,
+        stats: Arc<Stats>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        Ok(ConnectionConfig {
             limits: Limits {
                 max_item_bytes: config.max_item_size,
                 ..Limits::default()
@@ -70,7 +82,9 @@ impl ConnectionConfig {
             request_timeout: crate::config::secs(config.request_timeout_secs),
             write_timeout: crate::config::secs(config.write_timeout_secs),
             budget: Budget::with_stats(config.memory_limit_bytes, Some(stats)),
-        }
+            sasl: config.sasl_users()?.map(Arc::new),
+            text_auth: config.text_auth,
+        })
     }
 
     /// Settings with the given limits, no timeouts and an unshared budget (for tests).
@@ -81,6 +95,8 @@ impl ConnectionConfig {
             request_timeout: None,
             write_timeout: None,
             budget: Budget::new(memory_limit_bytes),
+            sasl: None,
+            text_auth: false,
         }
     }
 }
@@ -155,11 +171,33 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     config: ConnectionConfig,
     shutdown: CancellationToken,
 ) {
+    let mut read_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
+    // memcached tells the protocols apart by the first byte of a connection.
+    match first_read(&mut socket, &mut read_buf, &config, &shutdown).await {
+        Some(&first) if first == protocol::binary::REQUEST_MAGIC => {
+            let served = crate::binary::serve(&mut socket, &ctx, &config, read_buf, &shutdown);
+            if let Err(e) = served.await {
+                tracing::debug!(cause = %e, "binary connection ended with an error");
+            }
+            let _ = socket.shutdown().await;
+            return;
+        }
+        Some(_) if config.sasl.is_some() && !config.text_auth => {
+            let _ = socket.write_all(UNAUTHENTICATED).await;
+            let _ = socket.shutdown().await;
+            return;
+        }
+        Some(_) => {}
+        None => return,
+    }
+    let auth_required = config.sasl.is_some();
     let account = Account::new(config.budget.clone());
     let mut conn = Connection {
         ctx,
         config,
-        read_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
+        auth_required,
+        auth_failures: 0,
+        read_buf,
         read_alloc: INITIAL_BUFFER_BYTES,
         write_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
         pipeline: Pipeline::new(),
@@ -175,7 +213,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         queued: std::collections::VecDeque::new(),
     };
     conn.sync_buffers();
-    if let Err(e) = conn.run(&mut socket, &shutdown).await {
+    // The first read happened before the protocol was known: run what it brought.
+    conn.advance().await;
+    let served = match conn.flush(&mut socket).await {
+        Ok(()) => conn.run(&mut socket, &shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
         tracing::debug!(cause = %e, "connection ended with an error");
     }
     let _ = socket.shutdown().await;
@@ -195,9 +239,36 @@ struct Waiting {
     grant: Option<Grant>,
 }
 
+/// memcached's answer to a text command before a text-protocol login.
+const UNAUTHENTICATED: &[u8] = b"CLIENT_ERROR unauthenticated\r\n";
+
+/// Reads until the first byte arrives; `None` if the client left, idled out or the server
+/// is shutting down first.
+async fn first_read<'b, S: AsyncRead + Unpin>(
+    socket: &mut S,
+    buf: &'b mut BytesMut,
+    config: &ConnectionConfig,
+    shutdown: &CancellationToken,
+) -> Option<&'b u8> {
+    let read = async {
+        match config.idle_timeout {
+            Some(d) => tokio::time::timeout(d, socket.read_buf(buf)).await.ok(),
+            None => Some(socket.read_buf(buf).await),
+        }
+    };
+    let n = tokio::select! {
+        read = read => read?.ok()?,
+        _ = shutdown.cancelled() => return None,
+    };
+    buf.first().filter(|_| n > 0)
+}
+
 struct Connection {
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
+    /// SASL is on and this text connection has not logged in (memcached's `-Y` text auth).
+    auth_required: bool,
+    auth_failures: u32,
     read_buf: BytesMut,
     /// Bytes allocated for `read_buf` (its capacity shrinks as it is consumed; this doesn't).
     read_alloc: usize,
@@ -513,6 +584,11 @@ impl Connection {
                 Skip::Line => self.skip_line = true,
             }
             self.discard_skipped();
+            if self.auth_required {
+                let response = self.text_login(request);
+                self.emit(response);
+                continue;
+            }
             // Pieces of a connection's share: several connections' large gets run at once.
             let max_units = self.account.budget().share_units();
             self.queued
@@ -708,6 +784,35 @@ async fn wait_grant(waiting: &mut Option<Waiting>) -> tokio::sync::OwnedSemaphor
             grant: Some(grant), ..
         }) => grant.await,
         _ => futures::future::pending().await,
+    }
+}
+
+impl Connection {
+    /// Before a text login, memcached takes only a `set` whose data is `user password`.
+    fn text_login(&mut self, request: Request) -> Response {
+        let Some(users) = &self.config.sasl else {
+            return Response::None;
+        };
+        match request {
+            Request::Store {
+                mode: StoreMode::Set,
+                data,
+                ..
+            } => {
+                let ok = users.check_text(&data);
+                if crate::sasl::record_now(&self.ctx.stats, ok, &mut self.auth_failures) {
+                    self.auth_required = !ok;
+                    if ok {
+                        return Response::Stored;
+                    }
+                    Response::Error(ProtocolError::Client("authentication failure"))
+                } else {
+                    Response::Close
+                }
+            }
+            Request::Quit | Request::Hangup(_) => Response::Close,
+            _ => Response::Error(ProtocolError::Client("unauthenticated")),
+        }
     }
 }
 

@@ -15,6 +15,7 @@ extern crate self as s3cached;
 
 pub mod admin;
 pub mod app;
+pub mod binary;
 pub mod budget;
 pub mod check;
 pub mod clock;
@@ -26,6 +27,7 @@ pub mod flush;
 pub mod lifecycle;
 pub mod metrics;
 pub mod protocol;
+pub mod sasl;
 pub mod server;
 pub mod stats;
 pub mod store;

@@ -69,6 +69,8 @@ counters!(
     memory_limit_bytes,
     memory_used_bytes,
     memory_peak_bytes,
+    auth_cmds,
+    auth_errors,
     bytes_read,
     bytes_written,
     total_items,

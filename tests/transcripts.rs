@@ -238,19 +238,34 @@ async fn bad_input_on_s3() {
 }
 
 #[tokio::test]
-async fn quit_and_binary_protocol_close_the_connection() {
+async fn quit_and_binary_protocol_switches() {
     let server = TestServer::start(Backend::Dir, "quit", "").await;
     let mut c = server.client().await;
     c.send(b"set a 0 0 1\r\na\r\nquit\r\nget a\r\n").await;
     assert_eq!(c.read_exact(8).await, b"STORED\r\n");
     assert!(c.closed().await);
+    // A binary-protocol GET as the first bytes: the connection speaks binary (memcached's
+    // auto-detection), answering with flags 0, cas, and the value.
     let mut b = server.client().await;
-    // A binary-protocol GET header.
-    b.send(&[
-        0x80, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'a',
-    ])
-    .await;
+    let get_a = [
+        0x80, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, b'a',
+    ];
+    b.send(&get_a).await;
+    let reply = b.read_exact(29).await;
+    assert_eq!(&reply[..12], &[0x81, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 5]);
+    assert_eq!(&reply[12..16], &[0, 0, 0, 7], "opaque echoed");
+    assert_eq!(&reply[24..], &[0, 0, 0, 0, b'a']);
+    // A frame without the request magic ends it, as in memcached.
+    let mut bad = get_a;
+    bad[0] = 0x81;
+    b.send(&bad).await;
     assert!(b.closed().await);
+    // Binary bytes in the middle of a text connection still close it.
+    let mut t = server.client().await;
+    t.roundtrip(b"get a\r\n", b"VALUE a 0 1\r\na\r\nEND\r\n")
+        .await;
+    t.send(&get_a).await;
+    assert!(t.closed().await);
     // The server is still fine.
     let mut c = server.client().await;
     c.roundtrip(b"get a\r\n", b"VALUE a 0 1\r\na\r\nEND\r\n")
