@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 pub use s3::{s3_endpoint, TEST_BUCKET};
 
-/// Whether the S3 tests can run (an endpoint given, or moto_server started); `false` after
+/// Whether the S3 tests can run (an endpoint given, or moto started); `false` after
 /// one line saying why not. S3 tests begin with `if !common::have_s3() { return; }`.
 pub fn have_s3() -> bool {
     s3::endpoint().is_some()

@@ -17,11 +17,11 @@ pub const S3_ENDPOINT_ENV: &str = "S3CACHED_TEST_S3_ENDPOINT";
 /// The test bucket; created on first use.
 pub const TEST_BUCKET: &str = "s3cached-test";
 /// The local S3 server started when no endpoint is given.
-const MOTO: &str = "moto_server";
-/// How long a started moto_server may take to accept connections.
+const MOTO: &str = "moto (tests/s3server.py)";
+/// How long a started moto may take to accept connections.
 const MOTO_START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The S3 endpoint: `S3CACHED_TEST_S3_ENDPOINT`, else a moto_server started for this test
+/// The S3 endpoint: `S3CACHED_TEST_S3_ENDPOINT`, else moto (tests/s3server.py) started for this test
 /// binary (stopped when it exits), else `None`, with one line on stderr saying why the S3
 /// tests are skipped.
 pub fn endpoint() -> Option<&'static str> {
@@ -55,7 +55,7 @@ pub fn s3_endpoint() -> String {
         .to_owned()
 }
 
-/// Starts moto_server on a free loopback port, owned by a shell that kills it when this
+/// Starts moto (tests/s3server.py) on a free loopback port, owned by a shell that kills it when this
 /// process exits (the shell's stdin, our pipe, then closes); waits until it accepts.
 #[allow(
     clippy::disallowed_types,
@@ -68,8 +68,8 @@ fn start_moto() -> Result<String, String> {
         .map_err(|e| format!("could not get a port: {e}"))?
         .port();
     let child = Command::new("sh")
-        .args(["-c", r#"command -v "$0" >/dev/null || exit 127; "$0" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 & read _; kill $!"#])
-        .args([MOTO, &port.to_string()])
+        .args(["-c", r#"python3 -c 'import moto.server' 2>/dev/null || exit 127; python3 "$0" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 & read _; kill $!"#])
+        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/tests/s3server.py"), &port.to_string()])
         .stdin(Stdio::piped())
         .spawn()
         .map_err(|e| format!("could not be started: {e}"))?;
@@ -85,7 +85,7 @@ fn start_moto() -> Result<String, String> {
         let mut shell = MOTO_SHELL.lock().unwrap();
         if let Some(status) = shell.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             return Err(match status.code() {
-                Some(127) => "is not on PATH".to_owned(),
+                Some(127) => "is not installed".to_owned(),
                 _ => format!("exited at start ({status}, shell pid {child})"),
             });
         }
