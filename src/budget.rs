@@ -34,7 +34,7 @@ pub const MIN_MEMORY_LIMIT_BYTES: u64 = 8 * 1024 * 1024;
 pub const UNIT_BYTES: u64 = 1024;
 /// One connection may hold at most this fraction (1/N) of the budget while it has replies
 /// pending; past it, it stops reading and dispatching until they drain.
-pub const SHARE_DIVISOR: u32 = 8;
+pub const SHARE_DIVISOR: u32 = 4;
 
 /// The fraction (1/N) of the budget kept as the lane for small requests.
 pub const SMALL_LANE_DIVISOR: u32 = 4;
@@ -426,7 +426,7 @@ mod tests {
     #[test]
     fn shares_and_clamps_scale_with_the_limit() {
         let budget = Budget::new(DEFAULT_MEMORY_LIMIT_BYTES);
-        assert_eq!(budget.share_units(), 32 * 1024);
+        assert_eq!(budget.share_units(), 64 * 1024);
         assert_eq!(budget.clamp(u32::MAX), 128 * 1024);
         assert_eq!(budget.clamp(5), 5);
         assert!(budget.is_small(16 * 1024) && !budget.is_small(16 * 1024 + 1));

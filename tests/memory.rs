@@ -190,7 +190,7 @@ fn rss_stays_within_the_budget_under_a_client_that_never_reads() {
         used / MIB
     );
     assert!(budget_peak <= budget, "budget peak {budget_peak}");
-    // A connection's share is an eighth of the budget: the attack holds at least that.
+    // A connection's share is a quarter of the budget: the attack holds at least half of it.
     assert!(
         budget_peak >= budget / 8,
         "the attack never reached its share"
@@ -237,4 +237,50 @@ fn rss_stays_within_the_budget_under_a_thousand_connections() {
         "peak RSS {peak} over baseline {baseline} + budget + overhead"
     );
     drop(clients);
+}
+
+/// A binary-protocol GETQ of `key` (quiet: a hit answers, a miss is silent).
+fn binary_getq(key: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80, 0x09];
+    frame.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&[0; 12]);
+    frame.extend_from_slice(key);
+    frame
+}
+
+#[test]
+fn rss_stays_within_the_budget_under_a_binary_client_that_never_reads() {
+    let budget = 64 * MIB;
+    let server = Server::start(budget);
+    store_items(&server);
+    let (baseline, _) = server.rss();
+    // The same attack in binary frames: 64 rounds of GETQ of every 1 MiB item, never read.
+    let round: Vec<u8> = (0..ITEMS)
+        .flat_map(|i| binary_getq(format!("big{i}").as_bytes()))
+        .collect();
+    let mut attacker = server.client();
+    attacker.write_all(&round.repeat(64)).unwrap();
+    let peak = watch(&server, Duration::from_secs(5));
+    let (used, budget_peak) = budget_stats(&server);
+    println!(
+        "never-reading binary client: baseline RSS {} MiB, peak RSS (VmHWM) {} MiB, \
+         budget {} MiB, budget peak {} MiB, used now {} MiB",
+        baseline / MIB,
+        peak / MIB,
+        budget / MIB,
+        budget_peak / MIB,
+        used / MIB
+    );
+    assert!(budget_peak <= budget, "budget peak {budget_peak}");
+    assert!(
+        budget_peak >= budget / 8,
+        "the attack never reached its share"
+    );
+    assert!(
+        peak <= baseline + budget + FIXED_OVERHEAD_BYTES,
+        "peak RSS {peak} over baseline {baseline} + budget + overhead"
+    );
+    drop(attacker);
 }
