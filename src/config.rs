@@ -388,6 +388,23 @@ impl Config {
         {
             return fail("S3 timeouts and max attempts must be at least 1".into());
         }
+        self.validate_ops()?;
+        if self.s3_max_in_flight == 0 {
+            return fail("s3_max_in_flight must be at least 1".into());
+        }
+        self.validate_memory()?;
+        if self.cull_interval_secs == 0 {
+            return fail("cull_interval_secs must be at least 1".into());
+        }
+        if self.location.split('/').any(|part| part == "..") {
+            return fail("location must not contain '..'".into());
+        }
+        self.validate_tls()
+    }
+
+    /// The admin listener, encryption at rest and the S3 prices.
+    fn validate_ops(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
         if !self.admin_listen.is_empty() && self.admin_listen.parse::<SocketAddr>().is_err() {
             return fail(format!(
                 "admin_listen: {:?} is not an address like 127.0.0.1:9211",
@@ -411,17 +428,7 @@ impl Config {
         if prices.iter().any(|p| !p.is_finite() || *p < 0.0) {
             return fail("S3 prices must be finite and not negative".into());
         }
-        if self.s3_max_in_flight == 0 {
-            return fail("s3_max_in_flight must be at least 1".into());
-        }
-        self.validate_memory()?;
-        if self.cull_interval_secs == 0 {
-            return fail("cull_interval_secs must be at least 1".into());
-        }
-        if self.location.split('/').any(|part| part == "..") {
-            return fail("location must not contain '..'".into());
-        }
-        self.validate_tls()
+        Ok(())
     }
 
     /// TLS needs a certificate and its key together; a CA only with them.

@@ -4,7 +4,6 @@
 use crate::config::Config;
 use crate::store::normalize_prefix;
 use crate::store::s3::lifecycle::{expiry_rules, install, rules_json};
-use crate::store::s3::S3Settings;
 
 /// Default age, in days, after which an item object expires.
 pub const DEFAULT_EXPIRE_DAYS: i32 = 30;
@@ -45,7 +44,7 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let settings = S3Settings::from_config(config, crate::app::codec(config));
+    let settings = crate::app::s3_settings(config, crate::app::codec(config));
     let installed = runtime
         .block_on(install(&settings, &rules))
         .map_err(|e| e.to_string())?;

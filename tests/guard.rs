@@ -4,7 +4,8 @@
 mod common;
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use common::{Backend, Client, TestServer};
 use tokio::io::AsyncReadExt;

@@ -5,6 +5,10 @@
 //!
 //! Run: `cargo test --test memory -- --nocapture` (prints the measured peaks).
 
+// A blocking test (std sockets and threads, no tokio runtime): std's clock and a short poll
+// while the server binary starts listening.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

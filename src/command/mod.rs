@@ -34,8 +34,7 @@ pub const MAX_WRITE_RETRIES: usize = item::MAX_WRITE_ATTEMPTS;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// cas uniques stay in 1..=MAX_CAS.
 pub const MAX_CAS: u64 = u32::MAX as u64;
-/// The memcached release whose protocol s3cached speaks; clients parse it.
-pub const MEMCACHED_COMPAT_VERSION: &str = "1.6.18";
+pub use crate::MEMCACHED_COMPAT_VERSION;
 
 /// Server settings the commands consult.
 #[derive(Debug, Clone)]

@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::s3::{head_end, read_message};
+
 /// Most request heads kept (a bound for long tests; later heads are not kept).
 pub const MAX_HEADS_KEPT: usize = 20_000;
 
@@ -143,41 +145,9 @@ impl Proxy {
     }
 }
 
-/// Reads one request (head and body) from the client; `None` at EOF.
-async fn read_request(
-    client: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Option<Vec<u8>>> {
-    loop {
-        if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            let total = end + 4 + len;
-            if buf.len() >= total {
-                let request: Vec<u8> = buf.drain(..total).collect();
-                return Ok(Some(request));
-            }
-        }
-        let mut chunk = [0u8; 65536];
-        let n = client.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Rewrites the request head: `Connection: close`, minus the named headers.
 fn rewrite(request: &[u8], drop: &[&str]) -> Vec<u8> {
-    let end = find(request, b"\r\n\r\n").unwrap();
+    let end = head_end(request).unwrap();
     let head = String::from_utf8_lossy(&request[..end]);
     let mut out = String::new();
     for (i, line) in head.split("\r\n").enumerate() {
@@ -245,9 +215,9 @@ async fn serve(
     counters: Counters,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
-    while let Some(request) = read_request(&mut client, &mut buf).await? {
+    while let Some(request) = read_message(&mut client, &mut buf).await? {
         counters.requests.fetch_add(1, SeqCst);
-        let end = find(&request, b"\r\n\r\n").unwrap_or(request.len());
+        let end = head_end(&request).unwrap_or(request.len());
         let head = String::from_utf8_lossy(&request[..end]).into_owned();
         {
             let mut heads = counters.heads.lock().unwrap();
@@ -272,8 +242,7 @@ async fn serve(
 }
 
 async fn answer(request: &[u8], upstream: SocketAddr, mode: Mode) -> Option<Vec<u8>> {
-    let head = String::from_utf8_lossy(&request[..find(request, b"\r\n\r\n").unwrap()])
-        .to_ascii_lowercase();
+    let head = String::from_utf8_lossy(&request[..head_end(request).unwrap()]).to_ascii_lowercase();
     let drop: &[&str] = match mode {
         Mode::Forward(delay) => {
             tokio::time::sleep(delay).await;
