@@ -230,8 +230,25 @@ async fn corrupt_and_foreign_objects_read_as_misses() {
         .send()
         .await
         .unwrap();
+    // A well-formed object for its key with one value byte changed: its checksum fails.
+    let mut damaged = Codec::default()
+        .encode(&s3cached::store::Entry {
+            key: Bytes::from("damaged"),
+            value: Bytes::from("right value"),
+            ..Default::default()
+        })
+        .to_vec();
+    let at = damaged.len() - 6;
+    damaged[at] ^= 0x20;
+    raw.put_object()
+        .bucket(TEST_BUCKET)
+        .key(format!("{prefix}/{}", key_hash(b"damaged")))
+        .body(Bytes::from(damaged).into())
+        .send()
+        .await
+        .unwrap();
     let mut c = server.client().await;
-    c.roundtrip(b"get junk mine\r\n", b"END\r\n").await;
+    c.roundtrip(b"get junk mine damaged\r\n", b"END\r\n").await;
     c.roundtrip(
         b"set junk 0 0 1\r\nj\r\nget junk\r\n",
         b"STORED\r\nVALUE junk 0 1\r\nj\r\nEND\r\n",
