@@ -157,6 +157,18 @@ pub async fn start(config: Config) -> Result<App, AppError> {
     start_with(config, store, clock).await
 }
 
+/// Binds `addr`, returning the listener and the address it got (a port of 0 picks one).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let bound = async {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    bound
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
+}
+
 /// Starts the server with a given store and clock (tests use the memory store and tokio time).
 pub async fn start_with(
     config: Config,
@@ -165,12 +177,7 @@ pub async fn start_with(
 ) -> Result<App, AppError> {
     let tls = load_tls(&config)?;
     let addr = config.listen_addr();
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| AppError::Bind { addr, source })?;
+    let (listener, addr) = bind(addr).await?;
     let (ctx, culler) = wire(&config, store, clock).await?;
     let shutdown = CancellationToken::new();
     let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
@@ -228,12 +235,7 @@ async fn start_admin(
     let Some(addr) = config.admin_addr() else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| AppError::Bind { addr, source })?;
+    let (listener, addr) = bind(addr).await?;
     tokio::spawn(crate::admin::serve(listener, ctx.clone(), shutdown.clone()));
     tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
     Ok(Some(addr))

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Account, Budget, Charge};
@@ -305,29 +305,10 @@ impl Conn<'_> {
     }
 
     async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
-        if !self.write_buf.is_empty() {
-            let write = async {
-                socket.write_all(&self.write_buf).await?;
-                socket.flush().await
-            };
-            match self.config.write_timeout {
-                None => write.await?,
-                Some(limit) => match tokio::time::timeout(limit, write).await {
-                    Ok(written) => written?,
-                    Err(_) => {
-                        Stats::incr(&self.ctx.stats.write_timeouts);
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "client did not read its replies within the write timeout",
-                        ));
-                    }
-                },
-            }
-            Stats::add(&self.ctx.stats.bytes_written, self.write_buf.len() as u64);
-            self.write_buf.clear();
-            if self.write_buf.capacity() > WRITE_BUFFER_BYTES {
-                self.write_buf = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
-            }
+        let (timeout, stats) = (self.config.write_timeout, &self.ctx.stats);
+        crate::connection::write_replies(socket, &mut self.write_buf, timeout, stats).await?;
+        if self.write_buf.capacity() > WRITE_BUFFER_BYTES {
+            self.write_buf = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
         }
         self.sync_buffers();
         Ok(())

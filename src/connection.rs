@@ -173,8 +173,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) {
     let mut read_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
     // memcached tells the protocols apart by the first byte of a connection.
-    match first_read(&mut socket, &mut read_buf, &config, &shutdown).await {
-        Some(&first) if first == protocol::binary::REQUEST_MAGIC => {
+    let first = first_read(&mut socket, &mut read_buf, &config, &shutdown)
+        .await
+        .copied();
+    Stats::add(&ctx.stats.bytes_read, read_buf.len() as u64);
+    match first {
+        Some(first) if first == protocol::binary::REQUEST_MAGIC => {
             let served = crate::binary::serve(&mut socket, &ctx, &config, read_buf, &shutdown);
             if let Err(e) = served.await {
                 tracing::debug!(cause = %e, "binary connection ended with an error");
@@ -503,24 +507,13 @@ impl Connection {
     /// Writes every waiting reply within the write timeout, then shrinks a write buffer a
     /// large reply grew.
     async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
-        if !self.write_buf.is_empty() {
-            let write = socket.write_all(&self.write_buf);
-            match self.config.write_timeout {
-                None => write.await?,
-                Some(limit) => match tokio::time::timeout(limit, write).await {
-                    Ok(written) => written?,
-                    Err(_) => {
-                        Stats::incr(&self.ctx.stats.write_timeouts);
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "client did not read its replies within the write timeout",
-                        ));
-                    }
-                },
-            }
-            Stats::add(&self.ctx.stats.bytes_written, self.write_buf.len() as u64);
-            self.write_buf.clear();
-        }
+        write_replies(
+            socket,
+            &mut self.write_buf,
+            self.config.write_timeout,
+            &self.ctx.stats,
+        )
+        .await?;
         if self.write_buf.capacity() > WRITE_KEEP_BYTES {
             self.write_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
             self.sync_buffers();
@@ -814,6 +807,39 @@ impl Connection {
             _ => Response::Error(ProtocolError::Client("unauthenticated")),
         }
     }
+}
+
+/// Writes `buf` whole (then empties it) within `timeout`, counting the bytes written and a
+/// timeout in `stats`; for both protocols' connections.
+pub async fn write_replies<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    buf: &mut BytesMut,
+    timeout: Option<Duration>,
+    stats: &Stats,
+) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        socket.write_all(buf).await?;
+        socket.flush().await
+    };
+    match timeout {
+        None => write.await?,
+        Some(limit) => match tokio::time::timeout(limit, write).await {
+            Ok(written) => written?,
+            Err(_) => {
+                Stats::incr(&stats.write_timeouts);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client did not read its replies within the write timeout",
+                ));
+            }
+        },
+    }
+    Stats::add(&stats.bytes_written, buf.len() as u64);
+    buf.clear();
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
