@@ -18,12 +18,11 @@ use crate::config::Config;
 use crate::connection::ConnectionConfig;
 use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
-use crate::protocol::Limits;
 use crate::stats::Stats;
 use crate::store::dir::DirStore;
 use crate::store::format::Codec;
 use crate::store::s3::{S3Settings, S3Store};
-use crate::store::Store;
+use crate::store::{normalize_prefix, Store};
 use crate::tier::{TierConfig, Tiered};
 
 /// How long shutdown waits for connections to finish their commands.
@@ -43,6 +42,8 @@ pub enum AppError {
     Store(crate::store::StoreError),
     #[error("cannot load the TLS certificates: {0}")]
     Tls(crate::tls::TlsError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running server.
@@ -51,6 +52,8 @@ pub struct App {
     pub addr: SocketAddr,
     pub ctx: Arc<Ctx>,
     pub culler: Arc<Culler>,
+    /// The admin listener's address (`admin_listen`), when one runs.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     server: JoinHandle<TaskTracker>,
     culler_task: JoinHandle<()>,
@@ -82,6 +85,37 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     Ok(open_store_and_clock(config).await?.0)
 }
 
+/// The S3 store's settings, taken from the configuration: all the store sees of it.
+pub fn s3_settings(c: &Config, codec: Codec) -> S3Settings {
+    S3Settings {
+        bucket: c.storage_bucket_name.clone(),
+        prefix: normalize_prefix(&c.location),
+        region: c.region.clone(),
+        endpoint_url: c.endpoint_url.clone(),
+        force_path_style: c.force_path_style,
+        access_key: (!c.access_key_id.expose().is_empty()).then(|| {
+            (
+                c.access_key_id.expose().to_owned(),
+                c.secret_access_key.expose().to_owned(),
+            )
+        }),
+        default_acl: c.default_acl.clone(),
+        bucket_acl: c.bucket_acl.clone(),
+        storage_class: c.effective_storage_class().map(str::to_owned),
+        create_bucket: c.create_bucket,
+        checksum_when_supported: c.request_checksum == "when_supported",
+        attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
+        operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
+        max_attempts: c.s3_max_attempts,
+        max_in_flight: c.s3_max_in_flight,
+        codec,
+        clock_skew_ms: c.clock_offset_ms,
+        server_side_encryption: Some(c.server_side_encryption.clone()).filter(|s| !s.is_empty()),
+        sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
+        prices: c.s3_prices(),
+    }
+}
+
 /// The value codec every store writes items with, built from the config once.
 pub fn codec(config: &Config) -> Codec {
     Codec {
@@ -95,7 +129,7 @@ pub fn codec(config: &Config) -> Codec {
 pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
     let codec = codec(config);
     if config.uses_s3() {
-        let store = S3Store::connect(S3Settings::from_config(config, codec))
+        let store = S3Store::connect(s3_settings(config, codec))
             .await
             .map_err(AppError::Store)?;
         let clock = store.clock();
@@ -123,6 +157,18 @@ pub async fn start(config: Config) -> Result<App, AppError> {
     start_with(config, store, clock).await
 }
 
+/// Binds `addr`, returning the listener and the address it got (a port of 0 picks one).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let bound = async {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    bound
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
+}
+
 /// Starts the server with a given store and clock (tests use the memory store and tokio time).
 pub async fn start_with(
     config: Config,
@@ -131,23 +177,13 @@ pub async fn start_with(
 ) -> Result<App, AppError> {
     let tls = load_tls(&config)?;
     let addr = config.listen_addr();
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| AppError::Bind { addr, source })?;
+    let (listener, addr) = bind(addr).await?;
     let (ctx, culler) = wire(&config, store, clock).await?;
     let shutdown = CancellationToken::new();
     let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
     tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
-    let connection_config = ConnectionConfig {
-        limits: Limits {
-            max_item_bytes: config.max_item_size,
-            ..Limits::default()
-        },
-        idle_timeout: config.idle_timeout(),
-    };
+    let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone())?;
+    let admin_addr = start_admin(&config, &ctx, &shutdown).await?;
     let server = tokio::spawn(crate::server::run(
         listener,
         ctx.clone(),
@@ -164,6 +200,7 @@ pub async fn start_with(
         addr,
         ctx,
         culler,
+        admin_addr,
         shutdown,
         server,
         culler_task,
@@ -189,6 +226,21 @@ fn tls_client_auth(config: &Config) -> &'static str {
     }
 }
 
+/// Binds the admin listener when `admin_listen` is set and serves it until shutdown.
+async fn start_admin(
+    config: &Config,
+    ctx: &Arc<Ctx>,
+    shutdown: &CancellationToken,
+) -> Result<Option<SocketAddr>, AppError> {
+    let Some(addr) = config.admin_addr() else {
+        return Ok(None);
+    };
+    let (listener, addr) = bind(addr).await?;
+    tokio::spawn(crate::admin::serve(listener, ctx.clone(), shutdown.clone()));
+    tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+    Ok(Some(addr))
+}
+
 /// Builds the rooms around the store: near tier, flush epoch, the commands' context and
 /// the culler, which hears of the commands' writes.
 async fn wire(
@@ -196,7 +248,7 @@ async fn wire(
     store: Arc<dyn Store>,
     clock: Clock,
 ) -> Result<(Arc<Ctx>, Arc<Culler>), AppError> {
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::with_s3(store.request_counts()));
     let window = Duration::from_millis(config.revalidate_after_ms);
     let tier = TierConfig {
         ram_bytes: config.ram_cache_bytes,

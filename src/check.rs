@@ -2,6 +2,8 @@
 //!
 //! It asks for `version`, sets, reads back and deletes a key of its own, and prints a few
 //! `stats` lines; any wrong answer, refusal or timeout is an error with the step that failed.
+//! With `--read-addr`, the key is read back and deleted through a second server (another
+//! replica on the same bucket), which checks that replicas share their items.
 //! Only the Rust standard library and tokio are needed, so it serves as a first check on a
 //! fresh machine and as a container health check.
 
@@ -45,6 +47,10 @@ pub struct CheckArgs {
     /// Ask only for `version`: a liveness probe that does not touch the store.
     #[arg(long)]
     pub version_only: bool,
+    /// Read the key back and delete it through this server instead, host:port: another
+    /// replica on the same bucket and prefix.
+    #[arg(long)]
+    pub read_addr: Option<String>,
 }
 
 /// Why a check failed: the step and what went wrong.
@@ -82,20 +88,25 @@ pub async fn run(
 ) -> Result<(), CheckError> {
     let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
     let started = Instant::now();
-    let connect = TcpStream::connect(addr);
-    let stream = match tokio::time::timeout_at(deadline, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return fail("connect", format!("cannot connect to {addr}: {e}")),
-        Err(_) => return fail("connect", format!("no connection to {addr} in time")),
-    };
-    let _ = stream.set_nodelay(true);
-    let mut client = Client::new(stream, deadline);
+    let mut client = Client::connect(addr, deadline).await?;
     let version = client.version().await?;
     let _ = writeln!(out, "ok: connected to {addr}, {version}");
     if args.version_only {
         return Ok(());
     }
-    client.round_trip(out).await?;
+    match &args.read_addr {
+        Some(other) => {
+            let mut replica = Client::connect(other, deadline).await?;
+            let version = replica.version().await?;
+            let _ = writeln!(out, "ok: connected to {other}, {version}");
+            let key = client.set_unique(out).await?;
+            replica.read_back(&key, out, other).await?;
+        }
+        None => {
+            let key = client.set_unique(out).await?;
+            client.read_back(&key, out, addr).await?;
+        }
+    }
     let stats = client.stats().await?;
     for (name, value) in stats
         .iter()
@@ -121,6 +132,17 @@ struct Client {
 }
 
 impl Client {
+    async fn connect(addr: &str, deadline: Instant) -> Result<Client, CheckError> {
+        let connect = TcpStream::connect(addr);
+        let stream = match tokio::time::timeout_at(deadline, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return fail("connect", format!("cannot connect to {addr}: {e}")),
+            Err(_) => return fail("connect", format!("no connection to {addr} in time")),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(Client::new(stream, deadline))
+    }
+
     fn new(stream: TcpStream, deadline: Instant) -> Self {
         let (read, writer) = stream.into_split();
         Client {
@@ -178,22 +200,34 @@ impl Client {
         }
     }
 
-    /// Sets a unique key, reads it back, deletes it.
-    async fn round_trip(
+    /// Sets a unique key whose value is `check <key>`; returns the key.
+    async fn set_unique(
         &mut self,
         out: &mut (dyn std::io::Write + Send),
-    ) -> Result<(), CheckError> {
+    ) -> Result<String, CheckError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
         let key = format!("s3cached-check-{}-{nanos}", std::process::id());
-        let value = format!("check {nanos}");
+        let value = format!("check {key}");
         let set = format!(
             "set {key} 0 {CHECK_ITEM_TTL_SECS} {}\r\n{value}\r\n",
             value.len()
         );
         self.expect("set", set.as_bytes(), "STORED").await?;
+        let _ = writeln!(out, "ok: set {key}");
+        Ok(key)
+    }
+
+    /// Reads back the key [`set_unique`](Self::set_unique) set, then deletes it.
+    async fn read_back(
+        &mut self,
+        key: &str,
+        out: &mut (dyn std::io::Write + Send),
+        addr: &str,
+    ) -> Result<(), CheckError> {
+        let value = format!("check {key}");
         self.send("get", format!("get {key}\r\n").as_bytes())
             .await?;
         let header = self.line("get").await?;
@@ -213,7 +247,10 @@ impl Client {
         }
         self.expect("delete", format!("delete {key}\r\n").as_bytes(), "DELETED")
             .await?;
-        let _ = writeln!(out, "ok: set, get and delete of {key}");
+        let _ = writeln!(
+            out,
+            "ok: set, get and delete of {key} (read through {addr})"
+        );
         Ok(())
     }
 
@@ -247,6 +284,7 @@ mod tests {
             addr: None,
             timeout_ms,
             version_only: false,
+            read_addr: None,
         }
     }
 

@@ -116,6 +116,12 @@ pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
 /// How long a client has to finish its TLS handshake before it is dropped.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default request timeout: a 1 MiB set may arrive at 35 KB/s; a client trickling bytes
+/// holds its slot and buffer no longer than this.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Default write timeout: the largest reply (64 MiB) written at 2.2 MB/s, a 1 MiB value at
+/// 35 KB/s; a client that stops reading holds its slot and replies no longer than this.
+pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 30;
 
 options! {
     /// Address to listen on.
@@ -174,6 +180,18 @@ options! {
     s3_max_attempts: u32 = DEFAULT_S3_MAX_ATTEMPTS, env "S3CACHED_S3_MAX_ATTEMPTS";
     /// Most S3 requests in flight at once, across all connections.
     s3_max_in_flight: usize = DEFAULT_S3_MAX_IN_FLIGHT, env "S3CACHED_S3_MAX_IN_FLIGHT";
+    /// Server-side encryption sent on every PUT: "" (the bucket's default), AES256 or aws:kms.
+    server_side_encryption: String = String::new(), env "S3CACHED_SERVER_SIDE_ENCRYPTION";
+    /// KMS key for server_side_encryption = "aws:kms" ("" = the account's aws/s3 key).
+    sse_kms_key_id: String = String::new(), env "S3CACHED_SSE_KMS_KEY_ID";
+    /// Price of 1,000 S3 GET/HEAD requests in USD, for the cost estimate (AWS S3 Standard, us-east-1).
+    s3_price_get_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.get_per_1000, env "S3CACHED_S3_PRICE_GET_PER_1000";
+    /// Price of 1,000 S3 PUT/COPY/POST/LIST requests in USD (AWS S3 Standard, us-east-1).
+    s3_price_put_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.put_per_1000, env "S3CACHED_S3_PRICE_PUT_PER_1000";
+    /// Price of 1,000 S3 DELETE requests in USD (free on AWS).
+    s3_price_delete_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.delete_per_1000, env "S3CACHED_S3_PRICE_DELETE_PER_1000";
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz); "" = off.
+    admin_listen: String = String::new(), env "S3CACHED_ADMIN_LISTEN";
     /// Most items kept; the culler removes some when the count reaches it (0 = no limit; default 1000000 on S3, 0 on the directory store).
     max_entries: u64 = BY_BACKEND, env "S3CACHED_MAX_ENTRIES";
     /// At max_entries, remove 1/cull_frequency of the items (0 = remove all).
@@ -199,6 +217,19 @@ options! {
     tls_ca: PathBuf = PathBuf::new(), env "S3CACHED_TLS_CA";
     /// Drop a client that has not finished its TLS handshake within this many ms.
     tls_handshake_timeout_ms: u64 = DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS, env "S3CACHED_TLS_HANDSHAKE_TIMEOUT_MS";
+    /// Memory budget in bytes for read buffers, values in flight and replies waiting to be
+    /// written, across all connections; a connection past its share waits for its replies.
+    memory_limit_bytes: u64 = crate::budget::DEFAULT_MEMORY_LIMIT_BYTES, env "S3CACHED_MEMORY_LIMIT_BYTES";
+    /// Close a connection whose started request is not complete after this many seconds (0 = never).
+    request_timeout_secs: u64 = DEFAULT_REQUEST_TIMEOUT_SECS, env "S3CACHED_REQUEST_TIMEOUT_SECS";
+    /// Close a connection whose replies are not all written after this many seconds (0 = never).
+    write_timeout_secs: u64 = DEFAULT_WRITE_TIMEOUT_SECS, env "S3CACHED_WRITE_TIMEOUT_SECS";
+    /// SASL users file, lines of `user:password` (memcached's -Y format); when set, every
+    /// client must log in: binary clients with SASL PLAIN, text clients as text_auth says.
+    sasl_users_file: PathBuf = PathBuf::new(), env "S3CACHED_SASL_USERS_FILE";
+    /// With sasl_users_file: let text clients log in with memcached's `set` of
+    /// `user password`; off = text connections are refused.
+    text_auth: bool = false, env "S3CACHED_TEXT_AUTH";
     /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
@@ -230,6 +261,9 @@ pub enum Command {
     /// Check a running server: version, a set/get/delete round trip of a unique key, stats.
     /// Exits 0 when all is well, 1 with the reason otherwise (usable as a health check).
     Check(crate::check::CheckArgs),
+    /// Print (or, with --apply, install) S3 lifecycle rules that expire item objects under
+    /// the prefix after --days days: a bound on the bucket even when no replica runs.
+    Lifecycle(crate::lifecycle::LifecycleArgs),
 }
 
 /// A configuration that cannot be used, with the reason.
@@ -360,16 +394,48 @@ impl Config {
         {
             return fail("S3 timeouts and max attempts must be at least 1".into());
         }
+        self.validate_ops()?;
         if self.s3_max_in_flight == 0 {
             return fail("s3_max_in_flight must be at least 1".into());
         }
+        self.validate_memory()?;
         if self.cull_interval_secs == 0 {
             return fail("cull_interval_secs must be at least 1".into());
         }
         if self.location.split('/').any(|part| part == "..") {
             return fail("location must not contain '..'".into());
         }
-        self.validate_tls()
+        self.validate_tls()?;
+        self.sasl_users().map(|_| ())
+    }
+
+    /// The admin listener, encryption at rest and the S3 prices.
+    fn validate_ops(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if !self.admin_listen.is_empty() && self.admin_listen.parse::<SocketAddr>().is_err() {
+            return fail(format!(
+                "admin_listen: {:?} is not an address like 127.0.0.1:9211",
+                self.admin_listen
+            ));
+        }
+        if !["", "AES256", "aws:kms"].contains(&self.server_side_encryption.as_str()) {
+            return fail(format!(
+                "server_side_encryption: {:?} is not AES256 or aws:kms",
+                self.server_side_encryption
+            ));
+        }
+        if !self.sse_kms_key_id.is_empty() && self.server_side_encryption != "aws:kms" {
+            return fail("sse_kms_key_id needs server_side_encryption = \"aws:kms\"".into());
+        }
+        let prices = [
+            self.s3_price_get_per_1000,
+            self.s3_price_put_per_1000,
+            self.s3_price_delete_per_1000,
+        ];
+        if prices.iter().any(|p| !p.is_finite() || *p < 0.0) {
+            return fail("S3 prices must be finite and not negative".into());
+        }
+        Ok(())
     }
 
     /// TLS needs a certificate and its key together; a CA only with them.
@@ -400,6 +466,19 @@ impl Config {
         Ok(())
     }
 
+    /// The SASL users, read from `sasl_users_file` (`None` when unset: no login needed).
+    pub fn sasl_users(&self) -> Result<Option<crate::sasl::Users>, ConfigError> {
+        if self.sasl_users_file.as_os_str().is_empty() {
+            if self.text_auth {
+                return Err(ConfigError("text_auth needs sasl_users_file".into()));
+            }
+            return Ok(None);
+        }
+        crate::sasl::Users::load(&self.sasl_users_file)
+            .map(Some)
+            .map_err(ConfigError)
+    }
+
     /// The TLS files, when TLS is on.
     pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
         (!self.tls_cert.as_os_str().is_empty()).then(|| crate::tls::TlsFiles {
@@ -409,8 +488,34 @@ impl Config {
         })
     }
 
+    /// The memory budget must hold a request of the largest item: one request may take
+    /// half the budget, and a set up to three times its item.
+    fn validate_memory(&self) -> Result<(), ConfigError> {
+        let min = crate::budget::MIN_MEMORY_LIMIT_BYTES.max(8 * self.max_item_size as u64);
+        if self.memory_limit_bytes < min {
+            return Err(ConfigError(format!(
+                "memory_limit_bytes must be at least {min} (8 MiB and 8 x max_item_size)"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen.parse().expect("validated")
+    }
+
+    /// The admin listener's address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listen.parse().ok()
+    }
+
+    /// The S3 prices the cost estimate uses.
+    pub fn s3_prices(&self) -> crate::stats::S3Prices {
+        crate::stats::S3Prices {
+            get_per_1000: self.s3_price_get_per_1000,
+            put_per_1000: self.s3_price_put_per_1000,
+            delete_per_1000: self.s3_price_delete_per_1000,
+        }
     }
 
     pub fn uses_s3(&self) -> bool {
@@ -443,6 +548,11 @@ impl Config {
         }
         text
     }
+}
+
+/// A timeout of `secs` seconds; 0 means none.
+pub fn secs(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 /// How one option's value is shown: in `stats settings` and as a line of TOML.
@@ -525,6 +635,27 @@ mod tests {
         let err = missing.unwrap_err().to_string();
         assert!(err.starts_with("TLS: /no/c.pem:"), "{err}");
         assert!(Config::from_toml("").unwrap().tls_files().is_none());
+        assert!(Config::from_toml("admin_listen = \"localhost\"").is_err());
+        assert!(Config::from_toml("server_side_encryption = \"aes\"").is_err());
+        assert!(Config::from_toml("sse_kms_key_id = \"k\"").is_err());
+        assert!(Config::from_toml("s3_price_get_per_1000 = -1.0").is_err());
+        let ok = "server_side_encryption = \"aws:kms\"\nsse_kms_key_id = \"k\"\n\
+                  admin_listen = \"127.0.0.1:9211\"\ns3_price_put_per_1000 = 0.0055";
+        let c = Config::from_toml(ok).unwrap();
+        assert_eq!(c.admin_addr(), Some("127.0.0.1:9211".parse().unwrap()));
+        assert_eq!(c.s3_prices().put_per_1000, 0.0055);
+        assert_eq!(Config::from_toml("").unwrap().admin_addr(), None);
+    }
+
+    #[test]
+    fn the_memory_budget_must_hold_the_largest_requests() {
+        assert!(Config::from_toml("memory_limit_bytes = 8388607").is_err());
+        assert!(Config::from_toml("memory_limit_bytes = 8388608").is_ok());
+        let big_items = "max_item_size = 4194304\nmemory_limit_bytes = 16777216";
+        assert!(Config::from_toml(big_items).is_err());
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.memory_limit_bytes, 256 * 1024 * 1024);
+        assert_eq!((c.request_timeout_secs, c.write_timeout_secs), (30, 30));
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //! burst of gets costs about one backend round trip, not one each), yet replies leave in
 //! request order and requests on the same key run in order. Barrier commands (`flush_all`,
 //! `quit`) wait for everything before them. Every buffer is bounded: the read buffer by the
-//! parser's limits, the pipeline by [`MAX_PIPELINE_DEPTH`].
+//! parser's limits, the pipeline by [`MAX_PIPELINE_DEPTH`], and all of them together, across
+//! connections, by the memory [`Budget`]: each request is charged the most its reply can take
+//! before it starts, the buffers their capacity. A connection past its share, or refused by
+//! the budget, stops reading and dispatching until its replies drain or memory is granted.
+//! A request that is not complete within the request timeout, or replies not written within
+//! the write timeout, end the connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,27 +22,88 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Account, Budget, Charge, Grant};
 use crate::command::{self, Ctx};
-use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
+use crate::protocol::{
+    self, Limits, LongRetrieval, Parsed, ProtocolError, Request, Response, Skip, StoreMode,
+};
+use crate::sasl::Users;
 use crate::stats::Stats;
 
 /// Most requests of one connection in flight at once.
 pub const MAX_PIPELINE_DEPTH: usize = 128;
 /// Flush replies once this many bytes are waiting, even mid-batch.
 const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
-/// Bytes asked of the socket per read.
+/// Room added to the read buffer when it runs short, at least.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Capacity of a new connection's read and write buffers, each; what they shrink back to.
+const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
+/// A drained write buffer larger than this is given back and replaced by a small one.
+const WRITE_KEEP_BYTES: usize = 64 * 1024;
+/// Charged for a reply's line and framing, beyond keys and data.
+const REPLY_OVERHEAD_BYTES: usize = 64;
+/// Charged for a request whose reply holds no value (stats, errors, status lines).
+const SMALL_REPLY_BYTES: usize = 4 * 1024;
 
 /// Per-connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionConfig {
     pub limits: Limits,
     /// Close a connection with nothing in flight after this long without input.
     pub idle_timeout: Option<Duration>,
+    /// Close a connection whose started request is not complete after this long, so a
+    /// client trickling bytes cannot hold a slot and a buffer forever.
+    pub request_timeout: Option<Duration>,
+    /// Close a connection whose waiting replies are not all written after this long, so a
+    /// client that stops reading cannot hold a slot and its replies forever.
+    pub write_timeout: Option<Duration>,
+    /// The memory budget every connection draws on.
+    pub budget: Arc<Budget>,
+    /// SASL users: when set, clients must log in (binary SASL, or text `set` with `text_auth`).
+    pub sasl: Option<Arc<Users>>,
+    /// Let text-protocol clients log in with memcached's `set <any> 0 0 <n>` + `user password`;
+    /// without it, text clients are refused while SASL is on.
+    pub text_auth: bool,
+}
+
+impl ConnectionConfig {
+    /// The settings `config` gives, with a budget that shows its use in `stats`; fails if
+    /// the SASL users file cannot be read.
+    pub fn from_config(
+        config: &crate::config::Config,
+        stats: Arc<Stats>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        Ok(ConnectionConfig {
+            limits: Limits {
+                max_item_bytes: config.max_item_size,
+                ..Limits::default()
+            },
+            idle_timeout: config.idle_timeout(),
+            request_timeout: crate::config::secs(config.request_timeout_secs),
+            write_timeout: crate::config::secs(config.write_timeout_secs),
+            budget: Budget::with_stats(config.memory_limit_bytes, Some(stats)),
+            sasl: config.sasl_users()?.map(Arc::new),
+            text_auth: config.text_auth,
+        })
+    }
+
+    /// Settings with the given limits, no timeouts and an unshared budget (for tests).
+    pub fn new(limits: Limits, memory_limit_bytes: u64) -> Self {
+        ConnectionConfig {
+            limits,
+            idle_timeout: None,
+            request_timeout: None,
+            write_timeout: None,
+            budget: Budget::new(memory_limit_bytes),
+            sasl: None,
+            text_auth: false,
+        }
+    }
 }
 
 type Done = Shared<BoxFuture<'static, ()>>;
-type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>)>;
+/// A finished request: its reply, sequence number, keys and what it holds of the budget.
+type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>, Charge)>;
 
 /// The requests of a connection that have started but whose replies are not yet written.
 struct Pipeline {
@@ -60,8 +126,9 @@ impl Pipeline {
         self.running.len()
     }
 
-    /// Starts a request; it waits for earlier requests on the same keys before it runs.
-    fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>) {
+    /// Starts a request holding `charge` of the budget; it waits for earlier requests on the
+    /// same keys before it runs.
+    fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>, charge: Charge) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let waits: Vec<Done> = keys
@@ -80,7 +147,7 @@ impl Pipeline {
                 futures::future::join_all(waits).await;
                 let response = command::execute_arrived(&ctx, request, arrived).await;
                 drop(finished);
-                (response, seq, keys)
+                (response, seq, keys, charge)
             }
             .boxed(),
         );
@@ -104,28 +171,111 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     config: ConnectionConfig,
     shutdown: CancellationToken,
 ) {
+    let mut read_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
+    // memcached tells the protocols apart by the first byte of a connection.
+    let first = first_read(&mut socket, &mut read_buf, &config, &shutdown)
+        .await
+        .copied();
+    Stats::add(&ctx.stats.bytes_read, read_buf.len() as u64);
+    match first {
+        Some(first) if first == protocol::binary::REQUEST_MAGIC => {
+            let served = crate::binary::serve(&mut socket, &ctx, &config, read_buf, &shutdown);
+            if let Err(e) = served.await {
+                tracing::debug!(cause = %e, "binary connection ended with an error");
+            }
+            let _ = socket.shutdown().await;
+            return;
+        }
+        Some(_) if config.sasl.is_some() && !config.text_auth => {
+            let _ = socket.write_all(UNAUTHENTICATED).await;
+            let _ = socket.shutdown().await;
+            return;
+        }
+        Some(_) => {}
+        None => return,
+    }
+    let auth_required = config.sasl.is_some();
+    let account = Account::new(config.budget.clone());
     let mut conn = Connection {
         ctx,
         config,
-        read_buf: BytesMut::with_capacity(16 * 1024),
-        write_buf: BytesMut::with_capacity(16 * 1024),
+        auth_required,
+        auth_failures: 0,
+        read_buf,
+        read_alloc: INITIAL_BUFFER_BYTES,
+        write_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
         pipeline: Pipeline::new(),
         barrier: None,
         skip_bytes: 0,
         skip_line: false,
         long_retrieval: None,
         closing: false,
+        account,
+        waiting: None,
+        partial_since: None,
+        parsed: 0,
+        queued: std::collections::VecDeque::new(),
     };
-    if let Err(e) = conn.run(&mut socket, &shutdown).await {
+    conn.sync_buffers();
+    // The first read happened before the protocol was known: run what it brought.
+    conn.advance().await;
+    let served = match conn.flush(&mut socket).await {
+        Ok(()) => conn.run(&mut socket, &shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
         tracing::debug!(cause = %e, "connection ended with an error");
     }
     let _ = socket.shutdown().await;
 }
 
+/// Work held back until the memory budget can take it.
+enum Want {
+    /// A parsed request, its keys, and the units it is to hold.
+    Request(Box<Request>, Vec<Bytes>, u32),
+    /// Room in the read buffer: its new capacity.
+    ReadRoom(usize),
+}
+
+/// What a connection waits for: a grant of budget, or (no grant) its own replies to drain.
+struct Waiting {
+    want: Want,
+    grant: Option<Grant>,
+}
+
+/// memcached's answer to a text command before a text-protocol login.
+const UNAUTHENTICATED: &[u8] = b"CLIENT_ERROR unauthenticated\r\n";
+
+/// Reads until the first byte arrives; `None` if the client left, idled out or the server
+/// is shutting down first.
+async fn first_read<'b, S: AsyncRead + Unpin>(
+    socket: &mut S,
+    buf: &'b mut BytesMut,
+    config: &ConnectionConfig,
+    shutdown: &CancellationToken,
+) -> Option<&'b u8> {
+    let read = async {
+        match config.idle_timeout {
+            Some(d) => tokio::time::timeout(d, socket.read_buf(buf)).await.ok(),
+            None => Some(socket.read_buf(buf).await),
+        }
+    };
+    let n = tokio::select! {
+        read = read => read?.ok()?,
+        _ = shutdown.cancelled() => return None,
+    };
+    buf.first().filter(|_| n > 0)
+}
+
 struct Connection {
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
+    /// SASL is on and this text connection has not logged in (memcached's `-Y` text auth).
+    auth_required: bool,
+    auth_failures: u32,
     read_buf: BytesMut,
+    /// Bytes allocated for `read_buf` (its capacity shrinks as it is consumed; this doesn't).
+    read_alloc: usize,
     write_buf: BytesMut,
     pipeline: Pipeline,
     /// A barrier request waiting for the pipeline to drain.
@@ -138,6 +288,16 @@ struct Connection {
     long_retrieval: Option<LongRetrieval>,
     /// Stop reading: the client quit, hung up, or the server is shutting down.
     closing: bool,
+    /// What this connection holds of the memory budget.
+    account: Account,
+    /// Work held back for the budget; nothing more is read or dispatched meanwhile.
+    waiting: Option<Waiting>,
+    /// Since when an incomplete request has been waiting for its remaining bytes.
+    partial_since: Option<tokio::time::Instant>,
+    /// Requests parsed so far: a change means the client made progress.
+    parsed: u64,
+    /// Parsed requests not yet started: the pieces of a retrieval split to fit the budget.
+    queued: std::collections::VecDeque<Request>,
 }
 
 impl Connection {
@@ -149,24 +309,34 @@ impl Connection {
         let idle = self.config.idle_timeout;
         let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
         loop {
-            if self.closing && self.pipeline.len() == 0 && self.barrier.is_none() {
-                socket.write_all(&self.write_buf).await?;
-                return Ok(());
+            if self.closing
+                && self.pipeline.len() == 0
+                && self.barrier.is_none()
+                && self.waiting.is_none()
+                && self.queued.is_empty()
+            {
+                return self.flush(socket).await;
             }
-            let can_read =
-                !self.closing && self.barrier.is_none() && self.pipeline.len() < MAX_PIPELINE_DEPTH;
+            let can_read = self.may_read() && self.make_read_room();
+            let request_deadline = self.request_deadline(can_read);
             let idle_armed = idle_deadline.is_some() && self.pipeline.len() == 0;
+            let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
             tokio::select! {
-                Some((response, seq, keys)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {
-                    self.pipeline.finish(seq, &keys);
-                    self.emit(response);
+                Some((response, seq, keys, charge)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {
+                    self.finish(response, seq, &keys, charge);
                     // Take every other reply that is already done, then write once.
-                    while let Some(Some((response, seq, keys))) = self.pipeline.running.next().now_or_never() {
-                        self.pipeline.finish(seq, &keys);
-                        self.emit(response);
+                    while let Some(Some((response, seq, keys, charge))) = self.pipeline.running.next().now_or_never() {
+                        self.finish(response, seq, &keys, charge);
                     }
                     self.advance().await;
                     if self.pipeline.len() == 0 || self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
+                        self.flush(socket).await?;
+                    }
+                }
+                permit = wait_grant(&mut self.waiting), if granting => {
+                    self.granted(permit);
+                    self.advance().await;
+                    if self.pipeline.len() == 0 {
                         self.flush(socket).await?;
                     }
                 }
@@ -182,17 +352,20 @@ impl Connection {
                     }
                     self.discard_skipped();
                     self.advance().await;
+                    self.tidy_read_buf();
                     if self.pipeline.len() == 0 {
                         self.flush(socket).await?;
-                    }
-                    if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK_BYTES / 4 {
-                        self.read_buf.reserve(READ_CHUNK_BYTES);
                     }
                 }
                 _ = sleep_until(idle_deadline), if idle_armed && !self.closing => {
                     Stats::incr(&self.ctx.stats.idle_kicks);
                     tracing::debug!("closing idle connection");
                     self.closing = true;
+                }
+                _ = sleep_until(request_deadline), if request_deadline.is_some() => {
+                    Stats::incr(&self.ctx.stats.request_timeouts);
+                    tracing::debug!("closing a connection whose request did not complete in time");
+                    self.stop_reading();
                 }
                 _ = shutdown.cancelled(), if !self.closing => {
                     self.closing = true;
@@ -201,20 +374,149 @@ impl Connection {
         }
     }
 
+    /// Whether the connection may take more input, budget aside.
+    fn may_read(&self) -> bool {
+        !self.closing
+            && self.barrier.is_none()
+            && self.waiting.is_none()
+            && self.pipeline.len() < MAX_PIPELINE_DEPTH
+            && !self.over_share()
+    }
+
+    /// Past its share of the budget with replies still to come: wait for them first.
+    fn over_share(&self) -> bool {
+        self.pipeline.len() > 0 && self.account.held_units() > self.account.budget().share_units()
+    }
+
+    /// Stops taking input and ends the connection once what is in flight is answered.
+    fn stop_reading(&mut self) {
+        self.closing = true;
+        self.read_buf.clear();
+        self.skip_bytes = 0;
+        self.skip_line = false;
+    }
+
+    /// When the incomplete request in the read buffer must be complete, if there is one and
+    /// the connection is waiting for the client (not for itself).
+    fn request_deadline(&mut self, reading: bool) -> Option<tokio::time::Instant> {
+        let waiting_for_client = !self.read_buf.is_empty() || self.skip_bytes > 0 || self.skip_line;
+        if !reading || !waiting_for_client {
+            self.partial_since = None;
+            return None;
+        }
+        let since = *self
+            .partial_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        self.config.request_timeout.map(|t| since + t)
+    }
+
+    /// Makes sure the read buffer has room for a read; returns false when the budget cannot
+    /// give it now (a grant is then awaited).
+    fn make_read_room(&mut self) -> bool {
+        let len = self.read_buf.len();
+        if self.read_buf.capacity() - len >= READ_CHUNK_BYTES / 4 {
+            return true;
+        }
+        let new_cap = if len < INITIAL_BUFFER_BYTES / 2 {
+            INITIAL_BUFFER_BYTES
+        } else {
+            (len * 2).max(len + READ_CHUNK_BYTES)
+        };
+        let more = Budget::units(new_cap).saturating_sub(Budget::units(self.read_alloc));
+        if self.account.try_grow_buffers(more) {
+            self.regrow_read_buf(new_cap);
+            return true;
+        }
+        Stats::incr(&self.ctx.stats.budget_waits);
+        self.waiting = Some(Waiting {
+            want: Want::ReadRoom(new_cap),
+            grant: Some(self.account.grant(self.account.budget().clamp(more), false)),
+        });
+        false
+    }
+
+    /// Moves the read buffer's bytes into a new allocation of `capacity`.
+    fn regrow_read_buf(&mut self, capacity: usize) {
+        let mut fresh = BytesMut::with_capacity(capacity.max(self.read_buf.len()));
+        fresh.extend_from_slice(&self.read_buf);
+        self.read_alloc = fresh.capacity();
+        self.read_buf = fresh;
+        self.sync_buffers();
+    }
+
+    /// Gives back a read buffer grown for a large request once it is mostly consumed.
+    fn tidy_read_buf(&mut self) {
+        if self.read_alloc > INITIAL_BUFFER_BYTES + READ_CHUNK_BYTES
+            && self.read_buf.len() < INITIAL_BUFFER_BYTES / 2
+        {
+            self.regrow_read_buf(INITIAL_BUFFER_BYTES);
+        }
+    }
+
+    /// Charges the budget for what the buffers hold allocated now.
+    fn sync_buffers(&mut self) {
+        let bytes = self.read_alloc + self.write_buf.capacity();
+        self.account.set_buffers(bytes);
+    }
+
+    /// Books a grant for the work that waited for it.
+    fn granted(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let Some(waiting) = self.waiting.take() else {
+            return;
+        };
+        match waiting.want {
+            Want::Request(request, keys, _) => {
+                let charge = self.account.granted_request(permit);
+                self.pipeline.start(&self.ctx, *request, keys, charge);
+            }
+            Want::ReadRoom(capacity) => {
+                self.account.granted_buffers(permit);
+                self.regrow_read_buf(capacity);
+            }
+        }
+    }
+
+    /// Writes a finished request's reply; what the request held pays for the write buffer
+    /// and the rest is given back.
+    fn finish(&mut self, response: Response, seq: u64, keys: &[Bytes], charge: Charge) {
+        self.pipeline.finish(seq, keys);
+        self.account.finish_request(charge);
+        self.emit(response);
+    }
+
     /// Encodes a reply; a `Close` reply stops the connection after what is already queued.
     fn emit(&mut self, response: Response) {
         if response == Response::Close {
             self.closing = true;
             self.read_buf.clear();
         }
+        // Size the buffer for a large reply at once: growing by doubling could take twice
+        // the reply's size.
+        let need = encoded_len_hint(&response);
+        if need > self.write_buf.capacity() - self.write_buf.len() {
+            if self.write_buf.is_empty() {
+                self.write_buf = BytesMut::with_capacity(need);
+            } else {
+                self.write_buf.reserve(need);
+            }
+        }
         response.encode(&mut self.write_buf);
+        self.sync_buffers();
     }
 
+    /// Writes every waiting reply within the write timeout, then shrinks a write buffer a
+    /// large reply grew.
     async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
-        if !self.write_buf.is_empty() {
-            socket.write_all(&self.write_buf).await?;
-            Stats::add(&self.ctx.stats.bytes_written, self.write_buf.len() as u64);
-            self.write_buf.clear();
+        write_replies(
+            socket,
+            &mut self.write_buf,
+            self.config.write_timeout,
+            &self.ctx.stats,
+        )
+        .await?;
+        if self.write_buf.capacity() > WRITE_KEEP_BYTES {
+            self.write_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
+            self.sync_buffers();
         }
         Ok(())
     }
@@ -242,7 +544,7 @@ impl Connection {
     async fn advance(&mut self) {
         loop {
             self.dispatch();
-            if self.pipeline.len() > 0 {
+            if self.pipeline.len() > 0 || self.waiting.is_some() {
                 return;
             }
             let Some(barrier) = self.barrier.take() else {
@@ -253,14 +555,9 @@ impl Connection {
         }
     }
 
-    /// Parses and starts as many buffered requests as the pipeline allows.
+    /// Parses and starts as many buffered requests as the pipeline and the budget allow.
     fn dispatch(&mut self) {
-        while !self.closing
-            && self.barrier.is_none()
-            && self.pipeline.len() < MAX_PIPELINE_DEPTH
-            && self.skip_bytes == 0
-            && !self.skip_line
-        {
+        while self.start_queued() && !self.closing && self.skip_bytes == 0 && !self.skip_line {
             // The parser takes the frame off the buffer; the request holds slices of it.
             let Some(Parsed {
                 request,
@@ -275,6 +572,8 @@ impl Connection {
             else {
                 return;
             };
+            self.parsed += 1;
+            self.partial_since = None;
             self.long_retrieval = resume;
             match skip {
                 Skip::None => {}
@@ -282,30 +581,269 @@ impl Connection {
                 Skip::Line => self.skip_line = true,
             }
             self.discard_skipped();
-            // A hit in the near tier with nothing in flight before it is answered here, with
-            // no task, channel or allocation beyond the reply.
-            // Past the write high-water mark the pipeline takes over, which is bounded and
-            // flushes.
-            if self.pipeline.len() == 0 && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
-                if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
-                    self.emit(response);
-                    continue;
-                }
+            if self.auth_required {
+                let response = self.text_login(request);
+                self.emit(response);
+                continue;
             }
-            match request.keys() {
-                Some(keys) => {
-                    let keys = keys.into_iter().cloned().collect();
-                    self.pipeline.start(&self.ctx, request, keys);
-                }
-                None => {
-                    if matches!(request, Request::Quit | Request::Hangup(_)) {
-                        self.read_buf.clear();
-                    }
-                    self.barrier = Some(request);
-                }
+            // Pieces of a connection's share: several connections' large gets run at once.
+            let max_units = self.account.budget().share_units();
+            self.queued
+                .extend(split_retrieval(request, &self.config.limits, max_units));
+        }
+    }
+
+    /// Starts queued requests while the pipeline, barriers and the budget allow; returns
+    /// whether more may be parsed.
+    fn start_queued(&mut self) -> bool {
+        if !self.retry_waiting() {
+            return false;
+        }
+        loop {
+            if self.barrier.is_some() || self.pipeline.len() >= MAX_PIPELINE_DEPTH {
+                return false;
+            }
+            let Some(request) = self.queued.pop_front() else {
+                return true;
+            };
+            self.start(request);
+            if self.waiting.is_some() {
+                return false;
             }
         }
     }
+
+    /// Starts one request: a barrier waits for the pipeline; any other runs once the budget
+    /// has granted the most its reply can take.
+    fn start(&mut self, request: Request) {
+        let Some(keys) = request.keys() else {
+            if matches!(request, Request::Quit | Request::Hangup(_)) {
+                self.read_buf.clear();
+            }
+            self.barrier = Some(request);
+            return;
+        };
+        let keys: Vec<Bytes> = keys.into_iter().cloned().collect();
+        // Never more than the largest grant (configuration keeps every request within it).
+        let units = (self.account.budget())
+            .clamp(Budget::units(reply_bound(&request, &self.config.limits)));
+        // A hit in the near tier with nothing in flight before it is answered here, with
+        // no task, channel or allocation beyond the reply.
+        // Past the write high-water mark the pipeline takes over, which is bounded and
+        // flushes.
+        if self.pipeline.len() == 0 && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
+            if let Some(charge) = self.account.try_take_request(units) {
+                match command::answer_from_tier(&self.ctx, &request) {
+                    Some(response) => {
+                        self.account.finish_request(charge);
+                        self.emit(response);
+                    }
+                    None => self.pipeline.start(&self.ctx, request, keys, charge),
+                }
+                return;
+            }
+        }
+        self.start_or_wait(request, keys, units);
+    }
+
+    /// Tries again a request that waited for this connection's own replies to drain;
+    /// returns whether nothing waits any more.
+    fn retry_waiting(&mut self) -> bool {
+        match self.waiting.take() {
+            None => true,
+            Some(Waiting {
+                want: Want::Request(request, keys, units),
+                grant: None,
+            }) => {
+                self.start_or_wait(*request, keys, units);
+                self.waiting.is_none()
+            }
+            Some(other) => {
+                self.waiting = Some(other);
+                false
+            }
+        }
+    }
+
+    /// Starts a request if the budget grants its `units` now; otherwise holds it back until
+    /// this connection's replies drain (past its share) or the budget grants them.
+    fn start_or_wait(&mut self, request: Request, keys: Vec<Bytes>, units: u32) {
+        let share = self.account.budget().share_units();
+        let grant = if self.pipeline.len() > 0
+            && self.account.request_units().saturating_add(units) > share
+        {
+            None
+        } else if let Some(charge) = self.account.try_take_request(units) {
+            self.pipeline.start(&self.ctx, request, keys, charge);
+            return;
+        } else {
+            Stats::incr(&self.ctx.stats.budget_waits);
+            Some(self.account.grant(units, true))
+        };
+        self.waiting = Some(Waiting {
+            want: Want::Request(Box::new(request), keys, units),
+            grant,
+        });
+    }
+}
+
+/// Splits a retrieval whose reply could take more than `max_units` into pieces that cannot;
+/// every piece but the last leaves out `END`, as with a line longer than the parser's
+/// window. Other requests come back whole.
+fn split_retrieval(request: Request, limits: &Limits, max_units: u32) -> Vec<Request> {
+    let max_bytes = max_units as usize * crate::budget::UNIT_BYTES as usize;
+    if Budget::units(reply_bound(&request, limits)) <= max_units {
+        return vec![request];
+    }
+    let per_key = reply_bound_per_key(limits) + 2 * protocol::MAX_KEY_BYTES;
+    let per_piece = (max_bytes.saturating_sub(SMALL_REPLY_BYTES) / per_key).max(1);
+    let piece = |keys: &[Bytes], last: bool, end: bool| (keys.to_vec(), last && end);
+    match request {
+        Request::Get { keys, cas, end } => {
+            let n = keys.chunks(per_piece).count();
+            keys.chunks(per_piece)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let (keys, end) = piece(chunk, i + 1 == n, end);
+                    Request::Get { keys, cas, end }
+                })
+                .collect()
+        }
+        Request::Gat {
+            exptime,
+            keys,
+            cas,
+            end,
+        } => {
+            let n = keys.chunks(per_piece).count();
+            keys.chunks(per_piece)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let (keys, end) = piece(chunk, i + 1 == n, end);
+                    Request::Gat {
+                        exptime,
+                        keys,
+                        cas,
+                        end,
+                    }
+                })
+                .collect()
+        }
+        other => vec![other],
+    }
+}
+
+/// What one key of a retrieval can take: its value read from the store, and encoded.
+fn reply_bound_per_key(limits: &Limits) -> usize {
+    2 * (limits.max_item_bytes + REPLY_OVERHEAD_BYTES)
+}
+
+/// The most bytes a request can hold while it runs and its reply waits: values read from
+/// the store, and their encoding in the write buffer.
+fn reply_bound(request: &Request, limits: &Limits) -> usize {
+    let per_value = limits.max_item_bytes + REPLY_OVERHEAD_BYTES;
+    match request {
+        Request::Get { keys, .. } | Request::Gat { keys, .. } => {
+            let values = keys.len().saturating_mul(reply_bound_per_key(limits));
+            let keys: usize = keys.iter().map(|k| 2 * k.len()).sum();
+            values.min(2 * (command::MAX_RESPONSE_BYTES + per_value)) + keys + SMALL_REPLY_BYTES
+        }
+        // The data block and a copy as written to the store; append and prepend also read
+        // the old value.
+        Request::Store { data, mode, .. } => {
+            let old = match mode {
+                StoreMode::Append | StoreMode::Prepend => per_value,
+                _ => 0,
+            };
+            2 * data.len() + old + SMALL_REPLY_BYTES
+        }
+        Request::Arith { .. } | Request::Meta(_) => 2 * per_value + SMALL_REPLY_BYTES,
+        _ => SMALL_REPLY_BYTES,
+    }
+}
+
+/// Bytes a reply encodes to, near enough to size the write buffer (0 when small).
+fn encoded_len_hint(response: &Response) -> usize {
+    match response {
+        Response::Values { values, .. } => values
+            .iter()
+            .map(|v| v.key.len() + v.data.len() + REPLY_OVERHEAD_BYTES)
+            .sum::<usize>()
+            .saturating_add(8),
+        _ => 0,
+    }
+}
+
+/// Waits for the grant the connection is waiting for, if any.
+async fn wait_grant(waiting: &mut Option<Waiting>) -> tokio::sync::OwnedSemaphorePermit {
+    match waiting {
+        Some(Waiting {
+            grant: Some(grant), ..
+        }) => grant.await,
+        _ => futures::future::pending().await,
+    }
+}
+
+impl Connection {
+    /// Before a text login, memcached takes only a `set` whose data is `user password`.
+    fn text_login(&mut self, request: Request) -> Response {
+        let Some(users) = &self.config.sasl else {
+            return Response::None;
+        };
+        match request {
+            Request::Store {
+                mode: StoreMode::Set,
+                data,
+                ..
+            } => {
+                let ok = users.check_text(&data);
+                if crate::sasl::record_now(&self.ctx.stats, ok, &mut self.auth_failures) {
+                    self.auth_required = !ok;
+                    if ok {
+                        return Response::Stored;
+                    }
+                    Response::Error(ProtocolError::Client("authentication failure"))
+                } else {
+                    Response::Close
+                }
+            }
+            Request::Quit | Request::Hangup(_) => Response::Close,
+            _ => Response::Error(ProtocolError::Client("unauthenticated")),
+        }
+    }
+}
+
+/// Writes `buf` whole (then empties it) within `timeout`, counting the bytes written and a
+/// timeout in `stats`; for both protocols' connections.
+pub async fn write_replies<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    buf: &mut BytesMut,
+    timeout: Option<Duration>,
+    stats: &Stats,
+) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        socket.write_all(buf).await?;
+        socket.flush().await
+    };
+    match timeout {
+        None => write.await?,
+        Some(limit) => match tokio::time::timeout(limit, write).await {
+            Ok(written) => written?,
+            Err(_) => {
+                Stats::incr(&stats.write_timeouts);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client did not read its replies within the write timeout",
+                ));
+            }
+        },
+    }
+    Stats::add(&stats.bytes_written, buf.len() as u64);
+    buf.clear();
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -5,8 +5,18 @@
 //! [`config`], [`culler`], [`flush`], [`stats`]; [`tier`] keeps hot items in RAM in front of
 //! the store; [`app`] wires them together.
 #![forbid(unsafe_code)]
+// Style rules that lints enforce; thresholds and banned items are in clippy.toml.
+#![warn(clippy::too_many_lines, clippy::unwrap_used)]
 
+// Lets test code shared with the integration tests name this crate as they do
+// (see `store::conformance`).
+#[cfg(test)]
+extern crate self as s3cached;
+
+pub mod admin;
 pub mod app;
+pub mod binary;
+pub mod budget;
 pub mod check;
 pub mod clock;
 pub mod command;
@@ -14,10 +24,30 @@ pub mod config;
 pub mod connection;
 pub mod culler;
 pub mod flush;
+pub mod lifecycle;
+pub mod metrics;
 pub mod protocol;
+pub mod sasl;
 pub mod server;
 pub mod stats;
 pub mod store;
 pub mod throttle;
 pub mod tier;
 pub mod tls;
+
+/// The memcached release whose protocol s3cached speaks, as a literal for `concat!`.
+macro_rules! memcached_release {
+    () => {
+        "1.6.18"
+    };
+}
+
+/// The memcached release whose protocol s3cached speaks; clients parse it.
+pub const MEMCACHED_COMPAT_VERSION: &str = memcached_release!();
+
+/// What `version` answers and `stats` reports: the memcached release, then s3cached's own.
+pub const VERSION: &str = concat!(
+    memcached_release!(),
+    "-s3cached-",
+    env!("CARGO_PKG_VERSION")
+);

@@ -1,5 +1,6 @@
 //! The `s3cached` binary: parse configuration, set up logging, run the app; or, with the
-//! `check` subcommand, check a running server.
+//! `check` subcommand, check a running server; or, with `lifecycle`, print or install the
+//! bucket's expiry rules.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -19,6 +20,15 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Check(args)) = &cli.command {
         return run_check(&config, args);
+    }
+    if let Some(Command::Lifecycle(args)) = &cli.command {
+        return match s3cached::lifecycle::run(&config, args, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("s3cached lifecycle: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if cli.check_config {
         print!("{}", config.to_toml());

@@ -68,6 +68,7 @@ pub async fn run(
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
+        let config = config.clone();
         connections.spawn(async move {
             Stats::incr(&ctx.stats.total_connections);
             Stats::incr(&ctx.stats.curr_connections);

@@ -125,15 +125,23 @@ impl Tiered {
     /// The item for `key` if RAM holds one the backend confirmed within the window: no I/O.
     /// The caller counts the hit.
     pub fn peek_fresh(&self, key: &[u8]) -> Option<Versioned> {
+        self.peek_fresh_cached(key)
+            .map(|cached| cached.item.clone())
+    }
+
+    /// [`peek_fresh`](Tiered::peek_fresh) without the version, for answering a get: no heap
+    /// allocation (the entry's bytes are shared).
+    pub fn peek_fresh_entry(&self, key: &[u8]) -> Option<Entry> {
+        self.peek_fresh_cached(key)
+            .map(|cached| cached.item.entry.clone())
+    }
+
+    fn peek_fresh_cached(&self, key: &[u8]) -> Option<Arc<Cached>> {
         let cached = self.ram.as_ref()?.get(key)?;
         let age_ms = self
             .now_ms()
             .saturating_sub(cached.checked_at_ms.load(Relaxed));
-        if u128::from(age_ms) < self.window.as_millis() {
-            Some(cached.item.clone())
-        } else {
-            None
-        }
+        (u128::from(age_ms) < self.window.as_millis()).then_some(cached)
     }
 
     /// The item as the backend has it now: RAM is used only to make the read conditional

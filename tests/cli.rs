@@ -2,6 +2,10 @@
 //! that reads back the same (without secrets), `check` tells whether a server works (with
 //! plain logs when its output is piped), a client over the connection cap is told at once,
 //! and refused protocols cannot flood the log.
+#![allow(
+    clippy::disallowed_types,
+    reason = "these tests run the binary, in wall-clock time"
+)]
 
 use std::process::Command;
 

@@ -1,4 +1,8 @@
 //! The culler and flush_all against a real S3-compatible server.
+#![allow(
+    clippy::disallowed_types,
+    reason = "these tests run against a real S3 server, in wall-clock time"
+)]
 
 mod common;
 
@@ -58,6 +62,9 @@ const CULL_300: &str = "max_entries = 300\ncull_frequency = 3\ncull_interval_sec
 
 #[tokio::test]
 async fn a_thousand_keys_converge_under_max_entries() {
+    if !common::have_s3() {
+        return;
+    }
     let server = TestServer::start(Backend::S3, "converge", CULL_300).await;
     let mut c = server.client().await;
     let mut sets = Vec::new();
@@ -85,6 +92,9 @@ async fn a_thousand_keys_converge_under_max_entries() {
 
 #[tokio::test]
 async fn cull_frequency_zero_removes_everything() {
+    if !common::have_s3() {
+        return;
+    }
     let server = TestServer::start(
         Backend::S3,
         "cullall",
@@ -99,6 +109,9 @@ async fn cull_frequency_zero_removes_everything() {
 
 #[tokio::test]
 async fn two_replicas_culling_at_once_do_not_over_cull() {
+    if !common::have_s3() {
+        return;
+    }
     let prefix = unique_prefix("twocull");
     let a = server_sharing(&prefix, CULL_300).await;
     let b = server_sharing(&prefix, CULL_300).await;
@@ -115,6 +128,9 @@ async fn two_replicas_culling_at_once_do_not_over_cull() {
 
 #[tokio::test]
 async fn flush_all_over_ten_thousand_objects() {
+    if !common::have_s3() {
+        return;
+    }
     let prefix = unique_prefix("flush10k");
     // Strict mode: B sees A's flush at once (tests/tier.rs covers the default window).
     let a = server_sharing(&prefix, "revalidate_after_ms = 0\n").await;
@@ -160,6 +176,9 @@ async fn flush_all_over_ten_thousand_objects() {
 
 #[tokio::test]
 async fn flush_all_with_a_delay() {
+    if !common::have_s3() {
+        return;
+    }
     let server = TestServer::start(Backend::S3, "flushdelay", "").await;
     let mut c = server.client().await;
     c.roundtrip(b"set k 0 0 1\r\nv\r\nflush_all 2\r\n", b"STORED\r\nOK\r\n")
@@ -214,6 +233,9 @@ async fn within(c: &mut common::Client, within: Duration, request: &[u8], expect
 
 #[tokio::test]
 async fn flush_all_holds_across_replicas_with_skewed_clocks() {
+    if !common::have_s3() {
+        return;
+    }
     let prefix = unique_prefix("skew");
     // Strict mode, so the only delay in seeing a flush is the clocks' disagreement.
     let strict = "revalidate_after_ms = 0\n";

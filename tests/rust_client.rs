@@ -1,5 +1,5 @@
-//! A Rust memcached client crate (`memcache`, text protocol) against s3cached on the
-//! directory store and on S3. (Binary-protocol refusal is in tests/transcripts.rs.)
+//! A Rust memcached client crate (`memcache`) against s3cached on the directory store and on
+//! S3, over the text protocol and over its default, the binary protocol (with a SASL login).
 
 mod common;
 
@@ -10,7 +10,8 @@ fn exercise(url: String) {
     client.flush().unwrap();
     client.set("k", "v", 0).unwrap();
     assert_eq!(client.get::<String>("k").unwrap().as_deref(), Some("v"));
-    // The crate does not report NOT_STORED for add; the value must stay.
+    // Over text the crate does not report NOT_STORED for add (binary: an error); the value
+    // must stay either way.
     let _ = client.add("k", "other", 0);
     assert_eq!(client.get::<String>("k").unwrap().as_deref(), Some("v"));
     client.add("fresh", "a", 0).unwrap();
@@ -56,5 +57,39 @@ async fn memcache_crate_on_dir() {
 
 #[tokio::test]
 async fn memcache_crate_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     run(Backend::S3).await;
+}
+
+/// The crate's default protocol is binary; with users set, it logs in with SASL PLAIN.
+async fn run_binary(backend: Backend) {
+    let users = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(users.path(), "rust:cl1ent-pass\n").unwrap();
+    let extra = format!(
+        "sasl_users_file = {:?}\n",
+        users.path().display().to_string()
+    );
+    let server = TestServer::start(backend, "rustbinary", &extra).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        exercise(format!("memcache://rust:cl1ent-pass@{addr}?timeout=20"));
+        let wrong = memcache::Client::connect(format!("memcache://rust:nope@{addr}?timeout=20"));
+        assert!(wrong.is_err(), "a wrong password must be refused");
+        let anonymous = memcache::Client::connect(format!("memcache://{addr}?timeout=20")).unwrap();
+        assert!(anonymous.get::<String>("k").is_err(), "no login, no data");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn memcache_crate_binary_with_sasl_on_dir() {
+    run_binary(Backend::Dir).await;
+}
+
+#[tokio::test]
+async fn memcache_crate_binary_with_sasl_on_s3() {
+    run_binary(Backend::S3).await;
 }

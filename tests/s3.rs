@@ -2,43 +2,35 @@
 //! the seed's options, prefixes, foreign objects, restarts, faults and hidden latency.
 
 mod common;
+#[path = "../src/store/conformance.rs"]
+mod conformance;
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use aws_sdk_s3::config::{Credentials, Region};
 use bytes::Bytes;
 use common::proxy::{Mode, Proxy, WriteFault};
 use common::{s3_endpoint, unique_prefix, Backend, Client, TestServer, TEST_BUCKET};
 use s3cached::config::Config;
 use s3cached::store::format::Codec;
 use s3cached::store::s3::{S3Settings, S3Store};
-use s3cached::store::{conformance, key_hash, Store};
+use s3cached::store::{key_hash, Store};
 
 fn settings(prefix: &str, endpoint: &str) -> S3Settings {
-    let config = Config::from_toml(&format!(
-        "storage_bucket_name = {TEST_BUCKET:?}\nendpoint_url = {endpoint:?}\nforce_path_style = true\n\
-         create_bucket = true\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n\
-         location = {prefix:?}\n"
-    ))
-    .unwrap();
-    S3Settings::from_config(&config, s3cached::app::codec(&config))
+    let config = Config::from_toml(&common::s3::s3_toml(TEST_BUCKET, endpoint, prefix)).unwrap();
+    s3cached::app::s3_settings(&config, s3cached::app::codec(&config))
 }
 
 /// A plain SDK client, to look at objects behind s3cached's back.
-async fn raw_client() -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(s3_endpoint())
-        .force_path_style(true)
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+fn raw_client() -> aws_sdk_s3::Client {
+    common::s3::sdk_client(&s3_endpoint())
 }
 
 #[tokio::test]
 async fn conformance_suite_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     let store = S3Store::connect(settings(&unique_prefix("conf"), &s3_endpoint()))
         .await
         .unwrap();
@@ -51,6 +43,9 @@ async fn conformance_suite_on_s3() {
 
 #[tokio::test]
 async fn conformance_suite_on_s3_with_gzip() {
+    if !common::have_s3() {
+        return;
+    }
     let mut s = settings(&unique_prefix("confgz"), &s3_endpoint());
     s.codec = Codec {
         gzip_min_bytes: Some(16),
@@ -62,6 +57,9 @@ async fn conformance_suite_on_s3_with_gzip() {
 
 #[tokio::test]
 async fn objects_are_sha1_names_under_the_prefix_folder() {
+    if !common::have_s3() {
+        return;
+    }
     let prefix = unique_prefix("names");
     let a = S3Store::connect(settings(&prefix, &s3_endpoint()))
         .await
@@ -82,7 +80,7 @@ async fn objects_are_sha1_names_under_the_prefix_folder() {
     b.put(&entry, s3cached::store::PutMode::Overwrite)
         .await
         .unwrap();
-    let raw = raw_client().await;
+    let raw = raw_client();
     let object = raw
         .get_object()
         .bucket(TEST_BUCKET)
@@ -102,6 +100,9 @@ async fn objects_are_sha1_names_under_the_prefix_folder() {
 
 #[tokio::test]
 async fn seed_options_reach_s3() {
+    if !common::have_s3() {
+        return;
+    }
     let prefix = unique_prefix("opts");
     let server = TestServer::start_config(
         common::config(Backend::S3, &prefix, std::path::Path::new("/nonexistent"),
@@ -121,7 +122,7 @@ async fn seed_options_reach_s3() {
         format!("VALUE big 123 {}\r\n{value}\r\nEND\r\n", value.len()).as_bytes(),
     )
     .await;
-    let raw = raw_client().await;
+    let raw = raw_client();
     let name = format!("{prefix}/{}", key_hash(b"big"));
     let head = raw
         .head_object()
@@ -152,6 +153,9 @@ async fn seed_options_reach_s3() {
 
 #[tokio::test]
 async fn buckets_that_refuse_acls_are_written_without_them() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let store = S3Store::connect(settings(&unique_prefix("acl"), &proxy.url()))
         .await
@@ -182,6 +186,9 @@ async fn buckets_that_refuse_acls_are_written_without_them() {
 
 #[tokio::test]
 async fn a_store_that_ignores_conditional_writes_is_detected() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     proxy.set(Mode::StripConditionals);
     let store = S3Store::connect(settings(&unique_prefix("noatomic"), &proxy.url()))
@@ -197,8 +204,11 @@ async fn a_store_that_ignores_conditional_writes_is_detected() {
 
 #[tokio::test]
 async fn corrupt_and_foreign_objects_read_as_misses() {
+    if !common::have_s3() {
+        return;
+    }
     let server = TestServer::start(Backend::S3, "corrupt", "").await;
-    let raw = raw_client().await;
+    let raw = raw_client();
     let prefix = &server.config.location;
     raw.put_object()
         .bucket(TEST_BUCKET)
@@ -220,8 +230,25 @@ async fn corrupt_and_foreign_objects_read_as_misses() {
         .send()
         .await
         .unwrap();
+    // A well-formed object for its key with one value byte changed: its checksum fails.
+    let mut damaged = Codec::default()
+        .encode(&s3cached::store::Entry {
+            key: Bytes::from("damaged"),
+            value: Bytes::from("right value"),
+            ..Default::default()
+        })
+        .to_vec();
+    let at = damaged.len() - 6;
+    damaged[at] ^= 0x20;
+    raw.put_object()
+        .bucket(TEST_BUCKET)
+        .key(format!("{prefix}/{}", key_hash(b"damaged")))
+        .body(Bytes::from(damaged).into())
+        .send()
+        .await
+        .unwrap();
     let mut c = server.client().await;
-    c.roundtrip(b"get junk mine\r\n", b"END\r\n").await;
+    c.roundtrip(b"get junk mine damaged\r\n", b"END\r\n").await;
     c.roundtrip(
         b"set junk 0 0 1\r\nj\r\nget junk\r\n",
         b"STORED\r\nVALUE junk 0 1\r\nj\r\nEND\r\n",
@@ -231,6 +258,9 @@ async fn corrupt_and_foreign_objects_read_as_misses() {
 
 #[tokio::test]
 async fn items_and_flushes_survive_a_restart() {
+    if !common::have_s3() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let config = common::config(Backend::S3, &unique_prefix("restart"), dir.path(), "");
     let first = TestServer::start_config(config.clone(), tempfile::tempdir().unwrap()).await;
@@ -271,6 +301,9 @@ async fn start_via(proxy: &Proxy, extra: &str, short_deadlines: bool) -> TestSer
 
 #[tokio::test]
 async fn backend_faults_answer_server_error_promptly_and_recover() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     // Strict mode: every read asks the backend, so each fault shows.
     let server = server_behind(&proxy, "revalidate_after_ms = 0\n").await;
@@ -307,6 +340,9 @@ async fn backend_faults_answer_server_error_promptly_and_recover() {
 
 #[tokio::test]
 async fn backend_gone_then_back() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     // Strict mode: every read asks the backend, so its absence shows.
     let server = server_behind(
@@ -340,6 +376,9 @@ async fn backend_gone_then_back() {
 
 #[tokio::test]
 async fn multi_get_and_pipelined_sets_fan_out() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     // No RAM tier: the gets must go to the backend to show their fan-out.
     let server = server_via(&proxy, "s3_max_in_flight = 256\nram_cache_bytes = 0\n").await;
@@ -376,6 +415,9 @@ async fn multi_get_and_pipelined_sets_fan_out() {
 
 #[tokio::test]
 async fn in_flight_requests_are_capped_globally() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(Backend::S3, &unique_prefix("cap"), dir.path(), "");
@@ -460,6 +502,9 @@ async fn commands_apply_once(c: &mut Client, proxy: &Proxy, fault: WriteFault) {
 
 #[tokio::test]
 async fn a_write_whose_answer_is_lost_applies_once() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let server = server_behind(&proxy, "").await;
     let mut c = server.client().await;
@@ -475,6 +520,9 @@ async fn a_write_whose_answer_is_lost_applies_once() {
 
 #[tokio::test]
 async fn conditional_write_conflicts_are_retried() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let server = server_behind(&proxy, "").await;
     let mut c = server.client().await;
@@ -491,6 +539,9 @@ async fn conditional_write_conflicts_are_retried() {
 
 #[tokio::test]
 async fn waiting_for_an_s3_slot_counts_against_the_deadline() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(Backend::S3, &unique_prefix("slots"), dir.path(), "");
@@ -533,11 +584,14 @@ async fn waiting_for_an_s3_slot_counts_against_the_deadline() {
 
 #[tokio::test]
 async fn oversized_foreign_objects_are_not_downloaded() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     // max_item_size: 1 MiB; strict mode, so the next request reads the flush epoch.
     let server = server_via(&proxy, "revalidate_after_ms = 0\n").await;
     let prefix = &server.config.location;
-    let raw = raw_client().await;
+    let raw = raw_client();
     let huge = Bytes::from(vec![b'x'; 24 * 1024 * 1024]);
     raw.put_object()
         .bucket(TEST_BUCKET)

@@ -46,6 +46,9 @@ const LONG_WINDOW: &str = "revalidate_after_ms = 600000\n";
 
 #[tokio::test]
 async fn hits_cost_no_request_a_miss_one_and_a_revalidation_one() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let window = Duration::from_millis(2000);
     let extra = format!("revalidate_after_ms = {}\n", window.as_millis());
@@ -99,6 +102,9 @@ async fn hits_cost_no_request_a_miss_one_and_a_revalidation_one() {
 
 #[tokio::test]
 async fn concurrent_reads_of_one_key_share_one_get() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("flight");
     let writer = replica(&proxy, &prefix, LONG_WINDOW).await;
@@ -136,6 +142,9 @@ async fn concurrent_reads_of_one_key_share_one_get() {
 
 #[tokio::test]
 async fn another_replicas_write_is_seen_within_one_window() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("window");
     let window = Duration::from_millis(500);
@@ -172,6 +181,9 @@ async fn another_replicas_write_is_seen_within_one_window() {
 
 #[tokio::test]
 async fn atomic_commands_stay_exact_across_replicas_whatever_the_window() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("atomic");
     let a = replica(&proxy, &prefix, LONG_WINDOW).await;
@@ -229,6 +241,9 @@ async fn atomic_commands_stay_exact_across_replicas_whatever_the_window() {
 
 #[tokio::test]
 async fn a_flush_is_seen_at_once_here_and_within_a_window_elsewhere() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("tierflush");
     let window = Duration::from_millis(500);
@@ -253,6 +268,9 @@ async fn a_flush_is_seen_at_once_here_and_within_a_window_elsewhere() {
 
 #[tokio::test]
 async fn strict_mode_reads_are_never_stale() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("strict");
     let strict = "revalidate_after_ms = 0\n";
@@ -273,6 +291,9 @@ async fn strict_mode_reads_are_never_stale() {
 
 #[tokio::test]
 async fn the_tier_holds_no_more_than_its_bytes() {
+    if !common::have_s3() {
+        return;
+    }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let bound: u64 = 1024 * 1024;
     let extra = format!("ram_cache_bytes = {bound}\n{LONG_WINDOW}");

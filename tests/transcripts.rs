@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Backend, TestServer};
+use common::{version_line, Backend, TestServer};
 
 /// Each row: bytes sent, exact bytes expected back. Rows run in order on one connection.
 const CLASSIC: &[(&str, &str)] = &[
@@ -154,6 +154,9 @@ async fn meta_commands_on_dir() {
 
 #[tokio::test]
 async fn meta_commands_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     run_table(Backend::S3, META).await;
 }
 
@@ -172,6 +175,9 @@ async fn classic_commands_on_dir() {
 
 #[tokio::test]
 async fn classic_commands_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     run_table(Backend::S3, CLASSIC).await;
 }
 
@@ -191,7 +197,7 @@ async fn bad_input_keeps_connection(backend: Backend) {
     long.extend_from_slice(b"\r\nversion\r\n");
     c.roundtrip(
         &long,
-        b"CLIENT_ERROR line too long\r\nVERSION 1.6.18-s3cached-0.1.0\r\n",
+        format!("CLIENT_ERROR line too long\r\n{}", version_line()).as_bytes(),
     )
     .await;
     // Keys: too long, or with control characters.
@@ -207,7 +213,7 @@ async fn bad_input_keeps_connection(backend: Backend) {
         .collect();
     c.send(&garbage).await;
     c.send(b"\r\nversion\r\n").await;
-    let out = c.read_until(b"VERSION 1.6.18-s3cached-0.1.0\r\n").await;
+    let out = c.read_until(version_line().as_bytes()).await;
     assert!(!out.is_empty());
     // A long multi-get line is fine.
     let mut get = b"get".to_vec();
@@ -225,23 +231,41 @@ async fn bad_input_on_dir() {
 
 #[tokio::test]
 async fn bad_input_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     bad_input_keeps_connection(Backend::S3).await;
 }
 
 #[tokio::test]
-async fn quit_and_binary_protocol_close_the_connection() {
+async fn quit_and_binary_protocol_switches() {
     let server = TestServer::start(Backend::Dir, "quit", "").await;
     let mut c = server.client().await;
     c.send(b"set a 0 0 1\r\na\r\nquit\r\nget a\r\n").await;
     assert_eq!(c.read_exact(8).await, b"STORED\r\n");
     assert!(c.closed().await);
+    // A binary-protocol GET as the first bytes: the connection speaks binary (memcached's
+    // auto-detection), answering with flags 0, cas, and the value.
     let mut b = server.client().await;
-    // A binary-protocol GET header.
-    b.send(&[
-        0x80, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'a',
-    ])
-    .await;
+    let get_a = [
+        0x80, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, b'a',
+    ];
+    b.send(&get_a).await;
+    let reply = b.read_exact(29).await;
+    assert_eq!(&reply[..12], &[0x81, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 5]);
+    assert_eq!(&reply[12..16], &[0, 0, 0, 7], "opaque echoed");
+    assert_eq!(&reply[24..], &[0, 0, 0, 0, b'a']);
+    // A frame without the request magic ends it, as in memcached.
+    let mut bad = get_a;
+    bad[0] = 0x81;
+    b.send(&bad).await;
     assert!(b.closed().await);
+    // Binary bytes in the middle of a text connection still close it.
+    let mut t = server.client().await;
+    t.roundtrip(b"get a\r\n", b"VALUE a 0 1\r\na\r\nEND\r\n")
+        .await;
+    t.send(&get_a).await;
+    assert!(t.closed().await);
     // The server is still fine.
     let mut c = server.client().await;
     c.roundtrip(b"get a\r\n", b"VALUE a 0 1\r\na\r\nEND\r\n")
@@ -292,10 +316,8 @@ async fn over_the_connection_cap_a_client_is_refused_at_once() {
     let server = TestServer::start(Backend::Dir, "cap", "max_connections = 2\n").await;
     let mut a = server.client().await;
     let mut b = server.client().await;
-    a.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n")
-        .await;
-    b.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n")
-        .await;
+    a.roundtrip(b"version\r\n", version_line().as_bytes()).await;
+    b.roundtrip(b"version\r\n", version_line().as_bytes()).await;
     // A third connection is told why and closed, as memcached does, even after a request.
     let mut third = server.client().await;
     third.send(b"version\r\n").await;
@@ -330,7 +352,7 @@ async fn consecutive_barriers_all_run() {
     let mut c = server.client().await;
     c.roundtrip(
         b"flush_all\r\nflush_all\r\nflush_all 0\r\nversion\r\n",
-        b"OK\r\nOK\r\nOK\r\nVERSION 1.6.18-s3cached-0.1.0\r\n",
+        format!("OK\r\nOK\r\nOK\r\n{}", version_line()).as_bytes(),
     )
     .await;
     c.roundtrip(
@@ -344,8 +366,7 @@ async fn consecutive_barriers_all_run() {
 async fn idle_connections_are_closed_after_the_timeout() {
     let server = TestServer::start(Backend::Dir, "idle", "idle_timeout_secs = 1\n").await;
     let mut c = server.client().await;
-    c.roundtrip(b"version\r\n", b"VERSION 1.6.18-s3cached-0.1.0\r\n")
-        .await;
+    c.roundtrip(b"version\r\n", version_line().as_bytes()).await;
     assert!(c.closed().await, "an idle connection stays open");
     let mut c = server.client().await;
     c.send(b"stats\r\n").await;
@@ -493,6 +514,9 @@ async fn memcached_fidelity_on_dir() {
 
 #[tokio::test]
 async fn memcached_fidelity_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     run_table(Backend::S3, FIDELITY).await;
 }
 
@@ -528,6 +552,9 @@ async fn meta_bytes_and_stale_ttl_on_dir() {
 
 #[tokio::test]
 async fn meta_bytes_and_stale_ttl_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     meta_bytes_and_stale_ttl(Backend::S3).await;
 }
 
@@ -556,8 +583,7 @@ async fn long_lines(backend: Backend) {
         line.extend_from_slice(b" last\r\nversion\r\n");
         assert!(line.len() > 270_000);
         c.send(&line).await;
-        let out =
-            String::from_utf8(c.read_until(b"VERSION 1.6.18-s3cached-0.1.0\r\n").await).unwrap();
+        let out = String::from_utf8(c.read_until(version_line().as_bytes()).await).unwrap();
         // Drop the cas of gets/gats: VALUE <key> <flags> <bytes>.
         let lines: Vec<String> = out
             .split("\r\n")
@@ -571,7 +597,7 @@ async fn long_lines(backend: Backend) {
                 "VALUE last 0 1",
                 "z",
                 "END",
-                "VERSION 1.6.18-s3cached-0.1.0",
+                version_line().trim_end(),
                 ""
             ],
             "{command}"
@@ -582,7 +608,11 @@ async fn long_lines(backend: Backend) {
     junk.extend_from_slice(b"\r\nversion\r\nget first\r\n");
     c.roundtrip(
         &junk,
-        b"CLIENT_ERROR line too long\r\nVERSION 1.6.18-s3cached-0.1.0\r\nVALUE first 0 1\r\na\r\nEND\r\n",
+        format!(
+            "CLIENT_ERROR line too long\r\n{}VALUE first 0 1\r\na\r\nEND\r\n",
+            version_line()
+        )
+        .as_bytes(),
     )
     .await;
     if backend == Backend::S3 {
@@ -608,6 +638,9 @@ async fn long_lines_on_dir() {
 
 #[tokio::test]
 async fn long_lines_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     long_lines(Backend::S3).await;
 }
 
@@ -647,6 +680,9 @@ async fn flush_edges_on_dir() {
 
 #[tokio::test]
 async fn flush_edges_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     flush_edges(Backend::S3).await;
 }
 
@@ -707,5 +743,8 @@ async fn default_bounds_keep_what_was_set_on_dir() {
 
 #[tokio::test]
 async fn default_bounds_keep_what_was_set_on_s3() {
+    if !common::have_s3() {
+        return;
+    }
     default_bounds_keep_what_was_set(Backend::S3, 400).await;
 }

@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::s3::{head_end, read_message};
 
 type Objects = Arc<Mutex<HashMap<String, (Vec<u8>, String)>>>;
 
@@ -28,39 +30,13 @@ pub async fn start() -> SocketAddr {
     addr
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 async fn serve(mut socket: TcpStream, objects: Objects) -> std::io::Result<()> {
     socket.set_nodelay(true)?;
     let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 65536];
-    loop {
-        let (head, body) = loop {
-            if let Some(end) = find(&buf, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().to_owned())
-                    })
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(0);
-                if buf.len() >= end + 4 + len {
-                    let body = buf[end + 4..end + 4 + len].to_vec();
-                    buf.drain(..end + 4 + len);
-                    break (head, body);
-                }
-            }
-            let n = socket.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
+    while let Some(mut message) = read_message(&mut socket, &mut buf).await? {
+        let end = head_end(&message).expect("a whole message");
+        let body = message.split_off(end + 4);
+        let head = String::from_utf8_lossy(&message[..end]).into_owned();
         let close = header(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let response = answer(&head, body, &objects);
         socket.write_all(&response).await?;
@@ -68,6 +44,7 @@ async fn serve(mut socket: TcpStream, objects: Objects) -> std::io::Result<()> {
             return Ok(());
         }
     }
+    Ok(())
 }
 
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {

@@ -9,10 +9,16 @@
 //! 100-key get and 100 pipelined sets behind 20 ms of injected latency, and, with
 //! `S3CACHED_BENCH_CULL_ENTRIES=N`, one culler pass over N objects.
 //! Every loop is bounded in count; all traffic stays on 127.0.0.1.
+#![allow(
+    clippy::disallowed_types,
+    reason = "a benchmark measures wall-clock time"
+)]
 
 #[path = "../../tests/common/proxy.rs"]
 #[allow(dead_code)]
 mod proxy;
+#[path = "../../tests/common/s3.rs"]
+mod s3;
 
 mod fast_s3;
 mod load;
@@ -22,7 +28,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -333,30 +338,14 @@ async fn local_comparison() {
     );
 }
 
-fn s3_env(endpoint: &str, prefix: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("S3CACHED_STORAGE_BUCKET_NAME", "s3cached-bench".into()),
-        ("S3CACHED_ENDPOINT_URL", endpoint.into()),
-        ("S3CACHED_FORCE_PATH_STYLE", "true".into()),
-        ("S3CACHED_CREATE_BUCKET", "true".into()),
-        ("S3CACHED_REGION", "us-east-1".into()),
-        ("S3CACHED_ACCESS_KEY_ID", "bench".into()),
-        ("S3CACHED_SECRET_ACCESS_KEY", "bench".into()),
-        ("S3CACHED_LOCATION", prefix.into()),
-        ("S3CACHED_S3_OPERATION_TIMEOUT_MS", "30000".into()),
-        ("S3CACHED_S3_ATTEMPT_TIMEOUT_MS", "10000".into()),
-    ]
-}
+/// The bench bucket, and the S3 test server's options with longer deadlines.
+const BENCH_BUCKET: &str = "s3cached-bench";
 
-fn sdk_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .force_path_style(true)
-        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+fn s3_env(endpoint: &str, prefix: &str) -> Vec<(&'static str, String)> {
+    let mut env = s3::s3_env(BENCH_BUCKET, endpoint, prefix);
+    env.push(("S3CACHED_S3_OPERATION_TIMEOUT_MS", "30000".into()));
+    env.push(("S3CACHED_S3_ATTEMPT_TIMEOUT_MS", "10000".into()));
+    env
 }
 
 async fn direct_s3(client: &aws_sdk_s3::Client, get: bool) -> Stat {
@@ -392,7 +381,7 @@ async fn direct_s3(client: &aws_sdk_s3::Client, get: bool) -> Stat {
 
 async fn s3_comparison(endpoint: &str) {
     let ours = start_s3cached(&s3_env(endpoint, "bench-latency")).await;
-    let client = sdk_client(endpoint);
+    let client = s3::sdk_client(endpoint);
     println!("\n== S3 backend at {endpoint}: through s3cached vs direct SDK calls ==");
     println!(
         "{:<28} {:>10} {:>10} {:>7} | {:>8} {:>8} {:>7} | {:>8} {:>8}",
@@ -500,17 +489,16 @@ async fn cull_cost(endpoint: &str, entries: usize) {
     use s3cached::culler::{Culler, CullerConfig, WriteHint};
     use s3cached::flush::Flush;
     use s3cached::stats::Stats;
-    use s3cached::store::s3::{S3Settings, S3Store};
+    use s3cached::store::s3::S3Store;
     use s3cached::store::{Entry, PutMode, Store};
     let prefix = format!("bench-cull-{entries}-{}", std::process::id());
     let config = s3cached::config::Config::from_toml(&format!(
-        "storage_bucket_name = \"s3cached-bench\"\nendpoint_url = {endpoint:?}\nforce_path_style = true\n\
-         create_bucket = true\nregion = \"us-east-1\"\naccess_key_id = \"b\"\nsecret_access_key = \"b\"\n\
-         location = {prefix:?}\ns3_operation_timeout_ms = 60000\ns3_attempt_timeout_ms = 30000\n"
+        "{}s3_operation_timeout_ms = 60000\ns3_attempt_timeout_ms = 30000\n",
+        s3::s3_toml(BENCH_BUCKET, endpoint, &prefix)
     ))
     .unwrap();
     let store: Arc<dyn Store> = Arc::new(
-        S3Store::connect(S3Settings::from_config(
+        S3Store::connect(s3cached::app::s3_settings(
             &config,
             s3cached::app::codec(&config),
         ))

@@ -429,6 +429,10 @@ impl<'c> Items<'c> {
                 (entry, new.initial, new.expires_at)
             }
             Some(old) => {
+                // memcached refuses an empty value as non-numeric before it compares a cas.
+                if old.value.is_empty() {
+                    return Decision::Answer(Counted::NonNumeric);
+                }
                 if a.compare_cas
                     .is_some_and(|want| want != 0 && want != old.cas)
                 {

@@ -34,8 +34,7 @@ pub const MAX_WRITE_RETRIES: usize = item::MAX_WRITE_ATTEMPTS;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// cas uniques stay in 1..=MAX_CAS.
 pub const MAX_CAS: u64 = u32::MAX as u64;
-/// The memcached release whose protocol s3cached speaks; clients parse it.
-pub const MEMCACHED_COMPAT_VERSION: &str = "1.6.18";
+pub use crate::MEMCACHED_COMPAT_VERSION;
 
 /// Server settings the commands consult.
 #[derive(Debug, Clone)]
@@ -151,8 +150,18 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
 }
 
 /// Executes one request that arrived at `arrived`: a flush epoch read started after that
-/// moment is fresh enough for it, so a burst of pipelined reads shares one.
+/// moment is fresh enough for it, so a burst of pipelined reads shares one. Its kind,
+/// result and time to the reply go to the metrics.
 pub async fn execute_arrived(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
+    let kind = crate::metrics::kind_of(&request);
+    let response = dispatch(ctx, request, arrived).await;
+    ctx.stats
+        .timings
+        .command(kind, &response, arrived.elapsed());
+    response
+}
+
+async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
     let items = Items::new(ctx, arrived);
     match request {
         Request::Get { keys, cas, end } => retrieve(&items, ctx, keys, cas, None, end).await,
@@ -231,20 +240,21 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     let Request::Get { keys, cas, end } = request else {
         return None;
     };
+    let began = tokio::time::Instant::now();
     let epoch = ctx.flush.current_now()?;
     let now_us = ctx.clock.now_us();
     let mut values = Vec::with_capacity(keys.len());
     let mut bytes = 0;
     for key in keys {
-        let item = ctx.store.peek_fresh(key)?;
-        if item::hidden(&item.entry, epoch, now_us).is_some() {
+        let entry = ctx.store.peek_fresh_entry(key)?;
+        if item::hidden(&entry, epoch, now_us).is_some() {
             return None;
         }
-        bytes += item.entry.value.len() + item.entry.key.len();
+        bytes += entry.value.len() + entry.key.len();
         if bytes > MAX_RESPONSE_BYTES {
             return None;
         }
-        values.push(to_value(item.entry));
+        values.push(to_value(entry));
     }
     for key in keys {
         ctx.detail.get(key, true);
@@ -253,11 +263,14 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     Stats::add(&ctx.stats.cmd_get, n);
     Stats::add(&ctx.stats.get_hits, n);
     Stats::add(&ctx.stats.tier_hits, n);
-    Some(Response::Values {
+    let response = Response::Values {
         values,
         with_cas: *cas,
         end: *end,
-    })
+    };
+    let kind = crate::metrics::kind_of(request);
+    ctx.stats.timings.command(kind, &response, began.elapsed());
+    Some(response)
 }
 
 async fn retrieve(
@@ -275,10 +288,17 @@ async fn retrieve(
     }
     // A key named twice in one gat is touched twice in order, as memcached does: the second
     // sees what the first wrote.
-    let fanout = if touch.is_some() && has_duplicates(&keys) {
+    let duplicates = has_duplicates(&keys);
+    let fanout = if touch.is_some() && duplicates {
         1
     } else {
         MAX_GET_FANOUT
+    };
+    // A key named twice in one get is read once; its value is repeated (shared, not copied).
+    let asked = (touch.is_none() && duplicates).then(|| keys.clone());
+    let keys = match &asked {
+        Some(all) => distinct(all),
+        None => keys,
     };
     let mut results = stream::iter(keys)
         .map(|key| async move {
@@ -307,11 +327,42 @@ async fn retrieve(
             Err(failure) => return failure,
         }
     }
+    if let Some(asked) = asked {
+        values = repeat_values(ctx, &asked, values);
+    }
     Response::Values {
         values,
         with_cas,
         end,
     }
+}
+
+/// The keys in order, each once.
+fn distinct(keys: &[Bytes]) -> Vec<Bytes> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.iter().filter(|k| seen.insert(*k)).cloned().collect()
+}
+
+/// The values of a get whose keys repeat, one per key asked, counted as memcached counts.
+fn repeat_values(ctx: &Ctx, asked: &[Bytes], values: Vec<Value>) -> Vec<Value> {
+    let found: std::collections::HashMap<Bytes, Value> =
+        values.into_iter().map(|v| (v.key.clone(), v)).collect();
+    let mut seen = std::collections::HashSet::with_capacity(asked.len());
+    let mut out = Vec::with_capacity(asked.len());
+    for key in asked {
+        let again = !seen.insert(key);
+        let hit = found.get(key);
+        if again {
+            Stats::incr(if hit.is_some() {
+                &ctx.stats.get_hits
+            } else {
+                &ctx.stats.get_misses
+            });
+            ctx.detail.get(key, hit.is_some());
+        }
+        out.extend(hit.cloned());
+    }
+    out
 }
 
 fn has_duplicates(keys: &[Bytes]) -> bool {

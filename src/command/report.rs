@@ -1,16 +1,13 @@
 //! The commands about the server rather than its items: `stats`, `flush_all`, `version`.
 
-use super::{Ctx, MEMCACHED_COMPAT_VERSION};
+use super::Ctx;
 use crate::protocol::{ProtocolError, Response};
 use crate::stats::Stats;
 use crate::store::Store;
 
 /// The version string clients see: memcached's release, then s3cached's.
 pub(super) fn version() -> String {
-    format!(
-        "{MEMCACHED_COMPAT_VERSION}-s3cached-{}",
-        env!("CARGO_PKG_VERSION")
-    )
+    crate::VERSION.to_owned()
 }
 
 pub(super) async fn flush_all(ctx: &Ctx, delay: i64) -> Response {

@@ -4,6 +4,7 @@
 //! fuzzed and benchmarked alone. The connection feeds it bytes; it answers with a
 //! [`Parsed`] frame or asks for more.
 
+pub mod binary;
 mod meta;
 mod meta_reply;
 mod parse;

@@ -1,10 +1,14 @@
 //! One conformance suite for every backend: the same checks run on the memory store in unit
 //! tests and on the directory and S3 stores in integration tests. Each check expects an
 //! empty store and panics on a violation.
+//!
+//! Test code only, not in the library: compiled under `cfg(test)` for the unit tests, and
+//! included by path in `tests/s3.rs` (hence `s3cached::` paths, which name this crate in
+//! both places).
 
 use bytes::Bytes;
 
-use super::{clear, key_hash, Entry, PutMode, Store, StoreError};
+use s3cached::store::{clear, key_hash, Entry, PutMode, Store, StoreError};
 
 /// Runs every check, clearing the store between them.
 pub async fn run_all(store: &dyn Store) {

@@ -1,9 +1,10 @@
-//! The object format shared by every persistent backend: a fixed header, the key, the value.
+//! The object format shared by every persistent backend: a fixed header, the key, the value,
+//! and (from version 2) a checksum.
 //!
 //! ```text
 //! offset size field
 //!  0     4    magic "S3CD"
-//!  4     1    format version (1)
+//!  4     1    format version (2; 1 is still read)
 //!  5     1    compression (0 none, 1 gzip)
 //!  6     1    state bits (1 stale, 2 recache win handed out)
 //!  7     1    reserved (0)
@@ -14,9 +15,13 @@
 //! 30     8    cas unique
 //! 38     4    stored value length (after compression)
 //! 42     -    key, then value
+//!  -     4    version 2 only: CRC32 (IEEE) of every byte before it (header, key, value)
 //! ```
 //! All integers are big-endian. The key is kept so that a SHA-1 collision is detected on read
-//! and tools can list keys; the value length catches truncated objects.
+//! and tools can list keys; the value length catches truncated objects, and the checksum
+//! catches objects whose bytes changed (a rewrite torn by a power cut mixes old and new
+//! bytes): such an object is [`FormatError::Corrupt`], which every store reads as a miss.
+//! Version 1 objects (no checksum) are still read; only version 2 is written.
 
 use std::io::{Read, Write};
 
@@ -28,8 +33,12 @@ use flate2::Compression;
 use super::Entry;
 
 pub const MAGIC: &[u8; 4] = b"S3CD";
-pub const FORMAT_VERSION: u8 = 1;
+/// The version written; [`FORMAT_V1`] (no checksum) is still read.
+pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_V1: u8 = 1;
 pub const HEADER_BYTES: usize = 42;
+/// The CRC32 after the value in a version 2 object.
+pub const CHECKSUM_BYTES: usize = 4;
 
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_GZIP: u8 = 1;
@@ -49,6 +58,8 @@ pub enum FormatError {
     Truncated,
     #[error("value does not decompress within the size limit")]
     BadGzip,
+    #[error("checksum mismatch: the object is damaged")]
+    Corrupt,
 }
 
 /// How values are written.
@@ -74,7 +85,7 @@ impl Codec {
     /// anything larger under an item's name is not an item, and is not read.
     pub fn max_object_bytes(&self) -> usize {
         // A value is stored gzipped only when that makes it smaller.
-        HEADER_BYTES + crate::protocol::MAX_KEY_BYTES + self.max_value_bytes
+        HEADER_BYTES + crate::protocol::MAX_KEY_BYTES + self.max_value_bytes + CHECKSUM_BYTES
     }
 
     /// Serializes an entry.
@@ -87,7 +98,8 @@ impl Codec {
             Some(z) => (COMPRESSION_GZIP, &z[..]),
             None => (COMPRESSION_NONE, &entry.value[..]),
         };
-        let mut out = BytesMut::with_capacity(HEADER_BYTES + entry.key.len() + value.len());
+        let mut out =
+            BytesMut::with_capacity(HEADER_BYTES + entry.key.len() + value.len() + CHECKSUM_BYTES);
         out.put_slice(MAGIC);
         out.put_u8(FORMAT_VERSION);
         out.put_u8(compression);
@@ -104,6 +116,8 @@ impl Codec {
         out.put_u32(value.len() as u32);
         out.put_slice(&entry.key);
         out.put_slice(value);
+        let checksum = crc32fast::hash(&out);
+        out.put_u32(checksum);
         out.freeze()
     }
 
@@ -135,19 +149,25 @@ impl Codec {
         if &raw[0..4] != MAGIC {
             return Err(FormatError::BadMagic);
         }
-        if raw[4] != FORMAT_VERSION {
-            return Err(FormatError::Version(raw[4]));
-        }
+        let trailer = match raw[4] {
+            FORMAT_V1 => 0,
+            FORMAT_VERSION => CHECKSUM_BYTES,
+            other => return Err(FormatError::Version(other)),
+        };
         let be16 = |at: usize| u16::from_be_bytes([raw[at], raw[at + 1]]) as usize;
         let be32 = |at: usize| u32::from_be_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
         let be64 = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
         let key_len = be16(8);
         let value_len = be32(38) as usize;
-        if raw.len() != HEADER_BYTES + key_len + value_len {
+        let body_len = HEADER_BYTES + key_len + value_len;
+        if raw.len() != body_len + trailer {
             return Err(FormatError::Truncated);
         }
+        if trailer > 0 && crc32fast::hash(&raw[..body_len]) != be32(body_len) {
+            return Err(FormatError::Corrupt);
+        }
         let key = raw.slice(HEADER_BYTES..HEADER_BYTES + key_len);
-        let stored = raw.slice(HEADER_BYTES + key_len..);
+        let stored = raw.slice(HEADER_BYTES + key_len..body_len);
         let value = match raw[5] {
             COMPRESSION_NONE => stored,
             COMPRESSION_GZIP => gunzip(&stored, self.max_value_bytes)?,
@@ -216,6 +236,92 @@ mod tests {
             assert_eq!(&raw[0..4], MAGIC);
             assert_eq!(raw[5], u8::from(gzip_min_bytes.is_some()));
             assert_eq!(codec.decode(&raw).unwrap(), entry(&value));
+        }
+    }
+
+    /// A version 1 object built by hand from the layout above, not by `encode`.
+    fn v1_object(e: &Entry) -> Vec<u8> {
+        let mut raw = b"S3CD".to_vec();
+        raw.extend([FORMAT_V1, COMPRESSION_NONE, STATE_STALE, 0]);
+        raw.extend((e.key.len() as u16).to_be_bytes());
+        raw.extend(e.flags.to_be_bytes());
+        raw.extend(e.expires_at.to_be_bytes());
+        raw.extend(e.stored_at_us.to_be_bytes());
+        raw.extend(e.cas.to_be_bytes());
+        raw.extend((e.value.len() as u32).to_be_bytes());
+        raw.extend(&e.key[..]);
+        raw.extend(&e.value[..]);
+        raw
+    }
+
+    #[test]
+    fn version_2_ends_with_a_crc32_of_everything_before_it() {
+        let e = entry(b"the value");
+        let raw = Codec::default().encode(&e);
+        assert_eq!(raw[4], 2);
+        let body = raw.len() - CHECKSUM_BYTES;
+        assert_eq!(body, HEADER_BYTES + e.key.len() + e.value.len());
+        let mut same_layout = v1_object(&e);
+        same_layout[4] = 2;
+        assert_eq!(raw[..body], same_layout[..]);
+        // 0xCBF43926 is CRC32 (IEEE) of "123456789": the trailer is that CRC, big-endian.
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(raw[body..], crc32fast::hash(&raw[..body]).to_be_bytes());
+        assert_eq!(Codec::default().decode(&raw), Ok(e));
+    }
+
+    #[test]
+    fn version_1_is_still_read() {
+        let e = entry(b"written before checksums");
+        let raw = Bytes::from(v1_object(&e));
+        assert_eq!(Codec::default().decode(&raw), Ok(e));
+        // Its length check still holds: a v1 object with a trailer is not an object.
+        let mut long = raw.to_vec();
+        long.extend([0; CHECKSUM_BYTES]);
+        assert_eq!(
+            Codec::default().decode(&Bytes::from(long)),
+            Err(FormatError::Truncated)
+        );
+    }
+
+    #[test]
+    fn a_changed_byte_in_header_key_value_or_checksum_is_corrupt() {
+        for gzip_min_bytes in [None, Some(1)] {
+            let codec = Codec {
+                gzip_min_bytes,
+                ..Codec::default()
+            };
+            let e = entry(&[b'v'; 300]);
+            let raw = codec.encode(&e);
+            let key_at = HEADER_BYTES;
+            let value_at = key_at + e.key.len();
+            // Header fields whose change leaves the lengths and version intact: compression,
+            // state, reserved (5..8), flags, expiry, time stored, cas (10..38).
+            let header = (5..8).chain(10..38);
+            let key = key_at..value_at;
+            let value = value_at..raw.len() - CHECKSUM_BYTES;
+            let trailer = raw.len() - CHECKSUM_BYTES..raw.len();
+            assert!(value.len() > 1, "the value is stored");
+            for at in header.chain(key).chain(value).chain(trailer) {
+                let mut bad = raw.to_vec();
+                bad[at] ^= 0x10;
+                assert_eq!(
+                    codec.decode(&Bytes::from(bad)),
+                    Err(FormatError::Corrupt),
+                    "byte {at} changed, gzip {gzip_min_bytes:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_single_bit_flip_decodes() {
+        let codec = Codec::default();
+        let raw = codec.encode(&entry(b"abc"));
+        for bit in 0..raw.len() * 8 {
+            let mut bad = raw.to_vec();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(codec.decode(&Bytes::from(bad)).is_err(), "bit {bit}");
         }
     }
 

@@ -5,6 +5,7 @@
 //! nothing of expiry or flush (the command layer decides what is live) and nothing of the
 //! wire protocol. All S3 types stay inside [`s3`].
 
+#[cfg(test)]
 pub mod conformance;
 pub mod dir;
 pub mod format;
@@ -158,6 +159,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Version, StoreError>;
 
     fn info(&self) -> StoreInfo;
+
+    /// The S3 requests this store sends, counted by price class (S3 stores only).
+    fn request_counts(&self) -> Option<std::sync::Arc<crate::stats::S3Requests>> {
+        None
+    }
 }
 
 /// Checks a write's precondition against the version stored now (`None`: nothing stored);

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod s3;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +15,13 @@ use s3cached::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Environment variable naming the S3-compatible endpoint the tests use (tests/run sets it).
-pub const S3_ENDPOINT_ENV: &str = "S3CACHED_TEST_S3_ENDPOINT";
-/// The test bucket; created on first use.
-pub const TEST_BUCKET: &str = "s3cached-test";
+pub use s3::{s3_endpoint, TEST_BUCKET};
+
+/// Whether the S3 tests can run (an endpoint given, or moto started); `false` after
+/// one line saying why not. S3 tests begin with `if !common::have_s3() { return; }`.
+pub fn have_s3() -> bool {
+    s3::endpoint().is_some()
+}
 
 /// Which backend a test server uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,10 +30,9 @@ pub enum Backend {
     S3,
 }
 
-pub fn s3_endpoint() -> String {
-    std::env::var(S3_ENDPOINT_ENV).unwrap_or_else(|_| {
-        panic!("{S3_ENDPOINT_ENV} is not set: run the tests through tests/run, which starts a local S3 server")
-    })
+/// The reply to `version`, line end included.
+pub fn version_line() -> String {
+    format!("VERSION {}\r\n", s3cached::VERSION)
 }
 
 /// A unique object prefix, so tests sharing the bucket never see each other's objects.
@@ -53,12 +56,13 @@ fn rand_u64() -> u64 {
 /// A config for a test server: loopback port 0, a temp dir or the test bucket.
 pub fn config(backend: Backend, prefix: &str, data_dir: &std::path::Path, extra: &str) -> Config {
     let storage = match backend {
-        Backend::Dir => format!("data_dir = {:?}\n", data_dir.display().to_string()),
+        Backend::Dir => format!(
+            "data_dir = {:?}\nlocation = {prefix:?}\n",
+            data_dir.display().to_string()
+        ),
         Backend::S3 => format!(
-            "storage_bucket_name = {TEST_BUCKET:?}\nendpoint_url = {:?}\nforce_path_style = true\n\
-             create_bucket = true\nregion = \"us-east-1\"\naccess_key_id = \"test\"\n\
-             secret_access_key = \"test\"\ns3_attempt_timeout_ms = 3000\ns3_operation_timeout_ms = 8000\n",
-            s3_endpoint()
+            "{}s3_attempt_timeout_ms = 3000\ns3_operation_timeout_ms = 8000\n",
+            s3::s3_toml(TEST_BUCKET, &s3_endpoint(), prefix)
         ),
     };
     // Culling is off unless a test asks for it.
@@ -67,8 +71,7 @@ pub fn config(backend: Backend, prefix: &str, data_dir: &std::path::Path, extra:
     } else {
         "max_entries = 0\n"
     };
-    let text =
-        format!("listen = \"127.0.0.1:0\"\nlocation = {prefix:?}\n{culling}{storage}{extra}");
+    let text = format!("listen = \"127.0.0.1:0\"\n{culling}{storage}{extra}");
     Config::from_toml(&text).expect("test config")
 }
 

@@ -5,7 +5,8 @@
 //! over a fresh upstream connection, or answered with a fault. Write faults can come after the
 //! store has applied the write (the answer is then dropped, delayed or replaced), to test
 //! that a write whose answer was lost is not applied twice. The proxy counts requests, the
-//! most that were in flight at once and the response bytes it delivered.
+//! most that were in flight at once and the response bytes it delivered, and keeps the head
+//! (request line and headers) of every request it received.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -14,6 +15,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::s3::{head_end, read_message};
+
+/// Most request heads kept (a bound for long tests; later heads are not kept).
+pub const MAX_HEADS_KEPT: usize = 20_000;
 
 /// What the proxy does with the next requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +62,8 @@ pub struct Proxy {
     pub max_in_flight: Arc<AtomicUsize>,
     /// Response bytes written to clients.
     pub bytes_out: Arc<AtomicUsize>,
+    /// The head of every request received, in order (request line and headers, as sent).
+    pub heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -80,7 +88,9 @@ impl Proxy {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let max_in_flight = Arc::new(AtomicUsize::new(0));
         let bytes_out = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
         let shared = Counters {
+            heads: heads.clone(),
             mode: mode.clone(),
             requests: requests.clone(),
             in_flight: in_flight.clone(),
@@ -105,6 +115,7 @@ impl Proxy {
             in_flight,
             max_in_flight,
             bytes_out,
+            heads,
             task,
         }
     }
@@ -122,6 +133,11 @@ impl Proxy {
         std::mem::replace(&mut *self.mode.lock().unwrap(), mode)
     }
 
+    /// The heads of the requests received so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
     pub fn reset_counters(&self) {
         self.requests.store(0, SeqCst);
         self.max_in_flight
@@ -129,41 +145,9 @@ impl Proxy {
     }
 }
 
-/// Reads one request (head and body) from the client; `None` at EOF.
-async fn read_request(
-    client: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Option<Vec<u8>>> {
-    loop {
-        if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            let total = end + 4 + len;
-            if buf.len() >= total {
-                let request: Vec<u8> = buf.drain(..total).collect();
-                return Ok(Some(request));
-            }
-        }
-        let mut chunk = [0u8; 65536];
-        let n = client.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Rewrites the request head: `Connection: close`, minus the named headers.
 fn rewrite(request: &[u8], drop: &[&str]) -> Vec<u8> {
-    let end = find(request, b"\r\n\r\n").unwrap();
+    let end = head_end(request).unwrap();
     let head = String::from_utf8_lossy(&request[..end]);
     let mut out = String::new();
     for (i, line) in head.split("\r\n").enumerate() {
@@ -199,6 +183,7 @@ struct Counters {
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
     bytes_out: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
 }
 
 /// The mode for this request; counts down [`Mode::OnWrites`].
@@ -230,8 +215,16 @@ async fn serve(
     counters: Counters,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
-    while let Some(request) = read_request(&mut client, &mut buf).await? {
+    while let Some(request) = read_message(&mut client, &mut buf).await? {
         counters.requests.fetch_add(1, SeqCst);
+        let end = head_end(&request).unwrap_or(request.len());
+        let head = String::from_utf8_lossy(&request[..end]).into_owned();
+        {
+            let mut heads = counters.heads.lock().unwrap();
+            if heads.len() < MAX_HEADS_KEPT {
+                heads.push(head);
+            }
+        }
         let now = counters.in_flight.fetch_add(1, SeqCst) + 1;
         counters.max_in_flight.fetch_max(now, SeqCst);
         let current = take_mode(&counters.mode, &request);
@@ -249,8 +242,7 @@ async fn serve(
 }
 
 async fn answer(request: &[u8], upstream: SocketAddr, mode: Mode) -> Option<Vec<u8>> {
-    let head = String::from_utf8_lossy(&request[..find(request, b"\r\n\r\n").unwrap()])
-        .to_ascii_lowercase();
+    let head = String::from_utf8_lossy(&request[..head_end(request).unwrap()]).to_ascii_lowercase();
     let drop: &[&str] = match mode {
         Mode::Forward(delay) => {
             tokio::time::sleep(delay).await;

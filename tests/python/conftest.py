@@ -11,6 +11,13 @@ import uuid
 
 import pytest
 
+# pylibmc's wheel carries its own libsasl2, which looks for mechanism plugins where it was
+# built; point it at the system's (Debian's libsasl2-modules) so PLAIN is found. libsasl2
+# reads SASL_PATH once, so it is set here, before any test module imports pylibmc.
+SYSTEM_SASL_PLUGINS = "/usr/lib/x86_64-linux-gnu/sasl2"
+if "SASL_PATH" not in os.environ and os.path.isdir(SYSTEM_SASL_PLUGINS):
+    os.environ["SASL_PATH"] = SYSTEM_SASL_PLUGINS
+
 S3_ENDPOINT_ENV = "S3CACHED_TEST_S3_ENDPOINT"
 STARTUP_SECS = 30
 

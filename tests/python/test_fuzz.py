@@ -47,14 +47,18 @@ EXPTIMES = [
 ]
 FLAGS = [b"0", b"1", b"4294967295", b"65535", b"-1", b"abc", b"+7"]
 LENGTH_JUNK = [b"-1", b"4294967295", b"2147483646", b"abc", b"99999999999999999999"]
-DELTAS = [b"1", b"0", b"10", b"18446744073709551615", b"18446744073709551616", b"-1", b"x"]
+# Stored numbers stay below 2^63: memcached 1.6.18 parses one of 2^63 or more with a `strchr`
+# that runs past the item's end, so its answer depends on the memory that follows (README,
+# differences). 2^40 keeps 800 increments of 2^62 below that; wrap-around is in the
+# differential transcripts, from a small number.
+DELTAS = [b"1", b"0", b"10", b"1099511627776", b"18446744073709551616", b"-1", b"x"]
 
 
 def data(rng):
     alphabet = b"abcdefgh0123456789 \r\n\x00\xff"
     n = rng.choice([0, 1, 2, 5, 20, 100, 1000])
     if rng.random() < 0.3:
-        return str(rng.choice([0, 1, 9, 10, 99, 100, 12345, 2**64 - 1])).encode()
+        return str(rng.choice([0, 1, 9, 10, 99, 100, 12345, 2**62])).encode()
     value = bytes(rng.choice(alphabet) for _ in range(n))
     # Never only blanks: memcached's incr then reads past the item's end (whatever memory
     # follows decides), which nothing can match.

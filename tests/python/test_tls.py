@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import time
@@ -306,3 +307,46 @@ def test_check_config_reads_the_certificates(pki, tmp_path):
     )
     assert refused.returncode == 2
     assert str(bad).encode() in refused.stderr
+
+
+def test_the_binary_protocol_is_served_inside_tls(pki):
+    """The first decrypted byte picks the protocol, as on a plain port: a binary set, get and
+    version inside TLS."""
+    header = struct.Struct(">BBHBBHIIQ")
+
+    def frame(opcode, key=b"", extras=b"", value=b"", opaque=0):
+        body = len(key) + len(extras) + len(value)
+        return header.pack(0x80, opcode, len(key), len(extras), 0, 0, body, opaque, 0) + extras + key + value
+
+    def reply(sock):
+        data = b""
+        while len(data) < 24:
+            chunk = sock.recv(24 - len(data))
+            assert chunk, "closed before a reply"
+            data += chunk
+        magic, op, klen, elen, _dt, status, blen, opaque, _cas = header.unpack(data)
+        body = b""
+        while len(body) < blen:
+            chunk = sock.recv(blen - len(body))
+            assert chunk, "closed inside a reply"
+            body += chunk
+        return magic, op, status, opaque, body[elen + klen :]
+
+    server = Server("dir", extra_env=pki.server_env())
+    try:
+        ctx = pki.client_context()
+        with socket.create_connection(server.address, timeout=DEADLINE_SECS) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(
+                    frame(0x01, b"bin-tls", struct.pack(">II", 7, 0), b"binary value", opaque=1)
+                    + frame(0x00, b"bin-tls", opaque=2)
+                    + frame(0x0B, opaque=3)
+                )
+                assert reply(tls)[:4] == (0x81, 0x01, 0, 1)
+                magic, op, status, opaque, value = reply(tls)
+                assert (magic, op, status, opaque, value) == (0x81, 0x00, 0, 2, b"binary value")
+                magic, op, status, opaque, version = reply(tls)
+                assert (magic, op, status, opaque) == (0x81, 0x0B, 0, 3)
+                assert version.startswith(b"1.6")
+    finally:
+        server.stop()

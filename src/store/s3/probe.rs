@@ -1,6 +1,7 @@
-//! Startup checks of the S3 store (bucket, conditional-write support) and the ACL fallback.
-
-use std::sync::atomic::Ordering::Relaxed;
+//! Startup checks of the S3 store: the bucket (created if asked), and whether the store
+//! enforces conditional writes. Some S3-compatible stores (Garage, s3rver) silently ignore
+//! `If-None-Match` and `If-Match` and overwrite: on those, read-modify-write commands cannot
+//! be atomic across replicas, so the probe finds out and the store reports it.
 
 use aws_sdk_s3::types::{BucketCannedAcl, CreateBucketConfiguration};
 use bytes::Bytes;
@@ -68,26 +69,5 @@ impl S3Store {
             Ok(_) => Ok(false),
             Err(e) => Err(e),
         }
-    }
-
-    /// New AWS buckets refuse ACLs (Object Ownership "bucket owner enforced") with 400
-    /// AccessControlListNotSupported: stop sending one (warning once). Whether to try again.
-    pub(super) fn refuse_acl_if_unsupported(&self, f: &Failure) -> bool {
-        if f.code != "AccessControlListNotSupported" {
-            return false;
-        }
-        let mut acl = self.acl.write().expect("acl lock");
-        if acl.is_none() {
-            return false;
-        }
-        if !self.acl_refused.swap(true, Relaxed) {
-            tracing::warn!(
-                bucket = %self.bucket,
-                "the bucket refuses ACLs (Object Ownership: bucket owner enforced); \
-                 writing without default_acl from now on"
-            );
-        }
-        *acl = None;
-        true
     }
 }

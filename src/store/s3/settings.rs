@@ -1,5 +1,7 @@
-//! The S3 store's settings, taken from the configuration, and the SDK client built from them.
+//! The S3 store's settings (made by [`app`](crate::app) from the configuration), and the SDK
+//! client built from them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
@@ -10,68 +12,67 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::Client;
 
+use super::requests::RequestCounter;
 use super::skew::DateProbe;
 use crate::clock::StoreTime;
-use crate::config::Config;
+use crate::stats::{S3Prices, S3Requests};
 use crate::store::format::Codec;
-use crate::store::normalize_prefix;
 
-/// Settings of the S3 store, taken from [`Config`].
+/// Everything the S3 store needs to know, and nothing more: the store never reads the
+/// whole configuration.
 #[derive(Debug, Clone)]
 pub struct S3Settings {
+    /// The bucket items live in.
     pub bucket: String,
+    /// Prepended to every object name: empty, or a folder ending in `/`.
     pub prefix: String,
+    /// The region to sign for; empty: the SDK's chain, else us-east-1.
     pub region: String,
+    /// An S3-compatible server's URL; empty for AWS.
     pub endpoint_url: String,
+    /// `host/bucket/key` URLs, as most S3-compatible servers want.
     pub force_path_style: bool,
+    /// Static credentials (id, secret); `None`: the SDK's standard credential chain.
     pub access_key: Option<(String, String)>,
+    /// Canned ACL sent with every PUT; empty for none.
     pub default_acl: String,
+    /// Canned ACL of a bucket this store creates; empty: `default_acl`.
     pub bucket_acl: String,
+    /// Storage class sent with every PUT; `None`: the bucket's default.
     pub storage_class: Option<String>,
+    /// Create the bucket at startup if it does not exist.
     pub create_bucket: bool,
+    /// Send the SDK's default request checksums (some S3-compatible stores reject them).
     pub checksum_when_supported: bool,
+    /// One attempt's budget, connecting included.
     pub attempt_timeout: Duration,
+    /// One operation's budget, every attempt and the wait for a slot included.
     pub operation_timeout: Duration,
+    /// Attempts per call, the first included.
     pub max_attempts: u32,
+    /// S3 calls in flight at once, across all connections.
     pub max_in_flight: usize,
+    /// How items become object bodies.
     pub codec: Codec,
     /// Testing only: this replica's clock error, in ms (`clock_offset_ms`).
     pub clock_skew_ms: i64,
+    /// `server_side_encryption`: AES256 or aws:kms, sent on every PUT.
+    pub server_side_encryption: Option<String>,
+    /// `sse_kms_key_id`: the KMS key for aws:kms.
+    pub sse_kms_key_id: Option<String>,
+    /// Prices per 1,000 requests, for the cost estimate.
+    pub prices: S3Prices,
 }
 
 impl S3Settings {
-    /// The settings `c` gives, writing items with `codec`.
-    pub fn from_config(c: &Config, codec: Codec) -> Self {
-        S3Settings {
-            bucket: c.storage_bucket_name.clone(),
-            prefix: normalize_prefix(&c.location),
-            region: c.region.clone(),
-            endpoint_url: c.endpoint_url.clone(),
-            force_path_style: c.force_path_style,
-            access_key: (!c.access_key_id.expose().is_empty()).then(|| {
-                (
-                    c.access_key_id.expose().to_owned(),
-                    c.secret_access_key.expose().to_owned(),
-                )
-            }),
-            default_acl: c.default_acl.clone(),
-            bucket_acl: c.bucket_acl.clone(),
-            storage_class: c.effective_storage_class().map(str::to_owned),
-            create_bucket: c.create_bucket,
-            checksum_when_supported: c.request_checksum == "when_supported",
-            attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
-            operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
-            max_attempts: c.s3_max_attempts,
-            max_in_flight: c.s3_max_in_flight,
-            codec,
-            clock_skew_ms: c.clock_offset_ms,
-        }
-    }
-
     /// The SDK client: attempt and operation deadlines, bounded retries (for idempotent
     /// calls; PUTs turn them off and retry in [`write`](super::write)), and the `Date`
     /// probe that keeps `time` on the store's clock.
-    pub(super) async fn client(&self, time: &'static StoreTime) -> Client {
+    pub(super) async fn client(
+        &self,
+        time: &'static StoreTime,
+        requests: Arc<S3Requests>,
+    ) -> Client {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .timeout_config(
                 TimeoutConfig::builder()
@@ -96,7 +97,8 @@ impl S3Settings {
         let sdk = loader.load().await;
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(self.force_path_style)
-            .interceptor(DateProbe::new(time));
+            .interceptor(DateProbe::new(time))
+            .interceptor(RequestCounter::new(requests));
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }

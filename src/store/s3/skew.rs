@@ -18,8 +18,8 @@ use aws_sdk_s3::config::interceptors::{
     BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
 };
 use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
 use aws_smithy_types::config_bag::{Storable, StoreReplace};
-use aws_smithy_types::date_time::{DateTime, Format};
 use tokio::time::Instant;
 
 use crate::clock::StoreTime;
@@ -126,7 +126,8 @@ impl Intercept for DateProbe {
             return Ok(());
         };
         let date = context.response().headers().get("date");
-        if let Some(date) = date.and_then(|d| DateTime::from_str(d, Format::HttpDate).ok()) {
+        if let Some(date) = date.and_then(|d| DateTime::from_str(d, DateTimeFormat::HttpDate).ok())
+        {
             self.sample(date.secs(), sent_us, received_us);
         }
         Ok(())

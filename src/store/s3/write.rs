@@ -17,17 +17,40 @@ use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ObjectCannedAcl, ServerSideEncryption};
 use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::failure::Failure;
-use super::{Fetched, S3Store};
+use super::read::Fetched;
+use super::{S3Settings, S3Store};
 use crate::store::{PutMode, StoreError, Version};
 
 /// How often a 409 conflict is retried before giving up.
 const MAX_CONFLICT_RETRIES: u32 = 5;
 /// First pause before retrying a PUT whose fate is unknown; doubles each time.
 const RETRY_BASE_MS: u64 = 25;
+
+/// Encryption at rest (`server_side_encryption`, `sse_kms_key_id`), sent on every PUT:
+/// items, control objects and the startup probe alike, so a bucket policy that refuses
+/// unencrypted uploads refuses none of ours.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Encryption {
+    mode: Option<ServerSideEncryption>,
+    kms_key_id: Option<String>,
+}
+
+impl Encryption {
+    pub fn new(s: &S3Settings) -> Self {
+        Encryption {
+            mode: s
+                .server_side_encryption
+                .as_deref()
+                .map(ServerSideEncryption::from),
+            kms_key_id: s.sse_kms_key_id.clone(),
+        }
+    }
+}
 
 /// What one PUT attempt tells.
 enum Attempt {
@@ -53,7 +76,9 @@ impl S3Store {
         let (mut attempts, mut conflicts) = (0u32, 0u32);
         let err = loop {
             attempts += 1;
-            let f = match self.put_once(name, &body, mode, deadline).await {
+            let acl = self.acl.current();
+            let sent_acl = acl.is_some();
+            let f = match self.put_once(name, &body, mode, acl, deadline).await {
                 Attempt::Applied(version) => return Ok(version),
                 Attempt::Unknown(f) => {
                     maybe_applied |= conditional;
@@ -65,14 +90,20 @@ impl S3Store {
                 }
                 Attempt::Refused(f) => f,
             };
-            if self.refuse_acl_if_unsupported(&f) {
+            // Refused for its ACL alone (see [`acl`](super::acl)): not applied, send it again.
+            if sent_acl && self.acl.refused_by(&f, &self.bucket) {
                 continue;
             }
             let err = match (f.status, mode) {
                 (Some(412), PutMode::Create) => StoreError::Exists,
+                // The object changed since it was read (412), or was deleted: AWS answers
+                // an If-Match on a missing key with 404 NoSuchKey, not 412 (MinIO and moto
+                // answer 412). Both mean the version the caller read is gone.
                 (Some(412), _) | (Some(404), PutMode::Update(_)) => StoreError::Changed,
-                // S3 answers 409 ConditionalRequestConflict when conditional writes to one
-                // key are in flight at once; this one was not applied: try again shortly.
+                // Real S3 occasionally answers 409 ConditionalRequestConflict when
+                // conditional writes to one key are in flight at once. The write was not
+                // applied and no newer version is known to have won, so it is retried here,
+                // briefly and a bounded number of times, rather than reported as a lost race.
                 (Some(409), _) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
                     pause(5 << conflicts, deadline).await;
@@ -129,8 +160,14 @@ impl S3Store {
                 continue;
             }
             break match f.status {
-                // 409: a conflicting conditional write in flight; the caller re-reads.
+                // 412: the object changed since it was read. 409: S3's answer when another
+                // conditional request on the key is in flight; the caller re-reads and
+                // decides again, which its retry policy bounds.
                 Some(412 | 409) => StoreError::Changed,
+                // A conditional DELETE of a missing key: AWS answers 404 NoSuchKey rather
+                // than 412 (a plain DELETE answers 204 either way, hence the HEAD before it
+                // in `delete`). After an earlier attempt whose fate is unknown, gone may be
+                // our own doing: the read below decides.
                 Some(404) if !maybe_applied => return Ok(false),
                 Some(404) => StoreError::Changed,
                 _ => f.unavailable("DeleteObject"),
@@ -153,9 +190,9 @@ impl S3Store {
         name: &str,
         body: &Bytes,
         mode: &PutMode,
+        acl: Option<ObjectCannedAcl>,
         deadline: Instant,
     ) -> Attempt {
-        let acl = self.acl.read().expect("acl lock").clone();
         let mut put = self
             .client
             .put_object()
@@ -163,7 +200,9 @@ impl S3Store {
             .key(name)
             .body(ByteStream::from(body.clone()))
             .set_acl(acl)
-            .set_storage_class(self.storage_class.clone());
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse.mode.clone())
+            .set_ssekms_key_id(self.sse.kms_key_id.clone());
         match mode {
             PutMode::Overwrite => {}
             PutMode::Create => put = put.if_none_match("*"),
