@@ -1,18 +1,48 @@
-//! Criterion benchmark of the protocol alone: parsing requests off a read buffer and encoding replies.
+//! Benchmark of the protocol alone: parsing requests off a read buffer and encoding replies.
 //!
-//! Run: `cargo bench --bench parse`. Each parse case measures what the connection does per
-//! request: take one frame off the front of its read buffer (a fresh `BytesMut` holding the
-//! input, built outside the timing) and drop the parsed request.
+//! Wall clock (criterion): `cargo bench --bench parse`.
+//!
+//! Instructions (callgrind; repeatable on a busy machine, where wall clock is not): build with
+//! `cargo bench --bench parse --no-run`, then for each CASE of `get get_10_keys set_1k
+//! mg_flags batch_100 encode_value encode_meta`:
+//!
+//! ```text
+//! valgrind --tool=callgrind --callgrind-out-file=cg.out --toggle-collect='parse::measure_*' \
+//!     target/release/deps/parse-<hash> --count CASE 10000
+//! callgrind_annotate cg.out | grep 'PROGRAM TOTALS'    # divide by 10000
+//! ```
+//!
+//! Only instructions inside `measure_parse` / `measure_encode` are counted (building each
+//! input buffer and freeing it are not), so the total over 10,000 iterations divided by
+//! 10,000 is the cost of one iteration. A parse iteration is what the connection does per
+//! request: take the request (all 100 for `batch_100`) off the front of a fresh read buffer
+//! holding the input, and drop it.
 
 use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{BatchSize, Criterion, Throughput};
 use s3cached::protocol::{self, Limits, MetaFlag, MetaReply, MetaStatus, Parsed, Response, Value};
 
 /// Takes the next request off the front of `buf`, as the connection does.
 fn take(buf: &mut BytesMut, limits: &Limits) -> Option<Parsed> {
     protocol::parse_resumed(buf, limits, None)
+}
+
+/// Takes `requests` requests off `buf` and drops them: one measured parse iteration.
+#[inline(never)]
+fn measure_parse(buf: &mut BytesMut, limits: &Limits, requests: usize) {
+    for _ in 0..requests {
+        black_box(take(buf, limits).expect("complete"));
+    }
+}
+
+/// Encodes `response` into a cleared `out`: one measured encode iteration.
+#[inline(never)]
+fn measure_encode(response: &Response, out: &mut BytesMut) {
+    out.clear();
+    black_box(response).encode(out);
+    black_box(out.len());
 }
 
 /// A pipelined batch: 100 requests of the kinds clients send most.
@@ -33,61 +63,31 @@ fn batch() -> Vec<u8> {
     input
 }
 
-fn parse_one(c: &mut Criterion, name: &str, input: &[u8]) {
-    let limits = Limits::default();
-    let mut group = c.benchmark_group("parse");
-    group.throughput(Throughput::Bytes(input.len() as u64));
-    group.bench_function(name, |b| {
-        b.iter_batched_ref(
-            || BytesMut::from(input),
-            |buf| {
-                let parsed = take(buf, &limits).expect("complete");
-                assert!(buf.is_empty());
-                black_box(parsed);
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    group.finish();
-}
-
-fn parsing(c: &mut Criterion) {
-    parse_one(c, "get", b"get user:1234567890\r\n");
+/// The parse cases: name, input, requests in it.
+fn parse_cases() -> Vec<(&'static str, Vec<u8>, usize)> {
     let keys: Vec<String> = (0..10).map(|i| format!("user:{i:010}")).collect();
-    parse_one(
-        c,
-        "get_10_keys",
-        format!("get {}\r\n", keys.join(" ")).as_bytes(),
-    );
     let mut set = b"set user:1234567890 0 0 1024\r\n".to_vec();
     set.extend_from_slice(&[b'x'; 1024]);
     set.extend_from_slice(b"\r\n");
-    parse_one(c, "set_1k", &set);
-    parse_one(c, "mg_flags", b"mg user:1234567890 s v f t c k O1234 q\r\n");
-
-    let input = batch();
-    let limits = Limits::default();
-    let mut group = c.benchmark_group("parse");
-    group.throughput(Throughput::Elements(100));
-    group.bench_function("batch_100", |b| {
-        b.iter_batched_ref(
-            || BytesMut::from(&input[..]),
-            |buf| {
-                let mut n = 0;
-                while let Some(parsed) = take(buf, &limits) {
-                    black_box(parsed);
-                    n += 1;
-                }
-                assert_eq!(n, 100);
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    group.finish();
+    vec![
+        ("get", b"get user:1234567890\r\n".to_vec(), 1),
+        (
+            "get_10_keys",
+            format!("get {}\r\n", keys.join(" ")).into_bytes(),
+            1,
+        ),
+        ("set_1k", set, 1),
+        (
+            "mg_flags",
+            b"mg user:1234567890 s v f t c k O1234 q\r\n".to_vec(),
+            1,
+        ),
+        ("batch_100", batch(), 100),
+    ]
 }
 
-fn encoding(c: &mut Criterion) {
-    let mut group = c.benchmark_group("encode");
+/// The encode cases: a 1 KiB `VALUE` reply with its cas, and a meta hit with flags.
+fn encode_cases() -> Vec<(&'static str, Response)> {
     let value = Response::Values {
         values: vec![Value {
             key: Bytes::from_static(b"user:1234567890"),
@@ -98,14 +98,6 @@ fn encoding(c: &mut Criterion) {
         with_cas: true,
         end: true,
     };
-    let mut out = BytesMut::with_capacity(4096);
-    group.bench_function("value", |b| {
-        b.iter(|| {
-            out.clear();
-            black_box(&value).encode(&mut out);
-            black_box(out.len());
-        })
-    });
     let meta = Response::Meta(MetaReply {
         value: Some(Bytes::from(vec![b'x'; 100])),
         ..MetaReply::new(
@@ -121,15 +113,68 @@ fn encoding(c: &mut Criterion) {
             ],
         )
     });
-    group.bench_function("meta", |b| {
-        b.iter(|| {
-            out.clear();
-            black_box(&meta).encode(&mut out);
-            black_box(out.len());
-        })
-    });
+    vec![("encode_value", value), ("encode_meta", meta)]
+}
+
+fn parsing(c: &mut Criterion) {
+    let limits = Limits::default();
+    let mut group = c.benchmark_group("parse");
+    for (name, input, requests) in parse_cases() {
+        group.throughput(Throughput::Elements(requests as u64));
+        group.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || BytesMut::from(&input[..]),
+                |buf| {
+                    measure_parse(buf, &limits, requests);
+                    assert!(buf.is_empty());
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 
-criterion_group!(benches, parsing, encoding);
-criterion_main!(benches);
+fn encoding(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encode");
+    let mut out = BytesMut::with_capacity(4096);
+    for (name, response) in encode_cases() {
+        let name = name.trim_start_matches("encode_");
+        group.bench_function(name, |b| b.iter(|| measure_encode(&response, &mut out)));
+    }
+    group.finish();
+}
+
+/// `--count CASE N`: N iterations of one case and nothing else, for callgrind.
+fn count(case: &str, iterations: usize) {
+    let limits = Limits::default();
+    if let Some((_, input, requests)) = parse_cases().into_iter().find(|c| c.0 == case) {
+        for _ in 0..iterations {
+            let mut buf = BytesMut::from(&input[..]);
+            measure_parse(&mut buf, &limits, requests);
+            assert!(buf.is_empty());
+        }
+        return;
+    }
+    let (_, response) = encode_cases()
+        .into_iter()
+        .find(|c| c.0 == case)
+        .unwrap_or_else(|| panic!("no case {case}"));
+    let mut out = BytesMut::with_capacity(4096);
+    for _ in 0..iterations {
+        measure_encode(&response, &mut out);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--count") {
+        let case = args.get(at + 1).expect("--count CASE N");
+        let n = args.get(at + 2).and_then(|n| n.parse().ok());
+        return count(case, n.expect("--count CASE N"));
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    parsing(&mut criterion);
+    encoding(&mut criterion);
+    criterion.final_summary();
+}

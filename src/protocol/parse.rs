@@ -6,17 +6,17 @@
 //!
 //! The parser is written with nom's streaming combinators over the connection's read buffer
 //! and copies nothing: a complete frame is split off the buffer and frozen, and every key,
-//! value and opaque of its request is a shared slice of it. A storage command's line is
-//! read once on the borrowed buffer to learn whether its data block has arrived (and how
-//! long its frame is) before the frame is taken; everything else is read once.
+//! value and opaque of its request is a shared slice of it. Every line is read once: a
+//! line without a data block is taken as its frame and read; a storage command's line is
+//! read on the borrowed buffer, and once its data block is known to have arrived the frame
+//! is taken and its key and value are cut from it at the offsets the reading found.
+
+use std::ops::{Deref, Range};
 
 use bytes::{Buf, Bytes, BytesMut};
 use nom::branch::alt;
-use nom::bytes::complete::{tag as whole_tag, take_till, take_till1, take_while, take_while1};
+use nom::bytes::complete::{tag as whole_tag, take_till1, take_while};
 use nom::bytes::streaming::{tag, take, take_until};
-use nom::character::complete::{char, digit1};
-use nom::combinator::{eof, opt};
-use nom::multi::many0;
 use nom::sequence::{preceded, terminated};
 use nom::{IResult, Parser};
 
@@ -110,13 +110,6 @@ impl Parsed {
             ..Parsed::invalid(error, consumed)
         }
     }
-    /// Whether the request holds slices of its frame (so the frame must be taken first).
-    fn holds_bytes(&self) -> bool {
-        !matches!(
-            self.request,
-            Request::Invalid(_) | Request::Silent | Request::Hangup(_)
-        )
-    }
 }
 
 /// Where the parser's `Bytes` come from.
@@ -124,9 +117,9 @@ impl Parsed {
 pub(super) enum Source<'a> {
     /// The frame, taken off the read buffer: keys and values are shared slices of it.
     Frame(&'a Bytes),
-    /// A storage command measured on the borrowed buffer before its frame is taken: the
-    /// request is thrown away, only its outcome and length count.
-    Measure,
+    /// A storage command read on the borrowed buffer before its frame is taken: the parts
+    /// that are slices of the frame are left empty here and cut from it afterwards.
+    Buffer,
 }
 
 impl Source<'_> {
@@ -134,7 +127,7 @@ impl Source<'_> {
     pub(super) fn bytes(self, slice: &[u8]) -> Bytes {
         match self {
             Source::Frame(frame) => frame.slice_ref(slice),
-            Source::Measure => Bytes::new(),
+            Source::Buffer => Bytes::new(),
         }
     }
 }
@@ -153,39 +146,83 @@ pub fn line_end(buf: &[u8]) -> Option<usize> {
     line(buf).ok().map(|(_, raw)| raw.len() + 1)
 }
 
-/// One space-separated token, after any spaces.
+/// One space-separated token, after any spaces; a NUL ends it (memcached reads a line only
+/// up to a NUL byte).
 fn token(input: &[u8]) -> IResult<&[u8], &[u8]> {
-    preceded(take_while(|b| b == b' '), take_till1(|b| b == b' ')).parse(input)
+    preceded(
+        take_while(|b| b == b' '),
+        take_till1(|b| b == b' ' || b == 0),
+    )
+    .parse(input)
 }
 
-/// What memcached tokenizes of a line: without its `\r`, and only up to a NUL byte.
-fn text(raw_line: &[u8]) -> &[u8] {
-    let text = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
-    match take_till::<_, _, ()>(|b| b == 0).parse(text) {
-        Ok((_, text)) => text,
-        Err(_) => text,
+/// Tokens a line holds without allocating (memcached's own `MAX_TOKENS`); a line with
+/// more (a long multi-get) moves them to a `Vec`.
+const INLINE_TOKENS: usize = 24;
+
+/// The space-separated tokens of a line, read as memcached reads them: without its `\r`,
+/// and only up to a NUL byte.
+pub(super) struct Tokens<'a> {
+    inline: [&'a [u8]; INLINE_TOKENS],
+    len: usize,
+    /// All the tokens, once there are more than `INLINE_TOKENS`.
+    spilled: Vec<&'a [u8]>,
+}
+
+impl<'a> Tokens<'a> {
+    fn push(&mut self, token: &'a [u8]) {
+        if self.len < INLINE_TOKENS {
+            self.inline[self.len] = token;
+            self.len += 1;
+            return;
+        }
+        if self.spilled.is_empty() {
+            self.spilled.extend_from_slice(&self.inline);
+        }
+        self.spilled.push(token);
     }
 }
 
-/// The space-separated tokens of a line.
-fn tokenize(raw_line: &[u8]) -> Vec<&[u8]> {
-    match many0(token).parse(text(raw_line)) {
-        Ok((_, tokens)) => tokens,
-        Err(_) => Vec::new(),
+impl<'a> Deref for Tokens<'a> {
+    type Target = [&'a [u8]];
+    fn deref(&self) -> &Self::Target {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
     }
+}
+
+/// Splits a line (without its `\n`) into its tokens: [`token`] in a loop.
+pub(super) fn tokenize(raw_line: &[u8]) -> Tokens<'_> {
+    let mut tokens = Tokens {
+        inline: [&[]; INLINE_TOKENS],
+        len: 0,
+        spilled: Vec::new(),
+    };
+    let mut rest = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
+    while let Ok((after, found)) = token(rest) {
+        tokens.push(found);
+        if after.first() == Some(&0) {
+            break;
+        }
+        rest = after;
+    }
+    tokens
 }
 
 /// The first token of a line (empty for a blank line).
 fn first_token(raw_line: &[u8]) -> &[u8] {
-    token(text(raw_line)).map_or(&[][..], |(_, t)| t)
+    let text = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
+    token(text).map_or(&[][..], |(_, t)| t)
 }
 
-/// Commands followed by a data block.
-fn is_storage(command: &[u8]) -> bool {
-    matches!(
-        command,
-        b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas" | b"ms"
-    )
+/// Where `part` (a slice of `whole`) lies in it: the frame taken later holds the same
+/// bytes at the same offsets.
+pub(super) fn offsets(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
 }
 
 /// Parses the next request from `buf` (copied once: for tests and tools holding a slice;
@@ -222,42 +259,34 @@ pub fn parse_resumed(
         buf.advance(line_len);
         return Some(Parsed::invalid(ProtocolError::LINE_TOO_LONG, line_len));
     }
-    let frame = if is_storage(first_token(raw_line)) {
-        let measured = request(Source::Measure, &buf[..], line_len, limits)?;
-        if !measured.holds_bytes() {
-            buf.advance(measured.consumed);
-            return Some(measured);
+    let mode = match first_token(raw_line) {
+        b"set" => StoreMode::Set,
+        b"add" => StoreMode::Add,
+        b"replace" => StoreMode::Replace,
+        b"append" => StoreMode::Append,
+        b"prepend" => StoreMode::Prepend,
+        b"cas" => StoreMode::Cas,
+        b"ms" => return meta::parse_set(buf, line_len, limits),
+        _ => {
+            let frame = take_frame(buf, line_len);
+            return Some(Parsed::new(request(&frame), line_len));
         }
-        buf.split_to(measured.consumed).freeze()
-    } else {
-        buf.split_to(line_len).freeze()
     };
-    let parsed = request(Source::Frame(&frame), &frame, line_len, limits);
-    debug_assert_eq!(parsed.as_ref().map(|p| p.consumed), Some(frame.len()));
-    parsed
+    storage(buf, mode, line_len, limits)
 }
 
-/// The request whose `line_len`-byte line starts `input`.
-fn request(src: Source, input: &[u8], line_len: usize, limits: &Limits) -> Option<Parsed> {
-    let tokens = tokenize(&input[..line_len - 1]);
+/// The request of a line without a data block, taken off the buffer as `frame`.
+fn request(frame: &Bytes) -> Request {
+    let tokens = tokenize(&frame[..frame.len() - 1]);
+    let src = Source::Frame(frame);
     let Some(&command) = tokens.first() else {
-        return Some(Parsed::invalid(ProtocolError::UnknownCommand, line_len));
+        return Request::Invalid(ProtocolError::UnknownCommand);
     };
-    let rest = &input[line_len..];
-    let store = |mode| storage(src, mode, &tokens, line_len, rest, limits);
     match command {
-        b"get" | b"gets" => Some(Parsed::new(retrieval(src, &tokens, false), line_len)),
-        b"gat" | b"gats" => Some(Parsed::new(retrieval(src, &tokens, true), line_len)),
-        b"set" => store(StoreMode::Set),
-        b"add" => store(StoreMode::Add),
-        b"replace" => store(StoreMode::Replace),
-        b"append" => store(StoreMode::Append),
-        b"prepend" => store(StoreMode::Prepend),
-        b"cas" => store(StoreMode::Cas),
-        b"mg" | b"ms" | b"md" | b"ma" | b"mn" | b"me" => {
-            meta::parse(src, command, &tokens, line_len, rest, limits)
-        }
-        _ => Some(Parsed::new(other(src, &tokens), line_len)),
+        b"get" | b"gets" => retrieval(src, &tokens, false),
+        b"gat" | b"gats" => retrieval(src, &tokens, true),
+        b"mg" | b"md" | b"ma" | b"mn" | b"me" => meta::parse(src, command, &tokens),
+        _ => other(src, &tokens),
     }
 }
 
@@ -285,7 +314,7 @@ fn cut(window: &[u8]) -> Option<usize> {
 }
 
 /// Takes `len` bytes off `buf` as a frozen frame.
-fn take_frame(buf: &mut BytesMut, len: usize) -> Bytes {
+pub(super) fn take_frame(buf: &mut BytesMut, len: usize) -> Bytes {
     buf.split_to(len).freeze()
 }
 
@@ -416,82 +445,88 @@ fn retrieval(src: Source, tokens: &[&[u8]], touch: bool) -> Request {
     }
 }
 
-/// The numbers of a storage command line: key, flags, exptime, length, cas unique.
-fn storage_header<'a>(mode: StoreMode, tokens: &[&'a [u8]]) -> Option<StorageHeader<'a>> {
-    let key = tokens[1];
-    if !valid_key(key) {
-        return None;
-    }
-    Some(StorageHeader {
-        key,
-        flags: parse_u32(tokens[2])?,
-        exptime: parse_i32(tokens[3])?,
-        len: parse_length(tokens[4])?,
-        cas_unique: if mode == StoreMode::Cas {
-            parse_u64(tokens[5])?
-        } else {
-            0
-        },
-    })
-}
-
-/// A storage command line, read.
-struct StorageHeader<'a> {
-    key: &'a [u8],
+/// A storage command line, read: the key's place in the line and the numbers.
+struct StorageLine {
+    key: Range<usize>,
     flags: u32,
     exptime: i64,
     len: usize,
     cas_unique: u64,
+    noreply: bool,
 }
 
-/// `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` and its data block.
-fn storage(
-    src: Source,
-    mode: StoreMode,
-    tokens: &[&[u8]],
-    line_len: usize,
-    rest: &[u8],
-    limits: &Limits,
-) -> Option<Parsed> {
+/// Reads `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` (without its `\n`), or
+/// the error it gets (and whether `noreply` hides it), which consumes only the line.
+fn storage_line(mode: StoreMode, line: &[u8]) -> Result<StorageLine, (ProtocolError, bool)> {
+    let tokens = tokenize(line);
     let base = if mode == StoreMode::Cas { 6 } else { 5 };
     if tokens.len() != base && tokens.len() != base + 1 {
-        return Some(Parsed::invalid(ProtocolError::UnknownCommand, line_len));
+        return Err((ProtocolError::UnknownCommand, false));
     }
-    let noreply = noreply(tokens);
-    let Some(header) = storage_header(mode, tokens) else {
-        // As memcached: the data line is not swallowed, and noreply hides the error.
-        return Some(Parsed::new(
-            quiet_error(ProtocolError::BAD_FORMAT, noreply),
-            line_len,
-        ));
-    };
-    if header.len > limits.max_item_bytes {
-        return Some(Parsed {
-            resume: None,
-            request: Request::TooLarge {
-                key: src.bytes(header.key),
-                remove_old: mode == StoreMode::Set,
-                noreply,
+    let noreply = noreply(&tokens);
+    let numbers = || {
+        let key = Some(tokens[1]).filter(|k| valid_key(k))?;
+        Some(StorageLine {
+            key: offsets(line, key),
+            flags: parse_u32(tokens[2])?,
+            exptime: parse_i32(tokens[3])?,
+            len: parse_length(tokens[4])?,
+            cas_unique: if mode == StoreMode::Cas {
+                parse_u64(tokens[5])?
+            } else {
+                0
             },
-            consumed: line_len,
-            skip: Skip::Bytes(header.len + 2),
+            noreply,
+        })
+    };
+    // As memcached: the data line is not swallowed, and noreply hides the error.
+    numbers().ok_or((ProtocolError::BAD_FORMAT, noreply))
+}
+
+/// A storage command and its data block, read on the borrowed buffer; the frame is taken
+/// once the outcome is known.
+fn storage(
+    buf: &mut BytesMut,
+    mode: StoreMode,
+    line_len: usize,
+    limits: &Limits,
+) -> Option<Parsed> {
+    let line = match storage_line(mode, &buf[..line_len - 1]) {
+        Ok(line) => line,
+        Err((error, noreply)) => {
+            buf.advance(line_len);
+            return Some(Parsed::new(quiet_error(error, noreply), line_len));
+        }
+    };
+    let noreply = line.noreply;
+    if line.len > limits.max_item_bytes {
+        let frame = take_frame(buf, line_len);
+        let request = Request::TooLarge {
+            key: frame.slice(line.key),
+            remove_old: mode == StoreMode::Set,
+            noreply,
+        };
+        let skip = Skip::Bytes(line.len + 2);
+        return Some(Parsed {
+            skip,
+            ..Parsed::new(request, line_len)
         });
     }
-    let data = data_block(rest, header.len)?;
-    let consumed = line_len + header.len + 2;
-    let Some(data) = data else {
-        return Some(Parsed::new(
-            quiet_error(ProtocolError::BAD_DATA_CHUNK, noreply),
-            consumed,
-        ));
-    };
+    let complete = data_block(&buf[line_len..], line.len)?.is_some();
+    let consumed = line_len + line.len + 2;
+    if !complete {
+        buf.advance(consumed);
+        let error = quiet_error(ProtocolError::BAD_DATA_CHUNK, noreply);
+        return Some(Parsed::new(error, consumed));
+    }
+    let frame = take_frame(buf, consumed);
     let request = Request::Store {
         mode,
-        key: src.bytes(header.key),
-        flags: header.flags,
-        exptime: header.exptime,
-        data: src.bytes(data),
-        cas_unique: header.cas_unique,
+        key: frame.slice(line.key),
+        flags: line.flags,
+        exptime: line.exptime,
+        data: frame.slice(line_len..consumed - 2),
+        cas_unique: line.cas_unique,
         noreply,
     };
     Some(Parsed::new(request, consumed))
@@ -653,19 +688,26 @@ fn c_space(b: u8) -> bool {
 /// digits, then nothing or a blank. Returns the sign and the magnitude (`None` = beyond
 /// 2^64, C's ERANGE); `None` overall when there are no digits or junk follows them.
 fn c_digits(token: &[u8]) -> Option<(bool, Option<u64>)> {
-    let number: IResult<&[u8], (Option<char>, &[u8])> = preceded(
-        take_while(c_space),
-        (
-            opt(alt((char('-'), char('+')))),
-            terminated(digit1, alt((eof, take_while1(c_space)))),
-        ),
-    )
-    .parse(token);
-    let (_, (sign, digits)) = number.ok()?;
-    let magnitude = digits.iter().try_fold(0u64, |v, &d| {
-        v.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    });
-    Some((sign == Some('-'), magnitude))
+    let blanks = token.iter().take_while(|&&b| c_space(b)).count();
+    let (negative, digits) = match &token[blanks..] {
+        [b'-', digits @ ..] => (true, digits),
+        [b'+', digits @ ..] => (false, digits),
+        digits => (false, digits),
+    };
+    let mut magnitude = Some(0u64);
+    let mut count = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        let digit = u64::from(b - b'0');
+        magnitude = magnitude.and_then(|v| v.checked_mul(10)?.checked_add(digit));
+        count += 1;
+    }
+    if count == 0 || digits.get(count).is_some_and(|&b| !c_space(b)) {
+        return None;
+    }
+    Some((negative, magnitude))
 }
 
 /// memcached's `safe_strtoul` for a 32-bit field; values above 2^32-1 are refused (a
