@@ -4,8 +4,8 @@ use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::parse::{
-    data_block, offsets, parse_i32, parse_length, parse_u32, parse_u64, take_frame, tokenize,
-    Limits, Parsed, Skip, Source,
+    data_block, narrow, offsets, parse_i32, parse_length, parse_u32, parse_u64, take_frame,
+    tokenize, Limits, Parsed, Skip, Source,
 };
 use super::{valid_key, ProtocolError, Request, MAX_KEY_BYTES};
 
@@ -248,7 +248,7 @@ pub(super) fn parse_set(buf: &mut BytesMut, line_len: usize, limits: &Limits) ->
             ..Parsed::new(request, line_len)
         });
     }
-    let data = frame.slice(line_len..line_len + len);
+    let data = narrow(frame, line_len..line_len + len);
     let request = Request::Meta(MetaRequest::Set { key, data, flags });
     Some(Parsed::new(request, frame_len))
 }

@@ -269,25 +269,41 @@ pub fn parse_resumed(
         b"ms" => return meta::parse_set(buf, line_len, limits),
         _ => {
             let frame = take_frame(buf, line_len);
-            return Some(Parsed::new(request(&frame), line_len));
+            return Some(Parsed::new(request(frame), line_len));
         }
     };
     storage(buf, mode, line_len, limits)
 }
 
 /// The request of a line without a data block, taken off the buffer as `frame`.
-fn request(frame: &Bytes) -> Request {
+fn request(frame: Bytes) -> Request {
     let tokens = tokenize(&frame[..frame.len() - 1]);
-    let src = Source::Frame(frame);
+    let src = Source::Frame(&frame);
     let Some(&command) = tokens.first() else {
         return Request::Invalid(ProtocolError::UnknownCommand);
     };
-    match command {
-        b"get" | b"gets" => retrieval(src, &tokens, false),
-        b"gat" | b"gats" => retrieval(src, &tokens, true),
-        b"mg" | b"md" | b"ma" | b"mn" | b"me" => meta::parse(src, command, &tokens),
-        _ => other(src, &tokens),
+    let touch = match command {
+        b"get" | b"gets" => false,
+        b"gat" | b"gats" => true,
+        b"mg" | b"md" | b"ma" | b"mn" | b"me" => return meta::parse(src, command, &tokens),
+        _ => return other(src, &tokens),
+    };
+    let (mut request, last_key) = retrieval(&frame, &tokens, touch);
+    drop(tokens);
+    if let (Request::Get { keys, .. } | Request::Gat { keys, .. }, Some(at)) =
+        (&mut request, last_key)
+    {
+        keys.push(narrow(frame, at));
     }
+    request
+}
+
+/// `frame` cut down to `at`: the frame itself becomes its last key or its value, which
+/// saves counting one more reference to it up and down again.
+pub(super) fn narrow(mut frame: Bytes, at: Range<usize>) -> Bytes {
+    frame.truncate(at.end);
+    frame.advance(at.start);
+    frame
 }
 
 /// No `\n` within the window: wait, cut a long retrieval into a first piece, or refuse a
@@ -411,25 +427,31 @@ fn noreply(tokens: &[&[u8]]) -> bool {
     tokens.last() == Some(&&b"noreply"[..])
 }
 
-/// `get <key>*`, `gets <key>*`, `gat <exptime> <key>*`, `gats <exptime> <key>*`.
-fn retrieval(src: Source, tokens: &[&[u8]], touch: bool) -> Request {
+/// `get <key>*`, `gets <key>*`, `gat <exptime> <key>*`, `gats <exptime> <key>*` on their
+/// `frame`: the request with every key but the last, and where the last one lies (the
+/// caller makes it of the frame itself).
+fn retrieval(frame: &Bytes, tokens: &[&[u8]], touch: bool) -> (Request, Option<Range<usize>>) {
     if tokens.len() < 2 {
-        return Request::Invalid(ProtocolError::UnknownCommand);
+        return (Request::Invalid(ProtocolError::UnknownCommand), None);
     }
     let cas = tokens[0].ends_with(b"s");
     let (exptime, key_tokens) = if touch {
         match parse_i32(tokens[1]) {
             Some(e) => (e, &tokens[2..]),
-            None => return Request::Invalid(INVALID_EXPTIME),
+            None => return (Request::Invalid(INVALID_EXPTIME), None),
         }
     } else {
         (0, &tokens[1..])
     };
     if !key_tokens.iter().all(|k| valid_key(k)) {
-        return Request::Invalid(ProtocolError::BAD_FORMAT);
+        return (Request::Invalid(ProtocolError::BAD_FORMAT), None);
     }
-    let keys = key_tokens.iter().map(|k| src.bytes(k)).collect();
-    if touch {
+    let mut keys = Vec::with_capacity(key_tokens.len());
+    let last = key_tokens.split_last().map(|(last, others)| {
+        keys.extend(others.iter().map(|k| frame.slice_ref(k)));
+        offsets(frame, last)
+    });
+    let request = if touch {
         Request::Gat {
             exptime,
             keys,
@@ -442,7 +464,8 @@ fn retrieval(src: Source, tokens: &[&[u8]], touch: bool) -> Request {
             cas,
             end: true,
         }
-    }
+    };
+    (request, last)
 }
 
 /// A storage command line, read: the key's place in the line and the numbers.
@@ -525,7 +548,7 @@ fn storage(
         key: frame.slice(line.key),
         flags: line.flags,
         exptime: line.exptime,
-        data: frame.slice(line_len..consumed - 2),
+        data: narrow(frame, line_len..consumed - 2),
         cas_unique: line.cas_unique,
         noreply,
     };
