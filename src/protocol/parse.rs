@@ -6,10 +6,12 @@
 //!
 //! The parser is written with nom's streaming combinators over the connection's read buffer
 //! and copies nothing: a complete frame is split off the buffer and frozen, and every key,
-//! value and opaque of its request is a shared slice of it. Every line is read once: a
-//! line without a data block is taken as its frame and read; a storage command's line is
-//! read on the borrowed buffer, and once its data block is known to have arrived the frame
-//! is taken and its key and value are cut from it at the offsets the reading found.
+//! value and opaque of its request is a shared slice of it. Every line is tokenized once
+//! (its first token is peeked to tell a storage command from the rest): a line without a
+//! data block is taken as its frame and read; a storage command's line is read on the
+//! borrowed buffer, and once its outcome is known (its data block arrived, or an error that
+//! does not wait for it) the frame is taken and its key and value are cut from it at the
+//! offsets the reading found.
 
 use std::ops::{Deref, Range};
 
