@@ -205,6 +205,11 @@ options! {
     /// Serve a tier entry this long (ms) before asking the store again; also how often the
     /// shared flush epoch is re-read. 0 = strict: every read asks the store.
     revalidate_after_ms: u64 = crate::tier::DEFAULT_REVALIDATE_AFTER_MS, env "S3CACHED_REVALIDATE_AFTER_MS";
+    /// Directory for the optional disk tier behind the RAM tier ("" = off): items survive a
+    /// restart there and the hot set may exceed RAM. Give each replica its own directory.
+    disk_cache_dir: PathBuf = PathBuf::new(), env "S3CACHED_DISK_CACHE_DIR";
+    /// Bytes of disk the disk tier may use (at least 8 blocks; a block holds the largest item).
+    disk_cache_bytes: u64 = crate::tier::disk::DEFAULT_DISK_CACHE_BYTES, env "S3CACHED_DISK_CACHE_BYTES";
     /// Directory store: fsync each write (file and directory) before acknowledging it.
     dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
     /// PEM certificate chain for TLS on the memcached port ("" = plain TCP; memcached's
@@ -409,7 +414,37 @@ impl Config {
         self.sasl_users().map(|_| ())
     }
 
-    /// The admin listener, encryption at rest and the S3 prices.
+    /// The disk tier's settings, when `disk_cache_dir` is set.
+    pub fn disk_tier(&self) -> Option<crate::tier::disk::DiskConfig> {
+        (!self.disk_cache_dir.as_os_str().is_empty()).then(|| crate::tier::disk::DiskConfig {
+            dir: self.disk_cache_dir.clone(),
+            bytes: self.disk_cache_bytes,
+            max_item_bytes: self.max_item_size,
+        })
+    }
+
+    /// The disk tier must hold a few blocks, each of which must hold the largest item.
+    fn validate_disk_tier(&self) -> Result<(), ConfigError> {
+        let Some(disk) = self.disk_tier() else {
+            return Ok(());
+        };
+        let min = crate::tier::disk::MIN_DISK_BLOCKS * disk.block_bytes() as u64;
+        if disk.bytes < min {
+            return Err(ConfigError(format!(
+                "disk_cache_bytes must be at least {min} (8 blocks of {} bytes: max_item_size and 64 KiB, at least 1 MiB)",
+                disk.block_bytes()
+            )));
+        }
+        if disk.dir.exists() && !disk.dir.is_dir() {
+            return Err(ConfigError(format!(
+                "disk_cache_dir: {} is not a directory",
+                disk.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The admin listener, encryption at rest, the S3 prices and the disk tier.
     fn validate_ops(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
         if !self.admin_listen.is_empty() && self.admin_listen.parse::<SocketAddr>().is_err() {
@@ -435,7 +470,7 @@ impl Config {
         if prices.iter().any(|p| !p.is_finite() || *p < 0.0) {
             return fail("S3 prices must be finite and not negative".into());
         }
-        Ok(())
+        self.validate_disk_tier()
     }
 
     /// TLS needs a certificate and its key together; a CA only with them.
