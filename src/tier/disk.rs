@@ -1,9 +1,9 @@
 //! The optional disk tier: items on local disk through foyer's hybrid cache (its block
 //! engine), so a restarted replica starts warm and the hot set may exceed RAM.
 //!
-//! The RAM tier stays in moka (its hot get is cheaper, see the README); the hybrid cache's
-//! own memory part admits nothing, so foyer holds only what is on disk, its index and its
-//! write buffers. Each record carries the item as the store holds it (flags, expiry, store
+//! The RAM tier is a separate foyer cache, with the tier's own freshness rules around it;
+//! this hybrid cache's memory part admits nothing, so it holds only what is on disk, its
+//! index and its write buffers. Each record carries the item as the store holds it (flags, expiry, store
 //! time, cas, version) and the wall-clock moment the store last vouched for it, so a
 //! restarted replica serves a record checked less than a window ago with no backend
 //! request and revalidates an older one. foyer checksums every record; on top of that a
