@@ -694,6 +694,37 @@ mod tests {
     }
 
     #[test]
+    fn the_disk_tier_is_off_by_default_and_must_hold_eight_blocks() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.disk_tier().is_none());
+        assert_eq!(c.disk_cache_bytes, 1024 * 1024 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let on = |extra: &str| {
+            Config::from_toml(&format!(
+                "disk_cache_dir = {:?}\n{extra}",
+                dir.path().display().to_string()
+            ))
+        };
+        let tier = on("").unwrap().disk_tier().unwrap();
+        // The default 1 MiB items need blocks of 1 MiB + 64 KiB.
+        assert_eq!(tier.block_bytes(), 1024 * 1024 + 64 * 1024);
+        assert!(on("disk_cache_bytes = 8912895").is_err());
+        assert!(on("disk_cache_bytes = 8912896").is_ok());
+        let small_items = "max_item_size = 4096\ndisk_cache_bytes = 8388608";
+        assert_eq!(
+            on(small_items).unwrap().disk_tier().unwrap().block_bytes(),
+            1 << 20
+        );
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let text = format!("disk_cache_dir = {:?}", file.display().to_string());
+        assert!(
+            Config::from_toml(&text).is_err(),
+            "a file is not a directory"
+        );
+    }
+
+    #[test]
     fn cli_and_env_beat_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
