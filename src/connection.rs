@@ -529,9 +529,9 @@ impl Connection {
             self.skip_bytes -= n;
         }
         if self.skip_line {
-            match memchr(b'\n', &self.read_buf) {
-                Some(at) => {
-                    self.read_buf.advance(at + 1);
+            match protocol::line_end(&self.read_buf) {
+                Some(len) => {
+                    self.read_buf.advance(len);
                     self.skip_line = false;
                 }
                 None => self.read_buf.clear(),
@@ -558,18 +558,22 @@ impl Connection {
     /// Parses and starts as many buffered requests as the pipeline and the budget allow.
     fn dispatch(&mut self) {
         while self.start_queued() && !self.closing && self.skip_bytes == 0 && !self.skip_line {
+            // The parser takes the frame off the buffer; the request holds slices of it.
             let Some(Parsed {
                 request,
-                consumed,
                 skip,
                 resume,
-            }) = protocol::parse_resumed(&self.read_buf, &self.config.limits, self.long_retrieval)
+                ..
+            }) = protocol::parse_resumed(
+                &mut self.read_buf,
+                &self.config.limits,
+                self.long_retrieval,
+            )
             else {
                 return;
             };
             self.parsed += 1;
             self.partial_since = None;
-            self.read_buf.advance(consumed);
             self.long_retrieval = resume;
             match skip {
                 Skip::None => {}
@@ -847,8 +851,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => futures::future::pending().await,
     }
-}
-
-fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|&b| b == needle)
 }

@@ -582,8 +582,15 @@ impl Store for Tiered {
         let write = self.begin_write(&entry.key);
         Stats::incr(&self.stats.backend_puts);
         let result = self.inner.put(entry, mode).await;
+        // The client's key and value are slices of its connection's read buffer (the parser
+        // copies nothing): the RAM tier keeps its own copy, so a small item kept for long
+        // never pins a whole read buffer.
         write.end(result.as_ref().ok().map(|version| Versioned {
-            entry: entry.clone(),
+            entry: Entry {
+                key: Bytes::copy_from_slice(&entry.key),
+                value: Bytes::copy_from_slice(&entry.value),
+                ..entry.clone()
+            },
             version: version.clone(),
         }));
         result

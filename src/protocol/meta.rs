@@ -1,10 +1,11 @@
 //! Meta commands (`mg`, `ms`, `md`, `ma`, `me`, `mn`): their typed form and their parser.
 
 use base64::Engine;
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::parse::{
-    data_block, parse_i32, parse_length, parse_u32, parse_u64, Limits, Parsed, Skip,
+    data_block, narrow, offsets, parse_i32, parse_length, parse_u32, parse_u64, take_frame,
+    tokenize, Limits, Parsed, Skip, Source,
 };
 use super::{valid_key, ProtocolError, Request, MAX_KEY_BYTES};
 
@@ -146,36 +147,18 @@ impl MetaRequest {
 const INVALID_FLAG: ProtocolError = ProtocolError::Client("invalid flag");
 const BAD_TOKEN: ProtocolError = ProtocolError::Client("bad token in command line format");
 
-/// Parses a meta command whose line (`line_len` bytes, split into `tokens`) is complete.
-pub(super) fn parse(
-    command: &[u8],
-    tokens: &[&[u8]],
-    line_len: usize,
-    rest: &[u8],
-    limits: &Limits,
-) -> Option<Parsed> {
-    let done = |request| {
-        Some(Parsed {
-            request,
-            consumed: line_len,
-            skip: Skip::None,
-            resume: None,
-        })
-    };
-    let invalid = |e| done(Request::Invalid(e));
+/// Parses a meta command other than `ms` from the `tokens` of its line; keys and opaques
+/// are taken from `src`.
+pub(super) fn parse(src: Source, command: &[u8], tokens: &[&[u8]]) -> Request {
+    let done = Request::Meta;
+    let invalid = Request::Invalid;
     if command == b"mn" {
-        return done(Request::Meta(MetaRequest::Noop));
+        return done(MetaRequest::Noop);
     }
-    if tokens.len() < 2 {
-        return invalid(ProtocolError::UnknownCommand);
+    if let Err(e) = check_key(tokens) {
+        return invalid(e);
     }
     let raw_key = tokens[1];
-    if raw_key.len() > MAX_KEY_BYTES {
-        return invalid(ProtocolError::BAD_FORMAT);
-    }
-    if command == b"ms" {
-        return parse_set(tokens, line_len, rest, limits);
-    }
     if tokens.len() >= MAX_META_TOKENS {
         return invalid(ProtocolError::Client(if command == b"mg" {
             "options flags are too long"
@@ -189,11 +172,11 @@ pub(super) fn parse(
         b"ma" => Command::Arith,
         _ => Command::Debug,
     };
-    let flags = match parse_flags(&tokens[2..], raw_key, which) {
+    let flags = match parse_flags(src, &tokens[2..], raw_key, which) {
         Ok(flags) => flags,
         Err(e) => return invalid(e),
     };
-    let key = match decode_key(raw_key, flags.base64) {
+    let key = match decode_key(src, raw_key, flags.base64) {
         Ok(key) => key,
         Err(e) => return invalid(e),
     };
@@ -206,74 +189,103 @@ pub(super) fn parse(
             base64: flags.base64,
         },
     };
-    done(Request::Meta(request))
+    done(request)
 }
 
-/// `ms <key> <datalen> <flags>*` and its data block; errors after the length swallow the data.
-fn parse_set(tokens: &[&[u8]], line_len: usize, rest: &[u8], limits: &Limits) -> Option<Parsed> {
-    let invalid = |e, skip| {
-        Some(Parsed {
-            request: Request::Invalid(e),
-            consumed: line_len,
-            skip,
-            resume: None,
-        })
-    };
-    if tokens.len() < 3 {
-        return invalid(ProtocolError::BAD_FORMAT, Skip::None);
+/// What every meta command with a key checks first: that there is one, and its length.
+fn check_key(tokens: &[&[u8]]) -> Result<(), ProtocolError> {
+    match tokens.get(1) {
+        None => Err(ProtocolError::UnknownCommand),
+        Some(key) if key.len() > MAX_KEY_BYTES => Err(ProtocolError::BAD_FORMAT),
+        Some(_) => Ok(()),
     }
-    if tokens.len() >= MAX_META_TOKENS {
-        return invalid(ProtocolError::Client("options flags too long"), Skip::None);
+}
+
+/// `ms <key> <datalen> <flags>*` and its data block, read on the borrowed buffer (its
+/// `line_len`-byte line is complete); errors after the length swallow the data. The frame
+/// is taken once the outcome is known, and the key and opaque are cut from it.
+pub(super) fn parse_set(buf: &mut BytesMut, line_len: usize, limits: &Limits) -> Option<Parsed> {
+    let tokens = tokenize(&buf[..line_len - 1]);
+    let read = read_set(&tokens);
+    let key_at = tokens.get(1).map(|k| offsets(buf, k));
+    let opaque_at = tokens.get(3..).and_then(|flags| {
+        let opaque = flags.iter().find(|f| f[0] == b'O')?;
+        Some(offsets(buf, &opaque[1..]))
+    });
+    drop(tokens);
+    let (len, mut key, mut flags) = match read {
+        Ok(header) => header,
+        Err((error, skip)) => {
+            buf.advance(line_len);
+            let parsed = Parsed::new(Request::Invalid(error), line_len);
+            return Some(Parsed { skip, ..parsed });
+        }
+    };
+    let frame_len = if len > limits.max_item_bytes {
+        line_len
+    } else if data_block(&buf[line_len..], len)?.is_some() {
+        line_len + len + 2
+    } else {
+        buf.advance(line_len + len + 2);
+        let error = Request::Invalid(ProtocolError::BAD_DATA_CHUNK);
+        return Some(Parsed::new(error, line_len + len + 2));
+    };
+    let frame = take_frame(buf, frame_len);
+    if !flags.base64 {
+        key = frame.slice(key_at.expect("a key was read"));
     }
-    // As memcached: a length it cannot read (or out of 0..=INT_MAX-2) swallows nothing.
-    let Some(len) = parse_length(tokens[2]) else {
-        return invalid(ProtocolError::BAD_FORMAT, Skip::None);
-    };
-    let parsed = parse_flags(&tokens[3..], tokens[1], Command::Set)
-        .and_then(|flags| Ok((decode_key(tokens[1], flags.base64)?, flags)));
-    let (key, flags) = match parsed {
-        Ok(ok) => ok,
-        Err(e) => return invalid(e, Skip::Bytes(len + 2)),
-    };
-    if len > limits.max_item_bytes {
+    flags.opaque = opaque_at.map(|at| frame.slice(at));
+    if frame_len == line_len {
         // memcached also drops the stored item, so no stale value outlives a failed set.
+        let request = Request::TooLarge {
+            key,
+            remove_old: true,
+            noreply: false,
+        };
+        let skip = Skip::Bytes(len + 2);
         return Some(Parsed {
-            request: Request::TooLarge {
-                key,
-                remove_old: true,
-                noreply: false,
-            },
-            consumed: line_len,
-            skip: Skip::Bytes(len + 2),
-            resume: None,
+            skip,
+            ..Parsed::new(request, line_len)
         });
     }
-    let block = data_block(rest, len)?;
-    let consumed = line_len + len + 2;
-    let request = match block {
-        Some(data) => Request::Meta(MetaRequest::Set {
-            key,
-            data: Bytes::copy_from_slice(data),
-            flags,
-        }),
-        None => Request::Invalid(ProtocolError::BAD_DATA_CHUNK),
-    };
-    Some(Parsed {
-        request,
-        consumed,
-        skip: Skip::None,
-        resume: None,
-    })
+    let data = narrow(frame, line_len..line_len + len);
+    let request = Request::Meta(MetaRequest::Set { key, data, flags });
+    Some(Parsed::new(request, frame_len))
 }
 
-fn decode_key(raw: &[u8], base64: bool) -> Result<Bytes, ProtocolError> {
+/// The line of an `ms`: its data length, key (empty unless decoded from base64) and flags
+/// (without the opaque); or the error and what it discards.
+fn read_set(tokens: &[&[u8]]) -> Result<(usize, Bytes, MetaFlags), (ProtocolError, Skip)> {
+    let keep = |e| (e, Skip::None);
+    check_key(tokens).map_err(keep)?;
+    if tokens.len() < 3 {
+        return Err(keep(ProtocolError::BAD_FORMAT));
+    }
+    if tokens.len() >= MAX_META_TOKENS {
+        return Err(keep(ProtocolError::Client("options flags too long")));
+    }
+    // As memcached: a length it cannot read (or out of 0..=INT_MAX-2) swallows nothing.
+    let len = parse_length(tokens[2]).ok_or(keep(ProtocolError::BAD_FORMAT))?;
+    let src = Source::Buffer;
+    let flags = parse_flags(src, &tokens[3..], tokens[1], Command::Set);
+    let key = flags.and_then(|flags| Ok((decode_key(src, tokens[1], flags.base64)?, flags)));
+    let (key, flags) = key.map_err(|e| (e, Skip::Bytes(len + 2)))?;
+    Ok((len, key, flags))
+}
+
+/// The key as given, or decoded from base64 (the one copy the parser makes: a new key).
+fn decode_key(src: Source, raw: &[u8], base64: bool) -> Result<Bytes, ProtocolError> {
     if !base64 {
         return if valid_key(raw) {
-            Ok(Bytes::copy_from_slice(raw))
+            Ok(src.bytes(raw))
         } else {
             Err(ProtocolError::BAD_FORMAT)
         };
     }
+    decode_base64(raw)
+}
+
+fn decode_base64(raw: &[u8]) -> Result<Bytes, ProtocolError> {
     match base64::engine::general_purpose::STANDARD.decode(raw) {
         Ok(key) if !key.is_empty() && key.len() <= MAX_KEY_BYTES => Ok(Bytes::from(key)),
         _ => Err(ProtocolError::Client("error decoding key")),
@@ -295,21 +307,20 @@ enum Command {
 /// errors are collected, the last wording winning. `md` and `ma` word them all alike.
 /// `raw_key` is decoded where `b` stands, so its error takes its place among the others.
 fn parse_flags(
+    src: Source,
     tokens: &[&[u8]],
     raw_key: &[u8],
     command: Command,
 ) -> Result<MetaFlags, ProtocolError> {
-    let result = preparse(tokens, raw_key).and_then(|mut f| {
+    let result = preparse(src, tokens, raw_key).and_then(|mut f| {
         let mode = f.mode;
         match command {
             Command::Set => set_mode(&mut f, mode, false)?,
             Command::Arith => set_mode(&mut f, mode, true)?,
             _ => {}
         }
-        if f.opaque
-            .as_ref()
-            .is_some_and(|o| o.len() + 1 > MAX_OPAQUE_BYTES)
-        {
+        let opaque = tokens.iter().find(|t| t[0] == b'O');
+        if opaque.is_some_and(|o| o.len() > MAX_OPAQUE_BYTES) {
             return Err(ProtocolError::Client("opaque token too long"));
         }
         Ok(f)
@@ -324,7 +335,7 @@ fn parse_flags(
     }
 }
 
-fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError> {
+fn preparse(src: Source, tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError> {
     let mut f = MetaFlags::default();
     let mut seen = [false; 128];
     let mut error: Option<ProtocolError> = None;
@@ -339,7 +350,7 @@ fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError
             b'b' => {
                 f.base64 = true;
                 f.ret.push(ReturnFlag::Base64);
-                if let Err(e) = decode_key(raw_key, true) {
+                if let Err(e) = decode_base64(raw_key) {
                     fail(e);
                 }
             }
@@ -366,7 +377,7 @@ fn preparse(tokens: &[&[u8]], raw_key: &[u8]) -> Result<MetaFlags, ProtocolError
             b's' => f.ret.push(ReturnFlag::Size),
             b't' => f.ret.push(ReturnFlag::Ttl),
             b'O' => {
-                f.opaque = Some(Bytes::copy_from_slice(arg));
+                f.opaque = Some(src.bytes(arg));
                 f.ret.push(ReturnFlag::Opaque);
             }
             b'q' => f.quiet = true,
@@ -466,6 +477,24 @@ mod tests {
             parsed.request,
             Request::Invalid(ProtocolError::Client("invalid mode for ms M token"))
         );
+    }
+
+    #[test]
+    fn ms_opaque_and_base64_key_are_read_before_the_frame_is_taken() {
+        let long = format!("ms k 2 O{}\r\nhi\r\n", "x".repeat(MAX_OPAQUE_BYTES));
+        let parsed = parse_request(long.as_bytes(), &Limits::default()).unwrap();
+        let too_long = ProtocolError::Client("opaque token too long");
+        assert_eq!(parsed.request, Request::Invalid(too_long));
+        assert_eq!(
+            (parsed.consumed, parsed.skip),
+            (long.len() - 4, Skip::Bytes(4))
+        );
+        let parsed = parse_request(b"ms AAEC 2 b O77\r\nhi\r\n", &Limits::default()).unwrap();
+        let Request::Meta(MetaRequest::Set { key, data, flags }) = parsed.request else {
+            panic!("{:?}", parsed.request)
+        };
+        assert_eq!((&key[..], &data[..]), (&[0u8, 1, 2][..], &b"hi"[..]));
+        assert_eq!(flags.opaque, Some(Bytes::from("77")));
     }
 
     #[test]

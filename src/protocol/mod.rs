@@ -12,7 +12,7 @@ mod response;
 
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
 pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
-pub use parse::{parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
+pub use parse::{line_end, parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
 pub use response::{Response, Value};
 
 use bytes::Bytes;

@@ -3,10 +3,23 @@
 //! Three outcomes, as in mini-redis: a request and the bytes it used, `None` (read more;
 //! never an error), or an error request the client is told about. Every path is bounded by
 //! [`Limits`], so no client can make a connection buffer grow past them.
+//!
+//! The parser is written with nom's streaming combinators over the connection's read buffer
+//! and copies nothing: a complete frame is split off the buffer and frozen, and every key,
+//! value and opaque of its request is a shared slice of it. Every line is tokenized once
+//! (its first token is peeked to tell a storage command from the rest): a line without a
+//! data block is taken as its frame and read; a storage command's line is read on the
+//! borrowed buffer, and once its outcome is known (its data block arrived, or an error that
+//! does not wait for it) the frame is taken and its key and value are cut from it at the
+//! offsets the reading found.
 
-use bytes::Bytes;
-use nom::bytes::streaming::{tag, take_until};
-use nom::sequence::terminated;
+use std::ops::{Deref, Range};
+
+use bytes::{Buf, Bytes, BytesMut};
+use nom::branch::alt;
+use nom::bytes::complete::{tag as whole_tag, take_till1, take_while};
+use nom::bytes::streaming::{tag, take, take_until};
+use nom::sequence::{preceded, terminated};
 use nom::{IResult, Parser};
 
 use super::meta;
@@ -72,7 +85,7 @@ pub struct LongRetrieval {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
     pub request: Request,
-    /// Bytes of the buffer this frame used.
+    /// Bytes of the buffer this frame used (already taken off it by [`parse_resumed`]).
     pub consumed: usize,
     /// What to discard after it.
     pub skip: Skip,
@@ -81,7 +94,7 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    fn new(request: Request, consumed: usize) -> Self {
+    pub(super) fn new(request: Request, consumed: usize) -> Self {
         Parsed {
             request,
             consumed,
@@ -101,6 +114,26 @@ impl Parsed {
     }
 }
 
+/// Where the parser's `Bytes` come from.
+#[derive(Clone, Copy)]
+pub(super) enum Source<'a> {
+    /// The frame, taken off the read buffer: keys and values are shared slices of it.
+    Frame(&'a Bytes),
+    /// A storage command read on the borrowed buffer before its frame is taken: the parts
+    /// that are slices of the frame are left empty here and cut from it afterwards.
+    Buffer,
+}
+
+impl Source<'_> {
+    /// `slice` (a part of the frame) as `Bytes`, without a copy.
+    pub(super) fn bytes(self, slice: &[u8]) -> Bytes {
+        match self {
+            Source::Frame(frame) => frame.slice_ref(slice),
+            Source::Buffer => Bytes::new(),
+        }
+    }
+}
+
 /// The first magic byte of a binary-protocol request.
 const BINARY_REQUEST_MAGIC: u8 = 0x80;
 
@@ -109,91 +142,209 @@ fn line(input: &[u8]) -> IResult<&[u8], &[u8]> {
     terminated(take_until("\n"), tag("\n")).parse(input)
 }
 
-/// The space-separated tokens of a line; memcached reads a line only up to a NUL byte.
-fn tokenize(raw_line: &[u8]) -> Vec<&[u8]> {
+/// Length of the line at the start of `buf` through its `\n`, if the `\n` has arrived: the
+/// crate's one newline finder (the connection skips refused lines with it).
+pub fn line_end(buf: &[u8]) -> Option<usize> {
+    line(buf).ok().map(|(_, raw)| raw.len() + 1)
+}
+
+/// One space-separated token, after any spaces; a NUL ends it (memcached reads a line only
+/// up to a NUL byte).
+fn token(input: &[u8]) -> IResult<&[u8], &[u8]> {
+    preceded(
+        take_while(|b| b == b' '),
+        take_till1(|b| b == b' ' || b == 0),
+    )
+    .parse(input)
+}
+
+/// Tokens a line holds without allocating (memcached's own `MAX_TOKENS`); a line with
+/// more (a long multi-get) moves them to a `Vec`.
+const INLINE_TOKENS: usize = 24;
+
+/// The space-separated tokens of a line, read as memcached reads them: without its `\r`,
+/// and only up to a NUL byte.
+pub(super) struct Tokens<'a> {
+    inline: [&'a [u8]; INLINE_TOKENS],
+    len: usize,
+    /// All the tokens, once there are more than `INLINE_TOKENS`.
+    spilled: Vec<&'a [u8]>,
+}
+
+impl<'a> Tokens<'a> {
+    fn push(&mut self, token: &'a [u8]) {
+        if self.len < INLINE_TOKENS {
+            self.inline[self.len] = token;
+            self.len += 1;
+            return;
+        }
+        if self.spilled.is_empty() {
+            self.spilled.extend_from_slice(&self.inline);
+        }
+        self.spilled.push(token);
+    }
+}
+
+impl<'a> Deref for Tokens<'a> {
+    type Target = [&'a [u8]];
+    fn deref(&self) -> &Self::Target {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
+/// Splits a line (without its `\n`) into its tokens: [`token`] in a loop.
+pub(super) fn tokenize(raw_line: &[u8]) -> Tokens<'_> {
+    let mut tokens = Tokens {
+        inline: [&[]; INLINE_TOKENS],
+        len: 0,
+        spilled: Vec::new(),
+    };
+    let mut rest = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
+    while let Ok((after, found)) = token(rest) {
+        tokens.push(found);
+        if after.first() == Some(&0) {
+            break;
+        }
+        rest = after;
+    }
+    tokens
+}
+
+/// The first token of a line (empty for a blank line).
+fn first_token(raw_line: &[u8]) -> &[u8] {
     let text = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
-    let text = text.split(|&b| b == 0).next().unwrap_or(text);
-    text.split(|&b| b == b' ')
-        .filter(|t| !t.is_empty())
-        .collect()
+    token(text).map_or(&[][..], |(_, t)| t)
 }
 
-/// Parses the next request from `buf`; `None` means more bytes are needed.
+/// Where `part` (a slice of `whole`) lies in it: the frame taken later holds the same
+/// bytes at the same offsets.
+pub(super) fn offsets(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Parses the next request from `buf` (copied once: for tests and tools holding a slice;
+/// the connection uses [`parse_resumed`]). `None` means more bytes are needed.
 pub fn parse(buf: &[u8], limits: &Limits) -> Option<Parsed> {
-    parse_resumed(buf, limits, None)
+    parse_resumed(&mut BytesMut::from(buf), limits, None)
 }
 
-/// Parses the next request, going on with the keys of a long retrieval line if `resume`
-/// says the previous frame was cut from one.
-pub fn parse_resumed(buf: &[u8], limits: &Limits, resume: Option<LongRetrieval>) -> Option<Parsed> {
+/// Takes the next request off the front of `buf`, going on with the keys of a long
+/// retrieval line if `resume` says the previous frame was cut from one. `None` means more
+/// bytes are needed, and `buf` is left as it was.
+pub fn parse_resumed(
+    buf: &mut BytesMut,
+    limits: &Limits,
+    resume: Option<LongRetrieval>,
+) -> Option<Parsed> {
     if let Some(at) = resume {
         return retrieval_piece(buf, limits, at);
     }
     if buf.first() == Some(&BINARY_REQUEST_MAGIC) {
+        let consumed = buf.len();
+        buf.clear();
         return Some(Parsed::new(
             Request::Hangup("binary protocol is not supported"),
-            buf.len(),
+            consumed,
         ));
     }
     let window = &buf[..buf.len().min(limits.max_multiget_line_bytes + 1)];
-    let raw_line = match line(window) {
-        Ok((_, raw)) => raw,
-        Err(_) => return incomplete_line(buf, window.len(), limits),
+    let Some(line_len) = line_end(window) else {
+        return incomplete_line(buf, limits);
     };
-    let line_len = raw_line.len() + 1;
+    let raw_line = &buf[..line_len - 1];
     if line_len > limits.max_line_bytes && !is_retrieval(raw_line) {
+        buf.advance(line_len);
         return Some(Parsed::invalid(ProtocolError::LINE_TOO_LONG, line_len));
     }
-    let tokens = tokenize(raw_line);
-    let Some(&command) = tokens.first() else {
-        return Some(Parsed::invalid(ProtocolError::UnknownCommand, line_len));
-    };
-    let rest = &buf[line_len..];
-    match command {
-        b"get" | b"gets" => Some(Parsed::new(retrieval(&tokens, false), line_len)),
-        b"gat" | b"gats" => Some(Parsed::new(retrieval(&tokens, true), line_len)),
-        b"set" => storage(StoreMode::Set, &tokens, line_len, rest, limits),
-        b"add" => storage(StoreMode::Add, &tokens, line_len, rest, limits),
-        b"replace" => storage(StoreMode::Replace, &tokens, line_len, rest, limits),
-        b"append" => storage(StoreMode::Append, &tokens, line_len, rest, limits),
-        b"prepend" => storage(StoreMode::Prepend, &tokens, line_len, rest, limits),
-        b"cas" => storage(StoreMode::Cas, &tokens, line_len, rest, limits),
-        b"mg" | b"ms" | b"md" | b"ma" | b"mn" | b"me" => {
-            meta::parse(command, &tokens, line_len, rest, limits)
+    let mode = match first_token(raw_line) {
+        b"set" => StoreMode::Set,
+        b"add" => StoreMode::Add,
+        b"replace" => StoreMode::Replace,
+        b"append" => StoreMode::Append,
+        b"prepend" => StoreMode::Prepend,
+        b"cas" => StoreMode::Cas,
+        b"ms" => return meta::parse_set(buf, line_len, limits),
+        _ => {
+            let frame = take_frame(buf, line_len);
+            return Some(Parsed::new(request(frame), line_len));
         }
-        _ => Some(Parsed::new(other(&tokens), line_len)),
-    }
+    };
+    storage(buf, mode, line_len, limits)
 }
 
-/// No `\n` within `window` bytes: wait, cut a long retrieval into a first piece, or refuse
-/// a line longer than allowed. A refused line consumes only what was searched; the
+/// The request of a line without a data block, taken off the buffer as `frame`.
+fn request(frame: Bytes) -> Request {
+    let tokens = tokenize(&frame[..frame.len() - 1]);
+    let src = Source::Frame(&frame);
+    let Some(&command) = tokens.first() else {
+        return Request::Invalid(ProtocolError::UnknownCommand);
+    };
+    let touch = match command {
+        b"get" | b"gets" => false,
+        b"gat" | b"gats" => true,
+        b"mg" | b"md" | b"ma" | b"mn" | b"me" => return meta::parse(src, command, &tokens),
+        _ => return other(src, &tokens),
+    };
+    let (mut request, last_key) = retrieval(&frame, &tokens, touch);
+    drop(tokens);
+    if let (Request::Get { keys, .. } | Request::Gat { keys, .. }, Some(at)) =
+        (&mut request, last_key)
+    {
+        keys.push(narrow(frame, at));
+    }
+    request
+}
+
+/// `frame` cut down to `at`: the frame itself becomes its last key or its value, which
+/// saves counting one more reference to it up and down again.
+pub(super) fn narrow(mut frame: Bytes, at: Range<usize>) -> Bytes {
+    frame.truncate(at.end);
+    frame.advance(at.start);
+    frame
+}
+
+/// No `\n` within the window: wait, cut a long retrieval into a first piece, or refuse a
+/// line longer than allowed. A refused line consumes only what was searched; the
 /// connection discards the rest through its `\n`, so commands after it survive.
-fn incomplete_line(buf: &[u8], window: usize, limits: &Limits) -> Option<Parsed> {
+fn incomplete_line(buf: &mut BytesMut, limits: &Limits) -> Option<Parsed> {
+    let window = buf.len().min(limits.max_multiget_line_bytes + 1);
     if is_retrieval(buf) {
         if buf.len() <= limits.max_multiget_line_bytes {
             return None;
         }
-        return Some(first_piece(
-            &buf[..window.min(limits.max_multiget_line_bytes)],
-        ));
+        return Some(first_piece(buf, window.min(limits.max_multiget_line_bytes)));
     }
     if buf.len() > limits.max_line_bytes {
+        buf.advance(window);
         return Some(Parsed::invalid_line(ProtocolError::LINE_TOO_LONG, window));
     }
     None
 }
 
-/// The complete tokens of a cut line: everything up to its last space, and their length.
-fn cut(window: &[u8]) -> Option<(Vec<&[u8]>, usize)> {
-    let last_space = window.iter().rposition(|&b| b == b' ')?;
-    Some((tokenize(&window[..last_space]), last_space + 1))
+/// The length of the complete tokens of a cut line: everything through its last space.
+fn cut(window: &[u8]) -> Option<usize> {
+    Some(window.iter().rposition(|&b| b == b' ')? + 1)
+}
+
+/// Takes `len` bytes off `buf` as a frozen frame.
+pub(super) fn take_frame(buf: &mut BytesMut, len: usize) -> Bytes {
+    buf.split_to(len).freeze()
 }
 
 /// The start of a retrieval line longer than the window.
-fn first_piece(window: &[u8]) -> Parsed {
-    let Some((tokens, consumed)) = cut(window).filter(|(t, _)| !t.is_empty()) else {
-        return Parsed::invalid_line(ProtocolError::BAD_FORMAT, window.len());
+fn first_piece(buf: &mut BytesMut, window: usize) -> Parsed {
+    let consumed = cut(&buf[..window]).filter(|&n| !first_token(&buf[..n - 1]).is_empty());
+    let Some(consumed) = consumed else {
+        buf.advance(window);
+        return Parsed::invalid_line(ProtocolError::BAD_FORMAT, window);
     };
+    let frame = take_frame(buf, consumed);
+    let tokens = tokenize(&frame[..consumed - 1]);
     let touch = tokens[0].starts_with(b"ga");
     let cas = tokens[0].ends_with(b"s");
     let exptime = if touch {
@@ -205,30 +356,32 @@ fn first_piece(window: &[u8]) -> Parsed {
         None
     };
     let keys = &tokens[if touch { 2 } else { 1 }..];
-    piece(keys, LongRetrieval { cas, exptime }, consumed, false)
+    let at = LongRetrieval { cas, exptime };
+    piece(Source::Frame(&frame), keys, at, consumed, false)
 }
 
 /// The next piece of a long retrieval line: its keys up to the `\n` or the window's last
 /// space.
-fn retrieval_piece(buf: &[u8], limits: &Limits, at: LongRetrieval) -> Option<Parsed> {
-    let window = &buf[..buf.len().min(limits.max_multiget_line_bytes)];
-    if let Ok((_, raw)) = line(window) {
-        return Some(piece(&tokenize(raw), at, raw.len() + 1, true));
-    }
-    if buf.len() <= limits.max_multiget_line_bytes {
-        return None;
-    }
-    match cut(window) {
-        Some((tokens, consumed)) => Some(piece(&tokens, at, consumed, false)),
-        None => Some(Parsed::invalid_line(
-            ProtocolError::BAD_FORMAT,
-            window.len(),
-        )),
-    }
+fn retrieval_piece(buf: &mut BytesMut, limits: &Limits, at: LongRetrieval) -> Option<Parsed> {
+    let window = buf.len().min(limits.max_multiget_line_bytes);
+    let (consumed, end) = match line_end(&buf[..window]) {
+        Some(n) => (n, true),
+        None if buf.len() <= limits.max_multiget_line_bytes => return None,
+        None => match cut(&buf[..window]) {
+            Some(n) => (n, false),
+            None => {
+                buf.advance(window);
+                return Some(Parsed::invalid_line(ProtocolError::BAD_FORMAT, window));
+            }
+        },
+    };
+    let frame = take_frame(buf, consumed);
+    let tokens = tokenize(&frame[..consumed - 1]);
+    Some(piece(Source::Frame(&frame), &tokens, at, consumed, end))
 }
 
 /// A retrieval request for `keys`, one piece of a line; `end` for the last piece.
-fn piece(keys: &[&[u8]], at: LongRetrieval, consumed: usize, end: bool) -> Parsed {
+fn piece(src: Source, keys: &[&[u8]], at: LongRetrieval, consumed: usize, end: bool) -> Parsed {
     if !keys.iter().all(|k| valid_key(k)) {
         let parsed = Parsed::invalid(ProtocolError::BAD_FORMAT, consumed);
         return if end {
@@ -240,7 +393,7 @@ fn piece(keys: &[&[u8]], at: LongRetrieval, consumed: usize, end: bool) -> Parse
             }
         };
     }
-    let keys = keys.iter().map(|k| Bytes::copy_from_slice(k)).collect();
+    let keys = keys.iter().map(|k| src.bytes(k)).collect();
     let request = match at.exptime {
         Some(exptime) => Request::Gat {
             exptime,
@@ -260,40 +413,47 @@ fn piece(keys: &[&[u8]], at: LongRetrieval, consumed: usize, end: bool) -> Parse
     }
 }
 
+/// Whether a line starts (after spaces) with a retrieval command and a space.
 fn is_retrieval(line: &[u8]) -> bool {
-    let start = line.iter().position(|&b| b != b' ').unwrap_or(line.len());
-    let line = &line[start..];
-    [&b"get "[..], b"gets ", b"gat ", b"gats "]
-        .iter()
-        .any(|p| line.starts_with(p))
+    let command = alt((
+        whole_tag("get "),
+        whole_tag("gets "),
+        whole_tag("gat "),
+        whole_tag("gats "),
+    ));
+    let found: IResult<&[u8], &[u8]> = preceded(take_while(|b| b == b' '), command).parse(line);
+    found.is_ok()
 }
 
 fn noreply(tokens: &[&[u8]]) -> bool {
     tokens.last() == Some(&&b"noreply"[..])
 }
 
-/// `get <key>*`, `gets <key>*`, `gat <exptime> <key>*`, `gats <exptime> <key>*`.
-fn retrieval(tokens: &[&[u8]], touch: bool) -> Request {
+/// `get <key>*`, `gets <key>*`, `gat <exptime> <key>*`, `gats <exptime> <key>*` on their
+/// `frame`: the request with every key but the last, and where the last one lies (the
+/// caller makes it of the frame itself).
+fn retrieval(frame: &Bytes, tokens: &[&[u8]], touch: bool) -> (Request, Option<Range<usize>>) {
     if tokens.len() < 2 {
-        return Request::Invalid(ProtocolError::UnknownCommand);
+        return (Request::Invalid(ProtocolError::UnknownCommand), None);
     }
     let cas = tokens[0].ends_with(b"s");
     let (exptime, key_tokens) = if touch {
         match parse_i32(tokens[1]) {
             Some(e) => (e, &tokens[2..]),
-            None => return Request::Invalid(INVALID_EXPTIME),
+            None => return (Request::Invalid(INVALID_EXPTIME), None),
         }
     } else {
         (0, &tokens[1..])
     };
     if !key_tokens.iter().all(|k| valid_key(k)) {
-        return Request::Invalid(ProtocolError::BAD_FORMAT);
+        return (Request::Invalid(ProtocolError::BAD_FORMAT), None);
     }
-    let keys = key_tokens
-        .iter()
-        .map(|k| Bytes::copy_from_slice(k))
-        .collect();
-    if touch {
+    let mut keys = Vec::with_capacity(key_tokens.len());
+    let last = key_tokens.split_last().map(|(last, others)| {
+        keys.extend(others.iter().map(|k| frame.slice_ref(k)));
+        offsets(frame, last)
+    });
+    let request = if touch {
         Request::Gat {
             exptime,
             keys,
@@ -306,91 +466,108 @@ fn retrieval(tokens: &[&[u8]], touch: bool) -> Request {
             cas,
             end: true,
         }
-    }
+    };
+    (request, last)
 }
 
-/// `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` and its data block.
-fn storage(
-    mode: StoreMode,
-    tokens: &[&[u8]],
-    line_len: usize,
-    rest: &[u8],
-    limits: &Limits,
-) -> Option<Parsed> {
+/// A storage command line, read: the key's place in the line and the numbers.
+struct StorageLine {
+    key: Range<usize>,
+    flags: u32,
+    exptime: i64,
+    len: usize,
+    cas_unique: u64,
+    noreply: bool,
+}
+
+/// Reads `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` (without its `\n`), or
+/// the error it gets (and whether `noreply` hides it), which consumes only the line.
+fn storage_line(mode: StoreMode, line: &[u8]) -> Result<StorageLine, (ProtocolError, bool)> {
+    let tokens = tokenize(line);
     let base = if mode == StoreMode::Cas { 6 } else { 5 };
     if tokens.len() != base && tokens.len() != base + 1 {
-        return Some(Parsed::invalid(ProtocolError::UnknownCommand, line_len));
+        return Err((ProtocolError::UnknownCommand, false));
     }
-    let header = (|| {
-        let key = tokens[1];
-        if !valid_key(key) {
-            return None;
-        }
-        let flags = parse_u32(tokens[2])?;
-        let exptime = parse_i32(tokens[3])?;
-        let len = parse_length(tokens[4])?;
-        let cas_unique = if mode == StoreMode::Cas {
-            parse_u64(tokens[5])?
-        } else {
-            0
-        };
-        Some((key, flags, exptime, len, cas_unique))
-    })();
-    let noreply = noreply(tokens);
-    let Some((key, flags, exptime, len, cas_unique)) = header else {
-        // As memcached: the data line is not swallowed, and noreply hides the error.
-        return Some(Parsed::new(
-            quiet_error(ProtocolError::BAD_FORMAT, noreply),
-            line_len,
-        ));
-    };
-    if len > limits.max_item_bytes {
-        return Some(Parsed {
-            resume: None,
-            request: Request::TooLarge {
-                key: Bytes::copy_from_slice(key),
-                remove_old: mode == StoreMode::Set,
-                noreply,
+    let noreply = noreply(&tokens);
+    let numbers = || {
+        let key = Some(tokens[1]).filter(|k| valid_key(k))?;
+        Some(StorageLine {
+            key: offsets(line, key),
+            flags: parse_u32(tokens[2])?,
+            exptime: parse_i32(tokens[3])?,
+            len: parse_length(tokens[4])?,
+            cas_unique: if mode == StoreMode::Cas {
+                parse_u64(tokens[5])?
+            } else {
+                0
             },
-            consumed: line_len,
-            skip: Skip::Bytes(len + 2),
+            noreply,
+        })
+    };
+    // As memcached: the data line is not swallowed, and noreply hides the error.
+    numbers().ok_or((ProtocolError::BAD_FORMAT, noreply))
+}
+
+/// A storage command and its data block, read on the borrowed buffer; the frame is taken
+/// once the outcome is known.
+fn storage(
+    buf: &mut BytesMut,
+    mode: StoreMode,
+    line_len: usize,
+    limits: &Limits,
+) -> Option<Parsed> {
+    let line = match storage_line(mode, &buf[..line_len - 1]) {
+        Ok(line) => line,
+        Err((error, noreply)) => {
+            buf.advance(line_len);
+            return Some(Parsed::new(quiet_error(error, noreply), line_len));
+        }
+    };
+    let noreply = line.noreply;
+    if line.len > limits.max_item_bytes {
+        let frame = take_frame(buf, line_len);
+        let request = Request::TooLarge {
+            key: frame.slice(line.key),
+            remove_old: mode == StoreMode::Set,
+            noreply,
+        };
+        let skip = Skip::Bytes(line.len + 2);
+        return Some(Parsed {
+            skip,
+            ..Parsed::new(request, line_len)
         });
     }
-    let data = data_block(rest, len)?;
-    let consumed = line_len + len + 2;
-    let Some(data) = data else {
-        return Some(Parsed::new(
-            quiet_error(ProtocolError::BAD_DATA_CHUNK, noreply),
-            consumed,
-        ));
+    let complete = data_block(&buf[line_len..], line.len)?.is_some();
+    let consumed = line_len + line.len + 2;
+    if !complete {
+        buf.advance(consumed);
+        let error = quiet_error(ProtocolError::BAD_DATA_CHUNK, noreply);
+        return Some(Parsed::new(error, consumed));
+    }
+    let frame = take_frame(buf, consumed);
+    let request = Request::Store {
+        mode,
+        key: frame.slice(line.key),
+        flags: line.flags,
+        exptime: line.exptime,
+        data: narrow(frame, line_len..consumed - 2),
+        cas_unique: line.cas_unique,
+        noreply,
     };
-    Some(Parsed::new(
-        Request::Store {
-            mode,
-            key: Bytes::copy_from_slice(key),
-            flags,
-            exptime,
-            data: Bytes::copy_from_slice(data),
-            cas_unique,
-            noreply,
-        },
-        consumed,
-    ))
+    Some(Parsed::new(request, consumed))
 }
 
 /// The `len` data bytes and their `\r\n`: `None` = incomplete, `Some(None)` = bad terminator.
+/// The whole block is awaited before its terminator is looked at, as memcached does.
 pub(super) fn data_block(rest: &[u8], len: usize) -> Option<Option<&[u8]>> {
-    if rest.len() < len + 2 {
-        return None;
-    }
-    if &rest[len..len + 2] != b"\r\n" {
-        return Some(None);
-    }
-    Some(Some(&rest[..len]))
+    let block: IResult<&[u8], &[u8]> = take(len + 2).parse(rest);
+    let (_, block) = block.ok()?;
+    let data: IResult<&[u8], &[u8]> = terminated(take(len), whole_tag("\r\n")).parse(block);
+    Some(data.ok().map(|(_, data)| data))
 }
 
 /// An error whose reply `noreply` suppresses, as memcached does for a bad data chunk.
-fn quiet_error(error: ProtocolError, noreply: bool) -> Request {
+pub(super) fn quiet_error(error: ProtocolError, noreply: bool) -> Request {
     if noreply {
         Request::Silent
     } else {
@@ -399,13 +576,13 @@ fn quiet_error(error: ProtocolError, noreply: bool) -> Request {
 }
 
 /// Every command without a data block other than retrievals.
-fn other(tokens: &[&[u8]]) -> Request {
+fn other(src: Source, tokens: &[&[u8]]) -> Request {
     let n = tokens.len();
     let unknown = Request::Invalid(ProtocolError::UnknownCommand);
     match tokens[0] {
-        b"delete" => delete(tokens),
-        b"incr" | b"decr" if n == 3 || n == 4 => arith(tokens),
-        b"touch" if n == 3 || n == 4 => touch(tokens),
+        b"delete" => delete(src, tokens),
+        b"incr" | b"decr" if n == 3 || n == 4 => arith(src, tokens),
+        b"touch" if n == 3 || n == 4 => touch(src, tokens),
         b"flush_all" if n <= 3 => flush_all(tokens),
         b"version" => Request::Version,
         b"quit" => Request::Quit,
@@ -428,7 +605,7 @@ fn other(tokens: &[&[u8]]) -> Request {
 }
 
 /// `delete <key> [0] [noreply]`; memcached reads `noreply` only past the key.
-fn delete(tokens: &[&[u8]]) -> Request {
+fn delete(src: Source, tokens: &[&[u8]]) -> Request {
     let n = tokens.len();
     if !(2..=4).contains(&n) {
         return Request::Invalid(ProtocolError::UnknownCommand);
@@ -448,13 +625,13 @@ fn delete(tokens: &[&[u8]]) -> Request {
         return quiet_error(ProtocolError::BAD_FORMAT, noreply);
     }
     Request::Delete {
-        key: Bytes::copy_from_slice(tokens[1]),
+        key: src.bytes(tokens[1]),
         noreply,
     }
 }
 
 /// `incr|decr <key> <delta> [noreply]`.
-fn arith(tokens: &[&[u8]]) -> Request {
+fn arith(src: Source, tokens: &[&[u8]]) -> Request {
     let noreply = noreply(tokens);
     if !valid_key(tokens[1]) {
         return quiet_error(ProtocolError::BAD_FORMAT, noreply);
@@ -466,7 +643,7 @@ fn arith(tokens: &[&[u8]]) -> Request {
         );
     };
     Request::Arith {
-        key: Bytes::copy_from_slice(tokens[1]),
+        key: src.bytes(tokens[1]),
         delta,
         incr: tokens[0] == b"incr",
         noreply,
@@ -474,7 +651,7 @@ fn arith(tokens: &[&[u8]]) -> Request {
 }
 
 /// `touch <key> <exptime> [noreply]`.
-fn touch(tokens: &[&[u8]]) -> Request {
+fn touch(src: Source, tokens: &[&[u8]]) -> Request {
     let noreply = noreply(tokens);
     if !valid_key(tokens[1]) {
         return quiet_error(ProtocolError::BAD_FORMAT, noreply);
@@ -483,7 +660,7 @@ fn touch(tokens: &[&[u8]]) -> Request {
         return quiet_error(INVALID_EXPTIME, noreply);
     };
     Request::Touch {
-        key: Bytes::copy_from_slice(tokens[1]),
+        key: src.bytes(tokens[1]),
         exptime,
         noreply,
     }
@@ -536,29 +713,25 @@ fn c_space(b: u8) -> bool {
 /// digits, then nothing or a blank. Returns the sign and the magnitude (`None` = beyond
 /// 2^64, C's ERANGE); `None` overall when there are no digits or junk follows them.
 fn c_digits(token: &[u8]) -> Option<(bool, Option<u64>)> {
-    let start = token
-        .iter()
-        .position(|&b| !c_space(b))
-        .unwrap_or(token.len());
-    let mut rest = &token[start..];
-    let negative = match rest.first() {
-        Some(b'-') => {
-            rest = &rest[1..];
-            true
-        }
-        Some(b'+') => {
-            rest = &rest[1..];
-            false
-        }
-        _ => false,
+    let blanks = token.iter().take_while(|&&b| c_space(b)).count();
+    let (negative, digits) = match &token[blanks..] {
+        [b'-', digits @ ..] => (true, digits),
+        [b'+', digits @ ..] => (false, digits),
+        digits => (false, digits),
     };
-    let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    if n == 0 || rest.get(n).is_some_and(|&b| !c_space(b)) {
+    let mut magnitude = Some(0u64);
+    let mut count = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        let digit = u64::from(b - b'0');
+        magnitude = magnitude.and_then(|v| v.checked_mul(10)?.checked_add(digit));
+        count += 1;
+    }
+    if count == 0 || digits.get(count).is_some_and(|&b| !c_space(b)) {
         return None;
     }
-    let magnitude = rest[..n].iter().try_fold(0u64, |v, &d| {
-        v.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    });
     Some((negative, magnitude))
 }
 
@@ -848,13 +1021,15 @@ mod tests {
             line.extend_from_slice(format!(" key{i}").as_bytes());
         }
         line.extend_from_slice(b"\r\nversion\r\n");
-        let mut rest = &line[..];
+        let mut rest = BytesMut::from(&line[..]);
         let mut resume = None;
         let mut keys = Vec::new();
         let mut ends = 0;
         while keys.len() < 40 {
-            let parsed = parse_resumed(rest, &limits, resume).expect("complete");
+            let before = rest.len();
+            let parsed = parse_resumed(&mut rest, &limits, resume).expect("complete");
             assert!(parsed.consumed > 0 && parsed.consumed <= 64);
+            assert_eq!(before - rest.len(), parsed.consumed);
             let Request::Get { keys: k, cas, end } = parsed.request else {
                 panic!("{:?}", parsed.request)
             };
@@ -863,12 +1038,11 @@ mod tests {
             ends += usize::from(end);
             keys.extend(k);
             resume = parsed.resume;
-            rest = &rest[parsed.consumed..];
         }
         assert_eq!(ends, 1);
         assert_eq!(keys[39], Bytes::from("key39"));
         assert_eq!(
-            parse_resumed(rest, &limits, None).unwrap().request,
+            parse_resumed(&mut rest, &limits, None).unwrap().request,
             Request::Version
         );
         // A gat keeps its exptime across pieces; a bad key ends the line with an error.
@@ -885,7 +1059,7 @@ mod tests {
             })
         );
         let bad = [&[b'y'; 70][..], b" k\r\n"].concat();
-        let refused = parse_resumed(&bad, &limits, first.resume).unwrap();
+        let refused = parse_resumed(&mut BytesMut::from(&bad[..]), &limits, first.resume).unwrap();
         assert_eq!(refused.request, Request::Invalid(ProtocolError::BAD_FORMAT));
         assert_eq!(refused.skip, Skip::Line);
     }
@@ -904,6 +1078,43 @@ mod tests {
     }
 
     #[test]
+    fn keys_and_values_are_slices_of_the_buffer() {
+        let mut buf =
+            BytesMut::from(&b"get a bb\r\nset k 0 0 3\r\nabc\r\nms m 2 Oxy\r\nhi\r\n"[..]);
+        let whole = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let inside = |b: &Bytes| whole.contains(&(b.as_ptr() as usize));
+        let limits = Limits::default();
+        let Request::Get { keys, .. } = parse_resumed(&mut buf, &limits, None).unwrap().request
+        else {
+            panic!()
+        };
+        assert!(keys.iter().all(inside));
+        let Request::Store { key, data, .. } =
+            parse_resumed(&mut buf, &limits, None).unwrap().request
+        else {
+            panic!()
+        };
+        assert!(inside(&key) && inside(&data));
+        assert_eq!(&data[..], b"abc");
+        let Request::Meta(crate::protocol::MetaRequest::Set { key, data, flags }) =
+            parse_resumed(&mut buf, &limits, None).unwrap().request
+        else {
+            panic!()
+        };
+        assert!(inside(&key) && inside(&data) && inside(flags.opaque.as_ref().unwrap()));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn incomplete_data_leaves_the_buffer_alone() {
+        let mut buf = BytesMut::from(&b"set k 0 0 5\r\nabc"[..]);
+        assert_eq!(parse_resumed(&mut buf, &Limits::default(), None), None);
+        assert_eq!(&buf[..], b"set k 0 0 5\r\nabc");
+        assert_eq!(line_end(b"ab\ncd"), Some(3));
+        assert_eq!(line_end(b"abcd"), None);
+    }
+
+    #[test]
     fn binary_magic_hangs_up() {
         assert!(matches!(req(&[0x80, 0x00, 0x00]), Request::Hangup(_)));
     }
@@ -914,10 +1125,15 @@ mod tests {
         #[test]
         fn never_panics_and_stays_in_bounds(input in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let limits = Limits { max_item_bytes: 1024, max_line_bytes: 256, max_multiget_line_bytes: 1024 };
-            if let Some(parsed) = parse(&input, &limits) {
+            let mut buf = BytesMut::from(&input[..]);
+            if let Some(parsed) = parse_resumed(&mut buf, &limits, None) {
                 prop_assert!(parsed.consumed > 0);
                 prop_assert!(parsed.consumed <= input.len());
+                // Exactly the frame is taken off the buffer.
+                prop_assert_eq!(input.len() - buf.len(), parsed.consumed);
+                prop_assert_eq!(Some(parsed), parse(&input, &limits));
             } else {
+                prop_assert_eq!(buf.len(), input.len());
                 // Holding on for more is only allowed while within the frame bound.
                 prop_assert!(input.len() <= limits.max_frame_bytes());
             }
