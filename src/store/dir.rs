@@ -581,7 +581,8 @@ fn content_version(body: &[u8]) -> Version {
 /// CRC32 of every byte before it, and its header holds the write stamp (unique per write:
 /// the store clock never repeats a microsecond) and the cas; length, stamp, cas and checksum
 /// together tell two writes apart as surely as a hash of the bytes. Other objects fall back
-/// to [`content_version`]. It spares a SHA-1 pass over the whole object on every write and every read.
+/// to [`content_version`]. This spares a SHA-1 pass over the whole object on every write
+/// and every read.
 fn item_version(body: &[u8]) -> Version {
     use super::format::{CHECKSUM_BYTES, FORMAT_VERSION, HEADER_BYTES};
     if body.len() < HEADER_BYTES + CHECKSUM_BYTES || body[4] != FORMAT_VERSION {
