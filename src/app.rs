@@ -23,6 +23,7 @@ use crate::store::dir::DirStore;
 use crate::store::format::Codec;
 use crate::store::s3::{S3Settings, S3Store};
 use crate::store::{normalize_prefix, Store};
+use crate::tier::disk::DiskTier;
 use crate::tier::{TierConfig, Tiered};
 
 /// How long shutdown waits for connections to finish their commands.
@@ -38,6 +39,8 @@ pub enum AppError {
     },
     #[error("cannot open the local store: {0}")]
     Dir(std::io::Error),
+    #[error("cannot open the disk tier: {0}")]
+    DiskTier(std::io::Error),
     #[error("cannot use the S3 store: {0}")]
     Store(crate::store::StoreError),
     #[error("cannot load the TLS certificates: {0}")]
@@ -182,6 +185,9 @@ pub async fn start_with(
     let shutdown = CancellationToken::new();
     let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
     tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
+    if ctx.store.has_disk() {
+        tokio::spawn(watch_disk_tier(ctx.store.clone(), shutdown.clone()));
+    }
     let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone())?;
     let admin_addr = start_admin(&config, &ctx, &shutdown).await?;
     let server = tokio::spawn(crate::server::run(
@@ -254,7 +260,13 @@ async fn wire(
         ram_bytes: config.ram_cache_bytes,
         revalidate_after: window,
     };
-    let store = Arc::new(Tiered::new(store, tier, stats.clone()));
+    let mut tiered = Tiered::new(store, tier, stats.clone());
+    if let Some(disk) = config.disk_tier() {
+        let opened = DiskTier::open(&disk).await.map_err(AppError::DiskTier)?;
+        tracing::info!(dir = %disk.dir.display(), bytes = disk.bytes, "disk tier on");
+        tiered = tiered.with_disk(opened);
+    }
+    let store = Arc::new(tiered);
     let flush = Arc::new(
         Flush::load(store.clone(), window)
             .await
@@ -283,6 +295,23 @@ async fn wire(
     };
     let culler = Culler::new(store, flush, stats, clock, culler_config, hint);
     Ok((ctx, Arc::new(culler)))
+}
+
+/// How often the disk tier's size is measured for `stats` (`tier_disk_bytes`).
+const DISK_TIER_WATCH_MS: u64 = 1000;
+
+/// Keeps the disk tier's size gauge current until shutdown.
+async fn watch_disk_tier(tier: Arc<Tiered>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_millis(DISK_TIER_WATCH_MS));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                let tier = tier.clone();
+                let _ = tokio::task::spawn_blocking(move || tier.refresh_disk_bytes()).await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Runs the culler under supervision until shutdown.
@@ -316,6 +345,8 @@ impl App {
                 tracing::warn!("connections still open at the shutdown deadline");
             }
         }
+        // What the disk tier has queued is written out, so the next start is warm.
+        self.ctx.store.close().await;
     }
 }
 

@@ -205,6 +205,11 @@ options! {
     /// Serve a tier entry this long (ms) before asking the store again; also how often the
     /// shared flush epoch is re-read. 0 = strict: every read asks the store.
     revalidate_after_ms: u64 = crate::tier::DEFAULT_REVALIDATE_AFTER_MS, env "S3CACHED_REVALIDATE_AFTER_MS";
+    /// Directory for the optional disk tier behind the RAM tier ("" = off): items survive a
+    /// restart there and the hot set may exceed RAM. Give each replica its own directory.
+    disk_cache_dir: PathBuf = PathBuf::new(), env "S3CACHED_DISK_CACHE_DIR";
+    /// Bytes of disk the disk tier may use (at least 8 blocks; a block holds the largest item).
+    disk_cache_bytes: u64 = crate::tier::disk::DEFAULT_DISK_CACHE_BYTES, env "S3CACHED_DISK_CACHE_BYTES";
     /// Directory store: fsync each write (file and directory) before acknowledging it.
     dir_fsync: bool = false, env "S3CACHED_DIR_FSYNC";
     /// PEM certificate chain for TLS on the memcached port ("" = plain TCP; memcached's
@@ -409,7 +414,37 @@ impl Config {
         self.sasl_users().map(|_| ())
     }
 
-    /// The admin listener, encryption at rest and the S3 prices.
+    /// The disk tier's settings, when `disk_cache_dir` is set.
+    pub fn disk_tier(&self) -> Option<crate::tier::disk::DiskConfig> {
+        (!self.disk_cache_dir.as_os_str().is_empty()).then(|| crate::tier::disk::DiskConfig {
+            dir: self.disk_cache_dir.clone(),
+            bytes: self.disk_cache_bytes,
+            max_item_bytes: self.max_item_size,
+        })
+    }
+
+    /// The disk tier must hold a few blocks, each of which must hold the largest item.
+    fn validate_disk_tier(&self) -> Result<(), ConfigError> {
+        let Some(disk) = self.disk_tier() else {
+            return Ok(());
+        };
+        let min = crate::tier::disk::MIN_DISK_BLOCKS * disk.block_bytes() as u64;
+        if disk.bytes < min {
+            return Err(ConfigError(format!(
+                "disk_cache_bytes must be at least {min} (8 blocks of {} bytes: max_item_size and 64 KiB, at least 1 MiB)",
+                disk.block_bytes()
+            )));
+        }
+        if disk.dir.exists() && !disk.dir.is_dir() {
+            return Err(ConfigError(format!(
+                "disk_cache_dir: {} is not a directory",
+                disk.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The admin listener, encryption at rest, the S3 prices and the disk tier.
     fn validate_ops(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
         if !self.admin_listen.is_empty() && self.admin_listen.parse::<SocketAddr>().is_err() {
@@ -435,7 +470,7 @@ impl Config {
         if prices.iter().any(|p| !p.is_finite() || *p < 0.0) {
             return fail("S3 prices must be finite and not negative".into());
         }
-        Ok(())
+        self.validate_disk_tier()
     }
 
     /// TLS needs a certificate and its key together; a CA only with them.
@@ -656,6 +691,37 @@ mod tests {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.memory_limit_bytes, 256 * 1024 * 1024);
         assert_eq!((c.request_timeout_secs, c.write_timeout_secs), (30, 30));
+    }
+
+    #[test]
+    fn the_disk_tier_is_off_by_default_and_must_hold_eight_blocks() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.disk_tier().is_none());
+        assert_eq!(c.disk_cache_bytes, 1024 * 1024 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let on = |extra: &str| {
+            Config::from_toml(&format!(
+                "disk_cache_dir = {:?}\n{extra}",
+                dir.path().display().to_string()
+            ))
+        };
+        let tier = on("").unwrap().disk_tier().unwrap();
+        // The default 1 MiB items need blocks of 1 MiB + 64 KiB.
+        assert_eq!(tier.block_bytes(), 1024 * 1024 + 64 * 1024);
+        assert!(on("disk_cache_bytes = 8912895").is_err());
+        assert!(on("disk_cache_bytes = 8912896").is_ok());
+        let small_items = "max_item_size = 4096\ndisk_cache_bytes = 8388608";
+        assert_eq!(
+            on(small_items).unwrap().disk_tier().unwrap().block_bytes(),
+            1 << 20
+        );
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let text = format!("disk_cache_dir = {:?}", file.display().to_string());
+        assert!(
+            Config::from_toml(&text).is_err(),
+            "a file is not a directory"
+        );
     }
 
     #[test]

@@ -88,6 +88,10 @@ counters!(
     tier_misses,
     tier_revalidated_unchanged,
     tier_evictions,
+    tier_disk_hits,
+    tier_disk_misses,
+    tier_disk_errors,
+    tier_disk_bytes,
     backend_gets,
     backend_revalidations,
     backend_puts,
@@ -106,6 +110,7 @@ pub const GAUGES: &[&str] = &[
     "memory_limit_bytes",
     "memory_used_bytes",
     "memory_peak_bytes",
+    "tier_disk_bytes",
 ];
 
 impl Stats {

@@ -17,7 +17,14 @@
 //!   with the version they read, so a stale entry costs them one refused write and a re-read.
 //!
 //! Expiry and flush are not the tier's business: the command layer checks every item it gets,
-//! from the tier or not, against the clock and the flush epoch.
+//! from the tier or not, against the clock and the flush epoch (read from the store before a
+//! restarted replica serves anything, so nothing flushed comes back from disk).
+//!
+//! With a disk tier ([`disk`]), a RAM miss looks on disk before asking the backend, inside
+//! the same single flight; everything that enters RAM is also queued for disk, and every
+//! drop from RAM drops the disk record too. A disk record keeps the wall-clock moment the
+//! backend confirmed it, so after a restart it is served with no backend request within
+//! the window and revalidated after, exactly as a RAM entry.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -27,13 +34,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use moka::notification::RemovalCause;
 use tokio::time::Instant;
 
 use crate::stats::Stats;
 use crate::store::{
     Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version, Versioned,
 };
+use disk::{unix_now_ms, DiskTier, Lookup, Record};
+
+pub mod disk;
 
 /// Default RAM for the tier: memcached's own default memory limit (`-m 64`).
 pub const DEFAULT_RAM_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -51,6 +60,24 @@ pub struct TierConfig {
     pub revalidate_after: Duration,
 }
 
+/// The RAM tier: foyer's in-memory cache with S3-FIFO eviction (its hot get costs fewer
+/// instructions than moka's, see the README).
+type Ram = foyer::Cache<Bytes, Arc<Cached>>;
+
+/// Counts RAM entries pushed out by the size bound (`tier_evictions`).
+struct EvictionCounter(Arc<Stats>);
+
+impl foyer::EventListener for EvictionCounter {
+    type Key = Bytes;
+    type Value = Arc<Cached>;
+
+    fn on_leave(&self, reason: foyer::Event, _key: &Bytes, _value: &Arc<Cached>) {
+        if reason == foyer::Event::Evict {
+            Stats::incr(&self.0.tier_evictions);
+        }
+    }
+}
+
 /// One item in RAM and when the backend last vouched for it.
 struct Cached {
     item: Versioned,
@@ -58,7 +85,28 @@ struct Cached {
     checked_at_ms: AtomicU64,
 }
 
-type Flight = Shared<BoxFuture<'static, Result<Option<Versioned>, StoreError>>>;
+/// What a backend read (or a disk lookup standing in for one) brought back.
+#[derive(Clone)]
+struct Fetched {
+    item: Option<Versioned>,
+    /// How long ago the backend confirmed it, when that was before the read started (a
+    /// record found on disk); `None`: when the read started.
+    age_ms: Option<u64>,
+    /// The disk already holds this version: RAM only.
+    on_disk: bool,
+}
+
+impl Fetched {
+    fn backend(item: Option<Versioned>) -> Self {
+        Fetched {
+            item,
+            age_ms: None,
+            on_disk: false,
+        }
+    }
+}
+
+type Flight = Shared<BoxFuture<'static, Result<Fetched, StoreError>>>;
 
 /// A backend read in flight for one key, shared by the reads that join it.
 #[derive(Clone)]
@@ -84,8 +132,13 @@ struct KeyState {
 /// The store with a RAM tier in front.
 pub struct Tiered {
     inner: Arc<dyn Store>,
-    ram: Option<moka::sync::Cache<Bytes, Arc<Cached>>>,
+    ram: Option<Ram>,
+    /// The optional disk tier behind RAM.
+    disk: Option<Arc<DiskTier>>,
     window: Duration,
+    /// Where the tier's millisecond clock starts: one window, so a checked moment of 0 is
+    /// always older than the window (what a disk record too old to place is given).
+    base_ms: u64,
     keys: Mutex<HashMap<Bytes, KeyState>>,
     stats: Arc<Stats>,
     started: Instant,
@@ -94,32 +147,43 @@ pub struct Tiered {
 impl Tiered {
     pub fn new(inner: Arc<dyn Store>, config: TierConfig, stats: Arc<Stats>) -> Self {
         let ram = (config.ram_bytes > 0).then(|| {
-            let evictions = stats.clone();
-            moka::sync::Cache::builder()
-                .max_capacity(config.ram_bytes)
-                .weigher(|key: &Bytes, cached: &Arc<Cached>| {
-                    let bytes = key.len() + cached.item.entry.value.len() + ENTRY_OVERHEAD_BYTES;
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
+            let capacity = usize::try_from(config.ram_bytes).unwrap_or(usize::MAX);
+            foyer::CacheBuilder::new(capacity)
+                .with_weighter(|key: &Bytes, cached: &Arc<Cached>| {
+                    key.len() + cached.item.entry.value.len() + ENTRY_OVERHEAD_BYTES
                 })
-                .eviction_listener(move |_key, _value, cause| {
-                    if cause == RemovalCause::Size {
-                        Stats::incr(&evictions.tier_evictions);
-                    }
-                })
+                .with_eviction_config(foyer::S3FifoConfig::default())
+                .with_event_listener(Arc::new(EvictionCounter(stats.clone())))
                 .build()
         });
         Tiered {
             inner,
             ram,
             window: config.revalidate_after,
+            disk: None,
             keys: Mutex::new(HashMap::new()),
             stats,
             started: Instant::now(),
+            base_ms: u64::try_from(config.revalidate_after.as_millis()).unwrap_or(u64::MAX / 2),
         }
     }
 
+    /// Adds the disk tier behind RAM.
+    pub fn with_disk(mut self, disk: DiskTier) -> Self {
+        self.disk = Some(Arc::new(disk));
+        self
+    }
+
+    /// RAM's entry for `key`, fresh or not.
+    fn ram_get(&self, key: &[u8]) -> Option<Arc<Cached>> {
+        self.ram
+            .as_ref()?
+            .get(key)
+            .map(|entry| entry.value().clone())
+    }
+
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
     }
 
     /// The item for `key` if RAM holds one the backend confirmed within the window: no I/O.
@@ -137,7 +201,7 @@ impl Tiered {
     }
 
     fn peek_fresh_cached(&self, key: &[u8]) -> Option<Arc<Cached>> {
-        let cached = self.ram.as_ref()?.get(key)?;
+        let cached = self.ram_get(key)?;
         let age_ms = self
             .now_ms()
             .saturating_sub(cached.checked_at_ms.load(Relaxed));
@@ -149,24 +213,45 @@ impl Tiered {
     /// without writing (`add` finding an item, `cas` a different unique), which a stale RAM
     /// entry would mislead.
     pub async fn get_confirmed(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
-        let known = self.ram.as_ref().and_then(|ram| ram.get(key));
+        let known = self.ram_get(key);
         self.load(key, known, false).await
     }
 
-    /// Forgets every entry (a flush through this replica).
+    /// Forgets every entry (a flush through this replica). The disk is emptied in the
+    /// background; until then the flush epoch hides what it holds.
     pub fn clear(&self) {
         if let Some(ram) = &self.ram {
-            ram.invalidate_all();
+            ram.clear();
         }
+        if let Some(disk) = self.disk.clone() {
+            tokio::spawn(async move { disk.clear().await });
+        }
+    }
+
+    /// Writes out what the disk tier has queued and closes it (at shutdown).
+    pub async fn close(&self) {
+        if let Some(disk) = &self.disk {
+            disk.close().await;
+        }
+    }
+
+    /// Updates the `tier_disk_bytes` gauge from the disk tier's files.
+    pub fn refresh_disk_bytes(&self) {
+        if let Some(disk) = &self.disk {
+            let bytes = disk.disk_bytes();
+            self.stats.tier_disk_bytes.store(bytes, Relaxed);
+        }
+    }
+
+    /// Whether a disk tier is on.
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
     }
 
     /// Entries and weighted bytes held in RAM, for `stats`.
     pub fn usage(&self) -> (u64, u64) {
         match &self.ram {
-            Some(ram) => {
-                ram.run_pending_tasks();
-                (ram.entry_count(), ram.weighted_size())
-            }
+            Some(ram) => (ram.entries() as u64, ram.usage() as u64),
             None => (0, 0),
         }
     }
@@ -175,17 +260,26 @@ impl Tiered {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Milliseconds since the tier started, at `at`.
+    /// The tier's clock at `at`, in milliseconds (it starts at `base_ms`).
     fn ms_at(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.started).as_millis() as u64
+        (at.saturating_duration_since(self.started).as_millis() as u64).saturating_add(self.base_ms)
     }
 
-    /// Puts `item` in RAM as confirmed by the backend at `checked`.
-    fn remember(&self, item: Versioned, checked: Instant) {
+    /// Puts `item` in RAM as confirmed by the backend at `checked_ms` (the tier's clock),
+    /// and on disk unless `on_disk` says the disk holds it already.
+    fn remember(&self, item: Versioned, checked_ms: u64, on_disk: bool) {
+        if let (Some(disk), false) = (&self.disk, on_disk) {
+            let age_ms = self.now_ms().saturating_sub(checked_ms);
+            let record = Record {
+                item: item.clone(),
+                checked_unix_ms: unix_now_ms().saturating_sub(age_ms),
+            };
+            disk.insert(item.entry.key.clone(), record);
+        }
         if let Some(ram) = &self.ram {
             let cached = Cached {
                 item,
-                checked_at_ms: AtomicU64::new(self.ms_at(checked)),
+                checked_at_ms: AtomicU64::new(checked_ms),
             };
             ram.insert(cached.item.entry.key.clone(), Arc::new(cached));
         }
@@ -193,7 +287,10 @@ impl Tiered {
 
     fn forget(&self, key: &[u8]) {
         if let Some(ram) = &self.ram {
-            ram.invalidate(key);
+            ram.remove(key);
+        }
+        if let Some(disk) = &self.disk {
+            disk.remove(key);
         }
     }
 
@@ -220,7 +317,7 @@ impl Tiered {
                         old.abandoned.store(true, Relaxed);
                     }
                     let read = InFlight {
-                        flight: self.start_flight(key, known.clone()),
+                        flight: self.start_flight(key, known.clone(), may_join),
                         generation: state.generation,
                         abandoned: Arc::new(AtomicBool::new(false)),
                         started: Instant::now(),
@@ -239,28 +336,51 @@ impl Tiered {
         };
         let result = read.flight.clone().await;
         guard.land(&result, known.as_ref());
-        result
+        result.map(|fetched| fetched.item)
     }
 
-    fn start_flight(&self, key: &[u8], known: Option<Arc<Cached>>) -> Flight {
-        let inner = self.inner.clone();
-        let stats = self.stats.clone();
-        let key = Bytes::copy_from_slice(key);
+    /// The shared read: RAM's entry revalidated, else a disk record (served if it is
+    /// fresh and `fresh_ok`, else revalidated), else a plain backend read.
+    fn start_flight(&self, key: &[u8], known: Option<Arc<Cached>>, fresh_ok: bool) -> Flight {
+        let read = BackendRead {
+            inner: self.inner.clone(),
+            stats: self.stats.clone(),
+            key: Bytes::copy_from_slice(key),
+        };
+        let disk = self.disk.clone().filter(|_| known.is_none());
+        let window_ms = self.base_ms;
         async move {
-            match known {
-                Some(cached) => {
-                    Stats::incr(&stats.backend_revalidations);
-                    match inner.get_if_changed(&key, &cached.item.version).await? {
-                        Revalidated::Unchanged => {
-                            Stats::incr(&stats.tier_revalidated_unchanged);
-                            Ok(Some(cached.item.clone()))
-                        }
-                        Revalidated::Changed(now) => Ok(now),
+            if let Some(cached) = known {
+                return read.revalidate(&cached.item, false).await;
+            }
+            let Some(disk) = disk else {
+                return read.get().await;
+            };
+            match disk.lookup(&read.key).await {
+                Lookup::Found(record) => {
+                    Stats::incr(&read.stats.tier_disk_hits);
+                    let mut item = record.item;
+                    item.entry.key = read.key.clone();
+                    // A clock that went back makes a record's age unknown: revalidate.
+                    let age_ms = unix_now_ms()
+                        .checked_sub(record.checked_unix_ms)
+                        .unwrap_or(u64::MAX);
+                    if fresh_ok && age_ms < window_ms {
+                        return Ok(Fetched {
+                            item: Some(item),
+                            age_ms: Some(age_ms),
+                            on_disk: true,
+                        });
                     }
+                    read.revalidate(&item, true).await
                 }
-                None => {
-                    Stats::incr(&stats.backend_gets);
-                    inner.get(&key).await
+                Lookup::Missing => {
+                    Stats::incr(&read.stats.tier_disk_misses);
+                    read.get().await
+                }
+                Lookup::Damaged => {
+                    Stats::incr(&read.stats.tier_disk_errors);
+                    read.get().await
                 }
             }
         }
@@ -287,6 +407,36 @@ impl Tiered {
             generation: state.generation,
             alone,
             done: false,
+        }
+    }
+}
+
+/// What a flight needs of the tier to ask the backend.
+struct BackendRead {
+    inner: Arc<dyn Store>,
+    stats: Arc<Stats>,
+    key: Bytes,
+}
+
+impl BackendRead {
+    async fn get(&self) -> Result<Fetched, StoreError> {
+        Stats::incr(&self.stats.backend_gets);
+        Ok(Fetched::backend(self.inner.get(&self.key).await?))
+    }
+
+    /// A conditional read of `known`'s version; `on_disk`: the disk holds `known`.
+    async fn revalidate(&self, known: &Versioned, on_disk: bool) -> Result<Fetched, StoreError> {
+        Stats::incr(&self.stats.backend_revalidations);
+        match self.inner.get_if_changed(&self.key, &known.version).await? {
+            Revalidated::Unchanged => {
+                Stats::incr(&self.stats.tier_revalidated_unchanged);
+                Ok(Fetched {
+                    item: Some(known.clone()),
+                    age_ms: None,
+                    on_disk,
+                })
+            }
+            Revalidated::Changed(now) => Ok(Fetched::backend(now)),
         }
     }
 }
@@ -323,7 +473,7 @@ impl WriteGuard<'_> {
         }
         let overlapped = !self.alone || state.generation != self.generation;
         match stored {
-            Some(item) if !overlapped => tier.remember(item, Instant::now()),
+            Some(item) if !overlapped => tier.remember(item, tier.now_ms(), false),
             _ => tier.forget(self.key),
         }
         if state.writers == 0 {
@@ -368,7 +518,7 @@ impl FlightGuard<'_> {
         ours
     }
 
-    fn land(mut self, result: &Result<Option<Versioned>, StoreError>, known: Option<&Arc<Cached>>) {
+    fn land(mut self, result: &Result<Fetched, StoreError>, known: Option<&Arc<Cached>>) {
         let tier = self.tier;
         let mut keys = tier.lock();
         let current = !self.read.abandoned.load(Relaxed)
@@ -376,21 +526,32 @@ impl FlightGuard<'_> {
                 .get(self.key)
                 .is_some_and(|s| s.writers == 0 && s.generation == self.read.generation);
         if self.unregister(&mut keys) && current {
-            let checked = self.read.started;
-            match result {
-                Ok(Some(item)) => match known {
-                    Some(k) if k.item.version == item.version => {
-                        k.checked_at_ms.store(tier.ms_at(checked), Relaxed);
-                    }
-                    _ => tier.remember(item.clone(), checked),
-                },
-                Ok(None) => tier.forget(self.key),
-                Err(_) => {}
+            if let Ok(fetched) = result {
+                tier.land(self.key, fetched, self.read.started, known);
             }
         }
         drop(keys);
         // Already off the table: nothing left for Drop to do.
         self.leader = false;
+    }
+}
+
+impl Tiered {
+    /// Puts what a current flight fetched in the tiers.
+    fn land(&self, key: &[u8], fetched: &Fetched, started: Instant, known: Option<&Arc<Cached>>) {
+        let checked = match fetched.age_ms {
+            Some(age_ms) => self.now_ms().saturating_sub(age_ms),
+            None => self.ms_at(started),
+        };
+        match &fetched.item {
+            Some(item) => match known {
+                Some(k) if k.item.version == item.version => {
+                    k.checked_at_ms.store(checked, Relaxed);
+                }
+                _ => self.remember(item.clone(), checked, fetched.on_disk),
+            },
+            None => self.forget(key),
+        }
     }
 }
 
@@ -410,7 +571,7 @@ impl Store for Tiered {
             Stats::incr(&self.stats.tier_hits);
             return Ok(Some(item));
         }
-        let known = self.ram.as_ref().and_then(|ram| ram.get(key));
+        let known = self.ram_get(key);
         if known.is_none() {
             Stats::incr(&self.stats.tier_misses);
         }

@@ -415,3 +415,109 @@ async fn strict_and_confirmed_reads_never_join_an_earlier_read() {
         "the confirmed read made its own"
     );
 }
+
+/// A tier over `probe` with a disk tier in `dir` (a new one over the same files is a
+/// restarted replica).
+async fn tier_on_disk(
+    probe: Arc<Probe>,
+    ram_bytes: u64,
+    window: Duration,
+    dir: &std::path::Path,
+) -> Tiered {
+    let disk = disk::DiskConfig {
+        dir: dir.to_owned(),
+        bytes: 8 << 20,
+        max_item_bytes: 64 * 1024,
+    };
+    let disk = DiskTier::open(&disk).await.unwrap();
+    tier(probe, ram_bytes, window).with_disk(disk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_tier_serves_what_it_wrote_from_disk_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Arc::new(Probe::default());
+    let hour = Duration::from_secs(3600);
+    let t = tier_on_disk(probe.clone(), 1 << 20, hour, dir.path()).await;
+    t.put(&entry("k", "v1"), PutMode::Overwrite).await.unwrap();
+    t.put(&entry("gone", "x"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    t.delete(b"gone", None).await.unwrap();
+    t.close().await;
+    drop(t);
+    let t = tier_on_disk(probe.clone(), 1 << 20, hour, dir.path()).await;
+    let read = t.get(b"k").await.unwrap().unwrap();
+    assert_eq!(read.entry.value, "v1");
+    assert_eq!(read.entry.key, "k", "the key is the one asked for");
+    assert_eq!(read.entry.cas, 1);
+    assert_eq!(t.get(b"gone").await.unwrap(), None);
+    assert_eq!(
+        (probe.gets.load(Relaxed), probe.revalidations.load(Relaxed)),
+        (1, 0),
+        "k came from disk; the deleted key from the store"
+    );
+    assert_eq!(t.stats.tier_disk_hits.load(Relaxed), 1);
+    assert_eq!(t.stats.tier_disk_misses.load(Relaxed), 1);
+    // Now in RAM, fresh: no I/O at all.
+    assert!(t.peek_fresh(b"k").is_some());
+    // A read that must be confirmed asks the store, using the version it knows.
+    t.get_confirmed(b"k").await.unwrap().unwrap();
+    assert_eq!(probe.revalidations.load(Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_record_older_than_the_window_is_revalidated_and_a_change_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Arc::new(Probe::default());
+    let window = Duration::from_millis(50);
+    let t = tier_on_disk(probe.clone(), 0, window, dir.path()).await;
+    t.put(&entry("same", "a"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    t.put(&entry("moved", "b"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    // With no RAM, the disk alone serves inside the window.
+    assert_eq!(
+        value_of(t.get(b"same").await.unwrap()).as_deref(),
+        Some("a")
+    );
+    assert_eq!(probe.gets.load(Relaxed), 0);
+    t.close().await;
+    drop(t);
+    probe
+        .inner
+        .put(&entry("moved", "c"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    tokio::time::sleep(window * 2).await;
+    let t = tier_on_disk(probe.clone(), 1 << 20, window, dir.path()).await;
+    assert_eq!(
+        value_of(t.get(b"same").await.unwrap()).as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        value_of(t.get(b"moved").await.unwrap()).as_deref(),
+        Some("c")
+    );
+    assert_eq!(
+        (probe.gets.load(Relaxed), probe.revalidations.load(Relaxed)),
+        (0, 2)
+    );
+    assert_eq!(t.stats.tier_revalidated_unchanged.load(Relaxed), 1);
+    // The changed version replaced the disk record too.
+    t.close().await;
+    drop(t);
+    let t = tier_on_disk(
+        probe.clone(),
+        1 << 20,
+        Duration::from_secs(3600),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(
+        value_of(t.get(b"moved").await.unwrap()).as_deref(),
+        Some("c")
+    );
+}
