@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -102,6 +103,15 @@ impl ConnectionConfig {
 }
 
 type Done = Shared<BoxFuture<'static, ()>>;
+/// A request running against the store, to its reply.
+type Execution = BoxFuture<'static, Response>;
+
+/// `request` executing, as a future that owns what it needs; it arrives now.
+fn execution(ctx: &Arc<Ctx>, request: Request) -> Execution {
+    let ctx = ctx.clone();
+    let arrived = tokio::time::Instant::now();
+    async move { command::execute_arrived(&ctx, request, arrived).await }.boxed()
+}
 /// A finished request: its reply, sequence number, keys and what it holds of the budget.
 type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>, Charge)>;
 
@@ -129,6 +139,36 @@ impl Pipeline {
     /// Starts a request holding `charge` of the budget; it waits for earlier requests on the
     /// same keys before it runs.
     fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>, charge: Charge) {
+        let (seq, waits, finished) = self.register(&keys);
+        let running = execution(ctx, request);
+        self.running.push_back(
+            async move {
+                futures::future::join_all(waits).await;
+                let response = running.await;
+                drop(finished);
+                (response, seq, keys, charge)
+            }
+            .boxed(),
+        );
+    }
+
+    /// Takes over a request that started running with nothing in flight before it, and
+    /// waits for something now; later requests on its keys wait for it.
+    fn adopt(&mut self, running: Execution, keys: Vec<Bytes>, charge: Charge) {
+        let (seq, _, finished) = self.register(&keys);
+        self.running.push_back(
+            async move {
+                let response = running.await;
+                drop(finished);
+                (response, seq, keys, charge)
+            }
+            .boxed(),
+        );
+    }
+
+    /// Gives the next request a sequence number and makes it the last holder of `keys`;
+    /// returns the number, what it must wait for, and what it drops when done.
+    fn register(&mut self, keys: &[Bytes]) -> (u64, Vec<Done>, oneshot::Sender<()>) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let waits: Vec<Done> = keys
@@ -137,20 +177,10 @@ impl Pipeline {
             .collect();
         let (finished, done) = oneshot::channel::<()>();
         let done: Done = done.map(|_| ()).boxed().shared();
-        for key in &keys {
+        for key in keys {
             self.key_tails.insert(key.clone(), (seq, done.clone()));
         }
-        let ctx = ctx.clone();
-        let arrived = tokio::time::Instant::now();
-        self.running.push_back(
-            async move {
-                futures::future::join_all(waits).await;
-                let response = command::execute_arrived(&ctx, request, arrived).await;
-                drop(finished);
-                (response, seq, keys, charge)
-            }
-            .boxed(),
-        );
+        (seq, waits, finished)
     }
 
     /// Forgets key ordering entries that the finished request `seq` was the last holder of.
@@ -627,18 +657,28 @@ impl Connection {
         // Never more than the largest grant (configuration keeps every request within it).
         let units = (self.account.budget())
             .clamp(Budget::units(reply_bound(&request, &self.config.limits)));
-        // A hit in the near tier with nothing in flight before it is answered here, with
-        // no task, channel or allocation beyond the reply.
-        // Past the write high-water mark the pipeline takes over, which is bounded and
-        // flushes.
+        // With nothing in flight before it, a request runs here: a hit in the near tier is
+        // answered with no task, channel or allocation beyond the reply; any other request
+        // is polled once, and only one that waits (a store read, an S3 write) goes to the
+        // pipeline. A write the store takes at once (a small set on the directory store)
+        // needs no ordering entry. Past the write high-water mark the pipeline takes over,
+        // which is bounded and flushes.
         if self.pipeline.len() == 0 && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
             if let Some(charge) = self.account.try_take_request(units) {
-                match command::answer_from_tier(&self.ctx, &request) {
-                    Some(response) => {
+                if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
+                    self.account.finish_request(charge);
+                    self.emit(response);
+                    return;
+                }
+                let mut running = execution(&self.ctx, request);
+                let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+                match running.poll_unpin(&mut cx) {
+                    Poll::Ready(response) => {
                         self.account.finish_request(charge);
                         self.emit(response);
                     }
-                    None => self.pipeline.start(&self.ctx, request, keys, charge),
+                    // Pushed into the pipeline, it is polled again with a real waker.
+                    Poll::Pending => self.pipeline.adopt(running, keys, charge),
                 }
                 return;
             }

@@ -3,7 +3,11 @@
 //!
 //! Run: `cargo bench --bench compare` (needs `memcached` on PATH; `taskset`, from util-linux,
 //! pins the servers to one core). `S3CACHED_BENCH_ONLY=load` runs only the load table,
-//! `S3CACHED_BENCH_ONLY=latency` only the near tier behind 20 ms of S3 latency. With
+//! `S3CACHED_BENCH_ONLY=latency` only the near tier behind 20 ms of S3 latency.
+//! `S3CACHED_BENCH_TARGET=127.0.0.1:PORT` drives the load workloads whose names contain
+//! `S3CACHED_BENCH_WORKLOAD` (all when unset) against a server already running there (one
+//! under `perf record` or callgrind, say), nothing else; `S3CACHED_BENCH_TARGET_PID` gives
+//! its process for the CPU column. With
 //! `S3CACHED_TEST_S3_ENDPOINT=http://127.0.0.1:PORT` (a local S3 server, as tests/run
 //! starts) it also measures S3 latency through s3cached against direct SDK calls, the
 //! 100-key get and 100 pipelined sets behind 20 ms of injected latency, and, with
@@ -599,6 +603,24 @@ async fn load_comparison() {
 
 const IDLE_CONNECTIONS: usize = 1000;
 
+/// The load workloads named by `S3CACHED_BENCH_WORKLOAD` against a server already running at
+/// `addr`, for profiling it; the table shows that server in both columns.
+async fn load_target(addr: SocketAddr) {
+    let filter = std::env::var("S3CACHED_BENCH_WORKLOAD").unwrap_or_default();
+    let pid = std::env::var("S3CACHED_BENCH_TARGET_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    load::header();
+    for w in load::workloads()
+        .iter()
+        .filter(|w| w.name.contains(&filter))
+    {
+        let outcome = load::run(addr, pid, w).await;
+        load::row(w, &outcome, &outcome);
+    }
+}
+
 fn main() {
     pin_self_away();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -606,6 +628,9 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        if let Ok(target) = std::env::var("S3CACHED_BENCH_TARGET") {
+            return load_target(target.parse().expect("S3CACHED_BENCH_TARGET is host:port")).await;
+        }
         match std::env::var("S3CACHED_BENCH_ONLY").as_deref() {
             Ok("load") => return load_comparison().await,
             Ok("latency") => {
