@@ -36,28 +36,6 @@ async fn stop(server: TestServer) {
     server.app.shutdown(Duration::from_secs(5)).await;
 }
 
-/// One `stats` value.
-async fn stat(c: &mut Client, name: &str) -> u64 {
-    c.send(b"stats\r\n").await;
-    let reply = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
-    reply
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("STAT {name} ")))
-        .unwrap_or_else(|| panic!("no stat {name}"))
-        .parse()
-        .unwrap()
-}
-
-async fn get_value(c: &mut Client, key: &str) -> Option<String> {
-    c.send(format!("get {key}\r\n").as_bytes()).await;
-    let reply = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
-    let mut lines = reply.split("\r\n");
-    let first = lines.next().unwrap();
-    first
-        .starts_with("VALUE ")
-        .then(|| lines.next().unwrap().to_owned())
-}
-
 async fn set(c: &mut Client, key: &str, value: &str) {
     let cmd = format!("set {key} 5 0 {}\r\n{value}\r\n", value.len());
     c.roundtrip(cmd.as_bytes(), b"STORED\r\n").await;
@@ -66,8 +44,8 @@ async fn set(c: &mut Client, key: &str, value: &str) {
 /// Item reads the replica sent to the store: plain and conditional.
 async fn item_reads(c: &mut Client) -> (u64, u64) {
     (
-        stat(c, "backend_gets").await,
-        stat(c, "backend_revalidations").await,
+        c.stat("backend_gets").await,
+        c.stat("backend_revalidations").await,
     )
 }
 
@@ -87,7 +65,7 @@ async fn a_restarted_replica_serves_its_hot_keys_from_disk_with_no_backend_read(
     let a = replica(&prefix, Some(disk.path()), &window(LONG_WINDOW_MS)).await;
     let mut c = a.client().await;
     for i in 0..20 {
-        let got = get_value(&mut c, &format!("k{i}")).await;
+        let got = c.get_value(&format!("k{i}")).await;
         assert_eq!(got, Some(format!("value-{i}")));
     }
     assert_eq!(
@@ -95,14 +73,14 @@ async fn a_restarted_replica_serves_its_hot_keys_from_disk_with_no_backend_read(
         (0, 0),
         "every get served from disk"
     );
-    assert_eq!(stat(&mut c, "tier_disk_hits").await, 20);
-    assert_eq!(stat(&mut c, "get_hits").await, 20);
+    assert_eq!(c.stat("tier_disk_hits").await, 20);
+    assert_eq!(c.stat("get_hits").await, 20);
     // Now in RAM: no more disk lookups.
-    assert_eq!(get_value(&mut c, "k3").await.as_deref(), Some("value-3"));
-    assert_eq!(stat(&mut c, "tier_disk_hits").await, 20);
+    assert_eq!(c.get_value("k3").await.as_deref(), Some("value-3"));
+    assert_eq!(c.stat("tier_disk_hits").await, 20);
     // A key the disk never held: one disk miss and one backend read.
-    assert_eq!(get_value(&mut c, "absent").await, None);
-    assert_eq!(stat(&mut c, "tier_disk_misses").await, 1);
+    assert_eq!(c.get_value("absent").await, None);
+    assert_eq!(c.stat("tier_disk_misses").await, 1);
     assert_eq!(item_reads(&mut c).await, (1, 0));
     stop(a).await;
 }
@@ -128,17 +106,14 @@ async fn after_the_window_a_disk_record_is_revalidated_and_another_replicas_writ
     tokio::time::sleep(Duration::from_millis(400)).await;
     let a = replica(&prefix, Some(disk.path()), &short).await;
     let mut c = a.client().await;
-    assert_eq!(
-        get_value(&mut c, "same").await.as_deref(),
-        Some("unchanged")
-    );
-    assert_eq!(get_value(&mut c, "moved").await.as_deref(), Some("after"));
+    assert_eq!(c.get_value("same").await.as_deref(), Some("unchanged"));
+    assert_eq!(c.get_value("moved").await.as_deref(), Some("after"));
     assert_eq!(
         item_reads(&mut c).await,
         (0, 2),
         "two conditional reads, no plain ones"
     );
-    assert_eq!(stat(&mut c, "tier_revalidated_unchanged").await, 1);
+    assert_eq!(c.stat("tier_revalidated_unchanged").await, 1);
     stop(a).await;
     stop(b).await;
 }
@@ -166,11 +141,11 @@ async fn nothing_deleted_or_flushed_before_a_restart_is_served_after_it() {
     stop(b).await;
     let a = replica(&prefix, Some(disk.path()), &long).await;
     let mut c = a.client().await;
-    assert_eq!(get_value(&mut c, "deleted").await, None);
-    assert_eq!(get_value(&mut c, "flushed-here").await, None);
-    assert_eq!(get_value(&mut c, "flushed-elsewhere").await, None);
+    assert_eq!(c.get_value("deleted").await, None);
+    assert_eq!(c.get_value("flushed-here").await, None);
+    assert_eq!(c.get_value("flushed-elsewhere").await, None);
     set(&mut c, "after", "y").await;
-    assert_eq!(get_value(&mut c, "after").await.as_deref(), Some("y"));
+    assert_eq!(c.get_value("after").await.as_deref(), Some("y"));
     stop(a).await;
 }
 
@@ -216,7 +191,7 @@ async fn damaged_disk_files_read_as_misses_and_the_store_answers() {
         let a = replica(&prefix, Some(disk.path()), &long).await;
         let mut c = a.client().await;
         for i in 0..20 {
-            let got = get_value(&mut c, &format!("k{i}")).await;
+            let got = c.get_value(&format!("k{i}")).await;
             assert_eq!(got, Some(format!("{i}").repeat(3000)), "k{i}");
         }
         let (gets, _) = item_reads(&mut c).await;
@@ -252,7 +227,7 @@ async fn the_disk_tier_stays_within_its_bound_and_stats_show_it() {
     }
     // The gauge is refreshed every second: wait for it to count the written blocks.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while stat(&mut c, "tier_disk_bytes").await < 8 * 1024 * 1024 {
+    while c.stat("tier_disk_bytes").await < 8 * 1024 * 1024 {
         assert!(tokio::time::Instant::now() < deadline, "tier_disk_bytes");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -269,8 +244,8 @@ async fn the_disk_tier_is_off_by_default() {
     let mut c = server.client().await;
     set(&mut c, "k", "v").await;
     c.roundtrip(b"flush_all\r\n", b"OK\r\n").await;
-    assert_eq!(get_value(&mut c, "k").await, None);
-    assert_eq!(stat(&mut c, "tier_disk_misses").await, 0);
-    assert_eq!(stat(&mut c, "tier_disk_bytes").await, 0);
+    assert_eq!(c.get_value("k").await, None);
+    assert_eq!(c.stat("tier_disk_misses").await, 0);
+    assert_eq!(c.stat("tier_disk_bytes").await, 0);
     assert!(!server.app.ctx.store.has_disk());
 }

@@ -19,28 +19,6 @@ async fn replica(proxy: &Proxy, prefix: &str, extra: &str) -> TestServer {
     TestServer::start_config(config, dir).await
 }
 
-/// One `stats` value.
-async fn stat(c: &mut Client, name: &str) -> u64 {
-    c.send(b"stats\r\n").await;
-    let reply = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
-    reply
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("STAT {name} ")))
-        .unwrap_or_else(|| panic!("no stat {name}"))
-        .parse()
-        .unwrap()
-}
-
-async fn get_value(c: &mut Client, key: &str) -> Option<String> {
-    c.send(format!("get {key}\r\n").as_bytes()).await;
-    let reply = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
-    let mut lines = reply.split("\r\n");
-    let first = lines.next().unwrap();
-    first
-        .starts_with("VALUE ")
-        .then(|| lines.next().unwrap().to_owned())
-}
-
 /// Long enough that no revalidation or flush-epoch re-read happens during a test.
 const LONG_WINDOW: &str = "revalidate_after_ms = 600000\n";
 
@@ -63,20 +41,20 @@ async fn hits_cost_no_request_a_miss_one_and_a_revalidation_one() {
     c.roundtrip(sets.as_bytes(), "STORED\r\n".repeat(100).as_bytes())
         .await;
     // The background re-read of the flush epoch may land at any moment: count item requests.
-    let epoch_reads = stat(&mut c, "backend_control_gets").await;
+    let epoch_reads = c.stat("backend_control_gets").await;
     proxy.reset_counters();
     c.send(format!("get{keys}\r\n").as_bytes()).await;
     let reply = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
     assert_eq!(reply.matches("VALUE ").count(), 100);
-    assert_eq!(get_value(&mut c, "k7").await.as_deref(), Some("v7"));
-    let epoch_reads_now = stat(&mut c, "backend_control_gets").await;
+    assert_eq!(c.get_value("k7").await.as_deref(), Some("v7"));
+    let epoch_reads_now = c.stat("backend_control_gets").await;
     assert_eq!(
         proxy.requests.load(SeqCst) as u64 - (epoch_reads_now - epoch_reads),
         0,
         "keys just written are served from RAM"
     );
-    assert_eq!(get_value(&mut c, "absent").await, None);
-    let epoch_reads_after_miss = stat(&mut c, "backend_control_gets").await;
+    assert_eq!(c.get_value("absent").await, None);
+    let epoch_reads_after_miss = c.stat("backend_control_gets").await;
     assert_eq!(
         proxy.requests.load(SeqCst) as u64 - (epoch_reads_after_miss - epoch_reads),
         1,
@@ -86,8 +64,8 @@ async fn hits_cost_no_request_a_miss_one_and_a_revalidation_one() {
     // Past the window, a read revalidates: one conditional GET, answered 304.
     tokio::time::sleep(window).await;
     proxy.reset_counters();
-    let unchanged_before = stat(&mut c, "tier_revalidated_unchanged").await;
-    assert_eq!(get_value(&mut c, "k7").await.as_deref(), Some("v7"));
+    let unchanged_before = c.stat("tier_revalidated_unchanged").await;
+    assert_eq!(c.get_value("k7").await.as_deref(), Some("v7"));
     let requests = proxy.requests.load(SeqCst);
     // The background flush-epoch re-read may also have landed in this interval.
     assert!(
@@ -95,7 +73,7 @@ async fn hits_cost_no_request_a_miss_one_and_a_revalidation_one() {
         "{requests} requests for one revalidation"
     );
     assert_eq!(
-        stat(&mut c, "tier_revalidated_unchanged").await,
+        c.stat("tier_revalidated_unchanged").await,
         unchanged_before + 1
     );
 }
@@ -153,11 +131,11 @@ async fn another_replicas_write_is_seen_within_one_window() {
     let b = replica(&proxy, &prefix, &extra).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     ca.roundtrip(b"set k 0 0 2\r\nv1\r\n", b"STORED\r\n").await;
-    assert_eq!(get_value(&mut cb, "k").await.as_deref(), Some("v1"));
+    assert_eq!(cb.get_value("k").await.as_deref(), Some("v1"));
     ca.roundtrip(b"set k 0 0 2\r\nv2\r\n", b"STORED\r\n").await;
     let written = Instant::now();
     loop {
-        let seen = get_value(&mut cb, "k").await;
+        let seen = cb.get_value("k").await;
         if seen.as_deref() == Some("v2") {
             break;
         }
@@ -170,11 +148,11 @@ async fn another_replicas_write_is_seen_within_one_window() {
         tokio::task::yield_now().await;
     }
     // B served from RAM while its entry was fresh.
-    assert!(stat(&mut cb, "tier_hits").await > 0);
+    assert!(cb.stat("tier_hits").await > 0);
     // A delete through A is seen by B the same way.
     ca.roundtrip(b"delete k\r\n", b"DELETED\r\n").await;
     let deleted = Instant::now();
-    while get_value(&mut cb, "k").await.is_some() {
+    while cb.get_value("k").await.is_some() {
         assert!(deleted.elapsed() <= window + Duration::from_secs(2));
     }
 }
@@ -191,7 +169,7 @@ async fn atomic_commands_stay_exact_across_replicas_whatever_the_window() {
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     ca.roundtrip(b"set n 0 0 1\r\n0\r\n", b"STORED\r\n").await;
     // B holds n in RAM now; every increment below makes that copy stale.
-    assert_eq!(get_value(&mut cb, "n").await.as_deref(), Some("0"));
+    assert_eq!(cb.get_value("n").await.as_deref(), Some("0"));
     let mut tasks = Vec::new();
     for server in [a.addr, a.addr, b.addr, b.addr] {
         tasks.push(tokio::spawn(async move {
@@ -212,7 +190,7 @@ async fn atomic_commands_stay_exact_across_replicas_whatever_the_window() {
     // cas: A's unique wins once; the same unique through B, whose RAM still holds the item
     // as it was before A's cas, loses.
     ca.roundtrip(b"set c 0 0 1\r\nx\r\n", b"STORED\r\n").await;
-    assert_eq!(get_value(&mut cb, "c").await.as_deref(), Some("x"));
+    assert_eq!(cb.get_value("c").await.as_deref(), Some("x"));
     ca.send(b"gets c\r\n").await;
     let a_view = String::from_utf8(ca.read_until(b"END\r\n").await).unwrap();
     let cas: u64 = a_view.split_whitespace().nth(4).unwrap().parse().unwrap();
@@ -236,7 +214,7 @@ async fn atomic_commands_stay_exact_across_replicas_whatever_the_window() {
         .await;
     ca.roundtrip(b"append fresh 0 0 1\r\nc\r\n", b"STORED\r\n")
         .await;
-    assert_eq!(get_value(&mut ca, "fresh").await.as_deref(), Some("abc"));
+    assert_eq!(ca.get_value("fresh").await.as_deref(), Some("abc"));
 }
 
 #[tokio::test]
@@ -252,11 +230,11 @@ async fn a_flush_is_seen_at_once_here_and_within_a_window_elsewhere() {
     let b = replica(&proxy, &prefix, &extra).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     ca.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
-    assert_eq!(get_value(&mut cb, "k").await.as_deref(), Some("v"));
+    assert_eq!(cb.get_value("k").await.as_deref(), Some("v"));
     ca.roundtrip(b"flush_all\r\n", b"OK\r\n").await;
     let flushed = Instant::now();
-    assert_eq!(get_value(&mut ca, "k").await, None, "at once on A");
-    while get_value(&mut cb, "k").await.is_some() {
+    assert_eq!(ca.get_value("k").await, None, "at once on A");
+    while cb.get_value("k").await.is_some() {
         // The epoch is re-read once per window; a reading is used for at most two.
         assert!(
             flushed.elapsed() <= window * 2 + Duration::from_secs(2),
@@ -281,12 +259,12 @@ async fn strict_mode_reads_are_never_stale() {
         ca.roundtrip(format!("set k 0 0 2\r\nv{i}\r\n").as_bytes(), b"STORED\r\n")
             .await;
         assert_eq!(
-            get_value(&mut cb, "k").await.as_deref(),
+            cb.get_value("k").await.as_deref(),
             Some(format!("v{i}").as_str())
         );
     }
     ca.roundtrip(b"flush_all\r\n", b"OK\r\n").await;
-    assert_eq!(get_value(&mut cb, "k").await, None);
+    assert_eq!(cb.get_value("k").await, None);
 }
 
 #[tokio::test]
@@ -307,13 +285,13 @@ async fn the_tier_holds_no_more_than_its_bytes() {
         )
         .await;
     }
-    let bytes = stat(&mut c, "tier_bytes").await;
-    let items = stat(&mut c, "tier_items").await;
+    let bytes = c.stat("tier_bytes").await;
+    let items = c.stat("tier_items").await;
     assert!(bytes <= bound, "{bytes} bytes in a {bound}-byte tier");
     assert!(items < 48 && items > 0, "{items} items");
     // Evicted from RAM is not evicted from the cache: the store still answers.
     assert_eq!(
-        get_value(&mut c, "big0").await.map(|v| v.len()),
+        c.get_value("big0").await.map(|v| v.len()),
         Some(value.len())
     );
 }

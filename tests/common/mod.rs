@@ -183,6 +183,29 @@ impl Client {
     }
 
     /// Whether the server closed the connection (reads EOF within the timeout).
+    /// One `stats` value.
+    pub async fn stat(&mut self, name: &str) -> u64 {
+        self.send(b"stats\r\n").await;
+        let reply = String::from_utf8(self.read_until(b"END\r\n").await).unwrap();
+        reply
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("STAT {name} ")))
+            .unwrap_or_else(|| panic!("no stat {name}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// The value a `get` of `key` returns (as text), or `None` on a miss.
+    pub async fn get_value(&mut self, key: &str) -> Option<String> {
+        self.send(format!("get {key}\r\n").as_bytes()).await;
+        let reply = String::from_utf8(self.read_until(b"END\r\n").await).unwrap();
+        let mut lines = reply.split("\r\n");
+        let first = lines.next().unwrap();
+        first
+            .starts_with("VALUE ")
+            .then(|| lines.next().unwrap().to_owned())
+    }
+
     pub async fn closed(&mut self) -> bool {
         let mut buf = [0u8; 64];
         matches!(
