@@ -121,14 +121,14 @@ def dir_server():
     s.stop()
 
 
-@pytest.fixture(scope="session")
-def memcached():
-    """A reference memcached 1.6 on loopback, for differential tests."""
+def reference_memcached(*extra):
+    """Starts memcached 1.6 on a free loopback port with `extra` arguments; yields its
+    address, stops it after. A generator for the reference fixtures."""
     binary = shutil.which("memcached")
     if binary is None:
         raise RuntimeError("memcached is not installed (bash .ci/run installs it)")
     port = free_port()
-    args = [binary, "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-I", "1m", "-m", "64"]
+    args = [binary, "-p", str(port), "-l", "127.0.0.1", "-U", "0", *extra]
     if os.geteuid() == 0:
         args += ["-u", "root"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -136,3 +136,9 @@ def memcached():
     yield ("127.0.0.1", port)
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def memcached():
+    """A reference memcached 1.6 on loopback, for differential tests."""
+    yield from reference_memcached("-I", "1m", "-m", "64")

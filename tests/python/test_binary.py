@@ -4,7 +4,6 @@ on both backends, its username/password SASL login, a refused wrong password, an
 memcached's text-protocol login (`-Y`) compared with memcached itself."""
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pylibmc  # noqa: E402
 import pytest  # noqa: E402
 
 from binwire import BinWire, frame, incr_extras, set_extras  # noqa: E402
-from conftest import Server, free_port, wait_for_port  # noqa: E402
+from conftest import Server, reference_memcached  # noqa: E402
 from wire import Wire  # noqa: E402
 
 BIG = b"x" * (1024 * 1024 + 10)
@@ -157,18 +156,7 @@ def normalize(replies):
 @pytest.fixture(scope="module")
 def memcached_binary():
     """A reference memcached 1.6 that speaks only the binary protocol."""
-    binary = shutil.which("memcached")
-    if binary is None:
-        raise RuntimeError("memcached is not installed (bash .ci/run installs it)")
-    port = free_port()
-    args = [binary, "-B", "binary", "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-I", "1m"]
-    if os.geteuid() == 0:
-        args += ["-u", "root"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, proc, "memcached")
-    yield ("127.0.0.1", port)
-    proc.terminate()
-    proc.wait(timeout=10)
+    yield from reference_memcached("-B", "binary", "-I", "1m")
 
 
 @pytest.mark.parametrize("name", sorted(TRANSCRIPTS))
@@ -360,15 +348,7 @@ def memcached_text_auth(tmp_path):
     """memcached with its text-protocol login (-Y), for the same transcript."""
     path = tmp_path / "mc-users"
     path.write_text("alice:secret\n")
-    port = free_port()
-    args = [shutil.which("memcached"), "-Y", str(path), "-p", str(port), "-l", "127.0.0.1", "-U", "0"]
-    if os.geteuid() == 0:
-        args += ["-u", "root"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, proc, "memcached")
-    yield ("127.0.0.1", port)
-    proc.terminate()
-    proc.wait(timeout=10)
+    yield from reference_memcached("-Y", str(path))
 
 
 def test_text_login_as_memcached_does(tmp_path, memcached_text_auth):
