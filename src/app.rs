@@ -19,7 +19,7 @@ use crate::connection::ConnectionConfig;
 use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
 use crate::stats::Stats;
-use crate::store::dir::DirStore;
+use crate::store::dir::{DirStore, DEFAULT_OPEN_FILES};
 use crate::store::format::Codec;
 use crate::store::s3::{S3Settings, S3Store};
 use crate::store::{normalize_prefix, Store};
@@ -143,6 +143,7 @@ pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Cl
             &config.location,
             codec,
             config.dir_fsync,
+            open_files_budget(config.max_connections),
         )
         .map_err(AppError::Dir)?;
         tracing::info!(dir = %config.data_dir.display(), "no bucket configured: serving from a local directory");
@@ -152,6 +153,43 @@ pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Cl
         };
         Ok((Arc::new(store), clock))
     }
+}
+
+/// File descriptors kept for everything but connections and the directory store's open item
+/// files: listeners, the disk tier, the S3 client's connections, files opened per request.
+const SPARE_FILES: u64 = 256;
+
+/// How many item files the directory store may keep open, after raising this process's
+/// open-file limit (as memcached does for its connections) towards what the connections,
+/// those files and [`SPARE_FILES`] need, as far as the hard limit allows.
+fn open_files_budget(max_connections: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let connections = max_connections as u64;
+    let wanted = connections + SPARE_FILES + DEFAULT_OPEN_FILES as u64;
+    let limit = getrlimit(Resource::Nofile);
+    let mut current = limit.current.unwrap_or(u64::MAX);
+    if current < wanted {
+        let raised = limit.maximum.map_or(wanted, |max| max.min(wanted));
+        let set = Rlimit {
+            current: Some(raised),
+            maximum: limit.maximum,
+        };
+        if raised > current && setrlimit(Resource::Nofile, set).is_ok() {
+            current = raised;
+        }
+    }
+    let budget = current
+        .saturating_sub(connections + SPARE_FILES)
+        .min(DEFAULT_OPEN_FILES as u64) as usize;
+    if budget < DEFAULT_OPEN_FILES {
+        tracing::info!(
+            open_file_limit = current,
+            max_connections,
+            kept_open = budget,
+            "the open-file limit leaves room for few kept-open item files"
+        );
+    }
+    budget
 }
 
 /// Starts the server on the config's address with the store it names.
@@ -417,6 +455,21 @@ async fn wait_for_signal() {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    /// The open-file limit is raised as far as the hard limit allows towards what the
+    /// connections and the kept-open files need, and the budget fits under it.
+    #[test]
+    fn the_open_file_limit_makes_room_for_connections_and_kept_files() {
+        use rustix::process::{getrlimit, Resource};
+        let connections = 100;
+        let budget = open_files_budget(connections);
+        let limit = getrlimit(Resource::Nofile);
+        let current = limit.current.unwrap_or(u64::MAX);
+        assert!(budget <= DEFAULT_OPEN_FILES);
+        assert!(budget as u64 + connections as u64 + SPARE_FILES <= current);
+        let wanted = connections as u64 + SPARE_FILES + DEFAULT_OPEN_FILES as u64;
+        assert!(current >= limit.maximum.unwrap_or(u64::MAX).min(wanted));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_panicking_task_is_restarted_and_counted() {

@@ -17,7 +17,10 @@
 //! one page rewritten with the same length (a fixed-size value, a counter of as many digits)
 //! is overwritten in place with one write: the kernel copies a page whole or not at all, so
 //! a crash leaves the old object or the new one, and the stripe's write lock keeps readers
-//! out meanwhile. A rename costs several times that write on ext4.
+//! out meanwhile. A rename costs several times that write on ext4. Each stripe keeps the
+//! files it last rewrote so open (opening a file costs more than the write): a bounded
+//! number, checked before each use (still linked, same length), dropped when their item is
+//! replaced, removed or swapped.
 //!
 //! A failed write removes its temporary file. Temporary files left by a crash are removed
 //! when the store opens and on each full listing (the culler's), once they are older than
@@ -59,6 +62,9 @@ const SPARE_PREFIX: &str = ".spare-";
 const IN_PLACE_MAX_BYTES: usize = 4096;
 /// A temporary file untouched this long belongs to no live write: it is debris of a crash.
 pub const TEMP_GRACE: Duration = Duration::from_secs(60);
+/// Item files kept open for in-place rewrites, unless the caller asks for fewer: the file
+/// descriptors this store may hold besides the ones a request opens and closes.
+pub const DEFAULT_OPEN_FILES: usize = 1024;
 
 pub struct DirStore {
     inner: Arc<Inner>,
@@ -69,7 +75,9 @@ struct Inner {
     root: PathBuf,
     codec: Codec,
     /// Per stripe of item names: readers share it, a write (and its spare file) owns it.
-    locks: Vec<RwLock<()>>,
+    locks: Vec<RwLock<Stripe>>,
+    /// Item files each stripe keeps open.
+    open_per_stripe: usize,
     /// fsync each written file before its rename, and the directory after.
     fsync: bool,
     /// The filesystem swaps two names atomically; cleared at its first refusal.
@@ -79,23 +87,28 @@ struct Inner {
 impl DirStore {
     /// Opens (creating if needed) the store at `data_dir` joined with the `location` prefix.
     pub fn open(data_dir: &Path, location: &str, codec: Codec) -> std::io::Result<Self> {
-        Self::open_with(data_dir, location, codec, false)
+        Self::open_with(data_dir, location, codec, false, DEFAULT_OPEN_FILES)
     }
 
     /// [`open`](DirStore::open), with writes fsynced before they are acknowledged when
-    /// `fsync` is set. Removes temporary files left by a crash.
+    /// `fsync` is set, keeping at most `open_files` item files open for rewrites. Removes
+    /// temporary files left by a crash.
     pub fn open_with(
         data_dir: &Path,
         location: &str,
         codec: Codec,
         fsync: bool,
+        open_files: usize,
     ) -> std::io::Result<Self> {
         let root = data_dir.join(normalize_prefix(location));
         fs::create_dir_all(root.join(CONTROL_DIR))?;
         let inner = Inner {
             root,
             codec,
-            locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            locks: (0..LOCK_STRIPES)
+                .map(|_| RwLock::new(Stripe::default()))
+                .collect(),
+            open_per_stripe: open_files / LOCK_STRIPES,
             fsync,
             exchange: AtomicBool::new(cfg!(target_os = "linux")),
         };
@@ -128,6 +141,37 @@ impl DirStore {
     }
 }
 
+/// What a stripe's write lock guards besides its spare file: the item files it keeps open
+/// for rewrites in place, the most recently used last.
+#[derive(Default)]
+struct Stripe {
+    open: Vec<(String, fs::File)>,
+}
+
+impl Stripe {
+    /// Takes `name`'s open file out, if the stripe holds one.
+    fn take(&mut self, name: &str) -> Option<fs::File> {
+        let at = self.open.iter().position(|(n, _)| n == name)?;
+        Some(self.open.remove(at).1)
+    }
+
+    /// Keeps `file` open as `name`'s, closing the least recently used beyond `limit`.
+    fn keep(&mut self, name: &str, file: fs::File, limit: usize) {
+        if limit == 0 {
+            return;
+        }
+        if self.open.len() >= limit {
+            self.open.remove(0);
+        }
+        self.open.push((name.to_owned(), file));
+    }
+
+    /// Closes `name`'s file: the name is about to mean another file, or none.
+    fn forget(&mut self, name: &str) {
+        self.take(name);
+    }
+}
+
 fn io_error(e: std::io::Error) -> StoreError {
     StoreError::Unavailable(format!("directory store: {e}"))
 }
@@ -146,14 +190,14 @@ impl Inner {
     }
 
     /// Excludes writes to `name`'s stripe (and rewrites of its spare) while reading.
-    fn read_lock(&self, name: &str) -> RwLockReadGuard<'_, ()> {
+    fn read_lock(&self, name: &str) -> RwLockReadGuard<'_, Stripe> {
         self.locks[Self::stripe(name)]
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Owns `name`'s stripe and its spare file: for writes and conditional writes.
-    fn lock(&self, name: &str) -> RwLockWriteGuard<'_, ()> {
+    fn lock(&self, name: &str) -> RwLockWriteGuard<'_, Stripe> {
         self.locks[Self::stripe(name)]
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -164,15 +208,18 @@ impl Inner {
             .join(format!("{SPARE_PREFIX}{:02}", Self::stripe(name)))
     }
 
-    /// Writes the item `name` (its stripe's write lock held): a small item of the same length
-    /// is rewritten in place (writes not fsynced only); another existing item is swapped with
-    /// the stripe's spare file holding `body`; otherwise a new file is renamed in.
-    fn write_item(&self, name: &str, body: &[u8]) -> Result<(), StoreError> {
+    /// Writes the item `name` into `stripe` (its write lock held): a small item of the same
+    /// length is rewritten in place (writes not fsynced only); another existing item is
+    /// swapped with the stripe's spare file holding `body`; otherwise a new file is renamed in.
+    fn write_item(&self, stripe: &mut Stripe, name: &str, body: &[u8]) -> Result<(), StoreError> {
         let path = self.item_path(name);
         if !self.fsync && body.len() <= IN_PLACE_MAX_BYTES {
-            match rewrite_in_place(&path, body) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
+            match rewrite_in_place(stripe.take(name), &path, body) {
+                Ok(Some(file)) => {
+                    stripe.keep(name, file, self.open_per_stripe);
+                    return Ok(());
+                }
+                Ok(None) => {}
                 Err(e) => return Err(io_error(e)),
             }
         }
@@ -351,11 +398,11 @@ impl Inner {
     fn put(&self, entry: &Entry, mode: &PutMode) -> Result<Version, StoreError> {
         let name = key_hash(&entry.key);
         let body = self.codec.encode(entry);
-        let _guard = self.lock(&name);
+        let mut stripe = self.lock(&name);
         if *mode != PutMode::Overwrite {
             admit(self.current_version(&entry.key)?.as_ref(), mode)?;
         }
-        self.write_item(&name, &body)?;
+        self.write_item(&mut stripe, &name, &body)?;
         Ok(item_version(&body))
     }
 
@@ -390,7 +437,8 @@ impl Store for DirStore {
         let want = want.cloned();
         self.blocking(move |inner| {
             let name = key_hash(&key);
-            let _guard = inner.lock(&name);
+            let mut stripe = inner.lock(&name);
+            stripe.forget(&name);
             if let Some(want) = want {
                 admit(
                     inner.current_version(&key)?.as_ref(),
@@ -475,7 +523,8 @@ impl Store for DirStore {
         self.blocking(move |inner| {
             let mut removed = 0;
             for name in names.iter().filter(|n| is_item_name(n)) {
-                let _writing = inner.lock(name);
+                let mut stripe = inner.lock(name);
+                stripe.forget(name);
                 match fs::remove_file(inner.item_path(name)) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -528,31 +577,43 @@ impl Store for DirStore {
 }
 
 /// Overwrites the regular file at `path` with `body` in one write at offset 0, if it holds
-/// exactly `body.len()` bytes; `Ok(false)` (nothing written) when it does not, is absent, or
-/// is not a regular file. `body` fits one page, and the kernel copies a page into the page
-/// cache whole or not at all, so a crash of this process leaves the old object or the new
-/// one, never a mix; a torn page after a power cut fails the object's checksum and reads as
-/// a miss, as a torn spare file would. The caller holds the item's stripe write lock, which
-/// keeps this process's readers out meanwhile.
-fn rewrite_in_place(path: &Path, body: &[u8]) -> std::io::Result<bool> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    // Never follow a symbolic link, nor wait for a reader of a FIFO.
-    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
-    let file = match fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(flags.bits() as i32)
-        .open(path)
-    {
-        Ok(file) => file,
-        // Absent, a directory, a symbolic link, anything unwritable: the usual path decides.
-        Err(_) => return Ok(false),
+/// exactly `body.len()` bytes; returns the file, to keep open, when it did, and `Ok(None)`
+/// (nothing written) when it does not, is absent, or is not a regular file. `open` is the
+/// file as this process last wrote it under `path`, if it kept it open: used if it is still
+/// linked (a file that lost its name would swallow the write). `body` fits one page, and
+/// the kernel copies a page into the page cache whole or not at all, so a crash of this
+/// process leaves the old object or the new one, never a mix; a torn page after a power cut
+/// fails the object's checksum and reads as a miss, as a torn spare file would. The caller
+/// holds the item's stripe write lock, which keeps this process's readers out meanwhile.
+fn rewrite_in_place(
+    open: Option<fs::File>,
+    path: &Path,
+    body: &[u8],
+) -> std::io::Result<Option<fs::File>> {
+    use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+    let file = match open {
+        Some(file) => file,
+        None => {
+            // Never follow a symbolic link, nor wait for a reader of a FIFO.
+            let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+            match fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(flags.bits() as i32)
+                .open(path)
+            {
+                Ok(file) => file,
+                // Absent, a directory, a symbolic link, anything unwritable: the usual path
+                // decides.
+                Err(_) => return Ok(None),
+            }
+        }
     };
     let meta = file.metadata()?;
-    if !meta.is_file() || meta.len() != body.len() as u64 {
-        return Ok(false);
+    if !meta.is_file() || meta.nlink() == 0 || meta.len() != body.len() as u64 {
+        return Ok(None);
     }
     file.write_all_at(body, 0)?;
-    Ok(true)
+    Ok(Some(file))
 }
 
 /// Swaps the names `a` and `b` atomically (both must exist).
@@ -807,14 +868,18 @@ mod tests {
         .collect();
         let bodies: Vec<Bytes> = versions.iter().map(|e| inner.codec.encode(e)).collect();
         let name = key_hash(b"torn");
-        inner.write_item(&name, &bodies[0]).unwrap();
+        inner
+            .write_item(&mut inner.lock(&name), &name, &bodies[0])
+            .unwrap();
         std::thread::scope(|s| {
             let writer = {
                 let (inner, bodies) = (&inner, &bodies);
                 s.spawn(move || {
                     for i in 0..300 {
-                        let _writing = inner.lock(&name);
-                        inner.write_item(&name, &bodies[i % bodies.len()]).unwrap();
+                        let mut stripe = inner.lock(&name);
+                        inner
+                            .write_item(&mut stripe, &name, &bodies[i % bodies.len()])
+                            .unwrap();
                     }
                 })
             };
@@ -842,7 +907,9 @@ mod tests {
         for fsync in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("p");
-            let store = DirStore::open_with(dir.path(), "p", Codec::default(), fsync).unwrap();
+            let store =
+                DirStore::open_with(dir.path(), "p", Codec::default(), fsync, DEFAULT_OPEN_FILES)
+                    .unwrap();
             let path = root.join(key_hash(b"k"));
             let mut e = entry("k");
             store.put(&e, PutMode::Overwrite).await.unwrap();
@@ -860,6 +927,84 @@ mod tests {
             store.put(&e, PutMode::Overwrite).await.unwrap();
             assert_eq!(store.get(b"k").await.unwrap().unwrap().entry, e);
             assert_eq!(spares(&root), 1, "a new length swaps with the spare");
+        }
+    }
+
+    /// Item files this process has open under `dir`.
+    fn open_files_under(dir: &Path) -> usize {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .count()
+    }
+
+    /// An item file kept open for rewrites is never written once its name means another
+    /// file or none: after a delete, a culler's removal, a rewrite of another length, or an
+    /// unlink behind the store's back, a same-length rewrite still lands under the name.
+    #[tokio::test]
+    async fn kept_files_never_take_a_write_meant_for_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::open(dir.path(), "p", Codec::default()).unwrap();
+        let path = dir.path().join("p").join(key_hash(b"k"));
+        let mut e = entry("k");
+        let mut write = |value: &'static str| {
+            e.value = Bytes::from(value);
+            e.cas += 1;
+            e.clone()
+        };
+        for how in ["unlinked", "deleted", "culled", "longer"] {
+            // Twice the same length: the second rewrite keeps the file open.
+            for value in ["aaaa", "bbbb"] {
+                store.put(&write(value), PutMode::Overwrite).await.unwrap();
+            }
+            match how {
+                "unlinked" => fs::remove_file(&path).unwrap(),
+                "deleted" => assert!(store.delete(b"k", None).await.unwrap()),
+                "culled" => {
+                    let names = [key_hash(b"k")];
+                    assert_eq!(store.delete_objects(&names).await.unwrap(), 1);
+                }
+                "longer" => {
+                    store
+                        .put(&write("longer"), PutMode::Overwrite)
+                        .await
+                        .unwrap();
+                    store
+                        .put(&write("dddddd"), PutMode::Overwrite)
+                        .await
+                        .unwrap();
+                }
+                _ => {}
+            }
+            let last = write(if how == "longer" { "eeeeee" } else { "cccc" });
+            store.put(&last, PutMode::Overwrite).await.unwrap();
+            let got = store.get(b"k").await.unwrap();
+            assert_eq!(got.map(|g| g.entry), Some(last), "after the item was {how}");
+        }
+    }
+
+    /// The store keeps at most `open_files` item files open, and none with a limit of 0.
+    #[tokio::test]
+    async fn open_files_are_bounded() {
+        for limit in [0, LOCK_STRIPES * 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let store =
+                DirStore::open_with(dir.path(), "p", Codec::default(), false, limit).unwrap();
+            for round in 0..2u64 {
+                for i in 0..1000 {
+                    let e = Entry {
+                        cas: round + 1,
+                        ..entry(&format!("key{i}"))
+                    };
+                    store.put(&e, PutMode::Overwrite).await.unwrap();
+                }
+            }
+            let open = open_files_under(dir.path());
+            assert!(open <= limit, "{open} files open, limit {limit}");
+            if limit > 0 {
+                assert!(open > limit / 2, "only {open} of {limit} kept");
+            }
         }
     }
 
@@ -896,11 +1041,11 @@ mod tests {
     #[tokio::test]
     async fn fsynced_store_passes_the_suite_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DirStore::open_with(dir.path(), "f", Codec::default(), true).unwrap();
+        let store = DirStore::open_with(dir.path(), "f", Codec::default(), true, 0).unwrap();
         conformance::run_all(&store).await;
         store.put(&entry("k"), PutMode::Overwrite).await.unwrap();
         drop(store);
-        let store = DirStore::open_with(dir.path(), "f", Codec::default(), true).unwrap();
+        let store = DirStore::open_with(dir.path(), "f", Codec::default(), true, 0).unwrap();
         assert!(store.get(b"k").await.unwrap().is_some());
         assert_eq!(temp_files(&dir.path().join("f")), Vec::<String>::new());
     }
