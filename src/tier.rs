@@ -390,17 +390,21 @@ impl Tiered {
 
     /// Marks the start of a write through this replica: reads already in flight may return
     /// what was there before, so none of them may fill the tier from now on. The guard ends
-    /// the write, also when the write is cancelled.
-    fn begin_write<'a>(&'a self, key: &'a [u8]) -> WriteGuard<'a> {
+    /// the write, also when the write is cancelled. RAM keeps the entry meanwhile (a read
+    /// concurrent with a write may answer either value; the write's end replaces or drops
+    /// it), but the disk record goes now, so a crash mid-write cannot bring it back.
+    fn begin_write(&self, key: Bytes) -> WriteGuard<'_> {
         let mut keys = self.lock();
-        let state = keys.entry(Bytes::copy_from_slice(key)).or_default();
+        if let Some(disk) = &self.disk {
+            disk.remove(&key);
+        }
+        let state = keys.entry(key.clone()).or_default();
         let alone = state.writers == 0;
         state.writers += 1;
         state.generation += 1;
         if let Some(read) = state.flight.take() {
             read.abandoned.store(true, Relaxed);
         }
-        self.forget(key);
         WriteGuard {
             tier: self,
             key,
@@ -444,7 +448,7 @@ impl BackendRead {
 /// A write in progress through this replica.
 struct WriteGuard<'a> {
     tier: &'a Tiered,
-    key: &'a [u8],
+    key: Bytes,
     generation: u64,
     /// No other write to the key was in progress when this one started.
     alone: bool,
@@ -464,7 +468,7 @@ impl WriteGuard<'_> {
         }
         let tier = self.tier;
         let mut keys = tier.lock();
-        let Some(state) = keys.get_mut(self.key) else {
+        let Some(state) = keys.get_mut(&self.key) else {
             return;
         };
         state.writers -= 1;
@@ -474,10 +478,10 @@ impl WriteGuard<'_> {
         let overlapped = !self.alone || state.generation != self.generation;
         match stored {
             Some(item) if !overlapped => tier.remember(item, tier.now_ms(), false),
-            _ => tier.forget(self.key),
+            _ => tier.forget(&self.key),
         }
         if state.writers == 0 {
-            keys.remove(self.key);
+            keys.remove(&self.key);
         }
     }
 }
@@ -579,7 +583,8 @@ impl Store for Tiered {
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
-        let write = self.begin_write(&entry.key);
+        // The key is a slice of the connection's read buffer, held only while the write runs.
+        let write = self.begin_write(entry.key.clone());
         Stats::incr(&self.stats.backend_puts);
         let result = self.inner.put(entry, mode).await;
         // The client's key and value are slices of its connection's read buffer (the parser
@@ -597,7 +602,7 @@ impl Store for Tiered {
     }
 
     async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
-        let write = self.begin_write(key);
+        let write = self.begin_write(Bytes::copy_from_slice(key));
         Stats::incr(&self.stats.backend_deletes);
         let result = self.inner.delete(key, version).await;
         write.end(None);
