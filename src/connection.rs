@@ -39,6 +39,10 @@ const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Capacity of a new connection's read and write buffers, each; what they shrink back to.
 const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
+/// Room the read buffer needs for a read; less, and it is replaced by a larger one. Small
+/// next to the initial buffer, so a connection of small requests reads many of them into one
+/// allocation (each request parsed takes its bytes from the buffer's front).
+const MIN_READ_ROOM_BYTES: usize = INITIAL_BUFFER_BYTES / 4;
 /// A drained write buffer larger than this is given back and replaced by a small one.
 const WRITE_KEEP_BYTES: usize = 64 * 1024;
 /// Charged for a reply's line and framing, beyond keys and data.
@@ -444,7 +448,7 @@ impl Connection {
     /// give it now (a grant is then awaited).
     fn make_read_room(&mut self) -> bool {
         let len = self.read_buf.len();
-        if self.read_buf.capacity() - len >= READ_CHUNK_BYTES / 4 {
+        if self.read_buf.capacity() - len >= MIN_READ_ROOM_BYTES {
             return true;
         }
         let new_cap = if len < INITIAL_BUFFER_BYTES / 2 {

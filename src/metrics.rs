@@ -1,7 +1,7 @@
 //! Prometheus metrics: latency histograms recorded as commands and S3 calls run, and every
 //! `stats` counter read at scrape time, encoded by `prometheus-client` (OpenMetrics text).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -45,12 +45,55 @@ pub struct BackendLabels {
     pub status: String,
 }
 
+/// Label values as a closed set: each names itself, and has a number to index a table by.
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($variant),* }
+
+        impl $name {
+            const COUNT: usize = [$($text),*].len();
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+        }
+    };
+}
+
+label_values! {
+    /// The kind of a request, as a metric label.
+    Command {
+        Get => "get", Gets => "gets", Gat => "gat", Gats => "gats", Set => "set",
+        Add => "add", Replace => "replace", Append => "append", Prepend => "prepend",
+        Cas => "cas", TooLarge => "too_large", Delete => "delete", Incr => "incr",
+        Decr => "decr", Touch => "touch", FlushAll => "flush_all", Version => "version",
+        Verbosity => "verbosity", Stats => "stats", Quit => "quit", Mg => "mg", Ms => "ms",
+        Md => "md", Ma => "ma", Me => "me", Mn => "mn", Invalid => "invalid",
+    }
+}
+
+label_values! {
+    /// How a command ended, as a metric label.
+    Outcome {
+        NoReply => "noreply", Stored => "stored", NotStored => "not_stored",
+        Exists => "exists", NotFound => "not_found", Deleted => "deleted",
+        Touched => "touched", Miss => "miss", Hit => "hit", Ok => "ok",
+        ClientError => "client_error", ServerError => "server_error", Close => "close",
+    }
+}
+
 /// Figures recorded as commands run (the counters in [`Stats`](crate::stats::Stats) are
 /// read at scrape time instead).
 #[derive(Debug, Clone)]
 pub struct Timings {
     commands: Family<CommandLabels, Counter>,
     command_seconds: Latencies<CommandLabels>,
+    /// Each (command, outcome)'s counter and histogram, taken from the families at first
+    /// use: they share their values with the families' own, and a family's lookup hashes
+    /// the labels and takes a lock, which every request would pay.
+    resolved: Arc<[OnceLock<(Counter, Histogram)>]>,
 }
 
 impl Default for Timings {
@@ -58,6 +101,9 @@ impl Default for Timings {
         Timings {
             commands: Family::default(),
             command_seconds: Family::new_with_constructor(latency_histogram),
+            resolved: (0..Command::COUNT * Outcome::COUNT)
+                .map(|_| OnceLock::new())
+                .collect(),
         }
     }
 }
@@ -86,79 +132,85 @@ impl BackendTimings {
 
 impl Timings {
     /// Records one command: what it was, how it ended and how long it took.
-    pub fn command(&self, request_kind: &'static str, response: &Response, took: Duration) {
-        let labels = CommandLabels {
-            command: request_kind,
-            result: result_of(response),
-        };
-        self.commands.get_or_create(&labels).inc();
-        self.command_seconds
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64());
+    pub fn command(&self, command: Command, response: &Response, took: Duration) {
+        let outcome = outcome_of(response);
+        let cell = &self.resolved[command as usize * Outcome::COUNT + outcome as usize];
+        let (count, seconds) = cell.get_or_init(|| {
+            let labels = CommandLabels {
+                command: command.as_str(),
+                result: outcome.as_str(),
+            };
+            (
+                self.commands.get_or_create(&labels).clone(),
+                self.command_seconds.get_or_create(&labels).clone(),
+            )
+        });
+        count.inc();
+        seconds.observe(took.as_secs_f64());
     }
 }
 
 /// The kind of a request, as a metric label.
-pub fn kind_of(request: &Request) -> &'static str {
+pub fn kind_of(request: &Request) -> Command {
     match request {
-        Request::Get { cas: false, .. } => "get",
-        Request::Get { cas: true, .. } => "gets",
-        Request::Gat { cas: false, .. } => "gat",
-        Request::Gat { cas: true, .. } => "gats",
+        Request::Get { cas: false, .. } => Command::Get,
+        Request::Get { cas: true, .. } => Command::Gets,
+        Request::Gat { cas: false, .. } => Command::Gat,
+        Request::Gat { cas: true, .. } => Command::Gats,
         Request::Store { mode, .. } => match mode {
-            StoreMode::Set => "set",
-            StoreMode::Add => "add",
-            StoreMode::Replace => "replace",
-            StoreMode::Append => "append",
-            StoreMode::Prepend => "prepend",
-            StoreMode::Cas => "cas",
+            StoreMode::Set => Command::Set,
+            StoreMode::Add => Command::Add,
+            StoreMode::Replace => Command::Replace,
+            StoreMode::Append => Command::Append,
+            StoreMode::Prepend => Command::Prepend,
+            StoreMode::Cas => Command::Cas,
         },
-        Request::TooLarge { .. } => "too_large",
-        Request::Delete { .. } => "delete",
-        Request::Arith { incr: true, .. } => "incr",
-        Request::Arith { incr: false, .. } => "decr",
-        Request::Touch { .. } => "touch",
-        Request::FlushAll { .. } => "flush_all",
-        Request::Version => "version",
-        Request::Verbosity { .. } => "verbosity",
-        Request::Stats { .. } => "stats",
-        Request::Quit => "quit",
+        Request::TooLarge { .. } => Command::TooLarge,
+        Request::Delete { .. } => Command::Delete,
+        Request::Arith { incr: true, .. } => Command::Incr,
+        Request::Arith { incr: false, .. } => Command::Decr,
+        Request::Touch { .. } => Command::Touch,
+        Request::FlushAll { .. } => Command::FlushAll,
+        Request::Version => Command::Version,
+        Request::Verbosity { .. } => Command::Verbosity,
+        Request::Stats { .. } => Command::Stats,
+        Request::Quit => Command::Quit,
         Request::Meta(m) => match m {
-            MetaRequest::Get { .. } => "mg",
-            MetaRequest::Set { .. } => "ms",
-            MetaRequest::Delete { .. } => "md",
-            MetaRequest::Arith { .. } => "ma",
-            MetaRequest::Debug { .. } => "me",
-            MetaRequest::Noop => "mn",
+            MetaRequest::Get { .. } => Command::Mg,
+            MetaRequest::Set { .. } => Command::Ms,
+            MetaRequest::Delete { .. } => Command::Md,
+            MetaRequest::Arith { .. } => Command::Ma,
+            MetaRequest::Debug { .. } => Command::Me,
+            MetaRequest::Noop => Command::Mn,
         },
-        Request::Invalid(_) | Request::Silent | Request::Hangup(_) => "invalid",
+        Request::Invalid(_) | Request::Silent | Request::Hangup(_) => Command::Invalid,
     }
 }
 
 /// How a command ended, as a metric label.
-fn result_of(response: &Response) -> &'static str {
+fn outcome_of(response: &Response) -> Outcome {
     match response {
-        Response::None => "noreply",
-        Response::Stored => "stored",
-        Response::NotStored => "not_stored",
-        Response::Exists => "exists",
-        Response::NotFound => "not_found",
-        Response::Deleted => "deleted",
-        Response::Touched => "touched",
-        Response::Values { values, .. } if values.is_empty() => "miss",
-        Response::Values { .. } => "hit",
+        Response::None => Outcome::NoReply,
+        Response::Stored => Outcome::Stored,
+        Response::NotStored => Outcome::NotStored,
+        Response::Exists => Outcome::Exists,
+        Response::NotFound => Outcome::NotFound,
+        Response::Deleted => Outcome::Deleted,
+        Response::Touched => Outcome::Touched,
+        Response::Values { values, .. } if values.is_empty() => Outcome::Miss,
+        Response::Values { .. } => Outcome::Hit,
         Response::Meta(m) => match m.status {
-            MetaStatus::Va => "hit",
-            MetaStatus::En => "miss",
-            MetaStatus::Nf => "not_found",
-            MetaStatus::Ns => "not_stored",
-            MetaStatus::Ex => "exists",
-            MetaStatus::Hd | MetaStatus::Mn => "ok",
+            MetaStatus::Va => Outcome::Hit,
+            MetaStatus::En => Outcome::Miss,
+            MetaStatus::Nf => Outcome::NotFound,
+            MetaStatus::Ns => Outcome::NotStored,
+            MetaStatus::Ex => Outcome::Exists,
+            MetaStatus::Hd | MetaStatus::Mn => Outcome::Ok,
         },
-        Response::Error(_) => "client_error",
-        Response::ServerError(_) => "server_error",
-        Response::Close => "close",
-        _ => "ok",
+        Response::Error(_) => Outcome::ClientError,
+        Response::ServerError(_) => Outcome::ServerError,
+        Response::Close => Outcome::Close,
+        _ => Outcome::Ok,
     }
 }
 
@@ -345,14 +397,16 @@ mod tests {
             with_cas: false,
             end: true,
         };
-        assert_eq!(result_of(&hit), "hit");
-        assert_eq!(result_of(&Response::Stored), "stored");
+        assert_eq!(outcome_of(&hit).as_str(), "hit");
+        assert_eq!(outcome_of(&Response::Stored).as_str(), "stored");
         assert_eq!(
-            result_of(&Response::ServerError("x".into())),
+            outcome_of(&Response::ServerError("x".into())).as_str(),
             "server_error"
         );
         let t = Timings::default();
-        t.command("get", &hit, Duration::from_micros(70));
+        t.command(Command::Get, &hit, Duration::from_micros(70));
+        t.command(Command::Get, &hit, Duration::from_millis(70));
+        t.command(Command::Set, &Response::Stored, Duration::from_micros(70));
         let b = BackendTimings::default();
         b.record("GetObject", Some(404), Duration::from_millis(3));
         let mut registry = Registry::default();
@@ -361,7 +415,11 @@ mod tests {
         registry.register("b", "b", b.0.clone());
         let text = render(&registry);
         assert!(
-            text.contains("c_total{command=\"get\",result=\"hit\"} 1"),
+            text.contains("c_total{command=\"get\",result=\"hit\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("c_total{command=\"set\",result=\"stored\"} 1"),
             "{text}"
         );
         assert!(

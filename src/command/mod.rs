@@ -245,8 +245,9 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     let now_us = ctx.clock.now_us();
     let mut values = Vec::with_capacity(keys.len());
     let mut bytes = 0;
+    let now = ctx.store.now();
     for key in keys {
-        let entry = ctx.store.peek_fresh_entry(key)?;
+        let entry = ctx.store.peek_fresh_entry(key, now)?;
         if item::hidden(&entry, epoch, now_us).is_some() {
             return None;
         }

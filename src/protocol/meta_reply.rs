@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::put_decimal;
+
 /// The two-letter status of a meta reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaStatus {
@@ -131,29 +133,35 @@ impl MetaReply {
 
 impl MetaFlag {
     fn encode(&self, out: &mut BytesMut) {
-        let mut text = WriteBytes(out);
-        let _ = match self {
+        match self {
             MetaFlag::Key { key, base64 } => {
-                text.0.put_u8(b'k');
-                encode_key(key, *base64, text.0);
+                out.put_u8(b'k');
+                encode_key(key, *base64, out);
                 if *base64 {
-                    text.0.put_slice(b" b");
+                    out.put_slice(b" b");
                 }
-                Ok(())
             }
             MetaFlag::Opaque(opaque) => {
-                text.0.put_u8(b'O');
-                text.0.put_slice(opaque);
-                Ok(())
+                out.put_u8(b'O');
+                out.put_slice(opaque);
             }
-            MetaFlag::Cas(cas) => write!(text, "c{cas}"),
-            MetaFlag::ClientFlags(flags) => write!(text, "f{flags}"),
-            MetaFlag::Size(size) => write!(text, "s{size}"),
-            MetaFlag::Ttl(ttl) => write!(text, "t{ttl}"),
-            MetaFlag::Hit(hit) => write!(text, "h{}", u8::from(*hit)),
-            MetaFlag::LastAccess(secs) => write!(text, "l{secs}"),
-        };
+            MetaFlag::Cas(cas) => number(out, b'c', *cas),
+            MetaFlag::ClientFlags(flags) => number(out, b'f', u64::from(*flags)),
+            MetaFlag::Size(size) => number(out, b's', *size as u64),
+            MetaFlag::Ttl(ttl) => {
+                out.put_u8(b't');
+                put_decimal(out, *ttl);
+            }
+            MetaFlag::Hit(hit) => number(out, b'h', u64::from(*hit)),
+            MetaFlag::LastAccess(secs) => number(out, b'l', *secs),
+        }
     }
+}
+
+/// A flag letter and its number.
+fn number(out: &mut BytesMut, letter: u8, n: u64) {
+    out.put_u8(letter);
+    put_decimal(out, n);
 }
 
 /// What `me` tells about an item: `ME <key> exp=<ttl> la=0 cas=<cas> fetch=no cls=1 size=<n>`.
@@ -195,7 +203,8 @@ pub fn encode_key(key: &[u8], base64: bool, out: &mut BytesMut) {
 }
 
 fn put_number(out: &mut BytesMut, n: usize) {
-    let _ = write!(WriteBytes(out), " {n}");
+    out.put_u8(b' ');
+    put_decimal(out, n);
 }
 
 /// `fmt::Write` into a `BytesMut`.

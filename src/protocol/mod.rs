@@ -15,7 +15,13 @@ pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaSt
 pub use parse::{line_end, parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
 pub use response::{Response, Value};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Appends `n` in decimal: every value header and meta flag carries numbers, and `itoa`
+/// writes one in a few dozen instructions where `format!` takes hundreds and an allocation.
+pub(crate) fn put_decimal<N: itoa::Integer>(out: &mut BytesMut, n: N) {
+    out.put_slice(itoa::Buffer::new().format(n).as_bytes());
+}
 
 /// Longest key memcached accepts, in bytes.
 pub const MAX_KEY_BYTES: usize = 250;

@@ -1,11 +1,9 @@
 //! Replies, each able to encode itself in memcached's wire format.
 
-use std::fmt::Write as _;
-
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::meta_reply::{MetaDebug, MetaReply};
-use super::ProtocolError;
+use super::{put_decimal, ProtocolError};
 
 /// One item of a retrieval reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,11 +76,15 @@ impl Response {
                     out.reserve(v.key.len() + v.data.len() + 64);
                     out.put_slice(b"VALUE ");
                     out.put_slice(&v.key);
-                    let mut header = format!(" {} {}", v.flags, v.data.len());
+                    out.put_u8(b' ');
+                    put_decimal(out, v.flags);
+                    out.put_u8(b' ');
+                    put_decimal(out, v.data.len());
                     if *with_cas {
-                        let _ = write!(header, " {}", v.cas);
+                        out.put_u8(b' ');
+                        put_decimal(out, v.cas);
                     }
-                    line(out, &header);
+                    out.put_slice(b"\r\n");
                     out.put_slice(&v.data);
                     out.put_slice(b"\r\n");
                 }
@@ -90,7 +92,10 @@ impl Response {
                     line(out, "END");
                 }
             }
-            Response::Number(n) => line(out, &n.to_string()),
+            Response::Number(n) => {
+                put_decimal(out, *n);
+                out.put_slice(b"\r\n");
+            }
             Response::Version(v) => line(out, &format!("VERSION {v}")),
             Response::Stats(stats) => {
                 for (name, value) in stats {

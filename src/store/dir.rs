@@ -649,16 +649,18 @@ fn item_version(body: &[u8]) -> Version {
     if body.len() < HEADER_BYTES + CHECKSUM_BYTES || body[4] != FORMAT_VERSION {
         return content_version(body);
     }
-    let be = |at: usize, n: usize| {
-        body[at..at + n]
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
-    };
-    let (stamp, cas, checksum) = (be(22, 8), be(30, 8), be(body.len() - CHECKSUM_BYTES, 4));
-    Version(format!(
-        "v2-{:x}-{stamp:016x}-{cas:x}-{checksum:08x}",
-        body.len()
-    ))
+    // The header's stamp and cas (16 bytes from offset 22), the trailing CRC32 and the
+    // length, in hex: no formatting machinery on every write and read.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let checksum = &body[body.len() - CHECKSUM_BYTES..];
+    let length = (body.len() as u64).to_be_bytes();
+    let mut text = String::with_capacity(3 + 2 * (16 + CHECKSUM_BYTES + 8));
+    text.push_str("v2-");
+    for &b in body[22..38].iter().chain(checksum).chain(&length) {
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    Version(text)
 }
 
 #[cfg(test)]
