@@ -84,11 +84,16 @@ impl WriteHint {
     pub fn wrote(&self, written: Option<(&[u8], u64)>) {
         if let Some((key, expires_at)) = written {
             let mut expiries = self.expiries.lock().expect("expiries lock");
-            let name = key_hash(key);
             if expires_at == 0 {
-                expiries.remove(&name);
-            } else if expiries.len() < MAX_KNOWN_EXPIRIES || expiries.contains_key(&name) {
-                expiries.insert(name, expires_at);
+                // Most items never expire: no need to name them unless some are known.
+                if !expiries.is_empty() {
+                    expiries.remove(&key_hash(key));
+                }
+            } else {
+                let name = key_hash(key);
+                if expiries.len() < MAX_KNOWN_EXPIRIES || expiries.contains_key(&name) {
+                    expiries.insert(name, expires_at);
+                }
             }
         }
         let writes = self.writes.fetch_add(1, Relaxed) + 1;

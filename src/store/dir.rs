@@ -212,9 +212,8 @@ impl Inner {
     /// length is rewritten in place (writes not fsynced only); another existing item is
     /// swapped with the stripe's spare file holding `body`; otherwise a new file is renamed in.
     fn write_item(&self, stripe: &mut Stripe, name: &str, body: &[u8]) -> Result<(), StoreError> {
-        let path = self.item_path(name);
         if !self.fsync && body.len() <= IN_PLACE_MAX_BYTES {
-            match rewrite_in_place(stripe.take(name), &path, body) {
+            match rewrite_in_place(stripe.take(name), || self.item_path(name), body) {
                 Ok(Some(file)) => {
                     stripe.keep(name, file, self.open_per_stripe);
                     return Ok(());
@@ -223,6 +222,7 @@ impl Inner {
                 Err(e) => return Err(io_error(e)),
             }
         }
+        let path = self.item_path(name);
         if self.exchange.load(Relaxed) {
             match self.swap_in(name, &path, body) {
                 Ok(true) => return self.sync_dir(&self.root),
@@ -576,7 +576,7 @@ impl Store for DirStore {
     }
 }
 
-/// Overwrites the regular file at `path` with `body` in one write at offset 0, if it holds
+/// Overwrites the regular file at `path()` (made only when needed) with `body` in one write at offset 0, if it holds
 /// exactly `body.len()` bytes; returns the file, to keep open, when it did, and `Ok(None)`
 /// (nothing written) when it does not, is absent, or is not a regular file. `open` is the
 /// file as this process last wrote it under `path`, if it kept it open: used if it is still
@@ -587,7 +587,7 @@ impl Store for DirStore {
 /// holds the item's stripe write lock, which keeps this process's readers out meanwhile.
 fn rewrite_in_place(
     open: Option<fs::File>,
-    path: &Path,
+    path: impl FnOnce() -> PathBuf,
     body: &[u8],
 ) -> std::io::Result<Option<fs::File>> {
     use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -599,7 +599,7 @@ fn rewrite_in_place(
             match fs::OpenOptions::new()
                 .write(true)
                 .custom_flags(flags.bits() as i32)
-                .open(path)
+                .open(path())
             {
                 Ok(file) => file,
                 // Absent, a directory, a symbolic link, anything unwritable: the usual path
@@ -654,13 +654,12 @@ fn item_version(body: &[u8]) -> Version {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let checksum = &body[body.len() - CHECKSUM_BYTES..];
     let length = (body.len() as u64).to_be_bytes();
-    let mut text = String::with_capacity(3 + 2 * (16 + CHECKSUM_BYTES + 8));
-    text.push_str("v2-");
+    let mut text = Vec::with_capacity(3 + 2 * (16 + CHECKSUM_BYTES + 8));
+    text.extend_from_slice(b"v2-");
     for &b in body[22..38].iter().chain(checksum).chain(&length) {
-        text.push(char::from(HEX[usize::from(b >> 4)]));
-        text.push(char::from(HEX[usize::from(b & 15)]));
+        text.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
     }
-    Version(text)
+    Version(String::from_utf8(text).expect("hex is ASCII"))
 }
 
 #[cfg(test)]
