@@ -357,6 +357,39 @@ async fn overlapping_writes_leave_neither_value_in_ram() {
     assert!(t.lock().is_empty());
 }
 
+/// A write keeps RAM's entry while it runs (a concurrent read may answer either value) and
+/// replaces it when the store acknowledges; a failed write drops it.
+#[tokio::test]
+async fn a_running_write_keeps_the_entry_until_it_ends() {
+    let put_gate = Arc::new(Semaphore::new(1));
+    let probe = Arc::new(Probe {
+        put_gate: Some(put_gate.clone()),
+        ..Probe::default()
+    });
+    let t = Arc::new(tier(probe.clone(), 1 << 20, Duration::from_secs(3600)));
+    t.put(&entry("k", "old"), PutMode::Overwrite).await.unwrap();
+    let write = {
+        let t = t.clone();
+        tokio::spawn(async move { t.put(&entry("k", "new"), PutMode::Overwrite).await })
+    };
+    while t.lock().get(&b"k"[..]).is_none_or(|s| s.writers == 0) {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(value_of(t.peek_fresh(b"k")).as_deref(), Some("old"));
+    assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("old"));
+    assert_eq!(probe.gets.load(Relaxed), 0, "answered from RAM");
+    put_gate.add_permits(1);
+    write.await.unwrap().unwrap();
+    assert_eq!(value_of(t.peek_fresh(b"k")).as_deref(), Some("new"));
+    put_gate.add_permits(1);
+    let refused = t.put(&entry("k", "x"), PutMode::Create).await;
+    assert_eq!(refused, Err(StoreError::Exists));
+    assert!(
+        t.peek_fresh(b"k").is_none(),
+        "a refused write drops the entry"
+    );
+}
+
 #[tokio::test]
 async fn a_cancelled_write_leaves_no_state_and_no_entry() {
     let put_gate = Arc::new(Semaphore::new(0));
