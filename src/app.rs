@@ -131,6 +131,8 @@ pub fn codec(config: &Config) -> Codec {
 /// time when items live in S3 (so replicas agree on flush moments), else this machine's.
 pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
     let codec = codec(config);
+    // Raised whatever the store: connections need their descriptors on S3 too.
+    let open_files = open_files_budget(config.max_connections);
     if config.uses_s3() {
         let store = S3Store::connect(s3_settings(config, codec))
             .await
@@ -143,7 +145,7 @@ pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Cl
             &config.location,
             codec,
             config.dir_fsync,
-            open_files_budget(config.max_connections),
+            open_files,
         )
         .map_err(AppError::Dir)?;
         tracing::info!(dir = %config.data_dir.display(), "no bucket configured: serving from a local directory");

@@ -330,13 +330,19 @@ async fn a_finished_read_leaves_the_table_though_its_leader_is_never_polled_agai
     assert!(t.lock().is_empty());
 }
 
-#[tokio::test]
-async fn overlapping_writes_leave_neither_value_in_ram() {
-    let put_gate = Arc::new(Semaphore::new(0));
+/// A probe whose writes each wait for a permit of the returned gate (`permits` to start).
+fn gated_writes(permits: usize) -> (Arc<Probe>, Arc<Semaphore>) {
+    let put_gate = Arc::new(Semaphore::new(permits));
     let probe = Arc::new(Probe {
         put_gate: Some(put_gate.clone()),
         ..Probe::default()
     });
+    (probe, put_gate)
+}
+
+#[tokio::test]
+async fn overlapping_writes_leave_neither_value_in_ram() {
+    let (probe, put_gate) = gated_writes(0);
     let t = Arc::new(tier(probe.clone(), 1 << 20, Duration::from_secs(3600)));
     let first = {
         let t = t.clone();
@@ -361,11 +367,7 @@ async fn overlapping_writes_leave_neither_value_in_ram() {
 /// replaces it when the store acknowledges; a failed write drops it.
 #[tokio::test]
 async fn a_running_write_keeps_the_entry_until_it_ends() {
-    let put_gate = Arc::new(Semaphore::new(1));
-    let probe = Arc::new(Probe {
-        put_gate: Some(put_gate.clone()),
-        ..Probe::default()
-    });
+    let (probe, put_gate) = gated_writes(1);
     let t = Arc::new(tier(probe.clone(), 1 << 20, Duration::from_secs(3600)));
     t.put(&entry("k", "old"), PutMode::Overwrite).await.unwrap();
     let write = {
@@ -392,11 +394,7 @@ async fn a_running_write_keeps_the_entry_until_it_ends() {
 
 #[tokio::test]
 async fn a_cancelled_write_leaves_no_state_and_no_entry() {
-    let put_gate = Arc::new(Semaphore::new(0));
-    let probe = Arc::new(Probe {
-        put_gate: Some(put_gate.clone()),
-        ..Probe::default()
-    });
+    let (probe, put_gate) = gated_writes(0);
     let t = tier(probe, 1 << 20, Duration::from_secs(3600));
     put_gate.add_permits(1);
     t.put(&entry("k", "old"), PutMode::Overwrite).await.unwrap();
