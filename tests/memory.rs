@@ -28,6 +28,8 @@ const FIXED_OVERHEAD_BYTES: u64 = 96 * MIB;
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// Its log: warnings, and why each connection ended (printed if the test fails).
+    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -40,14 +42,17 @@ impl Server {
             .unwrap()
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = dir.path().join("server.log");
         let child = Command::new(env!("CARGO_BIN_EXE_s3cached"))
             .args(["--listen", &addr.to_string()])
-            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
             .args(["--memory-limit-bytes", &memory_limit.to_string()])
             // The near tier has a budget of its own: off, so what is measured is this one.
             .args(["--ram-cache-bytes", "0"])
-            .args(["--max-connections", "2000", "--log-level", "warn"])
+            .args(["--max-connections", "2000"])
+            .args(["--log-level", "warn,s3cached::connection=debug"])
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start the server binary");
         let start = Instant::now();
@@ -61,6 +66,7 @@ impl Server {
         Server {
             child,
             addr,
+            log,
             _dir: dir,
         }
     }
@@ -92,6 +98,14 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("server log, last lines:");
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("  {line}");
+            }
+        }
     }
 }
 
