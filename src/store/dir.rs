@@ -41,8 +41,8 @@ use bytes::Bytes;
 
 use super::format::Codec;
 use super::{
-    admit, is_item_name, key_hash, normalize_prefix, Entry, ListPage, ObjectInfo, PutMode, Store,
-    StoreError, StoreInfo, Version, Versioned, CONTROL_DIR,
+    admit, is_item_name, key_hash, normalize_prefix, push_hex, Entry, ListPage, ObjectInfo,
+    PutMode, Store, StoreError, StoreInfo, Version, Versioned, CONTROL_DIR,
 };
 
 /// Lock stripes: writes to one stripe (and reads against them) take turns; each stripe has
@@ -651,15 +651,15 @@ fn item_version(body: &[u8]) -> Version {
     }
     // The header's stamp and cas (16 bytes from offset 22), the trailing CRC32 and the
     // length, in hex: no formatting machinery on every write and read.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let checksum = &body[body.len() - CHECKSUM_BYTES..];
     let length = (body.len() as u64).to_be_bytes();
-    let mut text = Vec::with_capacity(3 + 2 * (16 + CHECKSUM_BYTES + 8));
-    text.extend_from_slice(b"v2-");
-    for &b in body[22..38].iter().chain(checksum).chain(&length) {
-        text.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-    }
-    Version(String::from_utf8(text).expect("hex is ASCII"))
+    let mut text = String::with_capacity(3 + 2 * (16 + CHECKSUM_BYTES + 8));
+    text.push_str("v2-");
+    push_hex(
+        &mut text,
+        body[22..38].iter().chain(checksum).chain(&length),
+    );
+    Version(text)
 }
 
 #[cfg(test)]

@@ -195,13 +195,18 @@ pub async fn clear(store: &dyn Store) -> Result<usize, StoreError> {
 
 /// The SHA-1 of a key, in lower-case hex: the object's name under the prefix.
 pub fn key_hash(key: &[u8]) -> String {
-    let digest = Sha1::digest(key);
     let mut hex = String::with_capacity(40);
-    for byte in digest {
-        hex.push(char::from_digit(u32::from(byte >> 4), 16).expect("nibble"));
-        hex.push(char::from_digit(u32::from(byte & 0xf), 16).expect("nibble"));
-    }
+    push_hex(&mut hex, &Sha1::digest(key));
     hex
+}
+
+/// Appends `bytes` to `out` in lower-case hex, two digits a byte.
+pub(crate) fn push_hex<'a>(out: &mut String, bytes: impl IntoIterator<Item = &'a u8>) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for &byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 15)]));
+    }
 }
 
 /// The prefix as a folder: empty, or ending in exactly one `/`, with no leading `/`.
