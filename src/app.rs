@@ -43,6 +43,8 @@ pub enum AppError {
     DiskTier(std::io::Error),
     #[error("cannot use the S3 store: {0}")]
     Store(crate::store::StoreError),
+    #[error("cannot write the address file: {0}")]
+    AddrFile(std::io::Error),
     #[error("cannot load the TLS certificates: {0}")]
     Tls(crate::tls::TlsError),
     #[error("{0}")]
@@ -242,6 +244,7 @@ pub async fn start_with(
         tokio::spawn(crate::tls::reload_on_hangup(tls, shutdown.clone()));
     }
     tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
+    write_addr_file(&config.addr_file, addr, admin_addr).map_err(AppError::AddrFile)?;
     Ok(App {
         addr,
         ctx,
@@ -251,6 +254,26 @@ pub async fn start_with(
         server,
         culler_task,
     })
+}
+
+/// Writes the bound addresses to `path` (nothing when it is empty): complete or absent,
+/// never half-written, since the file is written beside and renamed into place.
+fn write_addr_file(
+    path: &std::path::Path,
+    addr: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> std::io::Result<()> {
+    if path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let mut text = format!("listen {addr}\n");
+    if let Some(admin) = admin {
+        text.push_str(&format!("admin {admin}\n"));
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
 }
 
 /// Reads the TLS certificates the config names, before any port is bound.

@@ -334,9 +334,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_connection_fails_at_connect() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        drop(listener);
+        // A port bound but not listening: held, so nobody else takes it, and refused.
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = held.local_addr().unwrap().to_string();
         let err = run(&addr, &args(2000), &mut Vec::new()).await.unwrap_err();
         assert_eq!(err.step, "connect");
     }

@@ -126,6 +126,10 @@ pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 30;
 options! {
     /// Address to listen on.
     listen: String = DEFAULT_LISTEN.into(), env "S3CACHED_LISTEN";
+    /// Once every listener is bound, write their addresses here (`listen ADDR`, then
+    /// `admin ADDR` when the admin listener runs), so whoever started the server on port 0
+    /// learns where it listens ("" = no file; memcached's MEMCACHED_PORT_FILENAME).
+    addr_file: PathBuf = PathBuf::new(), env "S3CACHED_ADDR_FILE";
     /// Most client connections at once; more get memcached's "ERROR Too many open connections".
     max_connections: usize = DEFAULT_MAX_CONNECTIONS, env "S3CACHED_MAX_CONNECTIONS";
     /// Largest item value in bytes (memcached's -I).

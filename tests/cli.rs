@@ -242,6 +242,12 @@ fn check_passes_against_a_running_server_and_fails_without_one() {
 
     let addr = server.addr.clone();
     drop(server);
+    // Held but not listening, so the check is refused, not answered by whoever takes the
+    // port next (nor by a connection to itself).
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.set_reuseaddr(true).unwrap(); // past the closed connections' TIME_WAIT
+    held.bind(addr.parse().unwrap())
+        .expect("the stopped server's port is free");
     let out = s3cached()
         .args(["check", "--addr", &addr, "--timeout-ms", "2000"])
         .output()

@@ -36,15 +36,12 @@ struct Server {
 impl Server {
     fn start(memory_limit: u64) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = dir.path().join("server.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_s3cached"))
-            .args(["--listen", &addr.to_string()])
+        let addr_file = dir.path().join("addr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_s3cached"))
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--addr-file")
+            .arg(&addr_file)
             .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
             .args(["--memory-limit-bytes", &memory_limit.to_string()])
             // The near tier has a budget of its own: off, so what is measured is this one.
@@ -55,14 +52,7 @@ impl Server {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start the server binary");
-        let start = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let addr = wait_for_addr_file(&addr_file, &mut child);
         Server {
             child,
             addr,
@@ -91,6 +81,27 @@ impl Server {
         c.set_nodelay(true).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         c
+    }
+}
+
+/// The address the server wrote once listening: it binds port 0 itself, so no port is
+/// probed before the server holds it.
+fn wait_for_addr_file(path: &std::path::Path, child: &mut Child) -> SocketAddr {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let listen = text.lines().find_map(|l| l.strip_prefix("listen "));
+            return listen.expect("a listen line").parse().unwrap();
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the server exited at start: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server never listened"
+        );
+        // Polled: the file is renamed into place whole once every listener is bound.
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -4,7 +4,8 @@
 # "<!-- quickstart: serve" starts the server, the one after "<!-- quickstart: check" checks it.
 # Two substitutions keep it fast and safe beside other servers: the binary built by tests/run
 # ($S3CACHED_BIN, default target/debug/s3cached) stands in for `cargo run --release` and
-# ./target/release/s3cached, and S3CACHED_LISTEN names a free loopback port instead of 11211.
+# ./target/release/s3cached, and the server listens on a loopback port it picks (port 0,
+# reported through S3CACHED_ADDR_FILE) instead of 11211.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -50,8 +51,8 @@ done
 [ -f "$fresh/README.md" ] && [ ! -e "$fresh/s3cached-data" ] || fail "the fresh copy is not fresh"
 
 while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^S3CACHED_' || true)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export S3CACHED_LISTEN="127.0.0.1:$port"
+# Port 0: the server binds a free port itself and writes the address to a file.
+export S3CACHED_LISTEN="127.0.0.1:0" S3CACHED_ADDR_FILE="$tmp/addr"
 
 log="$tmp/server.log"
 : >"$log"
@@ -59,11 +60,14 @@ log="$tmp/server.log"
 (cd "$fresh" && exec "$bin" $serve_args) >"$log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 200); do
-  grep -q "s3cached listening" "$log" && break
+  [ -s "$S3CACHED_ADDR_FILE" ] && break
   kill -0 "$server_pid" 2>/dev/null || { cat "$log" >&2; fail "the server exited at startup"; }
   sleep 0.05
 done
-grep -q "s3cached listening" "$log" || { cat "$log" >&2; fail "the server did not start in 10 s"; }
+[ -s "$S3CACHED_ADDR_FILE" ] || { cat "$log" >&2; fail "the server did not start in 10 s"; }
+grep -q "s3cached listening" "$log" || { cat "$log" >&2; fail "the server did not log that it listens"; }
+# The check reads the listen address from the environment, as the server did.
+S3CACHED_LISTEN=$(sed -n 's/^listen //p' "$S3CACHED_ADDR_FILE")
 
 # shellcheck disable=SC2086
 if ! out=$(cd "$fresh" && "$bin" $check_args 2>&1); then

@@ -55,32 +55,33 @@ pub fn s3_endpoint() -> String {
         .to_owned()
 }
 
-/// Starts moto (tests/s3server.py) on a free loopback port, owned by a shell that kills it when this
-/// process exits (the shell's stdin, our pipe, then closes); waits until it accepts.
+/// Starts moto (tests/s3server.py) on a port the kernel picks, owned by a shell that kills
+/// it when this process exits (the shell's stdin, our pipe, then closes); waits until moto
+/// has written the port it holds to a file, so no port is probed before it is held.
 #[allow(
     clippy::disallowed_types,
     clippy::disallowed_methods,
     reason = "runs once, outside any runtime's time: before the first S3 test starts"
 )]
 fn start_moto() -> Result<String, String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("could not get a port: {e}"))?
-        .port();
+    let dir = std::env::temp_dir().join(format!("s3cached-moto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("has no state directory: {e}"))?;
+    let port_file = dir.join("port");
+    let _ = std::fs::remove_file(&port_file);
     let child = Command::new("sh")
-        .args(["-c", r#"python3 -c 'import moto.server' 2>/dev/null || exit 127; python3 "$0" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 & read _; kill $!"#])
-        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/tests/s3server.py"), &port.to_string()])
+        .args(["-c", r#"python3 -c 'import moto.server' 2>/dev/null || exit 127; python3 "$0" -H 127.0.0.1 -p 0 --port-file "$1" >/dev/null 2>&1 & read _; kill $!"#])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/s3server.py"))
+        .arg(&port_file)
         .stdin(Stdio::piped())
         .spawn()
         .map_err(|e| format!("could not be started: {e}"))?;
     // Kept for the life of the process: its stdin pipe closes only when the process exits.
     static MOTO_SHELL: Mutex<Option<Child>> = Mutex::new(None);
     let child = MOTO_SHELL.lock().unwrap().insert(child).id();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = std::time::Instant::now() + MOTO_START_TIMEOUT;
     loop {
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
-            return Ok(format!("http://{addr}"));
+        if let Ok(port) = std::fs::read_to_string(&port_file) {
+            return Ok(format!("http://127.0.0.1:{}", port.trim()));
         }
         let mut shell = MOTO_SHELL.lock().unwrap();
         if let Some(status) = shell.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -91,11 +92,9 @@ fn start_moto() -> Result<String, String> {
         }
         drop(shell);
         if std::time::Instant::now() >= deadline {
-            return Err(format!(
-                "did not listen on {addr} within {MOTO_START_TIMEOUT:?}"
-            ));
+            return Err(format!("wrote no port within {MOTO_START_TIMEOUT:?}"));
         }
-        // Polled: moto says nothing we could wait on once its output is discarded.
+        // Polled: the file is renamed into place whole, and nothing else can be waited on.
         std::thread::sleep(Duration::from_millis(100));
     }
 }

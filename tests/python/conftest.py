@@ -22,23 +22,19 @@ S3_ENDPOINT_ENV = "S3CACHED_TEST_S3_ENDPOINT"
 STARTUP_SECS = 30
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port, proc, what):
+def wait_for_file(path, proc, what):
+    """Waits until `path` exists (servers write it whole, by rename, once listening) and
+    returns its text; fails at once if `proc` exits first."""
     deadline = time.monotonic() + STARTUP_SECS
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {STARTUP_SECS}s")
+            with open(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} wrote no {path} within {STARTUP_SECS}s")
 
 
 def s3cached_binary():
@@ -55,15 +51,18 @@ class Server:
 
     def __init__(self, backend, extra_env=None, location=None, log=None):
         self.backend = backend
-        self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="s3cached-test-")
         self.location = location or f"py-{uuid.uuid4().hex[:12]}"
+        self.data_dir = os.path.join(self.tmp, "data")
+        addr_file = os.path.join(self.tmp, "addr")
         env = dict(os.environ)
         env.update(
             {
-                "S3CACHED_LISTEN": f"127.0.0.1:{self.port}",
+                # Port 0: the server binds a free port itself and writes it to addr_file.
+                "S3CACHED_LISTEN": "127.0.0.1:0",
+                "S3CACHED_ADDR_FILE": addr_file,
                 "S3CACHED_LOCATION": self.location,
-                "S3CACHED_DATA_DIR": self.tmp,
+                "S3CACHED_DATA_DIR": self.data_dir,
                 "S3CACHED_MAX_ENTRIES": "0",
                 "S3CACHED_LOG_LEVEL": "warn",
             }
@@ -90,7 +89,12 @@ class Server:
             stdout=log or subprocess.DEVNULL,  # an open file, to read the server's log
             stderr=subprocess.PIPE,
         )
-        wait_for_port(self.port, self.proc, "s3cached")
+        addrs = dict(
+            line.split(" ", 1) for line in wait_for_file(addr_file, self.proc, "s3cached").split("\n") if line
+        )
+        self.port = int(addrs["listen"].rsplit(":", 1)[1])
+        # The admin listener's URL, when S3CACHED_ADMIN_LISTEN asked for one.
+        self.admin = f"http://{addrs['admin']}" if "admin" in addrs else None
 
     @property
     def address(self):
@@ -127,12 +131,18 @@ def reference_memcached(*extra):
     binary = shutil.which("memcached")
     if binary is None:
         raise RuntimeError("memcached is not installed (bash .ci/run installs it)")
-    port = free_port()
-    args = [binary, "-p", str(port), "-l", "127.0.0.1", "-U", "0", *extra]
+    # Port -1: memcached binds a free port itself and writes it to MEMCACHED_PORT_FILENAME
+    # (by rename, once listening), as memcached's own test suite starts it.
+    tmp = tempfile.mkdtemp(prefix="memcached-test-")
+    ports_file = os.path.join(tmp, "ports")
+    args = [binary, "-p", "-1", "-l", "127.0.0.1", "-U", "0", *extra]
     if os.geteuid() == 0:
         args += ["-u", "root"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, proc, "memcached")
+    env = dict(os.environ, MEMCACHED_PORT_FILENAME=ports_file)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ports = wait_for_file(ports_file, proc, "memcached")
+    port = int(next(l for l in ports.splitlines() if l.startswith("TCP INET: ")).split(": ")[1])
+    shutil.rmtree(tmp, ignore_errors=True)
     yield ("127.0.0.1", port)
     proc.terminate()
     proc.wait(timeout=10)

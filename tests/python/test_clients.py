@@ -98,7 +98,7 @@ def test_pymemcache_hashclient_spreads_over_two_servers(server):
     from conftest import Server
 
     other = Server(server.backend, location=server.location, extra_env={
-        "S3CACHED_DATA_DIR": server.tmp,
+        "S3CACHED_DATA_DIR": server.data_dir,
     })
     try:
         hc = HashClient([server.address, other.address], connect_timeout=5, timeout=20)

@@ -8,15 +8,12 @@ import urllib.request
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from conftest import Server, free_port, wait_for_port
+from conftest import Server
 
 
 @pytest.fixture(params=["dir", "s3"])
 def admin_server(request):
-    admin_port = free_port()
-    s = Server(request.param, extra_env={"S3CACHED_ADMIN_LISTEN": f"127.0.0.1:{admin_port}"})
-    wait_for_port(admin_port, s.proc, "the admin listener")
-    s.admin = f"http://127.0.0.1:{admin_port}"
+    s = Server(request.param, extra_env={"S3CACHED_ADMIN_LISTEN": "127.0.0.1:0"})
     yield s
     s.stop()
 
