@@ -1,20 +1,35 @@
-# syntax=docker/dockerfile:1
 # Multi-stage build: compile in the Rust image, run in a small Debian image as a non-root
 # user. The running container needs no writable path when it serves from S3: run it with a
 # read-only root filesystem (docker run --read-only; `read_only: true` in compose).
-FROM rust:1.95-bookworm AS build
-WORKDIR /src
-# A Cargo.lock in the build context pins every dependency (README: "Pin a build"): the
-# glob copies it when present, and the build then insists on it with --locked.
-COPY Cargo.toml Cargo.lock* ./
-COPY src ./src
-COPY benches ./benches
-COPY config.example.toml ./
-RUN if [ -f Cargo.lock ]; then locked=--locked; else locked=; fi \
-    && cargo build --release --bin s3cached $locked \
-    && strip target/release/s3cached
+#
+# The base images are build arguments; their defaults are the public images:
+#   docker build -t s3cached .
+# To package a binary built outside (cargo build --release), no Rust image is needed:
+#   docker build --build-arg PREBUILT=target/release/s3cached \
+#                --build-arg RUST_IMAGE=debian:bookworm-slim -t s3cached .
+# Either way the runtime stage below is the same.
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
 
-FROM debian:bookworm-slim
+FROM ${RUST_IMAGE} AS build
+# A path in the build context to a Linux x86_64 binary built outside, or empty to compile.
+ARG PREBUILT=""
+WORKDIR /src
+# .dockerignore lets in the sources, Cargo.lock when present, and the two built binaries.
+COPY . .
+# A Cargo.lock in the build context pins every dependency (docs/operations.md, "Pin a
+# build"); the build then insists on it with --locked.
+RUN if [ -n "$PREBUILT" ]; then \
+        install -m 0755 "$PREBUILT" /s3cached; \
+    elif [ -f Cargo.lock ]; then \
+        cargo build --release --bin s3cached --locked \
+        && strip -o /s3cached target/release/s3cached; \
+    else \
+        cargo build --release --bin s3cached \
+        && strip -o /s3cached target/release/s3cached; \
+    fi
+
+FROM ${RUNTIME_IMAGE}
 # ca-certificates: TLS to AWS S3. The image gets no other package. Not pinned to a version:
 # the trust store should be the current one, and a pin breaks the build when Debian updates it.
 # hadolint ignore=DL3008
@@ -22,7 +37,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/s3cached --create-home s3cached
-COPY --from=build /src/target/release/s3cached /usr/local/bin/s3cached
+COPY --from=build /s3cached /usr/local/bin/s3cached
 USER 10001:10001
 WORKDIR /var/lib/s3cached
 # In a container the ports must be reachable from outside it; publish them on the host with

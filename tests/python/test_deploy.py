@@ -44,7 +44,8 @@ def test_compose_runs_two_replicas_on_one_bucket_and_a_cross_replica_check():
         assert replica["cap_drop"] == ["ALL"]
         for port in replica["ports"]:
             assert port.startswith("127.0.0.1:"), port
-        assert replica["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+        assert env["S3CACHED_CREATE_BUCKET"] == "true"
+        assert replica["depends_on"]["minio"]["condition"] == "service_healthy"
     assert a["environment"] == b["environment"]
     command = check["command"]
     assert command[:1] == ["check"]
