@@ -36,13 +36,16 @@ FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --home-dir /var/lib/s3cached --create-home s3cached
+    && useradd --system --uid 10001 --home-dir /var/lib/s3cached --create-home s3cached \
+    && install -d -o 10001 -g 10001 /var/lib/s3cached/data /var/lib/s3cached/disk
 COPY --from=build /s3cached /usr/local/bin/s3cached
 USER 10001:10001
 WORKDIR /var/lib/s3cached
 # In a container the ports must be reachable from outside it; publish them on the host with
 # care (memcached has no authentication, nor has the admin listener).
-# The directory store (no bucket set) writes under /var/lib/s3cached/data: give it a volume.
+# The directory store (no bucket set) writes under /var/lib/s3cached/data, the disk tier
+# where disk_cache_dir says (/var/lib/s3cached/disk is ready for it): give each a volume.
+# Both exist in the image, owned by the user, so a new named volume mounted there is too.
 ENV S3CACHED_LISTEN=0.0.0.0:11211 \
     S3CACHED_DATA_DIR=/var/lib/s3cached/data
 EXPOSE 11211 9211
