@@ -86,11 +86,38 @@ macro_rules! options {
             pub fn toml_lines(&self) -> Vec<String> {
                 vec![ $( OptionValue::toml_line(&self.$name, stringify!($name)), )* ]
             }
+
+            /// Every option's value as the reference shows it, in table order.
+            fn doc_values(&self) -> Vec<String> {
+                vec![ $( OptionValue::doc_value(&self.$name), )* ]
+            }
         }
 
         /// `(key, environment variable)` of every option, for docs and tests.
         pub const KEYS: &[(&str, &str)] = &[ $( (stringify!($name), $env), )* ];
+
+        /// Key, environment variable, type and meaning of every option, in table order
+        /// (the reference in docs/configuration.md).
+        pub const OPTION_DOCS: &[OptionDoc] = &[ $( OptionDoc {
+            key: stringify!($name),
+            env: $env,
+            ty: stringify!($ty),
+            doc: concat!($($doc),*),
+        }, )* ];
     };
+}
+
+/// What the reference says of one option, taken from its line in the `options!` table.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionDoc {
+    /// The key in the TOML file; `--key-with-dashes` on the command line.
+    pub key: &'static str,
+    /// The environment variable.
+    pub env: &'static str,
+    /// The Rust type, as written in the table.
+    pub ty: &'static str,
+    /// The option's `///` comment, its lines joined.
+    pub doc: &'static str,
 }
 
 /// Default memcached port on loopback only.
@@ -594,12 +621,77 @@ pub fn secs(secs: u64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
-/// How one option's value is shown: in `stats settings` and as a line of TOML.
+/// The reference table of every option, in Markdown: key, environment variable, type,
+/// default and meaning, generated from the `options!` table (docs/configuration.md holds a
+/// copy that tests/config_doc.rs keeps current). A default that depends on the store shows
+/// both values.
+pub fn options_reference() -> String {
+    let on_dir = Options::default().resolve().backend_defaults();
+    let with_bucket = Options {
+        storage_bucket_name: Some("bucket".into()),
+        ..Options::default()
+    };
+    let mut on_s3 = with_bucket.resolve().backend_defaults();
+    // Only the defaults that follow from having a bucket should differ.
+    on_s3.storage_bucket_name = on_dir.storage_bucket_name.clone();
+    let mut text = String::from(
+        "| key | environment variable | type | default | meaning |\n|---|---|---|---|---|\n",
+    );
+    let values = on_dir.doc_values().into_iter().zip(on_s3.doc_values());
+    for (option, (dir, s3)) in OPTION_DOCS.iter().zip(values) {
+        let (dir, s3) = (with_size(option.key, dir), with_size(option.key, s3));
+        let default = if dir == s3 {
+            dir
+        } else {
+            format!("{dir} on the directory store, {s3} on S3")
+        };
+        let meaning = option.doc.split_whitespace().collect::<Vec<_>>().join(" ");
+        text.push_str(&format!(
+            "| `{}` | `{}` | {} | {default} | {} |\n",
+            option.key,
+            option.env,
+            type_name(option.ty),
+            meaning.replace('|', "\\|"),
+        ));
+    }
+    text
+}
+
+/// A type as the reference names it.
+fn type_name(rust: &str) -> &str {
+    match rust {
+        "String" => "string",
+        "PathBuf" => "path",
+        "Secret" => "secret string",
+        "bool" => "boolean",
+        "f64" => "number",
+        "u32" | "u64" | "usize" => "integer",
+        "i64" => "signed integer",
+        other => other,
+    }
+}
+
+/// A default in bytes with its size in MiB or GiB beside it, when it is a whole number of them.
+fn with_size(key: &str, shown: String) -> String {
+    const MIB: u64 = 1024 * 1024;
+    const GIB: u64 = 1024 * MIB;
+    let in_bytes = key.ends_with("_bytes") || key.ends_with("_size");
+    match shown.trim_matches('`').parse::<u64>() {
+        Ok(n) if in_bytes && n > 0 && n % GIB == 0 => format!("{shown} ({} GiB)", n / GIB),
+        Ok(n) if in_bytes && n > 0 && n % MIB == 0 => format!("{shown} ({} MiB)", n / MIB),
+        _ => shown,
+    }
+}
+
+/// How one option's value is shown: in `stats settings`, as a line of TOML and in the
+/// reference.
 pub trait OptionValue {
     /// The value as `stats settings` shows it.
     fn setting(&self) -> String;
     /// `key = value` in TOML, typed as the file expects it.
     fn toml_line(&self, key: &str) -> String;
+    /// The value as the options reference shows a default: TOML, in backticks.
+    fn doc_value(&self) -> String;
 }
 
 impl<T: serde::Serialize> OptionValue for T {
@@ -617,6 +709,13 @@ impl<T: serde::Serialize> OptionValue for T {
             Err(e) => format!("# {key}: cannot be written as TOML: {e}"),
         }
     }
+
+    fn doc_value(&self) -> String {
+        match toml::Value::try_from(self) {
+            Ok(v) => format!("`{v}`"),
+            Err(e) => format!("<{e}>"),
+        }
+    }
 }
 
 impl OptionValue for Secret {
@@ -626,6 +725,10 @@ impl OptionValue for Secret {
 
     fn toml_line(&self, key: &str) -> String {
         format!("# {key} = <redacted: {}>", self.state())
+    }
+
+    fn doc_value(&self) -> String {
+        self.state().to_owned()
     }
 }
 
