@@ -61,7 +61,7 @@ pub struct TierConfig {
 }
 
 /// The RAM tier: foyer's in-memory cache with S3-FIFO eviction (its hot get costs fewer
-/// instructions than moka's, see the README).
+/// instructions than moka's, see docs/design.md, "Decisions").
 /// Keys hashed with foldhash, seeded per process: a few times cheaper than foyer's default
 /// (xxHash64 with a fixed seed), and clients cannot aim keys at one bucket.
 type Ram = foyer::Cache<Bytes, Arc<Cached>, foldhash::fast::RandomState>;

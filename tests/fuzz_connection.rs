@@ -12,7 +12,7 @@
 //!   or the connection is closed (by `quit`, a hang-up, or the request timeout), in time.
 //!
 //! Every run replays the committed corpus (tests/corpus/connection/*) and then generates
-//! cases from a seed, bounded in count and time. Knobs (see README, Testing):
+//! cases from a seed, bounded in count and time. Knobs (see docs/protocol.md, "How conformance is tested"):
 //! `S3CACHED_FUZZ_CASES` (default 300), `S3CACHED_FUZZ_SECS` (default 15),
 //! `S3CACHED_FUZZ_SEED` (default: from the clock, printed), `S3CACHED_FUZZ_REPLAY=<case
 //! seed>` (runs one failed case again). A failing case is written to

@@ -1,5 +1,5 @@
 //! The near tier against a real S3-compatible server: what reads cost, single flight, and the
-//! coherence statements of the README with two replicas sharing one bucket and prefix.
+//! coherence statements of docs/design.md ("Tiers and their promises") with two replicas sharing one bucket and prefix.
 //! S3 requests are counted where they arrive, at a proxy in front of the server.
 
 mod common;

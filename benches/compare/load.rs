@@ -190,7 +190,7 @@ pub async fn run(addr: SocketAddr, pid: u32, w: &Workload) -> Outcome {
     }
 }
 
-/// The workloads of the README's table.
+/// The workloads of docs/benchmarks.md's table.
 pub fn workloads() -> Vec<Workload> {
     let base = Workload {
         name: "90/10 get/set 1 KiB, 4 conns",

@@ -83,7 +83,7 @@ TRANSCRIPTS = {
         frame(INCRQ, b"n", incr_extras(1, 0, 0)) + frame(DECRQ, b"n", incr_extras(1, 0, 0)),
         frame(GET, b"n"),
         # 64-bit wrap-around, from a small stored number: memcached's answer on a stored
-        # number of 2^63 or more depends on the memory after the item (README, differences).
+        # number of 2^63 or more depends on the memory after the item (docs/protocol.md, deliberate differences).
         frame(SET, b"big", set_extras(), b"10"),
         frame(INCR, b"big", incr_extras(2**64 - 1, 0, 0)),
         frame(INCR, b"big", incr_extras(2**63, 0, 0)),

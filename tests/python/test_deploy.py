@@ -1,7 +1,7 @@
-"""The deployment files, checked without a container engine (none exists on the development
-machines): hadolint lints the Dockerfile, and the compose file is read for what the README
-promises (two replicas on one bucket, a cross-replica check, read-only non-root containers,
-ports on the host's loopback only)."""
+"""The deployment files, read without a container engine: hadolint lints the Dockerfile, and
+the compose file is read for what docs/operations.md promises (two replicas on one bucket, a
+cross-replica check, read-only non-root containers, ports on the host's loopback by
+default). tests/containers/ runs them where a Docker engine answers."""
 
 import os
 import re

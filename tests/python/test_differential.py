@@ -1,6 +1,6 @@
 """Differential tests: the same transcripts go to a real memcached 1.6 and to s3cached
 (over the directory store and over S3); the replies must match, up to cas values and the
-version string. Deliberate differences are documented in the README and not sent here."""
+version string. Deliberate differences are listed in docs/protocol.md and not sent here."""
 
 import pytest
 

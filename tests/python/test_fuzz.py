@@ -3,13 +3,13 @@ s3cached (directory store, and S3 when S3CACHED_TEST_S3_ENDPOINT is set); every 
 the same, up to cas values, the version string and remaining TTLs (see wire.normalize).
 
 A bounded run is part of the normal test run: 4 seeds x 800 commands on the directory store,
-2 of them on S3. A longer one (README, "Run it, test it"):
+2 of them on S3. A longer one (docs/protocol.md, "How conformance is tested"):
   S3CACHED_FUZZ_SEEDS=40 S3CACHED_FUZZ_COMMANDS=3000 S3CACHED_FUZZ_S3_SEEDS=0 \
     python3 -m pytest -q tests/python/test_fuzz.py
 (S3CACHED_FUZZ_SEED_BASE moves the seeds; a failure names its seed, the batch and both
 servers' replies.)
 
-The generator avoids what README lists as deliberate differences (flags above 2^32-1, keys
+The generator avoids what docs/protocol.md lists as deliberate differences (flags above 2^32-1, keys
 with control characters, command lines over 2,048 bytes, meta `h`/`l`/`E`, `me`, flush_all
 delays in the future, values within ~50 bytes of the item size limit) and what depends on
 timing: relative TTLs are either already expired or days away, never seconds.
@@ -48,7 +48,7 @@ EXPTIMES = [
 FLAGS = [b"0", b"1", b"4294967295", b"65535", b"-1", b"abc", b"+7"]
 LENGTH_JUNK = [b"-1", b"4294967295", b"2147483646", b"abc", b"99999999999999999999"]
 # Stored numbers stay below 2^63: memcached 1.6.18 parses one of 2^63 or more with a `strchr`
-# that runs past the item's end, so its answer depends on the memory that follows (README,
+# that runs past the item's end, so its answer depends on the memory that follows (docs/protocol.md,
 # differences). 2^40 keeps 800 increments of 2^62 below that; wrap-around is in the
 # differential transcripts, from a small number.
 DELTAS = [b"1", b"0", b"10", b"1099511627776", b"18446744073709551616", b"-1", b"x"]

@@ -8,11 +8,11 @@ A bounded run is part of the normal test run: 4 seeds x 600 frames on the direct
     python3 -m pytest -q tests/python/test_fuzz_binary.py
 (S3CACHED_BIN_FUZZ_SEED_BASE moves the seeds; a failure names its seed and batch.)
 
-The generator avoids memcached's own oddities listed in README (an unknown opcode's body,
+The generator avoids memcached's own oddities listed in docs/protocol.md (an unknown opcode's body,
 which memcached discards twice over) and timing: TTLs are never, already expired, or days
 away. Cas values a server handed out are sent back to that same server. Counters stay below
 2^63: memcached 1.6.18 parses a stored number of 2^63 or more with a `strchr` that runs past
-the item's end, so its answer depends on the memory after the item (README, differences).
+the item's end, so its answer depends on the memory after the item (docs/protocol.md, deliberate differences).
 """
 
 import os
@@ -84,7 +84,7 @@ def one_frame(rng, prefix):
         initial = rng.choice([0, 10, 2**62])
         expiry = rng.choice([0, 0xFFFFFFFF, 200_000])
         # No cas here: on an empty item memcached reports non-numeric before a cas mismatch
-        # and s3cached the other way round (README, differences).
+        # and s3cached the other way round (docs/protocol.md, deliberate differences).
         return op, key, incr_extras(delta, initial, expiry), b"", 0
     if op in (0x1C, 0x1D, 0x1E, 0x23, 0x24):
         return op, key, struct.pack(">I", rng.choice(EXPTIMES)), b"", 0
