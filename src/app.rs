@@ -20,9 +20,8 @@ use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
 use crate::stats::Stats;
 use crate::store::dir::{DirStore, DEFAULT_OPEN_FILES};
-use crate::store::format::Codec;
-use crate::store::s3::{S3Settings, S3Store};
-use crate::store::{normalize_prefix, Store};
+use crate::store::s3::S3Store;
+use crate::store::Store;
 use crate::tier::disk::DiskTier;
 use crate::tier::{TierConfig, Tiered};
 
@@ -90,53 +89,14 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     Ok(open_store_and_clock(config).await?.0)
 }
 
-/// The S3 store's settings, taken from the configuration: all the store sees of it.
-pub fn s3_settings(c: &Config, codec: Codec) -> S3Settings {
-    S3Settings {
-        bucket: c.storage_bucket_name.clone(),
-        prefix: normalize_prefix(&c.location),
-        region: c.region.clone(),
-        endpoint_url: c.endpoint_url.clone(),
-        force_path_style: c.force_path_style,
-        access_key: (!c.access_key_id.expose().is_empty()).then(|| {
-            (
-                c.access_key_id.expose().to_owned(),
-                c.secret_access_key.expose().to_owned(),
-            )
-        }),
-        default_acl: c.default_acl.clone(),
-        bucket_acl: c.bucket_acl.clone(),
-        storage_class: c.effective_storage_class().map(str::to_owned),
-        create_bucket: c.create_bucket,
-        checksum_when_supported: c.request_checksum == "when_supported",
-        attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
-        operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
-        max_attempts: c.s3_max_attempts,
-        max_in_flight: c.s3_max_in_flight,
-        codec,
-        clock_skew_ms: c.clock_offset_ms,
-        server_side_encryption: Some(c.server_side_encryption.clone()).filter(|s| !s.is_empty()),
-        sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
-        prices: c.s3_prices(),
-    }
-}
-
-/// The value codec every store writes items with, built from the config once.
-pub fn codec(config: &Config) -> Codec {
-    Codec {
-        gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
-        max_value_bytes: config.max_item_size,
-    }
-}
-
 /// Opens the store the config names, with the clock to stamp items by: the S3 store's
 /// time when items live in S3 (so replicas agree on flush moments), else this machine's.
 pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
-    let codec = codec(config);
+    let codec = config.codec();
     // Raised whatever the store: connections need their descriptors on S3 too.
     let open_files = open_files_budget(config.max_connections);
     if config.uses_s3() {
-        let store = S3Store::connect(s3_settings(config, codec))
+        let store = S3Store::connect(config.s3_settings())
             .await
             .map_err(AppError::Store)?;
         let clock = store.clock();

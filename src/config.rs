@@ -8,8 +8,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
 use serde::Deserialize;
+
+use crate::store::format::Codec;
+use crate::store::normalize_prefix;
+use crate::store::s3::S3Settings;
 
 /// A secret string: never printed, never logged.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -270,38 +273,6 @@ options! {
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
 
-/// The command line.
-#[derive(Parser, Debug)]
-#[command(
-    name = "s3cached",
-    version,
-    about = "A memcached-protocol cache server on S3"
-)]
-pub struct Cli {
-    /// TOML configuration file.
-    #[arg(long, short = 'c', env = "S3CACHED_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Validate the configuration, print it (secrets hidden) and exit.
-    #[arg(long)]
-    pub check_config: bool,
-    #[command(flatten)]
-    pub options: Options,
-    /// With no subcommand, s3cached runs the server.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-/// What the binary does instead of serving.
-#[derive(clap::Subcommand, Debug)]
-pub enum Command {
-    /// Check a running server: version, a set/get/delete round trip of a unique key, stats.
-    /// Exits 0 when all is well, 1 with the reason otherwise (usable as a health check).
-    Check(crate::check::CheckArgs),
-    /// Print (or, with --apply, install) S3 lifecycle rules that expire item objects under
-    /// the prefix after --days days: a bound on the bucket even when no replica runs.
-    Lifecycle(crate::lifecycle::LifecycleArgs),
-}
-
 /// A configuration that cannot be used, with the reason.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -329,13 +300,56 @@ const STORAGE_CLASSES: &[&str] = &[
 ];
 
 impl Config {
-    /// Merges CLI and environment (already combined by clap) over the file, then validates.
-    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let file = match &cli.config {
+    /// The S3 store's settings, taken from the configuration: all the store sees of it.
+    pub fn s3_settings(&self) -> S3Settings {
+        let c = self;
+        S3Settings {
+            bucket: c.storage_bucket_name.clone(),
+            prefix: normalize_prefix(&c.location),
+            region: c.region.clone(),
+            endpoint_url: c.endpoint_url.clone(),
+            force_path_style: c.force_path_style,
+            access_key: (!c.access_key_id.expose().is_empty()).then(|| {
+                (
+                    c.access_key_id.expose().to_owned(),
+                    c.secret_access_key.expose().to_owned(),
+                )
+            }),
+            default_acl: c.default_acl.clone(),
+            bucket_acl: c.bucket_acl.clone(),
+            storage_class: c.effective_storage_class().map(str::to_owned),
+            create_bucket: c.create_bucket,
+            checksum_when_supported: c.request_checksum == "when_supported",
+            attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
+            operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
+            max_attempts: c.s3_max_attempts,
+            max_in_flight: c.s3_max_in_flight,
+            codec: c.codec(),
+            clock_skew_ms: c.clock_offset_ms,
+            server_side_encryption: Some(c.server_side_encryption.clone())
+                .filter(|s| !s.is_empty()),
+            sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
+            prices: c.s3_prices(),
+        }
+    }
+
+    /// The value codec every store writes items with, built from the config once.
+    pub fn codec(&self) -> Codec {
+        let config = self;
+        Codec {
+            gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
+            max_value_bytes: config.max_item_size,
+        }
+    }
+
+    /// Merges `overrides` (flags and environment, already combined by clap) over the TOML
+    /// file at `path`, if any, then validates.
+    pub fn load(path: Option<&Path>, overrides: Options) -> Result<Config, ConfigError> {
+        let file = match path {
             Some(path) => read_file(path)?,
             None => Options::default(),
         };
-        let config = cli.options.clone().over(file).resolve().backend_defaults();
+        let config = overrides.over(file).resolve().backend_defaults();
         config.validate()?;
         Ok(config)
     }
@@ -829,24 +843,6 @@ mod tests {
             Config::from_toml(&text).is_err(),
             "a file is not a directory"
         );
-    }
-
-    #[test]
-    fn cli_and_env_beat_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, "max_entries = 10\ncull_frequency = 5\n").unwrap();
-        let cli = Cli::try_parse_from([
-            "s3cached",
-            "--config",
-            path.to_str().unwrap(),
-            "--max-entries",
-            "20",
-        ])
-        .unwrap();
-        let c = Config::load(&cli).unwrap();
-        assert_eq!(c.max_entries, 20);
-        assert_eq!(c.cull_frequency, 5);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod app;
 pub mod binary;
 pub mod budget;
 pub mod check;
+pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use s3cached::check::{self, CheckArgs};
-use s3cached::config::{Cli, Command, Config};
+use s3cached::cli::{Cli, Command};
+use s3cached::config::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli) {
+    let config = match cli.config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("s3cached: invalid configuration: {e}");

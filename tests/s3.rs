@@ -18,7 +18,7 @@ use s3cached::store::{key_hash, Store};
 
 fn settings(prefix: &str, endpoint: &str) -> S3Settings {
     let config = Config::from_toml(&common::s3::s3_toml(TEST_BUCKET, endpoint, prefix)).unwrap();
-    s3cached::app::s3_settings(&config, s3cached::app::codec(&config))
+    config.s3_settings()
 }
 
 /// A plain SDK client, to look at objects behind s3cached's back.
