@@ -219,11 +219,11 @@ options! {
     /// KMS key for server_side_encryption = "aws:kms" ("" = the account's aws/s3 key).
     sse_kms_key_id: String = String::new(), env "S3CACHED_SSE_KMS_KEY_ID";
     /// Price of 1,000 S3 GET/HEAD requests in USD, for the cost estimate (AWS S3 Standard, us-east-1).
-    s3_price_get_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.get_per_1000, env "S3CACHED_S3_PRICE_GET_PER_1000";
+    s3_price_get_per_1000: f64 = crate::store::s3::AWS_S3_STANDARD_PRICES.get_per_1000, env "S3CACHED_S3_PRICE_GET_PER_1000";
     /// Price of 1,000 S3 PUT/COPY/POST/LIST requests in USD (AWS S3 Standard, us-east-1).
-    s3_price_put_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.put_per_1000, env "S3CACHED_S3_PRICE_PUT_PER_1000";
+    s3_price_put_per_1000: f64 = crate::store::s3::AWS_S3_STANDARD_PRICES.put_per_1000, env "S3CACHED_S3_PRICE_PUT_PER_1000";
     /// Price of 1,000 S3 DELETE requests in USD (free on AWS).
-    s3_price_delete_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.delete_per_1000, env "S3CACHED_S3_PRICE_DELETE_PER_1000";
+    s3_price_delete_per_1000: f64 = crate::store::s3::AWS_S3_STANDARD_PRICES.delete_per_1000, env "S3CACHED_S3_PRICE_DELETE_PER_1000";
     /// Address of the admin HTTP listener (/metrics, /healthz, /readyz); "" = off.
     admin_listen: String = String::new(), env "S3CACHED_ADMIN_LISTEN";
     /// Most items kept; the culler removes some when the count reaches it (0 = no limit; default 1000000 on S3, 0 on the directory store).
@@ -590,8 +590,8 @@ impl Config {
     }
 
     /// The S3 prices the cost estimate uses.
-    pub fn s3_prices(&self) -> crate::stats::S3Prices {
-        crate::stats::S3Prices {
+    pub fn s3_prices(&self) -> crate::store::s3::S3Prices {
+        crate::store::s3::S3Prices {
             get_per_1000: self.s3_price_get_per_1000,
             put_per_1000: self.s3_price_put_per_1000,
             delete_per_1000: self.s3_price_delete_per_1000,

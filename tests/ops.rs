@@ -12,7 +12,7 @@ use std::time::Duration;
 use aws_sdk_s3::config::{Credentials, Region};
 use common::proxy::{Mode, Proxy};
 use common::{s3_endpoint, unique_prefix, Backend, TestServer, TEST_BUCKET};
-use s3cached::stats::RequestClass;
+use s3cached::store::s3::RequestClass;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn raw_client() -> aws_sdk_s3::Client {

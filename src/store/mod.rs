@@ -161,7 +161,7 @@ pub trait Store: Send + Sync + 'static {
     fn info(&self) -> StoreInfo;
 
     /// The S3 requests this store sends, counted by price class (S3 stores only).
-    fn request_counts(&self) -> Option<std::sync::Arc<crate::stats::S3Requests>> {
+    fn request_counts(&self) -> Option<std::sync::Arc<crate::store::s3::S3Requests>> {
         None
     }
 }

@@ -11,10 +11,10 @@ use aws_sdk_s3::types::{
     LifecycleRuleFilter,
 };
 
+use super::counts::S3Requests;
 use super::failure::Failure;
 use super::S3Settings;
 use crate::clock::StoreTime;
-use crate::stats::S3Requests;
 use crate::store::StoreError;
 
 const HEX_DIGITS: &str = "0123456789abcdef";
