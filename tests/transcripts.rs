@@ -521,7 +521,7 @@ async fn memcached_fidelity_on_s3() {
 }
 
 /// Keys and opaques that are not UTF-8 echo back byte for byte; a stale recache keeps the
-/// item's TTL (issue 8, item 6).
+/// item's TTL.
 async fn meta_bytes_and_stale_ttl(backend: Backend) {
     let server = TestServer::start(backend, "metabytes", "").await;
     let mut c = server.client().await;
@@ -558,7 +558,7 @@ async fn meta_bytes_and_stale_ttl_on_s3() {
     meta_bytes_and_stale_ttl(Backend::S3).await;
 }
 
-/// A `get` of any length is served in pieces (issue 8, item 3); a refused line never eats
+/// A `get` of any length is served in pieces; a refused line never eats
 /// the commands after it in the same write.
 async fn long_lines(backend: Backend) {
     // Lines past the 256 KiB window: many short keys on the directory store; on S3 (one GET
@@ -645,7 +645,7 @@ async fn long_lines_on_s3() {
 }
 
 /// flush_all: a passed flush stays in force after a delayed one; an unreadable epoch object
-/// is an error for requests until a flush rewrites it (issue 8, item 5).
+/// is an error for requests until a flush rewrites it.
 async fn flush_edges(backend: Backend) {
     // Strict mode: every request reads the epoch object, so a broken one shows at once
     // (with a window it shows once the background re-read fails, within two windows).
@@ -687,7 +687,7 @@ async fn flush_edges_on_s3() {
 }
 
 /// With the default bounds a client that sets 1,000 keys reads back 1,000, after the culler
-/// has run (issue 8, item 8: the seed's max_entries = 300 kept about 300).
+/// has run (the seed's max_entries = 300 kept about 300).
 async fn default_bounds_keep_what_was_set(backend: Backend, count: usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(backend, &common::unique_prefix("defaults"), dir.path(), "");

@@ -3,7 +3,7 @@
 //! empty store and panics on a violation.
 //!
 //! Test code only, not in the library: compiled under `cfg(test)` for the unit tests, and
-//! included by path in `tests/s3.rs` (hence `s3cached::` paths, which name this crate in
+//! included by path in `tests/s3_store.rs` (hence `s3cached::` paths, which name this crate in
 //! both places).
 
 use bytes::Bytes;
