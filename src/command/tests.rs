@@ -9,6 +9,7 @@ use super::*;
 use crate::culler::WriteHint;
 use crate::protocol::{parse, Limits};
 use crate::store::memory::MemoryStore;
+use crate::store::test_utils::Layer;
 use crate::store::{PutMode, Store};
 
 async fn ctx() -> Ctx {
@@ -319,9 +320,9 @@ impl Racing {
 }
 
 #[async_trait::async_trait]
-impl Store for Racing {
-    async fn get(&self, key: &[u8]) -> Result<Option<crate::store::Versioned>, StoreError> {
-        self.inner.get(key).await
+impl Layer for Racing {
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
     }
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<crate::store::Version, StoreError> {
         if matches!(mode, PutMode::Update(_)) && self.loses() {
@@ -338,36 +339,6 @@ impl Store for Racing {
             return Err(StoreError::Changed);
         }
         self.inner.delete(key, version).await
-    }
-    async fn list(
-        &self,
-        cursor: Option<String>,
-        limit: usize,
-    ) -> Result<crate::store::ListPage, StoreError> {
-        self.inner.list(cursor, limit).await
-    }
-    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.stored_at_us(name).await
-    }
-    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
-        self.inner.delete_objects(names).await
-    }
-    async fn get_control(
-        &self,
-        name: &str,
-    ) -> Result<Option<(Bytes, crate::store::Version)>, StoreError> {
-        self.inner.get_control(name).await
-    }
-    async fn put_control(
-        &self,
-        name: &str,
-        body: Bytes,
-        mode: PutMode,
-    ) -> Result<crate::store::Version, StoreError> {
-        self.inner.put_control(name, body, mode).await
-    }
-    fn info(&self) -> crate::store::StoreInfo {
-        self.inner.info()
     }
 }
 

@@ -11,6 +11,8 @@ pub mod dir;
 pub mod format;
 pub mod memory;
 pub mod s3;
+#[cfg(test)]
+pub mod test_utils;
 
 use async_trait::async_trait;
 use bytes::Bytes;

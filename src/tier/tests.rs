@@ -6,6 +6,7 @@ use tokio::sync::Semaphore;
 
 use super::*;
 use crate::store::memory::MemoryStore;
+use crate::store::test_utils::Layer;
 
 /// A memory store that counts reads and lets a test hold them back.
 #[derive(Default)]
@@ -28,7 +29,10 @@ impl Probe {
 }
 
 #[async_trait]
-impl Store for Probe {
+impl Layer for Probe {
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
+    }
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         // Read first, then wait: a held read carries what was stored when it started.
         let read = self.inner.get(key).await;
@@ -50,32 +54,6 @@ impl Store for Probe {
             gate.acquire().await.expect("gate").forget();
         }
         self.inner.put(entry, mode).await
-    }
-    async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
-        self.inner.delete(key, version).await
-    }
-    async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
-        self.inner.list(cursor, limit).await
-    }
-    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.stored_at_us(name).await
-    }
-    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
-        self.inner.delete_objects(names).await
-    }
-    async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
-        self.inner.get_control(name).await
-    }
-    async fn put_control(
-        &self,
-        name: &str,
-        body: Bytes,
-        mode: PutMode,
-    ) -> Result<Version, StoreError> {
-        self.inner.put_control(name, body, mode).await
-    }
-    fn info(&self) -> StoreInfo {
-        self.inner.info()
     }
 }
 
