@@ -3,7 +3,7 @@
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::parse::{
+use super::lex::{
     data_block, narrow, offsets, parse_i32, parse_length, parse_u32, parse_u64, take_frame,
     tokenize, Limits, Parsed, Skip, Source,
 };

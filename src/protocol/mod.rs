@@ -5,14 +5,16 @@
 //! [`Parsed`] frame or asks for more.
 
 pub mod binary;
+mod lex;
 mod meta;
 mod meta_reply;
 mod parse;
 mod response;
 
+pub use lex::{line_end, Limits, LongRetrieval, Parsed, Skip};
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
 pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
-pub use parse::{line_end, parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
+pub use parse::{parse, parse_resumed};
 pub use response::{Response, Value};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -164,14 +166,14 @@ impl Request {
 /// A decimal 32-bit unsigned number as memcached's `safe_strtoul` reads it (for command
 /// arguments parsed outside the protocol module, such as `stats cachedump`).
 pub fn parse_u32_field(token: &[u8]) -> Option<u32> {
-    parse::parse_u32(token)
+    lex::parse_u32(token)
 }
 
 /// A counter's data as memcached's incr reads it (`safe_strtoull` on the item's bytes as a
 /// C string): blanks, digits, then nothing, a blank or a NUL; anything may follow that.
 pub fn parse_counter(data: &[u8]) -> Option<u64> {
     let text = data.split(|&b| b == 0).next().unwrap_or(data);
-    parse::parse_u64(text)
+    lex::parse_u64(text)
 }
 
 /// Whether a key is acceptable: 1 to 250 bytes, no whitespace or control characters.
