@@ -38,7 +38,8 @@ use tokio::time::Instant;
 
 use crate::stats::Stats;
 use crate::store::{
-    Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version, Versioned,
+    DumpPage, Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version,
+    Versioned,
 };
 use disk::{unix_now_ms, DiskTier, Lookup, Record};
 
@@ -625,6 +626,15 @@ impl Store for Tiered {
     async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
         Stats::incr(&self.stats.backend_lists);
         self.inner.list(cursor, limit).await
+    }
+
+    async fn dump(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<Option<DumpPage>, StoreError> {
+        Stats::incr(&self.stats.backend_lists);
+        self.inner.dump(cursor, limit).await
     }
 
     async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
