@@ -3,7 +3,8 @@
 //! Requests of one connection run concurrently against the store (a pipeline of sets or a
 //! burst of gets costs about one backend round trip, not one each), yet replies leave in
 //! request order and requests on the same key run in order. Barrier commands (`flush_all`,
-//! `quit`) wait for everything before them. Every buffer is bounded: the read buffer by the
+//! `quit`) wait for everything before them; a dump is a barrier that goes on page by page,
+//! each page written before the next is read. Every buffer is bounded: the read buffer by the
 //! parser's limits, the pipeline by [`MAX_PIPELINE_DEPTH`], and all of them together, across
 //! connections, by the memory [`Budget`]: each request is charged the most its reply can take
 //! before it starts, the buffers their capacity. A connection past its share, or refused by
@@ -351,6 +352,17 @@ impl Connection {
             {
                 return self.flush(socket).await;
             }
+            if self.barrier.is_some() && self.pipeline.len() == 0 && self.waiting.is_none() {
+                // The next page of a dump, once the last one is written; none at shutdown.
+                self.flush(socket).await?;
+                if shutdown.is_cancelled() {
+                    self.barrier = None;
+                    self.closing = true;
+                } else {
+                    self.advance().await;
+                }
+                continue;
+            }
             let can_read = self.may_read() && self.make_read_room();
             let request_deadline = self.request_deadline(can_read);
             let idle_armed = idle_deadline.is_some() && self.pipeline.len() == 0;
@@ -585,6 +597,15 @@ impl Connection {
                 return;
             };
             let response = command::execute(&self.ctx, barrier).await;
+            // A dump goes on: its next page waits, as a barrier, until this one is written.
+            if let Response::Dump {
+                more: Some(next), ..
+            } = &response
+            {
+                self.barrier = Some((**next).clone());
+                self.emit(response);
+                return;
+            }
             self.emit(response);
         }
     }

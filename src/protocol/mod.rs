@@ -4,12 +4,14 @@
 //! fuzzed and benchmarked alone. The connection feeds it bytes; it answers with a
 //! [`Parsed`] frame or asks for more.
 
+mod admin;
 pub mod binary;
 mod meta;
 mod meta_reply;
 mod parse;
 mod response;
 
+pub use admin::{Crawler, DumpFormat, DumpItem, ShutdownMode, SlabClasses};
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
 pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
 pub use parse::{line_end, parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
@@ -100,10 +102,21 @@ pub enum Request {
         noreply: bool,
     },
     Version,
-    /// `verbosity` and `slabs automove`: accepted, nothing to change; `OK`.
+    /// `verbosity <level>` (`level` set) and `slabs automove` (`None`: nothing to tune
+    /// here); `OK`.
     Verbosity {
+        level: Option<u32>,
         noreply: bool,
     },
+    /// `cache_memlimit <megabytes>`: the near tier's RAM size.
+    CacheMemlimit {
+        megabytes: u32,
+        noreply: bool,
+    },
+    /// `shutdown [graceful]`.
+    Shutdown(ShutdownMode),
+    /// `lru_crawler ...`.
+    LruCrawler(Crawler),
     /// `stats` with an optional sub-command (`settings`, `reset`, ...).
     Stats {
         arg: Option<String>,
@@ -150,11 +163,16 @@ impl Request {
             Request::Meta(m) => m.key().map(|k| vec![k]).or(Some(Vec::new())),
             Request::Version
             | Request::Verbosity { .. }
+            | Request::CacheMemlimit { .. }
             | Request::Invalid(_)
             | Request::Silent => Some(Vec::new()),
             // `stats` counts what the commands before it did, as in memcached.
+            // A dump goes on page by page after its first reply (see `Response::Dump`);
+            // `shutdown` answers what came before it, then closes.
             Request::Stats { .. }
             | Request::FlushAll { .. }
+            | Request::Shutdown(_)
+            | Request::LruCrawler(_)
             | Request::Quit
             | Request::Hangup(_) => None,
         }

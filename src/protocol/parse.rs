@@ -22,7 +22,7 @@ use nom::bytes::streaming::{tag, take, take_until};
 use nom::sequence::{preceded, terminated};
 use nom::{IResult, Parser};
 
-use super::meta;
+use super::{admin, meta};
 use super::{valid_key, ProtocolError, Request, StoreMode};
 
 /// Default longest command line (memcached's own bound for non-`get` lines).
@@ -586,13 +586,10 @@ fn other(src: Source, tokens: &[&[u8]]) -> Request {
         b"flush_all" if n <= 3 => flush_all(tokens),
         b"version" => Request::Version,
         b"quit" => Request::Quit,
-        b"verbosity" if n == 2 || n == 3 => {
-            let noreply = noreply(tokens);
-            if parse_u64(tokens[1]).is_none() {
-                return quiet_error(ProtocolError::BAD_FORMAT, noreply);
-            }
-            Request::Verbosity { noreply }
-        }
+        b"verbosity" => admin::verbosity(tokens),
+        b"cache_memlimit" => admin::cache_memlimit(tokens),
+        b"shutdown" => admin::shutdown(tokens),
+        b"lru_crawler" => admin::lru_crawler(tokens),
         b"slabs" if n >= 3 && tokens[1] == b"automove" => slabs_automove(tokens),
         b"stats" => Request::Stats {
             arg: (n > 1).then(|| String::from_utf8_lossy(&tokens[1..].join(&b' ')).into_owned()),
@@ -685,7 +682,10 @@ fn flush_all(tokens: &[&[u8]]) -> Request {
 /// `slabs automove <0|1|2>` or `slabs automove ratio <x>`: accepted, nothing to tune here.
 fn slabs_automove(tokens: &[&[u8]]) -> Request {
     let noreply = noreply(tokens);
-    let ok = Request::Verbosity { noreply };
+    let ok = Request::Verbosity {
+        level: None,
+        noreply,
+    };
     if tokens[2] == b"ratio" {
         let ratio = tokens
             .get(3)
