@@ -86,6 +86,8 @@ pub struct Ctx {
     pub crawler: AtomicBool,
     /// Cancelled by the `shutdown` command; the server then drains as on SIGTERM.
     pub stop: CancellationToken,
+    /// The listener and the client connections, for `stats conns`.
+    pub conns: Arc<crate::conns::Conns>,
 }
 
 impl Ctx {
@@ -109,6 +111,7 @@ impl Ctx {
             detail: detail::PrefixStats::default(),
             verbosity: AtomicU32::new(0),
             stop: CancellationToken::new(),
+            conns: Arc::default(),
         }
     }
 

@@ -55,8 +55,9 @@ pub(super) fn stats(ctx: &Ctx, arg: Option<&str>) -> Response {
             _ => Response::Error(ProtocolError::Client("usage: stats detail on|off|dump")),
         },
         Some("cachedump") => cachedump(&words),
+        Some("conns") => Response::Stats(ctx.conns.rows()),
         // Slab and item-class internals have no counterpart on S3: empty lists.
-        Some("items" | "slabs" | "sizes" | "conns") => Response::Stats(Vec::new()),
+        Some("items" | "slabs" | "sizes") => Response::Stats(Vec::new()),
         Some(_) => Response::Error(ProtocolError::UnknownCommand),
     }
 }
