@@ -440,8 +440,12 @@ impl Connection {
         if shutdown.is_cancelled() {
             self.barrier = None;
             self.closing = true;
-        } else {
-            self.advance().await;
+            return Ok(());
+        }
+        self.advance().await;
+        // The last page, and what ran after it, unless requests are still running.
+        if self.pipeline.len() == 0 {
+            self.flush(socket).await?;
         }
         Ok(())
     }
