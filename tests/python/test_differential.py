@@ -316,6 +316,9 @@ ADMIN = [
     b"lru_crawler crawl 0\r\n",
     b"stats detail on\r\n",
     b"set a 0 0 1\r\na\r\nquit junk\r\n",
+    b"get a\r\nquit\r\nget a\r\n",
+    b"mg missing v q\r\nmg a v q\r\nquit\r\nmn\r\n",
+    b"set b 0 0 1 noreply\r\nb\r\nquit noreply\r\nget b\r\n",
 ]
 
 # `stats settings` rows whose values the two servers share; the port differs by nature.
@@ -351,7 +354,7 @@ def test_operator_commands_answer_as_memcached(server):
         reference, ours = Wire(memcached), Wire(server.address)
         with reference, ours:
             for step in ADMIN:
-                if step.endswith(b"quit junk\r\n"):
+                if b"quit" in step:
                     # quit inside a pipeline: what came before it is answered, then close.
                     want, got = until_closed(memcached, step), until_closed(server.address, step)
                 else:
