@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::budget::{Account, Budget, Charge};
 use crate::command::{self, Ctx};
 use crate::connection::ConnectionConfig;
+use crate::conns::Registered;
 use crate::protocol::binary::{self, Command, Frame, Reply, Status};
 use crate::protocol::{MetaRequest, Request, Response};
 use crate::sasl;
@@ -50,6 +51,8 @@ struct Conn<'a> {
     account: Account,
     /// When the oldest incomplete frame in the read buffer began arriving.
     partial_since: Option<tokio::time::Instant>,
+    /// This connection's row in `stats conns`.
+    registered: Option<&'a Registered>,
 }
 
 /// Serves a connection whose first bytes (already read into `read_buf`) start a binary frame.
@@ -59,6 +62,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     config: &ConnectionConfig,
     read_buf: BytesMut,
     shutdown: &CancellationToken,
+    registered: Option<&Registered>,
 ) -> std::io::Result<()> {
     let mut conn = Conn {
         ctx,
@@ -71,6 +75,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         closing: false,
         account: Account::new(config.budget.clone()),
         partial_since: None,
+        registered,
     };
     conn.sync_buffers();
     let served = conn.serve(socket, shutdown).await;
@@ -98,6 +103,9 @@ impl Conn<'_> {
             if self.closing {
                 return Ok(());
             }
+            if let Some(registered) = self.registered {
+                registered.waiting();
+            }
             if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK_BYTES / 4 {
                 self.read_buf.reserve(READ_CHUNK_BYTES);
                 self.sync_buffers();
@@ -114,7 +122,12 @@ impl Conn<'_> {
             tokio::select! {
                 read = read => match read {
                     Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(n)) => Stats::add(&self.ctx.stats.bytes_read, n as u64),
+                    Ok(Ok(n)) => {
+                        Stats::add(&self.ctx.stats.bytes_read, n as u64);
+                        if let Some(registered) = self.registered {
+                            registered.working();
+                        }
+                    }
                     Ok(Err(e)) => return Err(e),
                     Err(()) => {
                         let counter = if idle { &self.ctx.stats.idle_kicks } else { &self.ctx.stats.request_timeouts };

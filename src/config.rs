@@ -172,6 +172,8 @@ options! {
     log_format: String = "text".into(), env "S3CACHED_LOG_FORMAT";
     /// Allow flush_all (memcached's -F turns it off).
     flush_enabled: bool = true, env "S3CACHED_FLUSH_ENABLED";
+    /// Let the `shutdown` command stop the server, draining as on SIGTERM (memcached's -A).
+    shutdown_enabled: bool = false, env "S3CACHED_SHUTDOWN_ENABLED";
     /// Answer a failed backend read as a miss instead of SERVER_ERROR.
     miss_on_backend_error: bool = false, env "S3CACHED_MISS_ON_BACKEND_ERROR";
     /// Directory for the local store, used when no bucket is set.

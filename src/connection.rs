@@ -3,7 +3,8 @@
 //! Requests of one connection run concurrently against the store (a pipeline of sets or a
 //! burst of gets costs about one backend round trip, not one each), yet replies leave in
 //! request order and requests on the same key run in order. Barrier commands (`flush_all`,
-//! `quit`) wait for everything before them. Every buffer is bounded: the read buffer by the
+//! `quit`) wait for everything before them; a dump is a barrier that goes on page by page,
+//! each page written before the next is read. Every buffer is bounded: the read buffer by the
 //! parser's limits, the pipeline by [`MAX_PIPELINE_DEPTH`], and all of them together, across
 //! connections, by the memory [`Budget`]: each request is charged the most its reply can take
 //! before it starts, the buffers their capacity. A connection past its share, or refused by
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Account, Budget, Charge, Grant};
 use crate::command::{self, Ctx};
+use crate::conns::Registered;
 use crate::protocol::{
     self, Limits, LongRetrieval, Parsed, ProtocolError, Request, Response, Skip, StoreMode,
 };
@@ -204,6 +206,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
     shutdown: CancellationToken,
+    registered: Option<Registered>,
 ) {
     let mut read_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
     // memcached tells the protocols apart by the first byte of a connection.
@@ -211,9 +214,19 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await
         .copied();
     Stats::add(&ctx.stats.bytes_read, read_buf.len() as u64);
+    if let (Some(registered), Some(_)) = (&registered, first) {
+        registered.working();
+    }
     match first {
         Some(first) if first == protocol::binary::REQUEST_MAGIC => {
-            let served = crate::binary::serve(&mut socket, &ctx, &config, read_buf, &shutdown);
+            let served = crate::binary::serve(
+                &mut socket,
+                &ctx,
+                &config,
+                read_buf,
+                &shutdown,
+                registered.as_ref(),
+            );
             if let Err(e) = served.await {
                 tracing::debug!(cause = %e, "binary connection ended with an error");
             }
@@ -249,6 +262,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         partial_since: None,
         parsed: 0,
         queued: std::collections::VecDeque::new(),
+        registered,
     };
     conn.sync_buffers();
     // The first read happened before the protocol was known: run what it brought.
@@ -332,6 +346,8 @@ struct Connection {
     parsed: u64,
     /// Parsed requests not yet started: the pieces of a retrieval split to fit the budget.
     queued: std::collections::VecDeque<Request>,
+    /// This connection's row in `stats conns`.
+    registered: Option<Registered>,
 }
 
 impl Connection {
@@ -343,13 +359,15 @@ impl Connection {
         let idle = self.config.idle_timeout;
         let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
         loop {
-            if self.closing
-                && self.pipeline.len() == 0
-                && self.barrier.is_none()
-                && self.waiting.is_none()
-                && self.queued.is_empty()
-            {
+            if self.closing && self.in_flight() == 0 {
                 return self.flush(socket).await;
+            }
+            if self.barrier.is_some() && self.pipeline.len() == 0 && self.waiting.is_none() {
+                self.next_page(socket, shutdown).await?;
+                continue;
+            }
+            if let (Some(registered), 0) = (&self.registered, self.in_flight()) {
+                registered.waiting();
             }
             let can_read = self.may_read() && self.make_read_room();
             let request_deadline = self.request_deadline(can_read);
@@ -381,6 +399,9 @@ impl Connection {
                         continue;
                     }
                     Stats::add(&self.ctx.stats.bytes_read, n as u64);
+                    if let Some(registered) = &self.registered {
+                        registered.working();
+                    }
                     if let Some(d) = idle {
                         idle_deadline = Some(tokio::time::Instant::now() + d);
                     }
@@ -406,6 +427,35 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Runs the next page of a dump (a barrier that `advance` left) once the last page is
+    /// written; at shutdown the dump ends there.
+    async fn next_page<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        self.flush(socket).await?;
+        if shutdown.is_cancelled() {
+            self.barrier = None;
+            self.closing = true;
+            return Ok(());
+        }
+        self.advance().await;
+        // The last page, and what ran after it, unless requests are still running.
+        if self.pipeline.len() == 0 {
+            self.flush(socket).await?;
+        }
+        Ok(())
+    }
+
+    /// Requests started or held back and not yet answered.
+    fn in_flight(&self) -> usize {
+        self.pipeline.len()
+            + self.queued.len()
+            + usize::from(self.barrier.is_some())
+            + usize::from(self.waiting.is_some())
     }
 
     /// Whether the connection may take more input, budget aside.
@@ -585,6 +635,15 @@ impl Connection {
                 return;
             };
             let response = command::execute(&self.ctx, barrier).await;
+            // A dump goes on: its next page waits, as a barrier, until this one is written.
+            if let Response::Dump {
+                more: Some(next), ..
+            } = &response
+            {
+                self.barrier = Some((**next).clone());
+                self.emit(response);
+                return;
+            }
             self.emit(response);
         }
     }

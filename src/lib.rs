@@ -23,6 +23,7 @@ pub mod clock;
 pub mod command;
 pub mod config;
 pub mod connection;
+pub mod conns;
 pub mod culler;
 pub mod flush;
 pub mod lifecycle;

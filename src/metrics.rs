@@ -63,7 +63,8 @@ label_values! {
         Cas => "cas", TooLarge => "too_large", Delete => "delete", Incr => "incr",
         Decr => "decr", Touch => "touch", FlushAll => "flush_all", Version => "version",
         Verbosity => "verbosity", Stats => "stats", Quit => "quit", Mg => "mg", Ms => "ms",
-        Md => "md", Ma => "ma", Me => "me", Mn => "mn", Invalid => "invalid",
+        Md => "md", Ma => "ma", Me => "me", Mn => "mn", CacheMemlimit => "cache_memlimit",
+        Shutdown => "shutdown", LruCrawler => "lru_crawler", Invalid => "invalid",
     }
 }
 
@@ -170,6 +171,9 @@ pub fn kind_of(request: &Request) -> Command {
         Request::Verbosity { .. } => Command::Verbosity,
         Request::Stats { .. } => Command::Stats,
         Request::Quit => Command::Quit,
+        Request::CacheMemlimit { .. } => Command::CacheMemlimit,
+        Request::Shutdown(_) => Command::Shutdown,
+        Request::LruCrawler(_) => Command::LruCrawler,
         Request::Meta(m) => match m {
             MetaRequest::Get { .. } => Command::Mg,
             MetaRequest::Set { .. } => Command::Ms,
@@ -204,6 +208,8 @@ fn outcome_of(response: &Response) -> Outcome {
         },
         Response::Error(_) => Outcome::ClientError,
         Response::ServerError(_) => Outcome::ServerError,
+        // An operator command's status line is a refusal (`MEMLIMIT_TOO_SMALL`, ...).
+        Response::Line(_) => Outcome::ClientError,
         Response::Close => Outcome::Close,
         _ => Outcome::Ok,
     }

@@ -4,23 +4,27 @@
 //! outcomes the classic commands here and the meta commands in `meta` translate into
 //! replies. Store errors become wire replies in exactly one place, [`Ctx::failure`].
 
+mod admin;
 mod detail;
+mod dump;
 pub mod item;
 mod meta;
 mod report;
 
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::culler::WriteListener;
 use crate::flush::Flush;
 use crate::protocol::{ProtocolError, Request, Response, StoreMode, Value};
 use crate::stats::Stats;
-use crate::store::{Entry, StoreError};
+use crate::store::{Entry, Store, StoreError};
 use crate::tier::Tiered;
 use item::{
     Arith, Counted, Deleted, Items, Miss, Read, Removal, Touched, Write, WriteMode, Written,
@@ -44,7 +48,9 @@ pub struct Settings {
     pub flush_enabled: bool,
     /// Answer a failed read as a miss instead of `SERVER_ERROR`.
     pub miss_on_backend_error: bool,
-    /// Rows of `stats settings`.
+    /// The `shutdown` command stops the server (memcached's `-A`).
+    pub shutdown_enabled: bool,
+    /// Rows of `stats settings`; the report fills in those that change at run time.
     pub settings_rows: Vec<(String, String)>,
 }
 
@@ -54,6 +60,7 @@ impl Default for Settings {
             max_item_bytes: crate::protocol::Limits::default().max_item_bytes,
             flush_enabled: true,
             miss_on_backend_error: false,
+            shutdown_enabled: false,
             settings_rows: Vec::new(),
         }
     }
@@ -72,6 +79,15 @@ pub struct Ctx {
     pub writes: Arc<dyn WriteListener>,
     /// `stats detail` counts.
     pub detail: detail::PrefixStats,
+    /// memcached's verbosity as `verbosity` last set it, shown by `stats settings` (logging
+    /// follows `log_level`).
+    pub verbosity: AtomicU32,
+    /// `lru_crawler` serves dumps: on where the store can dump, until `lru_crawler disable`.
+    pub crawler: AtomicBool,
+    /// Cancelled by the `shutdown` command; the server then drains as on SIGTERM.
+    pub stop: CancellationToken,
+    /// The listener and the client connections, for `stats conns`.
+    pub conns: Arc<crate::conns::Conns>,
 }
 
 impl Ctx {
@@ -84,14 +100,18 @@ impl Ctx {
         writes: Arc<dyn WriteListener>,
     ) -> Self {
         Ctx {
-            store,
             flush,
             stats,
             started_us: clock.now_us(),
             clock,
             settings,
+            crawler: AtomicBool::new(store.info().dumps),
+            store,
             writes,
             detail: detail::PrefixStats::default(),
+            verbosity: AtomicU32::new(0),
+            stop: CancellationToken::new(),
+            conns: Arc::default(),
         }
     }
 
@@ -220,7 +240,12 @@ async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
         } => reply(noreply, touch(&items, ctx, &key, exptime).await),
         Request::FlushAll { delay, noreply } => reply(noreply, report::flush_all(ctx, delay).await),
         Request::Version => Response::Version(report::version()),
-        Request::Verbosity { noreply } => reply(noreply, Response::Ok),
+        Request::Verbosity { level, noreply } => reply(noreply, admin::verbosity(ctx, level)),
+        Request::CacheMemlimit { megabytes, noreply } => {
+            reply(noreply, admin::cache_memlimit(ctx, megabytes).await)
+        }
+        Request::Shutdown(mode) => admin::shutdown(ctx, mode),
+        Request::LruCrawler(crawler) => admin::lru_crawler(ctx, crawler).await,
         Request::Stats { arg } => report::stats(ctx, arg.as_deref()),
         Request::Meta(m) => meta::execute(&items, ctx, m).await,
         Request::Invalid(e) => Response::Error(e),

@@ -309,3 +309,12 @@ pub(super) fn parse_length(token: &[u8]) -> Option<usize> {
     }
     usize::try_from(len).ok()
 }
+
+/// An error whose reply `noreply` suppresses, as memcached does for a bad data chunk.
+pub(super) fn quiet_error(error: ProtocolError, noreply: bool) -> Request {
+    if noreply {
+        Request::Silent
+    } else {
+        Request::Invalid(error)
+    }
+}

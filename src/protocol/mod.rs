@@ -4,6 +4,7 @@
 //! fuzzed and benchmarked alone. The connection feeds it bytes; it answers with a
 //! [`Parsed`] frame or asks for more.
 
+mod admin;
 pub mod binary;
 mod lex;
 mod meta;
@@ -11,6 +12,7 @@ mod meta_reply;
 mod parse;
 mod response;
 
+pub use admin::{Crawler, DumpFormat, DumpItem, ShutdownMode, SlabClasses};
 pub use lex::{line_end, Limits, LongRetrieval, Parsed, Skip};
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
 pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
@@ -102,10 +104,21 @@ pub enum Request {
         noreply: bool,
     },
     Version,
-    /// `verbosity` and `slabs automove`: accepted, nothing to change; `OK`.
+    /// `verbosity <level>` (`level` set) and `slabs automove` (`None`: nothing to tune
+    /// here); `OK`.
     Verbosity {
+        level: Option<u32>,
         noreply: bool,
     },
+    /// `cache_memlimit <megabytes>`: the near tier's RAM size.
+    CacheMemlimit {
+        megabytes: u32,
+        noreply: bool,
+    },
+    /// `shutdown [graceful]`.
+    Shutdown(ShutdownMode),
+    /// `lru_crawler ...`.
+    LruCrawler(Crawler),
     /// `stats` with an optional sub-command (`settings`, `reset`, ...).
     Stats {
         arg: Option<String>,
@@ -152,11 +165,16 @@ impl Request {
             Request::Meta(m) => m.key().map(|k| vec![k]).or(Some(Vec::new())),
             Request::Version
             | Request::Verbosity { .. }
+            | Request::CacheMemlimit { .. }
             | Request::Invalid(_)
             | Request::Silent => Some(Vec::new()),
             // `stats` counts what the commands before it did, as in memcached.
+            // A dump goes on page by page after its first reply (see `Response::Dump`);
+            // `shutdown` answers what came before it, then closes.
             Request::Stats { .. }
             | Request::FlushAll { .. }
+            | Request::Shutdown(_)
+            | Request::LruCrawler(_)
             | Request::Quit
             | Request::Hangup(_) => None,
         }

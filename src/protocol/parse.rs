@@ -23,9 +23,9 @@ use nom::{IResult, Parser};
 
 use super::lex::{
     data_block, first_token, line_end, narrow, offsets, parse_i32, parse_length, parse_u32,
-    parse_u64, take_frame, tokenize, Limits, LongRetrieval, Parsed, Skip, Source,
+    parse_u64, quiet_error, take_frame, tokenize, Limits, LongRetrieval, Parsed, Skip, Source,
 };
-use super::meta;
+use super::{admin, meta};
 use super::{valid_key, ProtocolError, Request, StoreMode};
 
 /// The first magic byte of a binary-protocol request.
@@ -348,15 +348,6 @@ fn storage(
     Some(Parsed::new(request, consumed))
 }
 
-/// An error whose reply `noreply` suppresses, as memcached does for a bad data chunk.
-pub(super) fn quiet_error(error: ProtocolError, noreply: bool) -> Request {
-    if noreply {
-        Request::Silent
-    } else {
-        Request::Invalid(error)
-    }
-}
-
 /// Every command without a data block other than retrievals.
 fn other(src: Source, tokens: &[&[u8]]) -> Request {
     let n = tokens.len();
@@ -368,13 +359,10 @@ fn other(src: Source, tokens: &[&[u8]]) -> Request {
         b"flush_all" if n <= 3 => flush_all(tokens),
         b"version" => Request::Version,
         b"quit" => Request::Quit,
-        b"verbosity" if n == 2 || n == 3 => {
-            let noreply = noreply(tokens);
-            if parse_u64(tokens[1]).is_none() {
-                return quiet_error(ProtocolError::BAD_FORMAT, noreply);
-            }
-            Request::Verbosity { noreply }
-        }
+        b"verbosity" => admin::verbosity(tokens),
+        b"cache_memlimit" => admin::cache_memlimit(tokens),
+        b"shutdown" => admin::shutdown(tokens),
+        b"lru_crawler" => admin::lru_crawler(tokens),
         b"slabs" if n >= 3 && tokens[1] == b"automove" => slabs_automove(tokens),
         b"stats" => Request::Stats {
             arg: (n > 1).then(|| String::from_utf8_lossy(&tokens[1..].join(&b' ')).into_owned()),
@@ -467,7 +455,10 @@ fn flush_all(tokens: &[&[u8]]) -> Request {
 /// `slabs automove <0|1|2>` or `slabs automove ratio <x>`: accepted, nothing to tune here.
 fn slabs_automove(tokens: &[&[u8]]) -> Request {
     let noreply = noreply(tokens);
-    let ok = Request::Verbosity { noreply };
+    let ok = Request::Verbosity {
+        level: None,
+        noreply,
+    };
     if tokens[2] == b"ratio" {
         let ratio = tokens
             .get(3)

@@ -265,6 +265,41 @@ async fn ram_stays_within_its_bound() {
 }
 
 #[tokio::test]
+async fn ram_resizes_in_place_and_evicts_what_no_longer_fits() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe, 1 << 20, Duration::from_secs(3600));
+    let value = "x".repeat(1000);
+    for i in 0..500 {
+        t.put(&entry(&format!("key-{i}"), &value), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+    let (items, _) = t.usage();
+    assert_eq!(items, 500, "all fit in 1 MiB");
+    let smaller = 64 * 1024;
+    assert!(t.resize_ram(smaller));
+    assert_eq!(t.ram_bytes(), smaller);
+    let (items, bytes) = t.usage();
+    assert!(bytes <= smaller, "{bytes} bytes held, bound {smaller}");
+    assert!(items > 0 && items < 500, "{items} items held");
+    // Larger again: new entries fit, nothing else changes.
+    assert!(t.resize_ram(2 << 20));
+    for i in 0..500 {
+        t.put(&entry(&format!("key-{i}"), &value), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+    assert_eq!(t.usage().0, 500);
+}
+
+#[tokio::test]
+async fn a_resize_does_not_turn_an_absent_ram_tier_on() {
+    let t = tier(Arc::new(Probe::default()), 0, WINDOW);
+    assert!(!t.resize_ram(8 << 20));
+    assert_eq!(t.ram_bytes(), 0);
+}
+
+#[tokio::test]
 async fn no_ram_tier_still_reads_through() {
     let probe = Arc::new(Probe::default());
     let t = tier(probe.clone(), 0, WINDOW);

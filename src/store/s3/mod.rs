@@ -271,6 +271,8 @@ impl Store for S3Store {
         StoreInfo {
             kind: "s3",
             atomic: self.atomic,
+            // Reading an item's key costs a GET per object: no dump (see `Store::dump`).
+            dumps: false,
         }
     }
 
