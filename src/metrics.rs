@@ -175,6 +175,8 @@ pub fn kind_of(request: &Request) -> Command {
         Request::Shutdown(_) => Command::Shutdown,
         Request::LruCrawler(_) => Command::LruCrawler,
         Request::Meta(m) => match m {
+            // A binary GET is a classic get in meta form: labelled as the text one.
+            MetaRequest::Get { flags, .. } if flags.classic => Command::Get,
             MetaRequest::Get { .. } => Command::Mg,
             MetaRequest::Set { .. } => Command::Ms,
             MetaRequest::Delete { .. } => Command::Md,

@@ -86,6 +86,7 @@ counters!(
     cull_last_duration_ms,
     flush_objects_removed,
     tier_hits,
+    tier_stale,
     tier_misses,
     tier_revalidated_unchanged,
     tier_evictions,

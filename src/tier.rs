@@ -618,9 +618,11 @@ impl Store for Tiered {
             return Ok(Some(item));
         }
         let known = self.ram_get(key);
-        if known.is_none() {
-            Stats::incr(&self.stats.tier_misses);
-        }
+        // Every read counts once: a fresh hit, a stale entry asked again, or a miss.
+        Stats::incr(match known {
+            Some(_) => &self.stats.tier_stale,
+            None => &self.stats.tier_misses,
+        });
         self.load(key, known, true).await
     }
 

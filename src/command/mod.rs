@@ -282,13 +282,13 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
         }
         values.push(to_value(entry));
     }
-    for key in keys {
-        ctx.detail.get(key, true);
-    }
+    // Counted as the store path counts a read the near tier answers (Tiered::get).
     let n = keys.len() as u64;
     Stats::add(&ctx.stats.cmd_get, n);
-    Stats::add(&ctx.stats.get_hits, n);
     Stats::add(&ctx.stats.tier_hits, n);
+    for key in keys {
+        count_read(ctx, key, None, true);
+    }
     let response = Response::Values {
         values,
         with_cas: *cas,
@@ -328,12 +328,10 @@ async fn retrieve(
     };
     let mut results = stream::iter(keys)
         .map(|key| async move {
-            let r = match touch {
+            match touch {
                 None => get_one(items, ctx, &key).await,
                 Some(exptime) => touch_one(items, ctx, &key, exptime).await,
-            };
-            ctx.detail.get(&key, matches!(r, Ok(Some(_))));
-            r
+            }
         })
         .buffered(fanout);
     let mut values = Vec::new();
@@ -405,26 +403,41 @@ fn to_value(entry: Entry) -> Value {
     }
 }
 
-/// One key of a get: the live value, a miss, or the failure reply.
-async fn get_one(items: &Items<'_>, ctx: &Ctx, key: &[u8]) -> Result<Option<Value>, Response> {
+/// Counts how one key of a read ended, in `stats` and, for classic reads (text or binary
+/// `get`, `gat`; memcached leaves `mg` out), in `stats detail`: every get and every answer
+/// (near tier or store) counts here, once per key.
+pub(crate) fn count_read(ctx: &Ctx, key: &[u8], miss: Option<Miss>, classic: bool) {
     let stats = &ctx.stats;
-    match items.read(key).await {
-        Ok(Read::Hit(entry)) => {
-            Stats::incr(&stats.get_hits);
-            Ok(Some(to_value(entry)))
-        }
-        Ok(Read::Miss(miss)) => {
+    match miss {
+        None => Stats::incr(&stats.get_hits),
+        Some(why) => {
             Stats::incr(&stats.get_misses);
-            match miss {
+            match why {
                 Miss::Expired => Stats::incr(&stats.get_expired),
                 Miss::Flushed => Stats::incr(&stats.get_flushed),
                 Miss::Absent => {}
             }
+        }
+    }
+    if classic {
+        ctx.detail.get(key, miss.is_none());
+    }
+}
+
+/// One key of a get: the live value, a miss, or the failure reply.
+async fn get_one(items: &Items<'_>, ctx: &Ctx, key: &[u8]) -> Result<Option<Value>, Response> {
+    match items.read(key).await {
+        Ok(Read::Hit(entry)) => {
+            count_read(ctx, key, None, true);
+            Ok(Some(to_value(entry)))
+        }
+        Ok(Read::Miss(miss)) => {
+            count_read(ctx, key, Some(miss), true);
             Ok(None)
         }
         Err(e) if ctx.settings.miss_on_backend_error => {
             ctx.failure(e);
-            Stats::incr(&stats.get_misses);
+            count_read(ctx, key, Some(Miss::Absent), true);
             Ok(None)
         }
         Err(e) => Err(ctx.failure(e)),
@@ -440,11 +453,11 @@ async fn touch_one(
 ) -> Result<Option<Value>, Response> {
     match items.touch(key, ctx.clock.expires_at(exptime)).await {
         Ok(Touched::Done(entry)) => {
-            Stats::incr(&ctx.stats.get_hits);
+            count_read(ctx, key, None, true);
             Ok(Some(to_value(entry)))
         }
         Ok(Touched::NotFound) => {
-            Stats::incr(&ctx.stats.get_misses);
+            count_read(ctx, key, Some(Miss::Absent), true);
             Ok(None)
         }
         Err(e) => Err(ctx.failure(e)),

@@ -453,6 +453,7 @@ fn get_flags(ttl: Option<u32>, value: bool) -> MetaFlags {
         value,
         ttl: ttl.map(i64::from),
         ret,
+        classic: ttl.is_none(),
         ..MetaFlags::default()
     }
 }

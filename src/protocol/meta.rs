@@ -102,6 +102,10 @@ pub struct MetaFlags {
     pub arith_mode: MetaArithMode,
     /// Flags to return, in request order.
     pub ret: Vec<ReturnFlag>,
+    /// Not a meta flag: set by the binary protocol for its GET/GETK, a classic get carried
+    /// in meta form, so it is counted and labelled as the text `get` is (memcached counts a
+    /// binary get in `stats detail`, a meta get not).
+    pub classic: bool,
 }
 
 /// One meta command.
