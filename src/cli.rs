@@ -25,12 +25,12 @@ pub struct Cli {
     pub options: Options,
     /// With no subcommand, s3cached runs the server.
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Option<Subcommand>,
 }
 
 /// What the binary does instead of serving.
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {
+pub enum Subcommand {
     /// Check a running server: version, a set/get/delete round trip of a unique key, stats.
     /// Exits 0 when all is well, 1 with the reason otherwise (usable as a health check).
     Check(crate::check::CheckArgs),

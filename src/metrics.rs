@@ -57,7 +57,7 @@ macro_rules! label_values {
 
 label_values! {
     /// The kind of a request, as a metric label.
-    Command {
+    CommandKind {
         Get => "get", Gets => "gets", Gat => "gat", Gats => "gats", Set => "set",
         Add => "add", Replace => "replace", Append => "append", Prepend => "prepend",
         Cas => "cas", TooLarge => "too_large", Delete => "delete", Incr => "incr",
@@ -97,7 +97,7 @@ impl Default for Timings {
         Timings {
             commands: Family::default(),
             command_seconds: Family::new_with_constructor(latency_histogram),
-            resolved: (0..Command::COUNT * Outcome::COUNT)
+            resolved: (0..CommandKind::COUNT * Outcome::COUNT)
                 .map(|_| OnceLock::new())
                 .collect(),
         }
@@ -128,7 +128,7 @@ impl BackendTimings {
 
 impl Timings {
     /// Records one command: what it was, how it ended and how long it took.
-    pub fn command(&self, command: Command, response: &Response, took: Duration) {
+    pub fn command(&self, command: CommandKind, response: &Response, took: Duration) {
         let outcome = outcome_of(response);
         let cell = &self.resolved[command as usize * Outcome::COUNT + outcome as usize];
         let (count, seconds) = cell.get_or_init(|| {
@@ -147,44 +147,44 @@ impl Timings {
 }
 
 /// The kind of a request, as a metric label.
-pub fn kind_of(request: &Request) -> Command {
+pub fn kind_of(request: &Request) -> CommandKind {
     match request {
-        Request::Get { cas: false, .. } => Command::Get,
-        Request::Get { cas: true, .. } => Command::Gets,
-        Request::Gat { cas: false, .. } => Command::Gat,
-        Request::Gat { cas: true, .. } => Command::Gats,
+        Request::Get { cas: false, .. } => CommandKind::Get,
+        Request::Get { cas: true, .. } => CommandKind::Gets,
+        Request::Gat { cas: false, .. } => CommandKind::Gat,
+        Request::Gat { cas: true, .. } => CommandKind::Gats,
         Request::Store { mode, .. } => match mode {
-            StoreMode::Set => Command::Set,
-            StoreMode::Add => Command::Add,
-            StoreMode::Replace => Command::Replace,
-            StoreMode::Append => Command::Append,
-            StoreMode::Prepend => Command::Prepend,
-            StoreMode::Cas => Command::Cas,
+            StoreMode::Set => CommandKind::Set,
+            StoreMode::Add => CommandKind::Add,
+            StoreMode::Replace => CommandKind::Replace,
+            StoreMode::Append => CommandKind::Append,
+            StoreMode::Prepend => CommandKind::Prepend,
+            StoreMode::Cas => CommandKind::Cas,
         },
-        Request::TooLarge { .. } => Command::TooLarge,
-        Request::Delete { .. } => Command::Delete,
-        Request::Arith { incr: true, .. } => Command::Incr,
-        Request::Arith { incr: false, .. } => Command::Decr,
-        Request::Touch { .. } => Command::Touch,
-        Request::FlushAll { .. } => Command::FlushAll,
-        Request::Version => Command::Version,
-        Request::Verbosity { .. } => Command::Verbosity,
-        Request::Stats { .. } => Command::Stats,
-        Request::Quit => Command::Quit,
-        Request::CacheMemlimit { .. } => Command::CacheMemlimit,
-        Request::Shutdown(_) => Command::Shutdown,
-        Request::LruCrawler(_) => Command::LruCrawler,
+        Request::TooLarge { .. } => CommandKind::TooLarge,
+        Request::Delete { .. } => CommandKind::Delete,
+        Request::Arith { incr: true, .. } => CommandKind::Incr,
+        Request::Arith { incr: false, .. } => CommandKind::Decr,
+        Request::Touch { .. } => CommandKind::Touch,
+        Request::FlushAll { .. } => CommandKind::FlushAll,
+        Request::Version => CommandKind::Version,
+        Request::Verbosity { .. } => CommandKind::Verbosity,
+        Request::Stats { .. } => CommandKind::Stats,
+        Request::Quit => CommandKind::Quit,
+        Request::CacheMemlimit { .. } => CommandKind::CacheMemlimit,
+        Request::Shutdown(_) => CommandKind::Shutdown,
+        Request::LruCrawler(_) => CommandKind::LruCrawler,
         Request::Meta(m) => match m {
             // A binary GET is a classic get in meta form: labelled as the text one.
-            MetaRequest::Get { flags, .. } if flags.classic => Command::Get,
-            MetaRequest::Get { .. } => Command::Mg,
-            MetaRequest::Set { .. } => Command::Ms,
-            MetaRequest::Delete { .. } => Command::Md,
-            MetaRequest::Arith { .. } => Command::Ma,
-            MetaRequest::Debug { .. } => Command::Me,
-            MetaRequest::Noop => Command::Mn,
+            MetaRequest::Get { flags, .. } if flags.classic => CommandKind::Get,
+            MetaRequest::Get { .. } => CommandKind::Mg,
+            MetaRequest::Set { .. } => CommandKind::Ms,
+            MetaRequest::Delete { .. } => CommandKind::Md,
+            MetaRequest::Arith { .. } => CommandKind::Ma,
+            MetaRequest::Debug { .. } => CommandKind::Me,
+            MetaRequest::Noop => CommandKind::Mn,
         },
-        Request::Invalid(_) | Request::Silent | Request::Hangup(_) => Command::Invalid,
+        Request::Invalid(_) | Request::Silent | Request::Hangup(_) => CommandKind::Invalid,
     }
 }
 

@@ -188,7 +188,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::{BackendTimings, Command, Timings};
+    use crate::metrics::{BackendTimings, CommandKind, Timings};
     use crate::protocol::{Response, Value};
 
     #[test]
@@ -204,9 +204,13 @@ mod tests {
             end: true,
         };
         let t = Timings::default();
-        t.command(Command::Get, &hit, Duration::from_micros(70));
-        t.command(Command::Get, &hit, Duration::from_millis(70));
-        t.command(Command::Set, &Response::Stored, Duration::from_micros(70));
+        t.command(CommandKind::Get, &hit, Duration::from_micros(70));
+        t.command(CommandKind::Get, &hit, Duration::from_millis(70));
+        t.command(
+            CommandKind::Set,
+            &Response::Stored,
+            Duration::from_micros(70),
+        );
         let b = BackendTimings::default();
         b.record("GetObject", Some(404), Duration::from_millis(3));
         let mut registry = Registry::default();
