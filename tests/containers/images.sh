@@ -23,8 +23,12 @@ if ! docker info >/dev/null 2>&1; then
 fi
 has_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
-# The base: debootstrap from Debian's mirror (debootstrap's default; DEBIAN_MIRROR overrides).
-if ! has_image "$BASE"; then
+# The base: debootstrap from Debian's mirror (debootstrap's default; DEBIAN_MIRROR overrides),
+# trimmed as Debian's bookworm-slim image is: apt keeps no package caches, dpkg installs no
+# documentation or translations. BASE_RECIPE changes when this recipe does.
+BASE_RECIPE=2
+base_recipe() { docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$BASE" 2>/dev/null | sed -n 's/^S3CACHED_TEST_BASE_RECIPE=//p'; }
+if [ "$(base_recipe)" != "$BASE_RECIPE" ]; then
   command -v debootstrap >/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
   }
@@ -35,8 +39,25 @@ if ! has_image "$BASE"; then
   debootstrap --variant=minbase --include=ca-certificates bookworm "$root" ${DEBIAN_MIRROR:-} >"$root.log" 2>&1 \
     || { tail -n 20 "$root.log" >&2; exit 1; }
   rm -f "$root.log"
-  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-  tar -C "$root" -c . | docker import --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
+  cat >"$root/etc/apt/apt.conf.d/docker-clean" <<'APT'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+APT
+  cat >"$root/etc/dpkg/dpkg.cfg.d/docker" <<'DPKG'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+DPKG
+  find "$root/usr/share/doc" -mindepth 2 ! -name copyright -delete 2>/dev/null || true
+  rm -rf "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* \
+    "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/*
+  tar -C "$root" -c . | docker import --change 'CMD ["/bin/bash"]' \
+    --change "ENV S3CACHED_TEST_BASE_RECIPE=$BASE_RECIPE" - "$BASE" >/dev/null
   rm -rf "$root"
   trap - EXIT
 fi
