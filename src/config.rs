@@ -386,9 +386,6 @@ impl Config {
                 self.listen
             ));
         }
-        if self.max_connections == 0 {
-            return fail("max_connections must be at least 1".into());
-        }
         if !(1024..=128 * 1024 * 1024).contains(&self.max_item_size) {
             return fail("max_item_size must be between 1024 bytes and 128 MiB".into());
         }
@@ -440,25 +437,100 @@ impl Config {
         if self.access_key_id.expose().is_empty() != self.secret_access_key.expose().is_empty() {
             return fail("access_key_id and secret_access_key must be set together".into());
         }
-        if self.s3_attempt_timeout_ms == 0
-            || self.s3_operation_timeout_ms == 0
-            || self.s3_max_attempts == 0
-        {
-            return fail("S3 timeouts and max attempts must be at least 1".into());
-        }
         self.validate_ops()?;
-        if self.s3_max_in_flight == 0 {
-            return fail("s3_max_in_flight must be at least 1".into());
-        }
         self.validate_memory()?;
-        if self.cull_interval_secs == 0 {
-            return fail("cull_interval_secs must be at least 1".into());
-        }
         if self.location.split('/').any(|part| part == "..") {
             return fail("location must not contain '..'".into());
         }
+        self.validate_ranges()?;
         self.validate_tls()?;
         self.sasl_users().map(|_| ())
+    }
+
+    /// Every number within a range the server can work with: a count it can allocate, a
+    /// duration it can add to a clock without overflow. Checked here, so a value that
+    /// passes `--check-config` never fails later (a panic in the accept loop, say).
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
+        const DAY_MS: i128 = 86_400_000;
+        const YEAR_SECS: i128 = 365 * 86_400;
+        const TIB: i128 = 1 << 40;
+        let n = |v: u64| i128::from(v);
+        let ranges: [(&str, i128, i128, i128); 16] = [
+            (
+                "max_connections",
+                self.max_connections as i128,
+                1,
+                1_000_000,
+            ),
+            ("idle_timeout_secs", n(self.idle_timeout_secs), 0, YEAR_SECS),
+            (
+                "request_timeout_secs",
+                n(self.request_timeout_secs),
+                0,
+                YEAR_SECS,
+            ),
+            (
+                "write_timeout_secs",
+                n(self.write_timeout_secs),
+                0,
+                YEAR_SECS,
+            ),
+            (
+                "s3_attempt_timeout_ms",
+                n(self.s3_attempt_timeout_ms),
+                1,
+                DAY_MS,
+            ),
+            (
+                "s3_operation_timeout_ms",
+                n(self.s3_operation_timeout_ms),
+                1,
+                DAY_MS,
+            ),
+            ("s3_max_attempts", i128::from(self.s3_max_attempts), 1, 100),
+            ("s3_max_in_flight", self.s3_max_in_flight as i128, 1, 65_536),
+            (
+                "cull_interval_secs",
+                n(self.cull_interval_secs),
+                1,
+                YEAR_SECS,
+            ),
+            (
+                "revalidate_after_ms",
+                n(self.revalidate_after_ms),
+                0,
+                DAY_MS,
+            ),
+            (
+                "tls_handshake_timeout_ms",
+                n(self.tls_handshake_timeout_ms),
+                1,
+                DAY_MS,
+            ),
+            (
+                "clock_offset_ms",
+                i128::from(self.clock_offset_ms),
+                -DAY_MS,
+                DAY_MS,
+            ),
+            ("ram_cache_bytes", n(self.ram_cache_bytes), 0, TIB),
+            ("disk_cache_bytes", n(self.disk_cache_bytes), 0, 1024 * TIB),
+            ("memory_limit_bytes", n(self.memory_limit_bytes), 0, TIB),
+            (
+                "gzip_min_bytes",
+                self.gzip_min_bytes as i128,
+                0,
+                i128::from(u32::MAX),
+            ),
+        ];
+        for (name, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError(format!(
+                    "{name} must be between {min} and {max}, not {value}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The disk tier's settings, when `disk_cache_dir` is set.
@@ -749,7 +821,9 @@ impl OptionValue for Secret {
 }
 
 fn read_file(path: &Path) -> Result<Options, ConfigError> {
-    let text = std::fs::read_to_string(path)
+    let bytes = crate::files::read_regular(path)
+        .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+    let text = String::from_utf8(bytes)
         .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
 }

@@ -25,6 +25,7 @@ pub mod config;
 pub mod connection;
 pub mod conns;
 pub mod culler;
+pub mod files;
 pub mod flush;
 pub mod lifecycle;
 pub mod metrics;

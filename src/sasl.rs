@@ -40,8 +40,8 @@ impl std::fmt::Debug for Users {
 impl Users {
     /// Reads a users file; the error names the line, never its content.
     pub fn load(path: &Path) -> Result<Users, String> {
-        let text =
-            std::fs::read(path).map_err(|e| format!("sasl_users_file {}: {e}", path.display()))?;
+        let text = crate::files::read_regular(path)
+            .map_err(|e| format!("sasl_users_file {}: {e}", path.display()))?;
         Users::parse(&text).map_err(|e| format!("sasl_users_file {}: {e}", path.display()))
     }
 

@@ -156,7 +156,8 @@ fn provider() -> Arc<CryptoProvider> {
 /// required when a CA is given.
 fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
+    let key = read_pem(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| file_error(&files.key, e))?;
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -186,14 +187,19 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 
 /// Every certificate in a PEM file; at least one.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
+    let pem = read_pem(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(path, e))?;
     if certs.is_empty() {
         return Err(file_error(path, "no PEM certificate in the file"));
     }
     Ok(certs)
+}
+
+/// A PEM file's bytes: a regular file of bounded size (a device would be read forever).
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    crate::files::read_regular(path).map_err(|e| file_error(path, e))
 }
 
 fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {

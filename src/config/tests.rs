@@ -146,3 +146,42 @@ fn example_file_lists_every_key_and_parses() {
         );
     }
 }
+
+#[test]
+fn numbers_that_would_fail_later_are_refused_at_check_config() {
+    // Each passed validation once and then failed in the running server: the accept task
+    // panicked, every connection panicked, the clock overflowed, the disk tier could not
+    // be sized.
+    for (line, name) in [
+        ("max_connections = 2305843009213693952", "max_connections"),
+        (
+            "idle_timeout_secs = 4611686018427387904",
+            "idle_timeout_secs",
+        ),
+        ("clock_offset_ms = 9223372036854775807", "clock_offset_ms"),
+        (
+            "disk_cache_bytes = 18446744073709551615",
+            "disk_cache_bytes",
+        ),
+        (
+            "request_timeout_secs = 18446744073709551615",
+            "request_timeout_secs",
+        ),
+        ("s3_operation_timeout_ms = 0", "s3_operation_timeout_ms"),
+    ] {
+        let err = Config::from_toml(line).unwrap_err().to_string();
+        assert!(
+            err.contains(name) && err.contains("between"),
+            "{line}: {err}"
+        );
+    }
+    assert!(Config::from_toml("max_connections = 1000000").is_ok());
+}
+
+#[test]
+fn a_device_as_the_config_or_users_file_is_refused_at_once() {
+    let err = Config::load(Some(Path::new("/dev/zero")), Options::default()).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    let err = Config::from_toml("sasl_users_file = \"/dev/zero\"").unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}
