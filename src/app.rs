@@ -69,7 +69,7 @@ pub const RESTART_PAUSE_MS: u64 = 1000;
 /// Sets up tracing from the config (text or JSON) on standard output; colours only when
 /// that is a terminal and NO_COLOR is unset, so files and log collectors get plain text.
 pub fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(&config.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let colour = std::io::stdout().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -82,6 +82,22 @@ pub fn init_logging(config: &Config) {
     } else {
         builder.init();
     }
+}
+
+/// AWS SDK modules that log the access key ID (in the signing details and the resolved
+/// identity) at debug and trace level.
+const SECRET_LOGGING_TARGETS: [&str; 2] = ["aws_sigv4", "aws_smithy_runtime"];
+
+/// The log filter for `log_level`: the SDK modules that log credentials are held at info
+/// unless the filter names them itself (someone debugging request signing asked for it).
+pub fn log_filter(log_level: &str) -> String {
+    let mut filter = log_level.to_owned();
+    for target in SECRET_LOGGING_TARGETS {
+        if !log_level.contains(target) {
+            filter.push_str(&format!(",{target}=info"));
+        }
+    }
+    filter
 }
 
 /// Opens the store the config names: S3 when a bucket is set, else the local directory.
@@ -491,6 +507,18 @@ async fn wait_for_signal() {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    #[test]
+    fn the_sdk_modules_that_log_credentials_are_held_at_info_unless_named() {
+        assert_eq!(
+            log_filter("trace"),
+            "trace,aws_sigv4=info,aws_smithy_runtime=info"
+        );
+        assert_eq!(
+            log_filter("info,aws_sigv4=debug"),
+            "info,aws_sigv4=debug,aws_smithy_runtime=info"
+        );
+    }
 
     /// The open-file limit is raised as far as the hard limit allows towards what the
     /// connections and the kept-open files need, and the budget fits under it.

@@ -7,6 +7,8 @@
     reason = "these tests run the binary, in wall-clock time"
 )]
 
+mod common;
+
 use std::process::Command;
 
 fn s3cached() -> Command {
@@ -317,5 +319,53 @@ fn refused_protocols_log_at_most_one_line_a_second() {
         lines.len() <= secs + 1,
         "{} lines in {secs} s: {lines:#?}",
         lines.len()
+    );
+}
+
+#[test]
+fn the_access_key_id_never_reaches_the_log_even_at_trace_level() {
+    let Some(endpoint) = common::s3::endpoint() else {
+        return; // said why on stderr
+    };
+    const KEY_ID: &str = "AKIALOGLEAKCHECK0001";
+    let prefix = common::unique_prefix("log-leak");
+    let server = Server::start(&[
+        "--storage-bucket-name",
+        common::TEST_BUCKET,
+        "--create-bucket",
+        "true",
+        "--endpoint-url",
+        endpoint,
+        "--force-path-style",
+        "true",
+        "--region",
+        "us-east-1",
+        "--access-key-id",
+        KEY_ID,
+        "--secret-access-key",
+        "test",
+        "--location",
+        &prefix,
+        "--log-level",
+        "trace",
+    ]);
+    // A round trip through S3: signed requests, resolved credentials, all logged at trace.
+    let out = server.check(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = server.stop();
+    assert!(
+        log.iter().any(|l| l.contains("PutObject")),
+        "the S3 requests were logged at all"
+    );
+    let leaked: Vec<&String> = log.iter().filter(|l| l.contains(KEY_ID)).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} lines hold the key id: {:?}",
+        leaked.len(),
+        leaked.first()
     );
 }
