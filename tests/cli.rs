@@ -362,10 +362,10 @@ fn the_access_key_id_never_reaches_the_log_even_at_trace_level() {
         "the S3 requests were logged at all"
     );
     let leaked: Vec<&String> = log.iter().filter(|l| l.contains(KEY_ID)).collect();
+    let first: Option<String> = leaked.first().map(|l| l.chars().take(160).collect());
     assert!(
         leaked.is_empty(),
-        "{} lines hold the key id: {:?}",
-        leaked.len(),
-        leaked.first()
+        "{} lines hold the key id, as: {first:?}",
+        leaked.len()
     );
 }
