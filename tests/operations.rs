@@ -275,6 +275,38 @@ async fn readyz_follows_the_store_and_healthz_the_process() {
 }
 
 #[tokio::test]
+async fn silent_sockets_cannot_starve_the_admin_listener() {
+    let server = TestServer::start(
+        Backend::Dir,
+        "adminslots",
+        "admin_listen = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let admin = server.app.admin_addr.expect("admin listener");
+    // Four times the admin listener's slots, opened and kept silent, and re-opened as the
+    // server closes them; bounded: 40 rounds.
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    for round in 0..40 {
+        let started = tokio::time::Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(1), http_get(admin, "/healthz")).await;
+        assert!(
+            matches!(answer, Ok((200, _))),
+            "round {round}: /healthz not answered within 1 s beside silent sockets"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // The attacker opens more as slots are taken from it.
+        for _ in 0..4 {
+            silent.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+        }
+        silent.drain(..silent.len().saturating_sub(64));
+    }
+}
+
+#[tokio::test]
 async fn the_admin_listener_is_off_by_default() {
     let server = TestServer::start(Backend::Dir, "noadmin", "").await;
     assert!(server.app.admin_addr.is_none());

@@ -7,7 +7,9 @@
 
 mod metrics;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,10 +31,11 @@ use crate::store::Store;
 pub const READY_CACHE_MS: u64 = 1000;
 /// The control object `/readyz` reads: absent, so the answer is a cheap 404.
 const READY_PROBE_OBJECT: &str = "readyz-probe";
-/// Most admin connections served at once; more wait in the accept queue.
+/// Most admin connections open at once; a new one past it closes the oldest that is not
+/// answering a request.
 const MAX_ADMIN_CONNECTIONS: usize = 16;
 /// An admin connection that sends no complete request for this long is closed.
-const HEADER_TIMEOUT_SECS: u64 = 10;
+const HEADER_TIMEOUT_SECS: u64 = 2;
 
 /// What the handlers share.
 struct Admin {
@@ -42,19 +45,31 @@ struct Admin {
     ready: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
+/// One admin connection as the accept loop sees it.
+struct Slot {
+    /// Closes the connection.
+    close: CancellationToken,
+    /// A request is being answered: the connection is not to be evicted.
+    busy: AtomicBool,
+    /// The connection has ended.
+    done: AtomicBool,
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown`.
+///
+/// At most [`MAX_ADMIN_CONNECTIONS`] connections are open. A new one that finds them all
+/// taken closes the oldest that is not answering a request (silent, or idle between
+/// requests): a probe sends its request at once and is answered in milliseconds, so
+/// sockets that say nothing cannot starve it. When every slot is answering, the new
+/// connection is closed and the client tries again.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let admin = Arc::new(Admin {
         registry: metrics::registry(ctx.clone()),
         ctx,
         ready: Mutex::new(None),
     });
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut slots: VecDeque<Arc<Slot>> = VecDeque::new();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("never closed"),
-            _ = shutdown.cancelled() => return,
-        };
         let socket = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((socket, _)) => socket,
@@ -66,26 +81,56 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationT
             },
             _ = shutdown.cancelled() => return,
         };
-        let admin = admin.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(HEADER_TIMEOUT_SECS))
-                .serve_connection(TokioIo::new(socket), service);
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(cause = %e, "admin connection ended with an error");
-                },
-                _ = shutdown.cancelled() => {}
-            }
-        });
+        let Some(slot) = take_slot(&mut slots, &shutdown) else {
+            continue; // every slot is answering a request: this socket is dropped
+        };
+        tokio::spawn(serve_connection(admin.clone(), socket, slot));
     }
+}
+
+/// A slot for a new connection, evicting the oldest one not answering a request when all
+/// are taken; `None` when every one is answering.
+fn take_slot(slots: &mut VecDeque<Arc<Slot>>, shutdown: &CancellationToken) -> Option<Arc<Slot>> {
+    slots.retain(|s| !s.done.load(Relaxed));
+    if slots.len() >= MAX_ADMIN_CONNECTIONS {
+        let idle = slots.iter().position(|s| !s.busy.load(Relaxed))?;
+        if let Some(evicted) = slots.remove(idle) {
+            evicted.close.cancel();
+        }
+    }
+    let slot = Arc::new(Slot {
+        close: shutdown.child_token(),
+        busy: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+    });
+    slots.push_back(slot.clone());
+    Some(slot)
+}
+
+/// Serves one admin connection until it ends or its slot is closed.
+async fn serve_connection(admin: Arc<Admin>, socket: tokio::net::TcpStream, slot: Arc<Slot>) {
+    let busy = slot.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let admin = admin.clone();
+        let busy = busy.clone();
+        async move {
+            busy.busy.store(true, Relaxed);
+            let response = admin.handle(req).await;
+            busy.busy.store(false, Relaxed);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(HEADER_TIMEOUT_SECS))
+        .serve_connection(TokioIo::new(socket), service);
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(cause = %e, "admin connection ended with an error");
+        },
+        _ = slot.close.cancelled() => {}
+    }
+    slot.done.store(true, Relaxed);
 }
 
 impl Admin {
