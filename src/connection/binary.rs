@@ -18,9 +18,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::ConnectionConfig;
 use crate::budget::{Account, Budget, Charge};
 use crate::command::{self, Ctx};
-use crate::connection::ConnectionConfig;
 use crate::protocol::binary::{self, Command, Frame, Reply, Status};
 use crate::protocol::{MetaRequest, Request, Response};
 use crate::sasl;
@@ -306,7 +306,7 @@ impl Conn<'_> {
 
     async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
         let (timeout, stats) = (self.config.write_timeout, &self.ctx.stats);
-        crate::connection::write_replies(socket, &mut self.write_buf, timeout, stats).await?;
+        super::write_replies(socket, &mut self.write_buf, timeout, stats).await?;
         if self.write_buf.capacity() > WRITE_BUFFER_BYTES {
             self.write_buf = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
         }

@@ -11,6 +11,8 @@
 //! A request that is not complete within the request timeout, or replies not written within
 //! the write timeout, end the connection.
 
+mod binary;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -213,7 +215,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Stats::add(&ctx.stats.bytes_read, read_buf.len() as u64);
     match first {
         Some(first) if first == protocol::binary::REQUEST_MAGIC => {
-            let served = crate::binary::serve(&mut socket, &ctx, &config, read_buf, &shutdown);
+            let served = binary::serve(&mut socket, &ctx, &config, read_buf, &shutdown);
             if let Err(e) = served.await {
                 tracing::debug!(cause = %e, "binary connection ended with an error");
             }
