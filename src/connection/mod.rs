@@ -12,17 +12,18 @@
 //! the write timeout, end the connection.
 
 mod binary;
+mod pipeline;
 
-use std::collections::HashMap;
+pub use pipeline::MAX_PIPELINE_DEPTH;
+
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::future::{BoxFuture, FutureExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Account, Budget, Charge, Grant};
@@ -32,9 +33,8 @@ use crate::protocol::{
 };
 use crate::sasl::Users;
 use crate::stats::Stats;
+use pipeline::Pipeline;
 
-/// Most requests of one connection in flight at once.
-pub const MAX_PIPELINE_DEPTH: usize = 128;
 /// Flush replies once this many bytes are waiting, even mid-batch.
 const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// Room added to the read buffer when it runs short, at least.
@@ -108,96 +108,23 @@ impl ConnectionConfig {
     }
 }
 
-type Done = Shared<BoxFuture<'static, ()>>;
 /// A request running against the store, to its reply.
 type Execution = BoxFuture<'static, Response>;
 
 /// `request` executing, as a future that owns what it needs; it arrives now.
 fn execution(ctx: &Arc<Ctx>, request: Request) -> Execution {
+    running(ctx, request).boxed()
+}
+
+/// `request` executing, arrived now, as a future that owns what it needs.
+fn running(ctx: &Arc<Ctx>, request: Request) -> impl Future<Output = Response> + Send + 'static {
     let ctx = ctx.clone();
     let arrived = tokio::time::Instant::now();
-    async move { command::execute_arrived(&ctx, request, arrived).await }.boxed()
-}
-/// A finished request: its reply, sequence number, keys and what it holds of the budget.
-type Pending = BoxFuture<'static, (Response, u64, Vec<Bytes>, Charge)>;
-
-/// The requests of a connection that have started but whose replies are not yet written.
-struct Pipeline {
-    running: FuturesOrdered<Pending>,
-    /// For each key, the last request touching it and a future that completes with it.
-    key_tails: HashMap<Bytes, (u64, Done)>,
-    next_seq: u64,
+    async move { command::execute_arrived(&ctx, request, arrived).await }
 }
 
-impl Pipeline {
-    fn new() -> Self {
-        Pipeline {
-            running: FuturesOrdered::new(),
-            key_tails: HashMap::new(),
-            next_seq: 0,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.running.len()
-    }
-
-    /// Starts a request holding `charge` of the budget; it waits for earlier requests on the
-    /// same keys before it runs.
-    fn start(&mut self, ctx: &Arc<Ctx>, request: Request, keys: Vec<Bytes>, charge: Charge) {
-        let (seq, waits, finished) = self.register(&keys);
-        let running = execution(ctx, request);
-        self.running.push_back(
-            async move {
-                futures::future::join_all(waits).await;
-                let response = running.await;
-                drop(finished);
-                (response, seq, keys, charge)
-            }
-            .boxed(),
-        );
-    }
-
-    /// Takes over a request that started running with nothing in flight before it, and
-    /// waits for something now; later requests on its keys wait for it.
-    fn adopt(&mut self, running: Execution, keys: Vec<Bytes>, charge: Charge) {
-        let (seq, _, finished) = self.register(&keys);
-        self.running.push_back(
-            async move {
-                let response = running.await;
-                drop(finished);
-                (response, seq, keys, charge)
-            }
-            .boxed(),
-        );
-    }
-
-    /// Gives the next request a sequence number and makes it the last holder of `keys`;
-    /// returns the number, what it must wait for, and what it drops when done.
-    fn register(&mut self, keys: &[Bytes]) -> (u64, Vec<Done>, oneshot::Sender<()>) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let waits: Vec<Done> = keys
-            .iter()
-            .filter_map(|k| self.key_tails.get(k).map(|(_, done)| done.clone()))
-            .collect();
-        let (finished, done) = oneshot::channel::<()>();
-        let done: Done = done.map(|_| ()).boxed().shared();
-        for key in keys {
-            self.key_tails.insert(key.clone(), (seq, done.clone()));
-        }
-        (seq, waits, finished)
-    }
-
-    /// Forgets key ordering entries that the finished request `seq` was the last holder of.
-    fn finish(&mut self, seq: u64, keys: &[Bytes]) {
-        for key in keys {
-            if self.key_tails.get(key).is_some_and(|(s, _)| *s == seq) {
-                self.key_tails.remove(key);
-            }
-        }
-    }
-}
+/// A finished request: its reply, and what it holds of the budget.
+type Finished = (Response, Charge);
 
 /// Serves one client until it quits, errs, idles out or the server shuts down, over a TCP
 /// socket or a TLS stream.
@@ -241,7 +168,6 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         read_alloc: INITIAL_BUFFER_BYTES,
         write_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
         pipeline: Pipeline::new(),
-        barrier: None,
         skip_bytes: 0,
         skip_line: false,
         long_retrieval: None,
@@ -313,9 +239,8 @@ struct Connection {
     /// Bytes allocated for `read_buf` (its capacity shrinks as it is consumed; this doesn't).
     read_alloc: usize,
     write_buf: BytesMut,
-    pipeline: Pipeline,
-    /// A barrier request waiting for the pipeline to drain.
-    barrier: Option<Request>,
+    /// Requests running, and a barrier waiting for them.
+    pipeline: Pipeline<Finished, Request>,
     /// Bytes of a refused data block still to discard.
     skip_bytes: usize,
     /// Discarding the rest of an over-long line.
@@ -346,8 +271,8 @@ impl Connection {
         let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
         loop {
             if self.closing
-                && self.pipeline.len() == 0
-                && self.barrier.is_none()
+                && self.pipeline.is_empty()
+                && !self.pipeline.holds_barrier()
                 && self.waiting.is_none()
                 && self.queued.is_empty()
             {
@@ -355,24 +280,24 @@ impl Connection {
             }
             let can_read = self.may_read() && self.make_read_room();
             let request_deadline = self.request_deadline(can_read);
-            let idle_armed = idle_deadline.is_some() && self.pipeline.len() == 0;
+            let idle_armed = idle_deadline.is_some() && self.pipeline.is_empty();
             let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
             tokio::select! {
-                Some((response, seq, keys, charge)) = self.pipeline.running.next(), if self.pipeline.len() > 0 => {
-                    self.finish(response, seq, &keys, charge);
+                Some((response, charge)) = self.pipeline.next(), if !self.pipeline.is_empty() => {
+                    self.finish(response, charge);
                     // Take every other reply that is already done, then write once.
-                    while let Some(Some((response, seq, keys, charge))) = self.pipeline.running.next().now_or_never() {
-                        self.finish(response, seq, &keys, charge);
+                    while let Some((response, charge)) = self.pipeline.ready() {
+                        self.finish(response, charge);
                     }
                     self.advance().await;
-                    if self.pipeline.len() == 0 || self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
+                    if self.pipeline.is_empty() || self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
                         self.flush(socket).await?;
                     }
                 }
                 permit = wait_grant(&mut self.waiting), if granting => {
                     self.granted(permit);
                     self.advance().await;
-                    if self.pipeline.len() == 0 {
+                    if self.pipeline.is_empty() {
                         self.flush(socket).await?;
                     }
                 }
@@ -389,7 +314,7 @@ impl Connection {
                     self.discard_skipped();
                     self.advance().await;
                     self.tidy_read_buf();
-                    if self.pipeline.len() == 0 {
+                    if self.pipeline.is_empty() {
                         self.flush(socket).await?;
                     }
                 }
@@ -412,16 +337,12 @@ impl Connection {
 
     /// Whether the connection may take more input, budget aside.
     fn may_read(&self) -> bool {
-        !self.closing
-            && self.barrier.is_none()
-            && self.waiting.is_none()
-            && self.pipeline.len() < MAX_PIPELINE_DEPTH
-            && !self.over_share()
+        !self.closing && self.pipeline.has_room() && self.waiting.is_none() && !self.over_share()
     }
 
     /// Past its share of the budget with replies still to come: wait for them first.
     fn over_share(&self) -> bool {
-        self.pipeline.len() > 0 && self.account.held_units() > self.account.budget().share_units()
+        !self.pipeline.is_empty() && self.account.held_units() > self.account.budget().share_units()
     }
 
     /// Stops taking input and ends the connection once what is in flight is answered.
@@ -503,7 +424,9 @@ impl Connection {
         match waiting.want {
             Want::Request(request, keys, _) => {
                 let charge = self.account.granted_request(permit);
-                self.pipeline.start(&self.ctx, *request, keys, charge);
+                let running = running(&self.ctx, *request);
+                self.pipeline
+                    .start(keys, async move { (running.await, charge) });
             }
             Want::ReadRoom(capacity) => {
                 self.account.granted_buffers(permit);
@@ -514,8 +437,7 @@ impl Connection {
 
     /// Writes a finished request's reply; what the request held pays for the write buffer
     /// and the rest is given back.
-    fn finish(&mut self, response: Response, seq: u64, keys: &[Bytes], charge: Charge) {
-        self.pipeline.finish(seq, keys);
+    fn finish(&mut self, response: Response, charge: Charge) {
         self.account.finish_request(charge);
         self.emit(response);
     }
@@ -580,10 +502,10 @@ impl Connection {
     async fn advance(&mut self) {
         loop {
             self.dispatch();
-            if self.pipeline.len() > 0 || self.waiting.is_some() {
+            if !self.pipeline.is_empty() || self.waiting.is_some() {
                 return;
             }
-            let Some(barrier) = self.barrier.take() else {
+            let Some(barrier) = self.pipeline.take_barrier() else {
                 return;
             };
             let response = command::execute(&self.ctx, barrier).await;
@@ -636,7 +558,7 @@ impl Connection {
             return false;
         }
         loop {
-            if self.barrier.is_some() || self.pipeline.len() >= MAX_PIPELINE_DEPTH {
+            if !self.pipeline.has_room() {
                 return false;
             }
             let Some(request) = self.queued.pop_front() else {
@@ -656,7 +578,7 @@ impl Connection {
             if matches!(request, Request::Quit | Request::Hangup(_)) {
                 self.read_buf.clear();
             }
-            self.barrier = Some(request);
+            self.pipeline.hold(request);
             return;
         };
         let keys: Vec<Bytes> = keys.into_iter().cloned().collect();
@@ -669,7 +591,7 @@ impl Connection {
         // pipeline. A write the store takes at once (a small set on the directory store)
         // needs no ordering entry. Past the write high-water mark the pipeline takes over,
         // which is bounded and flushes.
-        if self.pipeline.len() == 0 && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
+        if self.pipeline.is_empty() && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
             if let Some(charge) = self.account.try_take_request(units) {
                 if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
                     self.account.finish_request(charge);
@@ -684,7 +606,9 @@ impl Connection {
                         self.emit(response);
                     }
                     // Pushed into the pipeline, it is polled again with a real waker.
-                    Poll::Pending => self.pipeline.adopt(running, keys, charge),
+                    Poll::Pending => self
+                        .pipeline
+                        .start(keys, async move { (running.await, charge) }),
                 }
                 return;
             }
@@ -715,12 +639,14 @@ impl Connection {
     /// this connection's replies drain (past its share) or the budget grants them.
     fn start_or_wait(&mut self, request: Request, keys: Vec<Bytes>, units: u32) {
         let share = self.account.budget().share_units();
-        let grant = if self.pipeline.len() > 0
+        let grant = if !self.pipeline.is_empty()
             && self.account.request_units().saturating_add(units) > share
         {
             None
         } else if let Some(charge) = self.account.try_take_request(units) {
-            self.pipeline.start(&self.ctx, request, keys, charge);
+            let running = running(&self.ctx, request);
+            self.pipeline
+                .start(keys, async move { (running.await, charge) });
             return;
         } else {
             Stats::incr(&self.ctx.stats.budget_waits);
