@@ -14,16 +14,16 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::login::Login;
 use super::ConnectionConfig;
 use crate::budget::{Account, Budget, Charge};
 use crate::command::{self, Ctx};
-use crate::protocol::binary::{self, Command, Frame, Reply, Status};
+use crate::protocol::binary::{self, Command, Frame};
 use crate::protocol::{MetaRequest, Request, Response};
-use crate::sasl;
 use crate::stats::Stats;
 
 /// Flush replies once this many bytes are waiting, even mid-batch.
@@ -43,8 +43,7 @@ struct Conn<'a> {
     /// Bytes of a refused body still to discard.
     skip: usize,
     /// SASL is on and this connection has not logged in yet.
-    auth_required: bool,
-    auth_failures: u32,
+    login: Login,
     closing: bool,
     /// What this connection holds of the memory budget.
     account: Account,
@@ -66,8 +65,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         read_buf,
         write_buf: BytesMut::with_capacity(16 * 1024),
         skip: 0,
-        auth_required: config.sasl.is_some(),
-        auth_failures: 0,
+        login: Login::new(config.sasl.clone(), ctx.stats.clone()),
         closing: false,
         account: Account::new(config.budget.clone()),
         partial_since: None,
@@ -178,7 +176,7 @@ impl Conn<'_> {
                 break;
             }
             let Some(decoded) =
-                binary::decode(&self.read_buf, &self.config.limits, self.auth_required)
+                binary::decode(&self.read_buf, &self.config.limits, self.login.required())
             else {
                 break;
             };
@@ -272,35 +270,14 @@ impl Conn<'_> {
                 binary::encode_reply(&frame, reply, &mut self.write_buf);
             }
             Command::SaslListMechs => {
-                let reply = match &self.config.sasl {
-                    None => unknown_command(),
-                    Some(_) => ok_reply(sasl::MECHANISMS),
-                };
+                let reply = self.login.mechanisms();
                 binary::encode_reply(&frame, &reply, &mut self.write_buf);
             }
             Command::SaslAuth { mech, data, step } => {
-                let reply = self.authenticate(mech, data, *step).await;
+                let reply = self.login.sasl(mech, data, *step).await;
+                self.closing |= reply.close;
                 binary::encode_reply(&frame, &reply, &mut self.write_buf);
             }
-        }
-    }
-
-    /// SASL PLAIN in one step; any other mechanism, or a step, fails.
-    async fn authenticate(&mut self, mech: &Bytes, data: &Bytes, step: bool) -> Reply {
-        let Some(users) = &self.config.sasl else {
-            return unknown_command();
-        };
-        let ok = !step && &mech[..] == sasl::MECHANISMS.as_bytes() && users.check_plain(data);
-        let go_on = sasl::record(&self.ctx.stats, ok, &mut self.auth_failures).await;
-        if ok {
-            self.auth_required = false;
-            return ok_reply("Authenticated");
-        }
-        self.closing |= !go_on;
-        Reply {
-            status: Status::AuthError,
-            body: Bytes::from_static(Status::AuthError.text().as_bytes()),
-            close: !go_on,
         }
     }
 
@@ -312,21 +289,5 @@ impl Conn<'_> {
         }
         self.sync_buffers();
         Ok(())
-    }
-}
-
-fn ok_reply(body: &'static str) -> Reply {
-    Reply {
-        status: Status::Success,
-        body: Bytes::from_static(body.as_bytes()),
-        close: false,
-    }
-}
-
-fn unknown_command() -> Reply {
-    Reply {
-        status: Status::UnknownCommand,
-        body: Bytes::from_static(Status::UnknownCommand.text().as_bytes()),
-        close: false,
     }
 }

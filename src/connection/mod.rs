@@ -12,6 +12,7 @@
 //! the write timeout, end the connection.
 
 mod binary;
+mod login;
 mod pipeline;
 
 pub use pipeline::MAX_PIPELINE_DEPTH;
@@ -28,11 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Account, Budget, Charge, Grant};
 use crate::command::{self, Ctx};
-use crate::protocol::{
-    self, Limits, LongRetrieval, Parsed, ProtocolError, Request, Response, Skip, StoreMode,
-};
+use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip, StoreMode};
 use crate::sasl::Users;
 use crate::stats::Stats;
+use login::{Login, UNAUTHENTICATED};
 use pipeline::Pipeline;
 
 /// Flush replies once this many bytes are waiting, even mid-batch.
@@ -157,13 +157,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Some(_) => {}
         None => return,
     }
-    let auth_required = config.sasl.is_some();
+    let login = Login::new(config.sasl.clone(), ctx.stats.clone());
     let account = Account::new(config.budget.clone());
     let mut conn = Connection {
         ctx,
         config,
-        auth_required,
-        auth_failures: 0,
+        login,
         read_buf,
         read_alloc: INITIAL_BUFFER_BYTES,
         write_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
@@ -205,9 +204,6 @@ struct Waiting {
     grant: Option<Grant>,
 }
 
-/// memcached's answer to a text command before a text-protocol login.
-const UNAUTHENTICATED: &[u8] = b"CLIENT_ERROR unauthenticated\r\n";
-
 /// Reads until the first byte arrives; `None` if the client left, idled out or the server
 /// is shutting down first.
 async fn first_read<'b, S: AsyncRead + Unpin>(
@@ -233,8 +229,7 @@ struct Connection {
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
     /// SASL is on and this text connection has not logged in (memcached's `-Y` text auth).
-    auth_required: bool,
-    auth_failures: u32,
+    login: Login,
     read_buf: BytesMut,
     /// Bytes allocated for `read_buf` (its capacity shrinks as it is consumed; this doesn't).
     read_alloc: usize,
@@ -539,8 +534,8 @@ impl Connection {
                 Skip::Line => self.skip_line = true,
             }
             self.discard_skipped();
-            if self.auth_required {
-                let response = self.text_login(request);
+            if self.login.required() {
+                let response = self.login.text(request);
                 self.emit(response);
                 continue;
             }
@@ -753,35 +748,6 @@ async fn wait_grant(waiting: &mut Option<Waiting>) -> tokio::sync::OwnedSemaphor
             grant: Some(grant), ..
         }) => grant.await,
         _ => futures::future::pending().await,
-    }
-}
-
-impl Connection {
-    /// Before a text login, memcached takes only a `set` whose data is `user password`.
-    fn text_login(&mut self, request: Request) -> Response {
-        let Some(users) = &self.config.sasl else {
-            return Response::None;
-        };
-        match request {
-            Request::Store {
-                mode: StoreMode::Set,
-                data,
-                ..
-            } => {
-                let ok = users.check_text(&data);
-                if crate::sasl::record_now(&self.ctx.stats, ok, &mut self.auth_failures) {
-                    self.auth_required = !ok;
-                    if ok {
-                        return Response::Stored;
-                    }
-                    Response::Error(ProtocolError::Client("authentication failure"))
-                } else {
-                    Response::Close
-                }
-            }
-            Request::Quit | Request::Hangup(_) => Response::Close,
-            _ => Response::Error(ProtocolError::Client("unauthenticated")),
-        }
     }
 }
 
