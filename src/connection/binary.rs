@@ -6,11 +6,12 @@
 //! answer nothing on success (gets: on a miss); replies are written when the input runs dry
 //! or past a high-water mark, so a noop or any loud frame after quiet ones flushes them.
 //!
-//! Memory: the connection draws on the same budget as text connections. Before a frame or a
-//! run of gets runs, it is granted the most its replies can take (waiting, in arrival order
-//! with every other connection, when the budget is spent); the grant pays for the write
-//! buffer until it is written, and a run of gets is cut to what one connection's share can
-//! hold. The request and write timeouts apply as on the text protocol.
+//! Memory: the connection is admitted as a text connection is ([`super::admission`]): before
+//! a frame or a run of gets runs, it is charged what the same requests are charged on the
+//! text protocol (waiting, in arrival order with every other connection, when the budget is
+//! spent); the charge pays for the write buffer until it is written, and a run of gets is
+//! cut to what one connection's share can hold, as a text multi-get is. The request and
+//! write timeouts apply as on the text protocol.
 
 use std::sync::Arc;
 
@@ -18,9 +19,9 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::Admission;
 use super::login::Login;
 use super::ConnectionConfig;
-use crate::budget::{Account, Budget, Charge};
 use crate::command::{self, Ctx};
 use crate::protocol::binary::{self, Command, Frame};
 use crate::protocol::{MetaRequest, Request, Response};
@@ -32,8 +33,6 @@ const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Capacity a write buffer grown by large replies shrinks back to once written.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// A reply's framing beyond its key and value: header, extras, slack.
-const REPLY_OVERHEAD_BYTES: usize = 64;
 
 struct Conn<'a> {
     ctx: &'a Arc<Ctx>,
@@ -45,8 +44,8 @@ struct Conn<'a> {
     /// SASL is on and this connection has not logged in yet.
     login: Login,
     closing: bool,
-    /// What this connection holds of the memory budget.
-    account: Account,
+    /// What this connection holds of the memory budget, and how it takes more.
+    admission: Admission,
     /// When the oldest incomplete frame in the read buffer began arriving.
     partial_since: Option<tokio::time::Instant>,
 }
@@ -67,13 +66,19 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         skip: 0,
         login: Login::new(config.sasl.clone(), ctx.stats.clone()),
         closing: false,
-        account: Account::new(config.budget.clone()),
+        admission: Admission::new(config.budget.clone(), config.limits, ctx.stats.clone()),
         partial_since: None,
     };
     conn.sync_buffers();
-    let served = conn.serve(socket, shutdown).await;
-    conn.account.set_buffers(0);
-    served
+    conn.serve(socket, shutdown).await
+}
+
+/// The request a frame runs, if it runs one.
+fn runnable(frame: &Frame) -> Option<&Request> {
+    match &frame.command {
+        Command::Run(request) => Some(request),
+        _ => None,
+    }
 }
 
 /// A get that reads only, so it may run alongside its neighbours.
@@ -141,30 +146,13 @@ impl Conn<'_> {
     /// Charges the buffers' capacity to the budget.
     fn sync_buffers(&mut self) {
         let bytes = self.read_buf.capacity() + self.write_buf.capacity();
-        self.account.set_buffers(bytes);
+        self.admission.set_buffers(bytes);
     }
 
-    /// The most one get's reply can take: the value read, and encoded.
-    fn per_get_bytes(&self) -> usize {
-        2 * (self.config.limits.max_item_bytes + REPLY_OVERHEAD_BYTES)
-    }
-
-    /// Gets one run may hold at once: a connection's share of the budget, at least one.
+    /// Gets one run may hold at once: what fits a connection's share, at least one, and no
+    /// more than a text multi-get fans out.
     fn max_gets(&self) -> usize {
-        let share =
-            self.account.budget().share_units() as usize * crate::budget::UNIT_BYTES as usize;
-        (share / self.per_get_bytes()).clamp(1, command::MAX_GET_FANOUT)
-    }
-
-    /// Waits until the budget grants `bytes` (clamped to the largest grant).
-    async fn charge(&mut self, bytes: usize) -> Charge {
-        let units = self.account.budget().clamp(Budget::units(bytes));
-        if let Some(charge) = self.account.try_take_request(units) {
-            return charge;
-        }
-        Stats::incr(&self.ctx.stats.budget_waits);
-        let permit = self.account.grant(units, true).await;
-        self.account.granted_request(permit)
+        self.admission.keys_per_share().min(command::MAX_GET_FANOUT)
     }
 
     /// Runs every complete frame in the read buffer.
@@ -234,20 +222,19 @@ impl Conn<'_> {
         if gets.is_empty() {
             return;
         }
-        let charge = self.charge(gets.len() * self.per_get_bytes()).await;
+        let requests: Vec<Request> = gets.iter().filter_map(runnable).cloned().collect();
+        let units = self.admission.units_of(&requests);
+        let charge = self.admission.admit(units).await;
         let arrived = tokio::time::Instant::now();
         let ctx = self.ctx;
-        let replies = futures::future::join_all(gets.iter().map(|f| {
-            let Command::Run(request) = &f.command else {
-                unreachable!("plain_get admits only runnable frames")
-            };
-            command::execute_arrived(ctx, request.clone(), arrived)
-        }))
+        let replies = futures::future::join_all(
+            (requests.into_iter()).map(|request| command::execute_arrived(ctx, request, arrived)),
+        )
         .await;
         for (frame, response) in gets.drain(..).zip(replies) {
             binary::encode(&frame, &response, &mut self.write_buf);
         }
-        self.account.finish_request(charge);
+        self.admission.finish(charge);
         self.sync_buffers();
     }
 
@@ -255,14 +242,13 @@ impl Conn<'_> {
     async fn run(&mut self, frame: Frame) {
         match &frame.command {
             Command::Run(request) => {
-                let bytes = frame.key.len() + 3 * self.per_get_bytes() / 2;
-                let charge = self.charge(bytes).await;
+                let charge = self.admission.admit(self.admission.units(request)).await;
                 let response = command::execute(self.ctx, request.clone()).await;
                 if response == Response::Close {
                     self.closing = true;
                 }
                 binary::encode(&frame, &response, &mut self.write_buf);
-                self.account.finish_request(charge);
+                self.admission.finish(charge);
                 self.sync_buffers();
             }
             Command::Reply(reply) => {

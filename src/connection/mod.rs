@@ -11,6 +11,7 @@
 //! A request that is not complete within the request timeout, or replies not written within
 //! the write timeout, end the connection.
 
+mod admission;
 mod binary;
 mod login;
 mod pipeline;
@@ -27,11 +28,12 @@ use futures::future::{BoxFuture, FutureExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::{Account, Budget, Charge, Grant};
+use crate::budget::{Budget, Charge, Grant};
 use crate::command::{self, Ctx};
-use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip, StoreMode};
+use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
 use crate::sasl::Users;
 use crate::stats::Stats;
+use admission::{Admission, REPLY_OVERHEAD_BYTES};
 use login::{Login, UNAUTHENTICATED};
 use pipeline::Pipeline;
 
@@ -47,10 +49,6 @@ const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
 const MIN_READ_ROOM_BYTES: usize = INITIAL_BUFFER_BYTES / 4;
 /// A drained write buffer larger than this is given back and replaced by a small one.
 const WRITE_KEEP_BYTES: usize = 64 * 1024;
-/// Charged for a reply's line and framing, beyond keys and data.
-const REPLY_OVERHEAD_BYTES: usize = 64;
-/// Charged for a request whose reply holds no value (stats, errors, status lines).
-const SMALL_REPLY_BYTES: usize = 4 * 1024;
 
 /// Per-connection settings.
 #[derive(Debug, Clone)]
@@ -158,7 +156,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None => return,
     }
     let login = Login::new(config.sasl.clone(), ctx.stats.clone());
-    let account = Account::new(config.budget.clone());
+    let admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
     let mut conn = Connection {
         ctx,
         config,
@@ -171,7 +169,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         skip_line: false,
         long_retrieval: None,
         closing: false,
-        account,
+        admission,
         waiting: None,
         partial_since: None,
         parsed: 0,
@@ -244,8 +242,8 @@ struct Connection {
     long_retrieval: Option<LongRetrieval>,
     /// Stop reading: the client quit, hung up, or the server is shutting down.
     closing: bool,
-    /// What this connection holds of the memory budget.
-    account: Account,
+    /// What this connection holds of the memory budget, and how it takes more.
+    admission: Admission,
     /// Work held back for the budget; nothing more is read or dispatched meanwhile.
     waiting: Option<Waiting>,
     /// Since when an incomplete request has been waiting for its remaining bytes.
@@ -337,7 +335,7 @@ impl Connection {
 
     /// Past its share of the budget with replies still to come: wait for them first.
     fn over_share(&self) -> bool {
-        !self.pipeline.is_empty() && self.account.held_units() > self.account.budget().share_units()
+        self.admission.over_share(!self.pipeline.is_empty())
     }
 
     /// Stops taking input and ends the connection once what is in flight is answered.
@@ -375,14 +373,13 @@ impl Connection {
             (len * 2).max(len + READ_CHUNK_BYTES)
         };
         let more = Budget::units(new_cap).saturating_sub(Budget::units(self.read_alloc));
-        if self.account.try_grow_buffers(more) {
+        if self.admission.try_grow_buffers(more) {
             self.regrow_read_buf(new_cap);
             return true;
         }
-        Stats::incr(&self.ctx.stats.budget_waits);
         self.waiting = Some(Waiting {
             want: Want::ReadRoom(new_cap),
-            grant: Some(self.account.grant(self.account.budget().clamp(more), false)),
+            grant: Some(self.admission.grant_buffers(more)),
         });
         false
     }
@@ -408,7 +405,7 @@ impl Connection {
     /// Charges the budget for what the buffers hold allocated now.
     fn sync_buffers(&mut self) {
         let bytes = self.read_alloc + self.write_buf.capacity();
-        self.account.set_buffers(bytes);
+        self.admission.set_buffers(bytes);
     }
 
     /// Books a grant for the work that waited for it.
@@ -418,13 +415,13 @@ impl Connection {
         };
         match waiting.want {
             Want::Request(request, keys, _) => {
-                let charge = self.account.granted_request(permit);
+                let charge = self.admission.granted(permit);
                 let running = running(&self.ctx, *request);
                 self.pipeline
                     .start(keys, async move { (running.await, charge) });
             }
             Want::ReadRoom(capacity) => {
-                self.account.granted_buffers(permit);
+                self.admission.granted_buffers(permit);
                 self.regrow_read_buf(capacity);
             }
         }
@@ -433,7 +430,7 @@ impl Connection {
     /// Writes a finished request's reply; what the request held pays for the write buffer
     /// and the rest is given back.
     fn finish(&mut self, response: Response, charge: Charge) {
-        self.account.finish_request(charge);
+        self.admission.finish(charge);
         self.emit(response);
     }
 
@@ -540,9 +537,7 @@ impl Connection {
                 continue;
             }
             // Pieces of a connection's share: several connections' large gets run at once.
-            let max_units = self.account.budget().share_units();
-            self.queued
-                .extend(split_retrieval(request, &self.config.limits, max_units));
+            self.queued.extend(self.admission.split(request));
         }
     }
 
@@ -577,9 +572,7 @@ impl Connection {
             return;
         };
         let keys: Vec<Bytes> = keys.into_iter().cloned().collect();
-        // Never more than the largest grant (configuration keeps every request within it).
-        let units = (self.account.budget())
-            .clamp(Budget::units(reply_bound(&request, &self.config.limits)));
+        let units = self.admission.units(&request);
         // With nothing in flight before it, a request runs here: a hit in the near tier is
         // answered with no task, channel or allocation beyond the reply; any other request
         // is polled once, and only one that waits (a store read, an S3 write) goes to the
@@ -587,9 +580,9 @@ impl Connection {
         // needs no ordering entry. Past the write high-water mark the pipeline takes over,
         // which is bounded and flushes.
         if self.pipeline.is_empty() && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
-            if let Some(charge) = self.account.try_take_request(units) {
+            if let Some(charge) = self.admission.try_admit(units) {
                 if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
-                    self.account.finish_request(charge);
+                    self.admission.finish(charge);
                     self.emit(response);
                     return;
                 }
@@ -597,7 +590,7 @@ impl Connection {
                 let mut cx = Context::from_waker(futures::task::noop_waker_ref());
                 match running.poll_unpin(&mut cx) {
                     Poll::Ready(response) => {
-                        self.account.finish_request(charge);
+                        self.admission.finish(charge);
                         self.emit(response);
                     }
                     // Pushed into the pipeline, it is polled again with a real waker.
@@ -633,99 +626,23 @@ impl Connection {
     /// Starts a request if the budget grants its `units` now; otherwise holds it back until
     /// this connection's replies drain (past its share) or the budget grants them.
     fn start_or_wait(&mut self, request: Request, keys: Vec<Bytes>, units: u32) {
-        let share = self.account.budget().share_units();
-        let grant = if !self.pipeline.is_empty()
-            && self.account.request_units().saturating_add(units) > share
-        {
+        let grant = if self.admission.must_drain(units, !self.pipeline.is_empty()) {
             None
-        } else if let Some(charge) = self.account.try_take_request(units) {
-            let running = running(&self.ctx, request);
-            self.pipeline
-                .start(keys, async move { (running.await, charge) });
-            return;
         } else {
-            Stats::incr(&self.ctx.stats.budget_waits);
-            Some(self.account.grant(units, true))
+            match self.admission.admit_or_grant(units) {
+                Ok(charge) => {
+                    let running = running(&self.ctx, request);
+                    self.pipeline
+                        .start(keys, async move { (running.await, charge) });
+                    return;
+                }
+                Err(grant) => Some(grant),
+            }
         };
         self.waiting = Some(Waiting {
             want: Want::Request(Box::new(request), keys, units),
             grant,
         });
-    }
-}
-
-/// Splits a retrieval whose reply could take more than `max_units` into pieces that cannot;
-/// every piece but the last leaves out `END`, as with a line longer than the parser's
-/// window. Other requests come back whole.
-fn split_retrieval(request: Request, limits: &Limits, max_units: u32) -> Vec<Request> {
-    let max_bytes = max_units as usize * crate::budget::UNIT_BYTES as usize;
-    if Budget::units(reply_bound(&request, limits)) <= max_units {
-        return vec![request];
-    }
-    let per_key = reply_bound_per_key(limits) + 2 * protocol::MAX_KEY_BYTES;
-    let per_piece = (max_bytes.saturating_sub(SMALL_REPLY_BYTES) / per_key).max(1);
-    let piece = |keys: &[Bytes], last: bool, end: bool| (keys.to_vec(), last && end);
-    match request {
-        Request::Get { keys, cas, end } => {
-            let n = keys.chunks(per_piece).count();
-            keys.chunks(per_piece)
-                .enumerate()
-                .map(|(i, chunk)| {
-                    let (keys, end) = piece(chunk, i + 1 == n, end);
-                    Request::Get { keys, cas, end }
-                })
-                .collect()
-        }
-        Request::Gat {
-            exptime,
-            keys,
-            cas,
-            end,
-        } => {
-            let n = keys.chunks(per_piece).count();
-            keys.chunks(per_piece)
-                .enumerate()
-                .map(|(i, chunk)| {
-                    let (keys, end) = piece(chunk, i + 1 == n, end);
-                    Request::Gat {
-                        exptime,
-                        keys,
-                        cas,
-                        end,
-                    }
-                })
-                .collect()
-        }
-        other => vec![other],
-    }
-}
-
-/// What one key of a retrieval can take: its value read from the store, and encoded.
-fn reply_bound_per_key(limits: &Limits) -> usize {
-    2 * (limits.max_item_bytes + REPLY_OVERHEAD_BYTES)
-}
-
-/// The most bytes a request can hold while it runs and its reply waits: values read from
-/// the store, and their encoding in the write buffer.
-fn reply_bound(request: &Request, limits: &Limits) -> usize {
-    let per_value = limits.max_item_bytes + REPLY_OVERHEAD_BYTES;
-    match request {
-        Request::Get { keys, .. } | Request::Gat { keys, .. } => {
-            let values = keys.len().saturating_mul(reply_bound_per_key(limits));
-            let keys: usize = keys.iter().map(|k| 2 * k.len()).sum();
-            values.min(2 * (command::MAX_RESPONSE_BYTES + per_value)) + keys + SMALL_REPLY_BYTES
-        }
-        // The data block and a copy as written to the store; append and prepend also read
-        // the old value.
-        Request::Store { data, mode, .. } => {
-            let old = match mode {
-                StoreMode::Append | StoreMode::Prepend => per_value,
-                _ => 0,
-            };
-            2 * data.len() + old + SMALL_REPLY_BYTES
-        }
-        Request::Arith { .. } | Request::Meta(_) => 2 * per_value + SMALL_REPLY_BYTES,
-        _ => SMALL_REPLY_BYTES,
     }
 }
 
