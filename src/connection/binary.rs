@@ -2,24 +2,26 @@
 //! write the replies once per batch of input.
 //!
 //! Consecutive plain gets (as libmemcached sends a multi-get: getkq... noop) run concurrently,
-//! as many at once as a text multi-get fans out, and answer in order; every other frame runs after everything before it. Quiet frames
-//! answer nothing on success (gets: on a miss); replies are written when the input runs dry
-//! or past a high-water mark, so a noop or any loud frame after quiet ones flushes them.
+//! as many at once as a text multi-get fans out, and answer in order; every other frame runs
+//! after everything before it. Quiet frames answer nothing on success (gets: on a miss);
+//! replies are written when the input runs dry or past a high-water mark, so a noop or any
+//! loud frame after quiet ones flushes them.
 //!
 //! Memory: the connection is admitted as a text connection is ([`super::admission`]): before
 //! a frame or a run of gets runs, it is charged what the same requests are charged on the
 //! text protocol (waiting, in arrival order with every other connection, when the budget is
 //! spent); the charge pays for the write buffer until it is written, and a run of gets is
-//! cut to what one connection's share can hold, as a text multi-get is. The request and
-//! write timeouts apply as on the text protocol.
+//! cut to what one connection's share can hold, as a text multi-get is. The buffers, their
+//! charges and the request, idle and write timeouts are the text protocol's ([`super::io`]).
 
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::admission::Admission;
+use super::io::{sleep_until, Buffers, WRITE_HIGH_WATER_BYTES};
 use super::login::Login;
 use super::ConnectionConfig;
 use crate::command::{self, Ctx};
@@ -27,49 +29,41 @@ use crate::protocol::binary::{self, Command, Frame};
 use crate::protocol::{MetaRequest, Request, Response};
 use crate::stats::Stats;
 
-/// Flush replies once this many bytes are waiting, even mid-batch.
-const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
-/// Bytes asked of the socket per read.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Capacity a write buffer grown by large replies shrinks back to once written.
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-
 struct Conn<'a> {
     ctx: &'a Arc<Ctx>,
     config: &'a ConnectionConfig,
-    read_buf: BytesMut,
-    write_buf: BytesMut,
-    /// Bytes of a refused body still to discard.
-    skip: usize,
-    /// SASL is on and this connection has not logged in yet.
-    login: Login,
-    closing: bool,
+    /// The read and write buffers, and the input's deadlines.
+    io: Buffers,
     /// What this connection holds of the memory budget, and how it takes more.
     admission: Admission,
-    /// When the oldest incomplete frame in the read buffer began arriving.
-    partial_since: Option<tokio::time::Instant>,
+    /// Whether the client has logged in, when SASL is on.
+    login: Login,
+    /// Bytes of a refused body still to discard.
+    skip: usize,
+    /// Stop once this batch is answered: the client quit, or failed to log in once too often.
+    closing: bool,
 }
 
-/// Serves a connection whose first bytes (already read into `read_buf`) start a binary frame.
+/// Serves a connection whose first bytes (already read into `first`, a buffer of
+/// [`super::io::INITIAL_BUFFER_BYTES`]) start a binary frame.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut S,
     ctx: &Arc<Ctx>,
     config: &ConnectionConfig,
-    read_buf: BytesMut,
+    first: BytesMut,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
+    let mut admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
+    let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission);
     let mut conn = Conn {
         ctx,
         config,
-        read_buf,
-        write_buf: BytesMut::with_capacity(16 * 1024),
-        skip: 0,
+        io,
+        admission,
         login: Login::new(config.sasl.clone(), ctx.stats.clone()),
+        skip: 0,
         closing: false,
-        admission: Admission::new(config.budget.clone(), config.limits, ctx.stats.clone()),
-        partial_since: None,
     };
-    conn.sync_buffers();
     conn.serve(socket, shutdown).await
 }
 
@@ -90,6 +84,8 @@ fn plain_get(frame: &Frame) -> bool {
 }
 
 impl Conn<'_> {
+    /// Answers what each read brings until the client leaves, stalls or idles out, or the
+    /// server shuts down.
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         socket: &mut S,
@@ -97,56 +93,50 @@ impl Conn<'_> {
     ) -> std::io::Result<()> {
         loop {
             self.run_buffered(socket).await?;
+            self.io.tidy(&mut self.admission);
             self.flush(socket).await?;
-            if self.closing {
+            if self.closing || !self.make_read_room(shutdown).await {
                 return Ok(());
             }
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK_BYTES / 4 {
-                self.read_buf.reserve(READ_CHUNK_BYTES);
-                self.sync_buffers();
-            }
-            let (deadline, idle) = self.read_deadline();
-            let read = async {
-                match deadline {
-                    Some(at) => tokio::time::timeout_at(at, socket.read_buf(&mut self.read_buf))
-                        .await
-                        .map_err(|_| ()),
-                    None => Ok(socket.read_buf(&mut self.read_buf).await),
-                }
+            // A frame begun must be complete within the request timeout; an empty buffer may
+            // idle for the idle timeout.
+            let partial = self.io.has_input() || self.skip > 0;
+            let request_deadline = self.io.request_deadline(partial);
+            let deadline = match partial {
+                true => request_deadline,
+                false => self.io.idle_deadline(),
             };
             tokio::select! {
-                read = read => match read {
-                    Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(n)) => Stats::add(&self.ctx.stats.bytes_read, n as u64),
-                    Ok(Err(e)) => return Err(e),
-                    Err(()) => {
-                        let counter = if idle { &self.ctx.stats.idle_kicks } else { &self.ctx.stats.request_timeouts };
-                        Stats::incr(counter);
-                        tracing::debug!(idle, "closing a stalled or idle binary connection");
+                biased;
+                read = self.io.read(socket) => {
+                    if read? == 0 {
                         return Ok(());
                     }
-                },
+                }
+                _ = sleep_until(deadline) => {
+                    let stats = &self.ctx.stats;
+                    Stats::incr(if partial { &stats.request_timeouts } else { &stats.idle_kicks });
+                    tracing::debug!(idle = !partial, "closing a stalled or idle binary connection");
+                    return Ok(());
+                }
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
     }
 
-    /// When the next read must have brought something: a frame begun must be complete within
-    /// the request timeout; an empty buffer may idle for the idle timeout. `true`: idle.
-    fn read_deadline(&mut self) -> (Option<tokio::time::Instant>, bool) {
-        let now = tokio::time::Instant::now();
-        if self.read_buf.is_empty() && self.skip == 0 {
-            self.partial_since = None;
-            return (self.config.idle_timeout.map(|d| now + d), true);
+    /// Makes room in the read buffer, waiting for the budget to grant it if it must; false
+    /// if the server shuts down first.
+    async fn make_read_room(&mut self, shutdown: &CancellationToken) -> bool {
+        let Some(room) = self.io.make_read_room(&mut self.admission) else {
+            return true;
+        };
+        tokio::select! {
+            permit = room.grant => {
+                (self.io).granted_read_room(permit, room.capacity, &mut self.admission);
+                true
+            }
+            _ = shutdown.cancelled() => false,
         }
-        let since = *self.partial_since.get_or_insert(now);
-        (self.config.request_timeout.map(|d| since + d), false)
-    }
-
-    /// Charges the buffers' capacity to the budget.
-    fn sync_buffers(&mut self) {
-        let bytes = self.read_buf.capacity() + self.write_buf.capacity();
-        self.admission.set_buffers(bytes);
     }
 
     /// Gets one run may hold at once: what fits a connection's share, at least one, and no
@@ -163,12 +153,13 @@ impl Conn<'_> {
             if self.skip > 0 {
                 break;
             }
-            let Some(decoded) =
-                binary::decode(&self.read_buf, &self.config.limits, self.login.required())
+            let limits = &self.config.limits;
+            let Some(decoded) = binary::decode(self.io.input(), limits, self.login.required())
             else {
                 break;
             };
-            self.read_buf.advance(decoded.consumed);
+            self.io.input().advance(decoded.consumed);
+            self.io.progress();
             self.skip = decoded.skip;
             if plain_get(&decoded.frame) {
                 // A hit in the near tier with nothing before it is answered here, as in
@@ -178,18 +169,14 @@ impl Conn<'_> {
                 }
                 if gets.len() >= self.max_gets() {
                     self.run_gets(&mut gets).await;
-                    if self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
-                        self.flush(socket).await?;
-                    }
+                    self.flush_past_high_water(socket).await?;
                 }
                 gets.push(decoded.frame);
                 continue;
             }
             self.run_gets(&mut gets).await;
             self.run(decoded.frame).await;
-            if self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
-                self.flush(socket).await?;
-            }
+            self.flush_past_high_water(socket).await?;
         }
         self.run_gets(&mut gets).await;
         Ok(())
@@ -204,7 +191,8 @@ impl Conn<'_> {
         };
         match command::answer_from_tier(self.ctx, &get) {
             Some(response) => {
-                binary::encode(frame, &response, &mut self.write_buf);
+                self.emit(frame, &response);
+                self.io.sync(&mut self.admission);
                 true
             }
             None => false,
@@ -212,8 +200,9 @@ impl Conn<'_> {
     }
 
     fn discard_skipped(&mut self) {
-        let n = self.skip.min(self.read_buf.len());
-        self.read_buf.advance(n);
+        let input = self.io.input();
+        let n = self.skip.min(input.len());
+        input.advance(n);
         self.skip -= n;
     }
 
@@ -231,11 +220,11 @@ impl Conn<'_> {
             (requests.into_iter()).map(|request| command::execute_arrived(ctx, request, arrived)),
         )
         .await;
-        for (frame, response) in gets.drain(..).zip(replies) {
-            binary::encode(&frame, &response, &mut self.write_buf);
-        }
         self.admission.finish(charge);
-        self.sync_buffers();
+        for (frame, response) in gets.drain(..).zip(replies) {
+            self.emit(&frame, &response);
+        }
+        self.io.sync(&mut self.admission);
     }
 
     /// Runs one frame and encodes its reply.
@@ -247,33 +236,45 @@ impl Conn<'_> {
                 if response == Response::Close {
                     self.closing = true;
                 }
-                binary::encode(&frame, &response, &mut self.write_buf);
                 self.admission.finish(charge);
-                self.sync_buffers();
+                self.emit(&frame, &response);
             }
             Command::Reply(reply) => {
                 self.closing |= reply.close;
-                binary::encode_reply(&frame, reply, &mut self.write_buf);
+                binary::encode_reply(&frame, reply, self.io.output());
             }
             Command::SaslListMechs => {
                 let reply = self.login.mechanisms();
-                binary::encode_reply(&frame, &reply, &mut self.write_buf);
+                binary::encode_reply(&frame, &reply, self.io.output());
             }
             Command::SaslAuth { mech, data, step } => {
                 let reply = self.login.sasl(mech, data, *step).await;
                 self.closing |= reply.close;
-                binary::encode_reply(&frame, &reply, &mut self.write_buf);
+                binary::encode_reply(&frame, &reply, self.io.output());
             }
         }
+        self.io.sync(&mut self.admission);
     }
 
+    /// Encodes the reply to `frame` (charged by the next [`Buffers::sync`]).
+    fn emit(&mut self, frame: &Frame, response: &Response) {
+        self.io.reserve_reply(response);
+        binary::encode(frame, response, self.io.output());
+    }
+
+    /// Writes every waiting reply within the write timeout.
     async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
-        let (timeout, stats) = (self.config.write_timeout, &self.ctx.stats);
-        super::write_replies(socket, &mut self.write_buf, timeout, stats).await?;
-        if self.write_buf.capacity() > WRITE_BUFFER_BYTES {
-            self.write_buf = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
+        self.io.flush(socket, &mut self.admission).await
+    }
+
+    /// Writes the waiting replies if they have passed the high-water mark.
+    async fn flush_past_high_water<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+    ) -> std::io::Result<()> {
+        if self.io.pending_output() >= WRITE_HIGH_WATER_BYTES {
+            self.flush(socket).await?;
         }
-        self.sync_buffers();
         Ok(())
     }
 }

@@ -13,6 +13,7 @@
 
 mod admission;
 mod binary;
+mod io;
 mod login;
 mod pipeline;
 
@@ -33,22 +34,10 @@ use crate::command::{self, Ctx};
 use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
 use crate::sasl::Users;
 use crate::stats::Stats;
-use admission::{Admission, REPLY_OVERHEAD_BYTES};
+use admission::Admission;
+use io::{sleep_until, Buffers, INITIAL_BUFFER_BYTES, WRITE_HIGH_WATER_BYTES};
 use login::{Login, UNAUTHENTICATED};
 use pipeline::Pipeline;
-
-/// Flush replies once this many bytes are waiting, even mid-batch.
-const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
-/// Room added to the read buffer when it runs short, at least.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Capacity of a new connection's read and write buffers, each; what they shrink back to.
-const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
-/// Room the read buffer needs for a read; less, and it is replaced by a larger one. Small
-/// next to the initial buffer, so a connection of small requests reads many of them into one
-/// allocation (each request parsed takes its bytes from the buffer's front).
-const MIN_READ_ROOM_BYTES: usize = INITIAL_BUFFER_BYTES / 4;
-/// A drained write buffer larger than this is given back and replaced by a small one.
-const WRITE_KEEP_BYTES: usize = 64 * 1024;
 
 /// Per-connection settings.
 #[derive(Debug, Clone)]
@@ -156,14 +145,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None => return,
     }
     let login = Login::new(config.sasl.clone(), ctx.stats.clone());
-    let admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
+    let mut admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
+    let io = Buffers::new(read_buf, &config, ctx.stats.clone(), &mut admission);
     let mut conn = Connection {
         ctx,
         config,
         login,
-        read_buf,
-        read_alloc: INITIAL_BUFFER_BYTES,
-        write_buf: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
+        io,
         pipeline: Pipeline::new(),
         skip_bytes: 0,
         skip_line: false,
@@ -171,11 +159,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         closing: false,
         admission,
         waiting: None,
-        partial_since: None,
-        parsed: 0,
         queued: std::collections::VecDeque::new(),
     };
-    conn.sync_buffers();
     // The first read happened before the protocol was known: run what it brought.
     conn.advance().await;
     let served = match conn.flush(&mut socket).await {
@@ -228,10 +213,8 @@ struct Connection {
     config: ConnectionConfig,
     /// SASL is on and this text connection has not logged in (memcached's `-Y` text auth).
     login: Login,
-    read_buf: BytesMut,
-    /// Bytes allocated for `read_buf` (its capacity shrinks as it is consumed; this doesn't).
-    read_alloc: usize,
-    write_buf: BytesMut,
+    /// The read and write buffers, and the input's deadlines.
+    io: Buffers,
     /// Requests running, and a barrier waiting for them.
     pipeline: Pipeline<Finished, Request>,
     /// Bytes of a refused data block still to discard.
@@ -246,10 +229,6 @@ struct Connection {
     admission: Admission,
     /// Work held back for the budget; nothing more is read or dispatched meanwhile.
     waiting: Option<Waiting>,
-    /// Since when an incomplete request has been waiting for its remaining bytes.
-    partial_since: Option<tokio::time::Instant>,
-    /// Requests parsed so far: a change means the client made progress.
-    parsed: u64,
     /// Parsed requests not yet started: the pieces of a retrieval split to fit the budget.
     queued: std::collections::VecDeque<Request>,
 }
@@ -260,8 +239,6 @@ impl Connection {
         socket: &mut S,
         shutdown: &CancellationToken,
     ) -> std::io::Result<()> {
-        let idle = self.config.idle_timeout;
-        let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
         loop {
             if self.closing
                 && self.pipeline.is_empty()
@@ -272,7 +249,9 @@ impl Connection {
                 return self.flush(socket).await;
             }
             let can_read = self.may_read() && self.make_read_room();
-            let request_deadline = self.request_deadline(can_read);
+            let waiting_for_client = self.io.has_input() || self.skip_bytes > 0 || self.skip_line;
+            let request_deadline = self.io.request_deadline(can_read && waiting_for_client);
+            let idle_deadline = self.io.idle_deadline();
             let idle_armed = idle_deadline.is_some() && self.pipeline.is_empty();
             let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
             tokio::select! {
@@ -283,7 +262,7 @@ impl Connection {
                         self.finish(response, charge);
                     }
                     self.advance().await;
-                    if self.pipeline.is_empty() || self.write_buf.len() >= WRITE_HIGH_WATER_BYTES {
+                    if self.pipeline.is_empty() || self.io.pending_output() >= WRITE_HIGH_WATER_BYTES {
                         self.flush(socket).await?;
                     }
                 }
@@ -294,19 +273,14 @@ impl Connection {
                         self.flush(socket).await?;
                     }
                 }
-                read = socket.read_buf(&mut self.read_buf), if can_read => {
-                    let n = read?;
-                    if n == 0 {
+                read = self.io.read(socket), if can_read => {
+                    if read? == 0 {
                         self.closing = true;
                         continue;
                     }
-                    Stats::add(&self.ctx.stats.bytes_read, n as u64);
-                    if let Some(d) = idle {
-                        idle_deadline = Some(tokio::time::Instant::now() + d);
-                    }
                     self.discard_skipped();
                     self.advance().await;
-                    self.tidy_read_buf();
+                    self.io.tidy(&mut self.admission);
                     if self.pipeline.is_empty() {
                         self.flush(socket).await?;
                     }
@@ -341,71 +315,22 @@ impl Connection {
     /// Stops taking input and ends the connection once what is in flight is answered.
     fn stop_reading(&mut self) {
         self.closing = true;
-        self.read_buf.clear();
+        self.io.input().clear();
         self.skip_bytes = 0;
         self.skip_line = false;
-    }
-
-    /// When the incomplete request in the read buffer must be complete, if there is one and
-    /// the connection is waiting for the client (not for itself).
-    fn request_deadline(&mut self, reading: bool) -> Option<tokio::time::Instant> {
-        let waiting_for_client = !self.read_buf.is_empty() || self.skip_bytes > 0 || self.skip_line;
-        if !reading || !waiting_for_client {
-            self.partial_since = None;
-            return None;
-        }
-        let since = *self
-            .partial_since
-            .get_or_insert_with(tokio::time::Instant::now);
-        self.config.request_timeout.map(|t| since + t)
     }
 
     /// Makes sure the read buffer has room for a read; returns false when the budget cannot
     /// give it now (a grant is then awaited).
     fn make_read_room(&mut self) -> bool {
-        let len = self.read_buf.len();
-        if self.read_buf.capacity() - len >= MIN_READ_ROOM_BYTES {
+        let Some(room) = self.io.make_read_room(&mut self.admission) else {
             return true;
-        }
-        let new_cap = if len < INITIAL_BUFFER_BYTES / 2 {
-            INITIAL_BUFFER_BYTES
-        } else {
-            (len * 2).max(len + READ_CHUNK_BYTES)
         };
-        let more = Budget::units(new_cap).saturating_sub(Budget::units(self.read_alloc));
-        if self.admission.try_grow_buffers(more) {
-            self.regrow_read_buf(new_cap);
-            return true;
-        }
         self.waiting = Some(Waiting {
-            want: Want::ReadRoom(new_cap),
-            grant: Some(self.admission.grant_buffers(more)),
+            want: Want::ReadRoom(room.capacity),
+            grant: Some(room.grant),
         });
         false
-    }
-
-    /// Moves the read buffer's bytes into a new allocation of `capacity`.
-    fn regrow_read_buf(&mut self, capacity: usize) {
-        let mut fresh = BytesMut::with_capacity(capacity.max(self.read_buf.len()));
-        fresh.extend_from_slice(&self.read_buf);
-        self.read_alloc = fresh.capacity();
-        self.read_buf = fresh;
-        self.sync_buffers();
-    }
-
-    /// Gives back a read buffer grown for a large request once it is mostly consumed.
-    fn tidy_read_buf(&mut self) {
-        if self.read_alloc > INITIAL_BUFFER_BYTES + READ_CHUNK_BYTES
-            && self.read_buf.len() < INITIAL_BUFFER_BYTES / 2
-        {
-            self.regrow_read_buf(INITIAL_BUFFER_BYTES);
-        }
-    }
-
-    /// Charges the budget for what the buffers hold allocated now.
-    fn sync_buffers(&mut self) {
-        let bytes = self.read_alloc + self.write_buf.capacity();
-        self.admission.set_buffers(bytes);
     }
 
     /// Books a grant for the work that waited for it.
@@ -421,8 +346,7 @@ impl Connection {
                     .start(keys, async move { (running.await, charge) });
             }
             Want::ReadRoom(capacity) => {
-                self.admission.granted_buffers(permit);
-                self.regrow_read_buf(capacity);
+                (self.io).granted_read_room(permit, capacity, &mut self.admission);
             }
         }
     }
@@ -438,53 +362,34 @@ impl Connection {
     fn emit(&mut self, response: Response) {
         if response == Response::Close {
             self.closing = true;
-            self.read_buf.clear();
+            self.io.input().clear();
         }
-        // Size the buffer for a large reply at once: growing by doubling could take twice
-        // the reply's size.
-        let need = encoded_len_hint(&response);
-        if need > self.write_buf.capacity() - self.write_buf.len() {
-            if self.write_buf.is_empty() {
-                self.write_buf = BytesMut::with_capacity(need);
-            } else {
-                self.write_buf.reserve(need);
-            }
-        }
-        response.encode(&mut self.write_buf);
-        self.sync_buffers();
+        self.io.reserve_reply(&response);
+        response.encode(self.io.output());
+        self.io.sync(&mut self.admission);
     }
 
-    /// Writes every waiting reply within the write timeout, then shrinks a write buffer a
-    /// large reply grew.
+    /// Writes every waiting reply within the write timeout.
     async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
-        write_replies(
-            socket,
-            &mut self.write_buf,
-            self.config.write_timeout,
-            &self.ctx.stats,
-        )
-        .await?;
-        if self.write_buf.capacity() > WRITE_KEEP_BYTES {
-            self.write_buf = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
-            self.sync_buffers();
-        }
-        Ok(())
+        self.io.flush(socket, &mut self.admission).await
     }
 
     /// Drops input that belongs to a refused data block or an over-long line.
     fn discard_skipped(&mut self) {
         if self.skip_bytes > 0 {
-            let n = self.skip_bytes.min(self.read_buf.len());
-            self.read_buf.advance(n);
+            let input = self.io.input();
+            let n = self.skip_bytes.min(input.len());
+            input.advance(n);
             self.skip_bytes -= n;
         }
         if self.skip_line {
-            match protocol::line_end(&self.read_buf) {
+            let input = self.io.input();
+            match protocol::line_end(input) {
                 Some(len) => {
-                    self.read_buf.advance(len);
+                    input.advance(len);
                     self.skip_line = false;
                 }
-                None => self.read_buf.clear(),
+                None => input.clear(),
             }
         }
     }
@@ -514,16 +419,11 @@ impl Connection {
                 skip,
                 resume,
                 ..
-            }) = protocol::parse_resumed(
-                &mut self.read_buf,
-                &self.config.limits,
-                self.long_retrieval,
-            )
+            }) = protocol::parse_resumed(self.io.input(), &self.config.limits, self.long_retrieval)
             else {
                 return;
             };
-            self.parsed += 1;
-            self.partial_since = None;
+            self.io.progress();
             self.long_retrieval = resume;
             match skip {
                 Skip::None => {}
@@ -566,7 +466,7 @@ impl Connection {
     fn start(&mut self, request: Request) {
         let Some(keys) = request.keys() else {
             if matches!(request, Request::Quit | Request::Hangup(_)) {
-                self.read_buf.clear();
+                self.io.input().clear();
             }
             self.pipeline.hold(request);
             return;
@@ -579,7 +479,7 @@ impl Connection {
         // pipeline. A write the store takes at once (a small set on the directory store)
         // needs no ordering entry. Past the write high-water mark the pipeline takes over,
         // which is bounded and flushes.
-        if self.pipeline.is_empty() && self.write_buf.len() < WRITE_HIGH_WATER_BYTES {
+        if self.pipeline.is_empty() && self.io.pending_output() < WRITE_HIGH_WATER_BYTES {
             if let Some(charge) = self.admission.try_admit(units) {
                 if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
                     self.admission.finish(charge);
@@ -646,18 +546,6 @@ impl Connection {
     }
 }
 
-/// Bytes a reply encodes to, near enough to size the write buffer (0 when small).
-fn encoded_len_hint(response: &Response) -> usize {
-    match response {
-        Response::Values { values, .. } => values
-            .iter()
-            .map(|v| v.key.len() + v.data.len() + REPLY_OVERHEAD_BYTES)
-            .sum::<usize>()
-            .saturating_add(8),
-        _ => 0,
-    }
-}
-
 /// Waits for the grant the connection is waiting for, if any.
 async fn wait_grant(waiting: &mut Option<Waiting>) -> tokio::sync::OwnedSemaphorePermit {
     match waiting {
@@ -665,45 +553,5 @@ async fn wait_grant(waiting: &mut Option<Waiting>) -> tokio::sync::OwnedSemaphor
             grant: Some(grant), ..
         }) => grant.await,
         _ => futures::future::pending().await,
-    }
-}
-
-/// Writes `buf` whole (then empties it) within `timeout`, counting the bytes written and a
-/// timeout in `stats`; for both protocols' connections.
-pub async fn write_replies<S: AsyncWrite + Unpin>(
-    socket: &mut S,
-    buf: &mut BytesMut,
-    timeout: Option<Duration>,
-    stats: &Stats,
-) -> std::io::Result<()> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    let write = async {
-        socket.write_all(buf).await?;
-        socket.flush().await
-    };
-    match timeout {
-        None => write.await?,
-        Some(limit) => match tokio::time::timeout(limit, write).await {
-            Ok(written) => written?,
-            Err(_) => {
-                Stats::incr(&stats.write_timeouts);
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "client did not read its replies within the write timeout",
-                ));
-            }
-        },
-    }
-    Stats::add(&stats.bytes_written, buf.len() as u64);
-    buf.clear();
-    Ok(())
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => futures::future::pending().await,
     }
 }
