@@ -8,8 +8,8 @@
 //! loud frame after quiet ones flushes them.
 //!
 //! Memory: the connection is admitted as a text connection is ([`super::admission`]): before
-//! a frame or a run of gets runs, it is charged what the same requests are charged on the
-//! text protocol (waiting, in arrival order with every other connection, when the budget is
+//! a frame or a run of gets runs, or a get is answered from the near tier, it is charged
+//! what the same requests are charged on the text protocol (waiting, in arrival order with every other connection, when the budget is
 //! spent); the charge pays for the write buffer until it is written, and a run of gets is
 //! cut to what one connection's share can hold, as a text multi-get is. The buffers, their
 //! charges and the request, idle and write timeouts are the text protocol's ([`super::io`]).
@@ -182,21 +182,25 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Answers a get from the near tier alone when its item is there and fresh.
+    /// Answers a get from the near tier alone when its item is there and fresh. The reply
+    /// is charged first, as a one-key text `get` is, and only if the budget has it free
+    /// now; otherwise the get runs with those after it, waiting for its charge.
     fn answer_from_tier(&mut self, frame: &Frame) -> bool {
         let get = Request::Get {
             keys: vec![frame.key.clone()],
             cas: true,
             end: true,
         };
-        match command::answer_from_tier(self.ctx, &get) {
-            Some(response) => {
-                self.emit(frame, &response);
-                self.io.sync(&mut self.admission);
-                true
-            }
-            None => false,
+        let Some(charge) = self.admission.try_admit(self.admission.units(&get)) else {
+            return false;
+        };
+        let response = command::answer_from_tier(self.ctx, &get);
+        self.admission.finish(charge);
+        if let Some(response) = &response {
+            self.emit(frame, response);
         }
+        self.io.sync(&mut self.admission);
+        response.is_some()
     }
 
     fn discard_skipped(&mut self) {
