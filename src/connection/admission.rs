@@ -1,13 +1,13 @@
-//! One admission path for both protocols: what a connection is charged of the memory budget
-//! before a request runs or a buffer grows, and when it must wait.
+//! One admission path for both protocols: what a connection is charged, and when it waits.
 //!
-//! A request is charged the most its reply can take ([`reply_bound`]), never more than the
-//! largest grant. It runs once charged; a connection with replies pending that would go past
-//! its share waits for them to drain first, and one the budget refuses waits for a grant, in
-//! arrival order with every other connection. A retrieval (a multi-get, or a run of binary
-//! gets) is cut to what one connection's share can hold. Buffers are charged their capacity:
-//! growth the driver can put off waits for the budget like a request, growth it cannot (a
-//! reply being encoded) is forced.
+//! Everything is charged to the memory budget before it is taken. A request is charged the
+//! most its reply can take ([`reply_bound`]), never more than the largest grant. It runs once
+//! charged; a connection with replies pending that would go past its share waits for them to
+//! drain first, and one the budget refuses waits for a grant, in arrival order with every
+//! other connection. A retrieval (a multi-get, or a run of binary gets) is cut to what one
+//! connection's share can hold. Buffers are charged their capacity: growth the driver can put
+//! off waits for the budget like a request, growth it cannot (a reply being encoded) is
+//! forced.
 
 use std::sync::Arc;
 

@@ -1,5 +1,4 @@
-//! A binary-protocol connection: decode frames, run them through the command layer in order,
-//! write the replies once per batch of input.
+//! The binary protocol's driver: decode frames, run them in order, write replies per batch.
 //!
 //! Consecutive plain gets (as libmemcached sends a multi-get: getkq... noop) run concurrently,
 //! as many at once as a text multi-get fans out, and answer in order; every other frame runs
@@ -7,12 +6,13 @@
 //! replies are written when the input runs dry or past a high-water mark, so a noop or any
 //! loud frame after quiet ones flushes them.
 //!
-//! Memory: the connection is admitted as a text connection is ([`super::admission`]): before
-//! a frame or a run of gets runs, or a get is answered from the near tier, it is charged
-//! what the same requests are charged on the text protocol (waiting, in arrival order with every other connection, when the budget is
-//! spent); the charge pays for the write buffer until it is written, and a run of gets is
-//! cut to what one connection's share can hold, as a text multi-get is. The buffers, their
-//! charges and the request, idle and write timeouts are the text protocol's ([`super::io`]).
+//! Memory: the connection is admitted as a text connection is ([`super::admission`]): before a
+//! frame or a run of gets runs, or a get is answered from the near tier, it is charged what
+//! the same requests are charged on the text protocol (waiting, in arrival order with every
+//! other connection, when the budget is spent); the charge pays for the write buffer until it
+//! is written, and a run of gets is cut to what one connection's share can hold, as a text
+//! multi-get is. The buffers, their charges and the request, idle and write timeouts are the
+//! text protocol's ([`super::io`]).
 
 use std::sync::Arc;
 

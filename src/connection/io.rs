@@ -1,10 +1,11 @@
-//! What both protocol drivers hold of the socket: the read buffer (grown only as the budget
-//! grants, shrunk after a large request), the write buffer and its writer, and the deadlines
-//! by which the client must send.
+//! What both protocol drivers hold of the socket: buffers, the writer, input deadlines.
 //!
-//! Every byte of capacity is charged through [`Admission`]: the read buffer by what it has
-//! allocated (its capacity shrinks as requests are taken off its front; the allocation does
-//! not), the write buffer by its capacity.
+//! The read buffer grows only as the budget grants and shrinks back after a large request; the
+//! write buffer is written whole within the write timeout; the client must complete a request
+//! within the request timeout and send something within the idle timeout. Every byte of
+//! capacity is charged through [`Admission`]: the read buffer by what it has allocated (its
+//! capacity shrinks as requests are taken off its front; the allocation does not), the write
+//! buffer by its capacity.
 
 use std::sync::Arc;
 use std::time::Duration;

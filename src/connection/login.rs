@@ -1,5 +1,6 @@
-//! One login for both protocols: memcached's text `set` login and binary SASL PLAIN are
-//! checked against the same users, counted and limited in the same place.
+//! One login for both protocols: text `set` logins and binary SASL PLAIN, checked alike.
+//!
+//! Both are checked against the same users, and counted and limited in the same place.
 
 use std::sync::Arc;
 

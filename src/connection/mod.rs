@@ -1,12 +1,11 @@
-//! One client connection: the first read tells the protocols apart, and the socket goes to
-//! the text or the binary driver.
+//! One client connection: its first byte picks the protocol, whose driver then serves it.
 //!
-//! The drivers share what lies between the socket and the command layer: the buffers, the
-//! writer and the input's deadlines ([`io`]), the memory budget's admission of each request
-//! and buffer ([`admission`]), and the login ([`login`]); the text driver runs its requests
-//! through the [`pipeline`]. Every buffer is bounded: the read buffer by the parser's
-//! limits, the pipeline by [`MAX_PIPELINE_DEPTH`], and all of them together, across
-//! connections, by the memory [`Budget`].
+//! The text and the binary driver are siblings. They share what lies between the socket and
+//! the command layer: the buffers, the writer and the input's deadlines ([`io`]), the memory
+//! budget's admission of each request and buffer ([`admission`]), and the login ([`login`]);
+//! the text driver runs its requests through the [`pipeline`]. Every buffer is bounded: the
+//! read buffer by the parser's limits, the pipeline by [`MAX_PIPELINE_DEPTH`], and all of them
+//! together, across connections, by the memory [`Budget`].
 
 mod admission;
 mod binary;

@@ -1,9 +1,10 @@
-//! A connection's requests in flight: they run concurrently, yet finish in request order, one
-//! key's requests run in order, and a barrier waits for everything before it.
+//! A connection's requests in flight: concurrent, answered in order, ordered per key.
 //!
-//! The pipeline knows nothing of the store or the protocol: it takes futures (a request
-//! running, with whatever the driver attaches to it) and the keys they touch, and yields
-//! their outputs in the order they were started.
+//! Requests run concurrently, yet their outputs come in request order; one key's requests run
+//! one after another, and a barrier waits for everything before it. The pipeline knows nothing
+//! of the store or the protocol: it takes futures (a request running, with whatever the driver
+//! attaches to it) and the keys they touch, and yields their outputs in the order they were
+//! started.
 
 use std::collections::HashMap;
 use std::future::Future;

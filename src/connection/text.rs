@@ -1,15 +1,14 @@
-//! The text protocol's driver: parse requests, run them through the pipeline, write the
-//! replies in request order.
+//! The text protocol's driver: parse requests, pipeline them, write the replies in order.
 //!
 //! Requests of one connection run concurrently against the store (a pipeline of sets or a
 //! burst of gets costs about one backend round trip, not one each), yet replies leave in
 //! request order and requests on the same key run in order ([`super::pipeline`]). Barrier
-//! commands (`flush_all`, `quit`) wait for everything before them. Each request is admitted
-//! by the memory budget before it starts ([`super::admission`]): a connection past its
-//! share, or refused by the budget, stops reading and dispatching until its replies drain or
-//! memory is granted. A request that is not complete within the request timeout ends the
-//! connection once what is in flight is answered; replies not written within the write
-//! timeout end it at once ([`super::io`]).
+//! commands (`flush_all`, `quit`) wait for everything before them. Each request is admitted by
+//! the memory budget before it starts ([`super::admission`]): a connection past its share, or
+//! refused by the budget, stops reading and dispatching until its replies drain or memory is
+//! granted. A request that is not complete within the request timeout ends the connection once
+//! what is in flight is answered; replies not written within the write timeout end it at once
+//! ([`super::io`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
