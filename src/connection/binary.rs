@@ -29,8 +29,11 @@ use crate::protocol::binary::{self, Command, Frame};
 use crate::protocol::{MetaRequest, Request, Response};
 use crate::stats::Stats;
 
+/// A binary-protocol connection's state.
 struct Conn<'a> {
+    /// What requests run against: the store, the near tier, the stats.
     ctx: &'a Arc<Ctx>,
+    /// The connection's settings: the parser's limits above all.
     config: &'a ConnectionConfig,
     /// The read and write buffers, and the input's deadlines.
     io: Buffers,

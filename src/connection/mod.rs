@@ -33,6 +33,7 @@ use io::INITIAL_BUFFER_BYTES;
 /// Per-connection settings.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
+    /// The parser's limits: key, line and item sizes.
     pub limits: Limits,
     /// Close a connection with nothing in flight after this long without input.
     pub idle_timeout: Option<Duration>,

@@ -180,11 +180,6 @@ mod tests {
             .collect()
     }
 
-    /// Polls the pipeline once: every request that can run gets as far as it can.
-    fn poll(pipeline: &mut Pipeline<&'static str, &'static str>) -> Option<&'static str> {
-        pipeline.ready()
-    }
-
     #[tokio::test(start_paused = true)]
     async fn outputs_come_in_request_order_when_later_requests_finish_first() {
         let mut pipeline = Pipeline::<(&'static str, tokio::time::Instant), ()>::new();
@@ -213,7 +208,8 @@ mod tests {
         pipeline.start(keys(&["ka"]), gated(&log, "a", a));
         pipeline.start(keys(&["kb"]), gated(&log, "b", b));
         release_b.send(()).unwrap();
-        assert_eq!(poll(&mut pipeline), None, "b is done, but a is not");
+        // ready() polls once: every request that can run gets as far as it can.
+        assert_eq!(pipeline.ready(), None, "b is done, but a is not");
         assert_eq!(log.events(), ["a starts", "b starts", "b ends"]);
         release_a.send(()).unwrap();
         assert_eq!(pipeline.next().await, Some("a"));
@@ -231,7 +227,7 @@ mod tests {
         // The second also touches another key: one shared key is enough to order them.
         pipeline.start(keys(&["other", "k"]), gated(&log, "second", second));
         release_second.send(()).unwrap();
-        assert_eq!(poll(&mut pipeline), None);
+        assert_eq!(pipeline.ready(), None);
         assert_eq!(log.events(), ["first starts"], "second waits for first");
         release_first.send(()).unwrap();
         assert_eq!(pipeline.next().await, Some("first"));
@@ -254,7 +250,7 @@ mod tests {
         pipeline.start(keys(&["k"]), gated(&log, "three", three));
         release_three.send(()).unwrap();
         release_two.send(()).unwrap();
-        assert_eq!(poll(&mut pipeline), None);
+        assert_eq!(pipeline.ready(), None);
         assert_eq!(log.events(), ["one starts"]);
         release_one.send(()).unwrap();
         for name in ["one", "two", "three"] {
@@ -279,7 +275,7 @@ mod tests {
         pipeline.start(keys(&["ka"]), gated(&log, "a", a));
         pipeline.start(keys(&["kb"]), gated(&log, "b", b));
         pipeline.start(Vec::new(), gated(&log, "c", c));
-        assert_eq!(poll(&mut pipeline), None);
+        assert_eq!(pipeline.ready(), None);
         assert_eq!(
             log.events(),
             ["a starts", "b starts", "c starts"],
@@ -307,7 +303,7 @@ mod tests {
         assert!(!pipeline.has_room(), "nothing starts behind a barrier");
         assert_eq!(pipeline.take_barrier(), None);
         release_b.send(()).unwrap();
-        assert_eq!(poll(&mut pipeline), None);
+        assert_eq!(pipeline.ready(), None);
         assert_eq!(pipeline.take_barrier(), None, "a is still running");
         release_a.send(()).unwrap();
         assert_eq!(pipeline.next().await, Some("a"));
