@@ -20,9 +20,8 @@ use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
 use crate::stats::Stats;
 use crate::store::dir::{DirStore, DEFAULT_OPEN_FILES};
-use crate::store::format::Codec;
-use crate::store::s3::{S3Settings, S3Store};
-use crate::store::{normalize_prefix, Store};
+use crate::store::s3::S3Store;
+use crate::store::Store;
 use crate::tier::disk::DiskTier;
 use crate::tier::{TierConfig, Tiered};
 
@@ -90,53 +89,14 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     Ok(open_store_and_clock(config).await?.0)
 }
 
-/// The S3 store's settings, taken from the configuration: all the store sees of it.
-pub fn s3_settings(c: &Config, codec: Codec) -> S3Settings {
-    S3Settings {
-        bucket: c.storage_bucket_name.clone(),
-        prefix: normalize_prefix(&c.location),
-        region: c.region.clone(),
-        endpoint_url: c.endpoint_url.clone(),
-        force_path_style: c.force_path_style,
-        access_key: (!c.access_key_id.expose().is_empty()).then(|| {
-            (
-                c.access_key_id.expose().to_owned(),
-                c.secret_access_key.expose().to_owned(),
-            )
-        }),
-        default_acl: c.default_acl.clone(),
-        bucket_acl: c.bucket_acl.clone(),
-        storage_class: c.effective_storage_class().map(str::to_owned),
-        create_bucket: c.create_bucket,
-        checksum_when_supported: c.request_checksum == "when_supported",
-        attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
-        operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
-        max_attempts: c.s3_max_attempts,
-        max_in_flight: c.s3_max_in_flight,
-        codec,
-        clock_skew_ms: c.clock_offset_ms,
-        server_side_encryption: Some(c.server_side_encryption.clone()).filter(|s| !s.is_empty()),
-        sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
-        prices: c.s3_prices(),
-    }
-}
-
-/// The value codec every store writes items with, built from the config once.
-pub fn codec(config: &Config) -> Codec {
-    Codec {
-        gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
-        max_value_bytes: config.max_item_size,
-    }
-}
-
 /// Opens the store the config names, with the clock to stamp items by: the S3 store's
 /// time when items live in S3 (so replicas agree on flush moments), else this machine's.
 pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
-    let codec = codec(config);
+    let codec = config.codec();
     // Raised whatever the store: connections need their descriptors on S3 too.
     let open_files = open_files_budget(config.max_connections);
     if config.uses_s3() {
-        let store = S3Store::connect(s3_settings(config, codec))
+        let store = S3Store::connect(config.s3_settings())
             .await
             .map_err(AppError::Store)?;
         let clock = store.clock();
@@ -223,7 +183,7 @@ pub async fn start_with(
     let tls = load_tls(&config)?;
     let addr = config.listen_addr();
     let (listener, addr) = bind(addr).await?;
-    let (ctx, culler) = wire(&config, store, clock).await?;
+    let (ctx, culler) = wire(&config, addr, store, clock).await?;
     let shutdown = CancellationToken::new();
     let culler_task = spawn_culler(culler.clone(), ctx.stats.clone(), shutdown.clone());
     tokio::spawn(ctx.flush.clone().run_refresher(shutdown.clone()));
@@ -314,6 +274,7 @@ async fn start_admin(
 /// the culler, which hears of the commands' writes.
 async fn wire(
     config: &Config,
+    addr: SocketAddr,
     store: Arc<dyn Store>,
     clock: Clock,
 ) -> Result<(Arc<Ctx>, Arc<Culler>), AppError> {
@@ -340,7 +301,8 @@ async fn wire(
         max_item_bytes: config.max_item_size,
         flush_enabled: config.flush_enabled,
         miss_on_backend_error: config.miss_on_backend_error,
-        settings_rows: config.rows(),
+        shutdown_enabled: config.shutdown_enabled,
+        settings_rows: settings_rows(config, addr),
     };
     let ctx = Arc::new(Ctx::new(
         store.clone(),
@@ -358,6 +320,52 @@ async fn wire(
     };
     let culler = Culler::new(store, flush, stats, clock, culler_config, hint);
     Ok((ctx, Arc::new(culler)))
+}
+
+/// The rows of `stats settings`: first memcached's names that mean something here, in
+/// memcached's order and words (clients and tools read them), then every option. The report
+/// fills in those that commands change (`maxbytes`, `verbosity`, `detail_enabled`,
+/// `lru_crawler`, `ram_cache_bytes`).
+fn settings_rows(config: &Config, addr: SocketAddr) -> Vec<(String, String)> {
+    let yes = |on: bool| if on { "yes" } else { "no" }.to_owned();
+    let memcached = [
+        ("maxbytes", config.ram_cache_bytes.to_string()),
+        ("maxconns", config.max_connections.to_string()),
+        ("tcpport", addr.port().to_string()),
+        ("udpport", "0".into()),
+        ("inter", addr.ip().to_string()),
+        ("verbosity", "0".into()),
+        ("evictions", "on".into()),
+        ("domain_socket", "NULL".into()),
+        ("shutdown_command", yes(config.shutdown_enabled)),
+        ("stat_key_prefix", ":".into()),
+        ("detail_enabled", yes(false)),
+        ("cas_enabled", yes(true)),
+        ("binding_protocol", "auto-negotiate".into()),
+        (
+            "auth_enabled_sasl",
+            yes(!config.sasl_users_file.as_os_str().is_empty()),
+        ),
+        ("auth_enabled_ascii", yes(config.text_auth)),
+        ("item_size_max", config.max_item_size.to_string()),
+        ("maxconns_fast", yes(true)),
+        ("lru_crawler", yes(false)),
+        ("flush_enabled", yes(config.flush_enabled)),
+        ("dump_enabled", yes(true)),
+        ("idle_timeout", config.idle_timeout_secs.to_string()),
+        ("ssl_enabled", yes(config.tls_files().is_some())),
+    ];
+    let mut rows: Vec<(String, String)> = memcached
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    // An option named as memcached names a setting (`flush_enabled`) shows once, in
+    // memcached's words.
+    let options: Vec<_> = (config.rows().into_iter())
+        .filter(|(name, _)| !rows.iter().any(|(m, _)| m == name))
+        .collect();
+    rows.extend(options);
+    rows
 }
 
 /// How often the disk tier's size is measured for `stats` (`tier_disk_bytes`).
@@ -445,10 +453,13 @@ pub async fn supervise<F, Fut>(
     }
 }
 
-/// Runs until SIGINT or SIGTERM, then drains.
+/// Runs until SIGINT, SIGTERM or an enabled `shutdown` command, then drains.
 pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
     let app = start(config).await?;
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = app.ctx.stop.cancelled() => {}
+    }
     tracing::info!("shutting down");
     app.shutdown(Duration::from_secs(SHUTDOWN_DRAIN_SECS)).await;
     Ok(())

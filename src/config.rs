@@ -8,8 +8,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
 use serde::Deserialize;
+
+use crate::store::format::Codec;
+use crate::store::normalize_prefix;
+use crate::store::s3::S3Settings;
 
 /// A secret string: never printed, never logged.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -169,6 +172,8 @@ options! {
     log_format: String = "text".into(), env "S3CACHED_LOG_FORMAT";
     /// Allow flush_all (memcached's -F turns it off).
     flush_enabled: bool = true, env "S3CACHED_FLUSH_ENABLED";
+    /// Let the `shutdown` command stop the server, draining as on SIGTERM (memcached's -A).
+    shutdown_enabled: bool = false, env "S3CACHED_SHUTDOWN_ENABLED";
     /// Answer a failed backend read as a miss instead of SERVER_ERROR.
     miss_on_backend_error: bool = false, env "S3CACHED_MISS_ON_BACKEND_ERROR";
     /// Directory for the local store, used when no bucket is set.
@@ -216,11 +221,11 @@ options! {
     /// KMS key for server_side_encryption = "aws:kms" ("" = the account's aws/s3 key).
     sse_kms_key_id: String = String::new(), env "S3CACHED_SSE_KMS_KEY_ID";
     /// Price of 1,000 S3 GET/HEAD requests in USD, for the cost estimate (AWS S3 Standard, us-east-1).
-    s3_price_get_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.get_per_1000, env "S3CACHED_S3_PRICE_GET_PER_1000";
+    s3_price_get_per_1000: f64 = crate::store::s3::AWS_S3_STANDARD_PRICES.get_per_1000, env "S3CACHED_S3_PRICE_GET_PER_1000";
     /// Price of 1,000 S3 PUT/COPY/POST/LIST requests in USD (AWS S3 Standard, us-east-1).
-    s3_price_put_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.put_per_1000, env "S3CACHED_S3_PRICE_PUT_PER_1000";
+    s3_price_put_per_1000: f64 = crate::store::s3::AWS_S3_STANDARD_PRICES.put_per_1000, env "S3CACHED_S3_PRICE_PUT_PER_1000";
     /// Price of 1,000 S3 DELETE requests in USD (free on AWS).
-    s3_price_delete_per_1000: f64 = crate::stats::AWS_S3_STANDARD_PRICES.delete_per_1000, env "S3CACHED_S3_PRICE_DELETE_PER_1000";
+    s3_price_delete_per_1000: f64 = crate::store::s3::AWS_S3_STANDARD_PRICES.delete_per_1000, env "S3CACHED_S3_PRICE_DELETE_PER_1000";
     /// Address of the admin HTTP listener (/metrics, /healthz, /readyz); "" = off.
     admin_listen: String = String::new(), env "S3CACHED_ADMIN_LISTEN";
     /// Most items kept; the culler removes some when the count reaches it (0 = no limit; default 1000000 on S3, 0 on the directory store).
@@ -270,38 +275,6 @@ options! {
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
 
-/// The command line.
-#[derive(Parser, Debug)]
-#[command(
-    name = "s3cached",
-    version,
-    about = "A memcached-protocol cache server on S3"
-)]
-pub struct Cli {
-    /// TOML configuration file.
-    #[arg(long, short = 'c', env = "S3CACHED_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Validate the configuration, print it (secrets hidden) and exit.
-    #[arg(long)]
-    pub check_config: bool,
-    #[command(flatten)]
-    pub options: Options,
-    /// With no subcommand, s3cached runs the server.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-/// What the binary does instead of serving.
-#[derive(clap::Subcommand, Debug)]
-pub enum Command {
-    /// Check a running server: version, a set/get/delete round trip of a unique key, stats.
-    /// Exits 0 when all is well, 1 with the reason otherwise (usable as a health check).
-    Check(crate::check::CheckArgs),
-    /// Print (or, with --apply, install) S3 lifecycle rules that expire item objects under
-    /// the prefix after --days days: a bound on the bucket even when no replica runs.
-    Lifecycle(crate::lifecycle::LifecycleArgs),
-}
-
 /// A configuration that cannot be used, with the reason.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -329,13 +302,56 @@ const STORAGE_CLASSES: &[&str] = &[
 ];
 
 impl Config {
-    /// Merges CLI and environment (already combined by clap) over the file, then validates.
-    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let file = match &cli.config {
+    /// The S3 store's settings, taken from the configuration: all the store sees of it.
+    pub fn s3_settings(&self) -> S3Settings {
+        let c = self;
+        S3Settings {
+            bucket: c.storage_bucket_name.clone(),
+            prefix: normalize_prefix(&c.location),
+            region: c.region.clone(),
+            endpoint_url: c.endpoint_url.clone(),
+            force_path_style: c.force_path_style,
+            access_key: (!c.access_key_id.expose().is_empty()).then(|| {
+                (
+                    c.access_key_id.expose().to_owned(),
+                    c.secret_access_key.expose().to_owned(),
+                )
+            }),
+            default_acl: c.default_acl.clone(),
+            bucket_acl: c.bucket_acl.clone(),
+            storage_class: c.effective_storage_class().map(str::to_owned),
+            create_bucket: c.create_bucket,
+            checksum_when_supported: c.request_checksum == "when_supported",
+            attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
+            operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
+            max_attempts: c.s3_max_attempts,
+            max_in_flight: c.s3_max_in_flight,
+            codec: c.codec(),
+            clock_skew_ms: c.clock_offset_ms,
+            server_side_encryption: Some(c.server_side_encryption.clone())
+                .filter(|s| !s.is_empty()),
+            sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
+            prices: c.s3_prices(),
+        }
+    }
+
+    /// The value codec every store writes items with, built from the config once.
+    pub fn codec(&self) -> Codec {
+        let config = self;
+        Codec {
+            gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
+            max_value_bytes: config.max_item_size,
+        }
+    }
+
+    /// Merges `overrides` (flags and environment, already combined by clap) over the TOML
+    /// file at `path`, if any, then validates.
+    pub fn load(path: Option<&Path>, overrides: Options) -> Result<Config, ConfigError> {
+        let file = match path {
             Some(path) => read_file(path)?,
             None => Options::default(),
         };
-        let config = cli.options.clone().over(file).resolve().backend_defaults();
+        let config = overrides.over(file).resolve().backend_defaults();
         config.validate()?;
         Ok(config)
     }
@@ -576,8 +592,8 @@ impl Config {
     }
 
     /// The S3 prices the cost estimate uses.
-    pub fn s3_prices(&self) -> crate::stats::S3Prices {
-        crate::stats::S3Prices {
+    pub fn s3_prices(&self) -> crate::store::s3::S3Prices {
+        crate::store::s3::S3Prices {
             get_per_1000: self.s3_price_get_per_1000,
             put_per_1000: self.s3_price_put_per_1000,
             delete_per_1000: self.s3_price_delete_per_1000,
@@ -739,170 +755,4 @@ fn read_file(path: &Path) -> Result<Options, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_are_safe() {
-        let c = Config::from_toml("").unwrap();
-        assert_eq!(c.listen, "127.0.0.1:11211");
-        assert_eq!(c.cull_frequency, 3);
-        assert_eq!(c.default_acl, "private");
-        assert!(!c.uses_s3());
-    }
-
-    #[test]
-    fn bounds_default_by_backend_and_explicit_values_are_kept() {
-        let dir = Config::from_toml("").unwrap();
-        assert_eq!((dir.max_entries, dir.max_bytes), (0, DEFAULT_DIR_MAX_BYTES));
-        let s3 = Config::from_toml("storage_bucket_name = \"b\"").unwrap();
-        assert_eq!((s3.max_entries, s3.max_bytes), (DEFAULT_S3_MAX_ENTRIES, 0));
-        let set =
-            Config::from_toml("storage_bucket_name = \"b\"\nmax_entries = 300\nmax_bytes = 5")
-                .unwrap();
-        assert_eq!((set.max_entries, set.max_bytes), (300, 5));
-        let dir = Config::from_toml("max_entries = 300\nmax_bytes = 0").unwrap();
-        assert_eq!((dir.max_entries, dir.max_bytes), (300, 0));
-    }
-
-    #[test]
-    fn unknown_keys_and_bad_values_are_rejected() {
-        assert!(Config::from_toml("no_such_key = 1").is_err());
-        assert!(Config::from_toml("listen = \"nowhere\"").is_err());
-        assert!(Config::from_toml("default_acl = \"everyone\"").is_err());
-        assert!(Config::from_toml("access_key_id = \"AKIA\"").is_err());
-        assert!(Config::from_toml("tls_cert = \"c.pem\"").is_err());
-        assert!(Config::from_toml("tls_ca = \"ca.pem\"").is_err());
-        let missing = Config::from_toml("tls_cert = \"/no/c.pem\"\ntls_key = \"/no/k.pem\"");
-        let err = missing.unwrap_err().to_string();
-        assert!(err.starts_with("TLS: /no/c.pem:"), "{err}");
-        assert!(Config::from_toml("").unwrap().tls_files().is_none());
-        assert!(Config::from_toml("admin_listen = \"localhost\"").is_err());
-        assert!(Config::from_toml("server_side_encryption = \"aes\"").is_err());
-        assert!(Config::from_toml("sse_kms_key_id = \"k\"").is_err());
-        assert!(Config::from_toml("s3_price_get_per_1000 = -1.0").is_err());
-        let ok = "server_side_encryption = \"aws:kms\"\nsse_kms_key_id = \"k\"\n\
-                  admin_listen = \"127.0.0.1:9211\"\ns3_price_put_per_1000 = 0.0055";
-        let c = Config::from_toml(ok).unwrap();
-        assert_eq!(c.admin_addr(), Some("127.0.0.1:9211".parse().unwrap()));
-        assert_eq!(c.s3_prices().put_per_1000, 0.0055);
-        assert_eq!(Config::from_toml("").unwrap().admin_addr(), None);
-    }
-
-    #[test]
-    fn the_memory_budget_must_hold_the_largest_requests() {
-        assert!(Config::from_toml("memory_limit_bytes = 8388607").is_err());
-        assert!(Config::from_toml("memory_limit_bytes = 8388608").is_ok());
-        let big_items = "max_item_size = 4194304\nmemory_limit_bytes = 16777216";
-        assert!(Config::from_toml(big_items).is_err());
-        let c = Config::from_toml("").unwrap();
-        assert_eq!(c.memory_limit_bytes, 256 * 1024 * 1024);
-        assert_eq!((c.request_timeout_secs, c.write_timeout_secs), (30, 30));
-    }
-
-    #[test]
-    fn the_disk_tier_is_off_by_default_and_must_hold_eight_blocks() {
-        let c = Config::from_toml("").unwrap();
-        assert!(c.disk_tier().is_none());
-        assert_eq!(c.disk_cache_bytes, 1024 * 1024 * 1024);
-        let dir = tempfile::tempdir().unwrap();
-        let on = |extra: &str| {
-            Config::from_toml(&format!(
-                "disk_cache_dir = {:?}\n{extra}",
-                dir.path().display().to_string()
-            ))
-        };
-        let tier = on("").unwrap().disk_tier().unwrap();
-        // The default 1 MiB items need blocks of 1 MiB + 64 KiB.
-        assert_eq!(tier.block_bytes(), 1024 * 1024 + 64 * 1024);
-        assert!(on("disk_cache_bytes = 8912895").is_err());
-        assert!(on("disk_cache_bytes = 8912896").is_ok());
-        let small_items = "max_item_size = 4096\ndisk_cache_bytes = 8388608";
-        assert_eq!(
-            on(small_items).unwrap().disk_tier().unwrap().block_bytes(),
-            1 << 20
-        );
-        let file = dir.path().join("f");
-        std::fs::write(&file, "x").unwrap();
-        let text = format!("disk_cache_dir = {:?}", file.display().to_string());
-        assert!(
-            Config::from_toml(&text).is_err(),
-            "a file is not a directory"
-        );
-    }
-
-    #[test]
-    fn cli_and_env_beat_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, "max_entries = 10\ncull_frequency = 5\n").unwrap();
-        let cli = Cli::try_parse_from([
-            "s3cached",
-            "--config",
-            path.to_str().unwrap(),
-            "--max-entries",
-            "20",
-        ])
-        .unwrap();
-        let c = Config::load(&cli).unwrap();
-        assert_eq!(c.max_entries, 20);
-        assert_eq!(c.cull_frequency, 5);
-    }
-
-    #[test]
-    fn secrets_never_print() {
-        let c = Config::from_toml("access_key_id = \"AKIAXXXX\"\nsecret_access_key = \"hunter2\"")
-            .unwrap();
-        let shown = format!("{c:?} {:?}", c.rows());
-        assert!(!shown.contains("hunter2") && !shown.contains("AKIAXXXX"));
-    }
-
-    #[test]
-    fn to_toml_is_typed_reads_back_the_same_and_covers_every_key() {
-        let c = Config::from_toml(
-            "max_connections = 9\nflush_enabled = false\nlocation = \"it's \\\"here\\\"\"\n\
-             data_dir = \"/tmp/x y\"\ns3_max_attempts = 7\naccess_key_id = \"AKIAXXXX\"\n\
-             secret_access_key = \"hunter2\"\n",
-        )
-        .unwrap();
-        let text = c.to_toml();
-        assert!(text.contains("\nmax_connections = 9\n"), "{text}");
-        assert!(text.contains("\nflush_enabled = false\n"), "{text}");
-        assert!(text.contains("\ns3_max_attempts = 7\n"), "{text}");
-        assert!(
-            text.contains("\n# access_key_id = <redacted: set>\n"),
-            "{text}"
-        );
-        assert!(!text.contains("hunter2") && !text.contains("AKIAXXXX"));
-        let back = Config::from_toml(&text).unwrap();
-        assert_eq!(back.location, "it's \"here\"");
-        assert_eq!(back.data_dir, PathBuf::from("/tmp/x y"));
-        let mut expected = c.rows();
-        for (key, value) in &mut expected {
-            if ["access_key_id", "secret_access_key"].contains(&key.as_str()) {
-                *value = "unset".into();
-            }
-        }
-        assert_eq!(back.rows(), expected);
-        for (key, _) in KEYS {
-            let row = format!("\n{key} = ");
-            let secret = format!("\n# {key} = <redacted: ");
-            assert!(
-                text.contains(&row) || text.contains(&secret),
-                "{key} missing"
-            );
-        }
-    }
-
-    #[test]
-    fn example_file_lists_every_key_and_parses() {
-        let text = include_str!("../config.example.toml");
-        Config::from_toml(text).expect("config.example.toml is valid");
-        for (key, _) in KEYS {
-            assert!(
-                text.contains(&format!("\n# {key} =")) || text.contains(&format!("\n{key} =")),
-                "config.example.toml lacks {key}"
-            );
-        }
-    }
-}
+mod tests;

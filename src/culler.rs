@@ -417,6 +417,7 @@ fn parse_lease(raw: &[u8]) -> (String, u64) {
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+    use crate::store::test_utils::Layer;
     use crate::store::Entry;
 
     async fn fill(store: &dyn Store, n: u64) {
@@ -598,15 +599,9 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Store for SlowStore {
-        async fn get(&self, key: &[u8]) -> Result<Option<crate::store::Versioned>, StoreError> {
-            self.inner.get(key).await
-        }
-        async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
-            self.inner.put(entry, mode).await
-        }
-        async fn delete(&self, key: &[u8], v: Option<&Version>) -> Result<bool, StoreError> {
-            self.inner.delete(key, v).await
+    impl Layer for SlowStore {
+        fn inner(&self) -> &MemoryStore {
+            &self.inner
         }
         async fn list(
             &self,
@@ -616,26 +611,9 @@ mod tests {
             tokio::time::sleep(self.delay).await;
             self.inner.list(cursor, limit).await
         }
-        async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
-            self.inner.stored_at_us(name).await
-        }
         async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
             tokio::time::sleep(self.delay).await;
             self.inner.delete_objects(names).await
-        }
-        async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
-            self.inner.get_control(name).await
-        }
-        async fn put_control(
-            &self,
-            name: &str,
-            body: Bytes,
-            mode: PutMode,
-        ) -> Result<Version, StoreError> {
-            self.inner.put_control(name, body, mode).await
-        }
-        fn info(&self) -> crate::store::StoreInfo {
-            self.inner.info()
         }
     }
 

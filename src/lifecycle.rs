@@ -44,7 +44,7 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let settings = crate::app::s3_settings(config, crate::app::codec(config));
+    let settings = config.s3_settings();
     let installed = runtime
         .block_on(install(&settings, &rules))
         .map_err(|e| e.to_string())?;

@@ -7,21 +7,22 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use s3cached::check::{self, CheckArgs};
-use s3cached::config::{Cli, Command, Config};
+use s3cached::cli::{Cli, Subcommand};
+use s3cached::config::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli) {
+    let config = match cli.config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("s3cached: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Check(args)) = &cli.command {
+    if let Some(Subcommand::Check(args)) = &cli.command {
         return run_check(&config, args);
     }
-    if let Some(Command::Lifecycle(args)) = &cli.command {
+    if let Some(Subcommand::Lifecycle(args)) = &cli.command {
         return match s3cached::lifecycle::run(&config, args, &mut std::io::stdout()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

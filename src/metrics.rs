@@ -1,22 +1,15 @@
-//! Prometheus metrics: latency histograms recorded as commands and S3 calls run, and every
-//! `stats` counter read at scrape time, encoded by `prometheus-client` (OpenMetrics text).
+//! What is recorded as commands and S3 calls run, for Prometheus: commands by kind and
+//! result, and latency histograms. The admin listener renders them (`admin::metrics`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
 
-use crate::command::Ctx;
 use crate::protocol::{MetaRequest, MetaStatus, Request, Response, StoreMode};
-use crate::stats::{S3Requests, GAUGES};
-use crate::store::Store;
 
 /// Upper bounds of the latency buckets, in seconds: 50 µs (a RAM hit) to 10 s (past every
 /// S3 deadline).
@@ -64,13 +57,14 @@ macro_rules! label_values {
 
 label_values! {
     /// The kind of a request, as a metric label.
-    Command {
+    CommandKind {
         Get => "get", Gets => "gets", Gat => "gat", Gats => "gats", Set => "set",
         Add => "add", Replace => "replace", Append => "append", Prepend => "prepend",
         Cas => "cas", TooLarge => "too_large", Delete => "delete", Incr => "incr",
         Decr => "decr", Touch => "touch", FlushAll => "flush_all", Version => "version",
         Verbosity => "verbosity", Stats => "stats", Quit => "quit", Mg => "mg", Ms => "ms",
-        Md => "md", Ma => "ma", Me => "me", Mn => "mn", Invalid => "invalid",
+        Md => "md", Ma => "ma", Me => "me", Mn => "mn", CacheMemlimit => "cache_memlimit",
+        Shutdown => "shutdown", LruCrawler => "lru_crawler", Invalid => "invalid",
     }
 }
 
@@ -88,8 +82,10 @@ label_values! {
 /// read at scrape time instead).
 #[derive(Debug, Clone)]
 pub struct Timings {
-    commands: Family<CommandLabels, Counter>,
-    command_seconds: Latencies<CommandLabels>,
+    /// Commands by kind and result.
+    pub(crate) commands: Family<CommandLabels, Counter>,
+    /// Time from arrival to reply, by kind and result.
+    pub(crate) command_seconds: Latencies<CommandLabels>,
     /// Each (command, outcome)'s counter and histogram, taken from the families at first
     /// use: they share their values with the families' own, and a family's lookup hashes
     /// the labels and takes a lock, which every request would pay.
@@ -101,7 +97,7 @@ impl Default for Timings {
         Timings {
             commands: Family::default(),
             command_seconds: Family::new_with_constructor(latency_histogram),
-            resolved: (0..Command::COUNT * Outcome::COUNT)
+            resolved: (0..CommandKind::COUNT * Outcome::COUNT)
                 .map(|_| OnceLock::new())
                 .collect(),
         }
@@ -110,7 +106,7 @@ impl Default for Timings {
 
 /// Latency of S3 request attempts by operation and answer.
 #[derive(Debug, Clone)]
-pub struct BackendTimings(Latencies<BackendLabels>);
+pub struct BackendTimings(pub(crate) Latencies<BackendLabels>);
 
 impl Default for BackendTimings {
     fn default() -> Self {
@@ -132,7 +128,7 @@ impl BackendTimings {
 
 impl Timings {
     /// Records one command: what it was, how it ended and how long it took.
-    pub fn command(&self, command: Command, response: &Response, took: Duration) {
+    pub fn command(&self, command: CommandKind, response: &Response, took: Duration) {
         let outcome = outcome_of(response);
         let cell = &self.resolved[command as usize * Outcome::COUNT + outcome as usize];
         let (count, seconds) = cell.get_or_init(|| {
@@ -151,39 +147,44 @@ impl Timings {
 }
 
 /// The kind of a request, as a metric label.
-pub fn kind_of(request: &Request) -> Command {
+pub fn kind_of(request: &Request) -> CommandKind {
     match request {
-        Request::Get { cas: false, .. } => Command::Get,
-        Request::Get { cas: true, .. } => Command::Gets,
-        Request::Gat { cas: false, .. } => Command::Gat,
-        Request::Gat { cas: true, .. } => Command::Gats,
+        Request::Get { cas: false, .. } => CommandKind::Get,
+        Request::Get { cas: true, .. } => CommandKind::Gets,
+        Request::Gat { cas: false, .. } => CommandKind::Gat,
+        Request::Gat { cas: true, .. } => CommandKind::Gats,
         Request::Store { mode, .. } => match mode {
-            StoreMode::Set => Command::Set,
-            StoreMode::Add => Command::Add,
-            StoreMode::Replace => Command::Replace,
-            StoreMode::Append => Command::Append,
-            StoreMode::Prepend => Command::Prepend,
-            StoreMode::Cas => Command::Cas,
+            StoreMode::Set => CommandKind::Set,
+            StoreMode::Add => CommandKind::Add,
+            StoreMode::Replace => CommandKind::Replace,
+            StoreMode::Append => CommandKind::Append,
+            StoreMode::Prepend => CommandKind::Prepend,
+            StoreMode::Cas => CommandKind::Cas,
         },
-        Request::TooLarge { .. } => Command::TooLarge,
-        Request::Delete { .. } => Command::Delete,
-        Request::Arith { incr: true, .. } => Command::Incr,
-        Request::Arith { incr: false, .. } => Command::Decr,
-        Request::Touch { .. } => Command::Touch,
-        Request::FlushAll { .. } => Command::FlushAll,
-        Request::Version => Command::Version,
-        Request::Verbosity { .. } => Command::Verbosity,
-        Request::Stats { .. } => Command::Stats,
-        Request::Quit => Command::Quit,
+        Request::TooLarge { .. } => CommandKind::TooLarge,
+        Request::Delete { .. } => CommandKind::Delete,
+        Request::Arith { incr: true, .. } => CommandKind::Incr,
+        Request::Arith { incr: false, .. } => CommandKind::Decr,
+        Request::Touch { .. } => CommandKind::Touch,
+        Request::FlushAll { .. } => CommandKind::FlushAll,
+        Request::Version => CommandKind::Version,
+        Request::Verbosity { .. } => CommandKind::Verbosity,
+        Request::Stats { .. } => CommandKind::Stats,
+        Request::Quit => CommandKind::Quit,
+        Request::CacheMemlimit { .. } => CommandKind::CacheMemlimit,
+        Request::Shutdown(_) => CommandKind::Shutdown,
+        Request::LruCrawler(_) => CommandKind::LruCrawler,
         Request::Meta(m) => match m {
-            MetaRequest::Get { .. } => Command::Mg,
-            MetaRequest::Set { .. } => Command::Ms,
-            MetaRequest::Delete { .. } => Command::Md,
-            MetaRequest::Arith { .. } => Command::Ma,
-            MetaRequest::Debug { .. } => Command::Me,
-            MetaRequest::Noop => Command::Mn,
+            // A binary GET is a classic get in meta form: labelled as the text one.
+            MetaRequest::Get { flags, .. } if flags.classic => CommandKind::Get,
+            MetaRequest::Get { .. } => CommandKind::Mg,
+            MetaRequest::Set { .. } => CommandKind::Ms,
+            MetaRequest::Delete { .. } => CommandKind::Md,
+            MetaRequest::Arith { .. } => CommandKind::Ma,
+            MetaRequest::Debug { .. } => CommandKind::Me,
+            MetaRequest::Noop => CommandKind::Mn,
         },
-        Request::Invalid(_) | Request::Silent | Request::Hangup(_) => Command::Invalid,
+        Request::Invalid(_) | Request::Silent | Request::Hangup(_) => CommandKind::Invalid,
     }
 }
 
@@ -209,176 +210,11 @@ fn outcome_of(response: &Response) -> Outcome {
         },
         Response::Error(_) => Outcome::ClientError,
         Response::ServerError(_) => Outcome::ServerError,
+        // An operator command's status line is a refusal (`MEMLIMIT_TOO_SMALL`, ...).
+        Response::Line(_) => Outcome::ClientError,
         Response::Close => Outcome::Close,
         _ => Outcome::Ok,
     }
-}
-
-/// The registry `/metrics` encodes: the timings, and the counters of `ctx` at each scrape.
-pub fn registry(ctx: Arc<Ctx>) -> Registry {
-    let mut registry = Registry::with_prefix("s3cached");
-    let timings = ctx.stats.timings.clone();
-    registry.register("commands", "Commands by kind and result", timings.commands);
-    registry.register(
-        "command_duration_seconds",
-        "Time from a command's arrival to its reply, by kind and result",
-        timings.command_seconds,
-    );
-    if let Some(s3) = &ctx.stats.s3 {
-        registry.register(
-            "backend_request_duration_seconds",
-            "Time of one S3 request attempt, by operation and HTTP status (none: no answer)",
-            s3.latency.0.clone(),
-        );
-    }
-    registry.register_collector(Box::new(StatsCollector { ctx }));
-    registry
-}
-
-/// Reads `stats` counters and store figures at scrape time.
-struct StatsCollector {
-    ctx: Arc<Ctx>,
-}
-
-impl std::fmt::Debug for StatsCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StatsCollector")
-    }
-}
-
-/// Writes one unlabelled counter or gauge.
-fn one<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: M,
-) -> Result<(), std::fmt::Error> {
-    let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-    metric.encode(e)
-}
-
-/// Writes one counter family with a single label.
-fn labelled(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &[(&str, u64)],
-) -> Result<(), std::fmt::Error> {
-    let mut e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (value, n) in values {
-        let labels = [(label, *value)];
-        ConstCounter::new(*n).encode(e.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
-
-impl Collector for StatsCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = &self.ctx.stats;
-        for (name, value) in stats.snapshot() {
-            if name.starts_with("s3_") {
-                continue; // below, with labels
-            }
-            let help = format!("memcached-style stats counter {name}");
-            if GAUGES.contains(&name) {
-                one(&mut encoder, name, &help, ConstGauge::new(value as i64))?;
-            } else {
-                one(&mut encoder, name, &help, ConstCounter::new(value))?;
-            }
-        }
-        let epoch_secs = self.ctx.flush.epoch_us() as f64 / 1e6;
-        let help = "Unix time of the last flush_all in force (0: none)";
-        one(
-            &mut encoder,
-            "flush_epoch_seconds",
-            help,
-            ConstGauge::new(epoch_secs),
-        )?;
-        let (items, bytes) = self.ctx.store.usage();
-        let help = "Items held in the RAM tier";
-        one(
-            &mut encoder,
-            "tier_items",
-            help,
-            ConstGauge::new(items as i64),
-        )?;
-        let help = "Bytes held in the RAM tier";
-        one(
-            &mut encoder,
-            "tier_bytes",
-            help,
-            ConstGauge::new(bytes as i64),
-        )?;
-        let atomic = i64::from(self.ctx.store.info().atomic);
-        let help = "1 when the store enforces conditional writes";
-        one(
-            &mut encoder,
-            "backend_atomic",
-            help,
-            ConstGauge::new(atomic),
-        )?;
-        if let Some(s3) = &stats.s3 {
-            encode_s3(&mut encoder, s3)?;
-        }
-        Ok(())
-    }
-}
-
-/// S3 requests by class and by answer, and what they cost.
-fn encode_s3(encoder: &mut DescriptorEncoder, s3: &S3Requests) -> Result<(), std::fmt::Error> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
-    let help = "S3 requests sent (retries included) by price class: get = GET/HEAD, \
-                put = PUT/COPY/POST/LIST, delete = DELETE";
-    let classes = [
-        ("get", n(&s3.get)),
-        ("put", n(&s3.put)),
-        ("delete", n(&s3.delete)),
-    ];
-    labelled(encoder, "s3_requests", help, "class", &classes)?;
-    let help = "S3 answers by kind: ok (2xx/3xx), not_found (404), conflict (409/412), \
-                client_error (other 4xx), server_error (5xx), none (no answer)";
-    let answers = [
-        ("ok", n(&s3.answered_ok)),
-        ("not_found", n(&s3.not_found)),
-        ("conflict", n(&s3.conflicts)),
-        ("client_error", n(&s3.client_errors)),
-        ("server_error", n(&s3.server_errors)),
-        ("none", n(&s3.no_answer)),
-    ];
-    labelled(encoder, "s3_answers", help, "answer", &answers)?;
-    let help = "Estimated cost of the S3 requests sent, in US dollars, at the configured prices";
-    one(
-        encoder,
-        "s3_estimated_cost_usd",
-        help,
-        ConstCounter::new(s3.cost_usd()),
-    )?;
-    let mut e = encoder.encode_descriptor(
-        "s3_price_per_1000_requests_usd",
-        "The configured S3 price per 1,000 requests, by class",
-        None,
-        MetricType::Gauge,
-    )?;
-    for (class, price) in [
-        ("get", s3.prices.get_per_1000),
-        ("put", s3.prices.put_per_1000),
-        ("delete", s3.prices.delete_per_1000),
-    ] {
-        ConstGauge::new(price).encode(e.encode_family(&[("class", class)])?)?;
-    }
-    Ok(())
-}
-
-/// The registry as OpenMetrics text.
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    // Writing to a String cannot fail; a collector error would leave a partial page.
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
-        tracing::warn!(cause = %e, "cannot encode metrics");
-    }
-    out
 }
 
 #[cfg(test)]
@@ -402,34 +238,6 @@ mod tests {
         assert_eq!(
             outcome_of(&Response::ServerError("x".into())).as_str(),
             "server_error"
-        );
-        let t = Timings::default();
-        t.command(Command::Get, &hit, Duration::from_micros(70));
-        t.command(Command::Get, &hit, Duration::from_millis(70));
-        t.command(Command::Set, &Response::Stored, Duration::from_micros(70));
-        let b = BackendTimings::default();
-        b.record("GetObject", Some(404), Duration::from_millis(3));
-        let mut registry = Registry::default();
-        registry.register("c", "c", t.commands.clone());
-        registry.register("l", "l", t.command_seconds.clone());
-        registry.register("b", "b", b.0.clone());
-        let text = render(&registry);
-        assert!(
-            text.contains("c_total{command=\"get\",result=\"hit\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("c_total{command=\"set\",result=\"stored\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("l_bucket{le=\"0.0001\",command=\"get\",result=\"hit\"} 1")
-                || text.contains("l_bucket{command=\"get\",result=\"hit\",le=\"0.0001\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("b_count{operation=\"GetObject\",status=\"404\"} 1"),
-            "{text}"
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The accept loop: one task per connection up to the cap; over it, memcached's refusal.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::command::Ctx;
 use crate::connection::{self, ConnectionConfig};
+use crate::conns::Registered;
 use crate::stats::Stats;
 use crate::tls::Tls;
 
@@ -41,6 +43,9 @@ pub async fn run(
     let draining = Arc::new(Semaphore::new(MAX_DRAINING_REFUSALS));
     let connections = TaskTracker::new();
     let mut backoff = AcceptBackoff::default();
+    let _listening = listener
+        .local_addr()
+        .map(|local| ctx.conns.listening(fd_of(&listener), local));
     loop {
         let (socket, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -65,6 +70,10 @@ pub async fn run(
             continue;
         };
         let _ = socket.set_nodelay(true);
+        let registered = socket
+            .local_addr()
+            .map(|local| ctx.conns.open(fd_of(&socket), peer, local))
+            .ok();
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
@@ -74,8 +83,10 @@ pub async fn run(
             Stats::incr(&ctx.stats.curr_connections);
             tracing::debug!(%peer, "connection opened");
             match tls {
-                None => connection::serve(socket, ctx.clone(), config, shutdown).await,
-                Some(tls) => serve_tls(&tls, socket, ctx.clone(), config, shutdown).await,
+                None => connection::serve(socket, ctx.clone(), config, shutdown, registered).await,
+                Some(tls) => {
+                    serve_tls(&tls, socket, ctx.clone(), config, shutdown, registered).await
+                }
             }
             ctx.stats
                 .curr_connections
@@ -97,15 +108,21 @@ async fn serve_tls(
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
     shutdown: CancellationToken,
+    registered: Option<Registered>,
 ) {
     let stream = tokio::select! {
         accepted = tls.accept(socket) => accepted,
         _ = shutdown.cancelled() => return,
     };
     match stream {
-        Ok(stream) => connection::serve(stream, ctx, config, shutdown).await,
+        Ok(stream) => connection::serve(stream, ctx, config, shutdown, registered).await,
         Err(e) => tracing::debug!(cause = %e, "TLS handshake failed"),
     }
+}
+
+/// A socket's file descriptor, by which `stats conns` names it (as memcached does).
+fn fd_of(socket: &impl AsRawFd) -> u64 {
+    u64::try_from(socket.as_raw_fd()).unwrap_or_default()
 }
 
 /// Tells a client over the cap why, as memcached does, and closes it. The reply fits an

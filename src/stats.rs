@@ -3,7 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::metrics::{BackendTimings, Timings};
+use crate::metrics::Timings;
+use crate::store::s3::S3Requests;
 
 macro_rules! counters {
     ($($name:ident),* $(,)?) => {
@@ -85,6 +86,7 @@ counters!(
     cull_last_duration_ms,
     flush_objects_removed,
     tier_hits,
+    tier_stale,
     tier_misses,
     tier_revalidated_unchanged,
     tier_evictions,
@@ -133,174 +135,6 @@ impl Stats {
     }
 }
 
-/// What S3 charges per 1,000 requests of each class, in US dollars.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct S3Prices {
-    /// GET, HEAD and every other request not listed below.
-    pub get_per_1000: f64,
-    /// PUT, COPY, POST and LIST.
-    pub put_per_1000: f64,
-    /// DELETE (free on AWS).
-    pub delete_per_1000: f64,
-}
-
-/// AWS S3 Standard, US East (N. Virginia) list prices: $0.0004 per 1,000 GET/HEAD,
-/// $0.005 per 1,000 PUT/COPY/POST/LIST, DELETE free.
-pub const AWS_S3_STANDARD_PRICES: S3Prices = S3Prices {
-    get_per_1000: 0.0004,
-    put_per_1000: 0.005,
-    delete_per_1000: 0.0,
-};
-
-/// The price class of one S3 request, as AWS bills it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestClass {
-    /// GET and HEAD of an object (and anything else not below).
-    Get,
-    /// PUT, COPY, POST and LIST (a GET on the bucket itself).
-    Put,
-    /// DELETE of an object, and the multi-object delete (a POST `?delete`).
-    Delete,
-}
-
-impl RequestClass {
-    /// The class of a request by its HTTP method and query string.
-    pub fn of(method: &str, query: &str) -> Self {
-        let has = |name: &str| {
-            query
-                .split('&')
-                .any(|p| p == name || p.starts_with(&format!("{name}=")))
-        };
-        match method {
-            "DELETE" => RequestClass::Delete,
-            "POST" if has("delete") => RequestClass::Delete,
-            "PUT" | "POST" => RequestClass::Put,
-            "GET" if has("list-type") || has("versions") || has("uploads") => RequestClass::Put,
-            _ => RequestClass::Get,
-        }
-    }
-}
-
-/// S3 requests sent (every attempt, retries included) by price class and by what came
-/// back, with their estimated cost.
-#[derive(Debug)]
-pub struct S3Requests {
-    pub get: AtomicU64,
-    pub put: AtomicU64,
-    pub delete: AtomicU64,
-    /// Answers 2xx and 3xx (304 is a revalidation's normal answer).
-    pub answered_ok: AtomicU64,
-    /// 404: a miss, normal.
-    pub not_found: AtomicU64,
-    /// 409 and 412: a conditional write lost to another writer.
-    pub conflicts: AtomicU64,
-    /// Other 4xx: refused (credentials, permissions, bad requests).
-    pub client_errors: AtomicU64,
-    /// 5xx: the store failed (503 SlowDown included).
-    pub server_errors: AtomicU64,
-    /// No answer: timeouts, refused or dropped connections.
-    pub no_answer: AtomicU64,
-    pub prices: S3Prices,
-    /// Time of each attempt, by S3 operation and answer.
-    pub latency: BackendTimings,
-    /// Since when the counts run (start, or the last `stats reset`), for the hourly cost.
-    since: std::sync::Mutex<tokio::time::Instant>,
-}
-
-impl S3Requests {
-    pub fn new(prices: S3Prices) -> Self {
-        S3Requests {
-            get: AtomicU64::new(0),
-            put: AtomicU64::new(0),
-            delete: AtomicU64::new(0),
-            answered_ok: AtomicU64::new(0),
-            not_found: AtomicU64::new(0),
-            conflicts: AtomicU64::new(0),
-            client_errors: AtomicU64::new(0),
-            server_errors: AtomicU64::new(0),
-            no_answer: AtomicU64::new(0),
-            prices,
-            latency: BackendTimings::default(),
-            since: std::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    /// Counts one request sent.
-    pub fn sent(&self, class: RequestClass) {
-        Stats::incr(match class {
-            RequestClass::Get => &self.get,
-            RequestClass::Put => &self.put,
-            RequestClass::Delete => &self.delete,
-        });
-    }
-
-    /// Counts one answer by its HTTP status, or one attempt that got none.
-    pub fn answered(&self, status: Option<u16>) {
-        Stats::incr(match status {
-            None => &self.no_answer,
-            Some(200..=399) => &self.answered_ok,
-            Some(404) => &self.not_found,
-            Some(409 | 412) => &self.conflicts,
-            Some(400..=499) => &self.client_errors,
-            Some(_) => &self.server_errors,
-        });
-    }
-
-    /// Estimated cost of the requests counted so far, in US dollars.
-    pub fn cost_usd(&self) -> f64 {
-        let n = |c: &AtomicU64| c.load(Relaxed) as f64 / 1000.0;
-        n(&self.get) * self.prices.get_per_1000
-            + n(&self.put) * self.prices.put_per_1000
-            + n(&self.delete) * self.prices.delete_per_1000
-    }
-
-    /// The cost so far spread over the hours the counts ran (at least a minute, so the
-    /// first requests after a start do not read as a huge rate).
-    pub fn cost_per_hour_usd(&self) -> f64 {
-        let since = *self.since.lock().expect("since lock");
-        let hours = since.elapsed().as_secs_f64().max(60.0) / 3600.0;
-        self.cost_usd() / hours
-    }
-
-    /// Rows for `stats`: requests by class and answer, and the cost in nano-dollars
-    /// (stats values are integers; a GET costs 400 of them at the default price).
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("s3_get_requests", self.get.load(Relaxed)),
-            ("s3_put_requests", self.put.load(Relaxed)),
-            ("s3_delete_requests", self.delete.load(Relaxed)),
-            ("s3_answers_ok", self.answered_ok.load(Relaxed)),
-            ("s3_answers_not_found", self.not_found.load(Relaxed)),
-            ("s3_answers_conflict", self.conflicts.load(Relaxed)),
-            ("s3_answers_client_error", self.client_errors.load(Relaxed)),
-            ("s3_answers_server_error", self.server_errors.load(Relaxed)),
-            ("s3_no_answer", self.no_answer.load(Relaxed)),
-            ("s3_cost_nanousd", (self.cost_usd() * 1e9).round() as u64),
-            (
-                "s3_cost_per_hour_nanousd",
-                (self.cost_per_hour_usd() * 1e9).round() as u64,
-            ),
-        ]
-    }
-
-    fn reset(&self) {
-        for c in [
-            &self.get,
-            &self.put,
-            &self.delete,
-            &self.answered_ok,
-            &self.not_found,
-            &self.conflicts,
-            &self.client_errors,
-            &self.server_errors,
-            &self.no_answer,
-        ] {
-            c.store(0, Relaxed);
-        }
-        *self.since.lock().expect("since lock") = tokio::time::Instant::now();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,43 +147,5 @@ mod tests {
         stats.reset();
         assert_eq!(stats.cmd_get.load(Relaxed), 0);
         assert_eq!(stats.curr_connections.load(Relaxed), 1);
-    }
-
-    #[test]
-    fn requests_are_classed_as_aws_bills_them() {
-        use RequestClass::*;
-        assert_eq!(RequestClass::of("GET", ""), Get);
-        assert_eq!(RequestClass::of("HEAD", ""), Get);
-        assert_eq!(RequestClass::of("GET", "x-id=GetObject"), Get);
-        assert_eq!(RequestClass::of("GET", "list-type=2&prefix=a"), Put);
-        assert_eq!(RequestClass::of("PUT", "x-id=PutObject"), Put);
-        assert_eq!(RequestClass::of("POST", "delete"), Delete);
-        assert_eq!(RequestClass::of("POST", "delete="), Delete);
-        assert_eq!(RequestClass::of("POST", "uploads"), Put);
-        assert_eq!(RequestClass::of("DELETE", "x-id=DeleteObject"), Delete);
-    }
-
-    #[test]
-    fn cost_follows_the_prices_and_shows_in_stats() {
-        let stats = Stats::with_s3(Some(Arc::new(S3Requests::new(AWS_S3_STANDARD_PRICES))));
-        let s3 = stats.s3.as_ref().unwrap();
-        for _ in 0..1000 {
-            s3.sent(RequestClass::Get);
-        }
-        for _ in 0..2000 {
-            s3.sent(RequestClass::Put);
-        }
-        s3.sent(RequestClass::Delete);
-        let expected = 0.0004 + 2.0 * 0.005;
-        assert!((s3.cost_usd() - expected).abs() < 1e-12);
-        let rows = stats.snapshot();
-        let row = |name| rows.iter().find(|(n, _)| *n == name).unwrap().1;
-        assert_eq!(row("s3_get_requests"), 1000);
-        assert_eq!(row("s3_put_requests"), 2000);
-        assert_eq!(row("s3_cost_nanousd"), 10_400_000);
-        // Under a minute of counting: the cost is spread over one minute.
-        assert_eq!(row("s3_cost_per_hour_nanousd"), 60 * 10_400_000);
-        stats.reset();
-        assert_eq!(stats.s3.as_ref().unwrap().cost_usd(), 0.0);
     }
 }

@@ -38,7 +38,8 @@ use tokio::time::Instant;
 
 use crate::stats::Stats;
 use crate::store::{
-    Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version, Versioned,
+    DumpPage, Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version,
+    Versioned,
 };
 use disk::{unix_now_ms, DiskTier, Lookup, Record};
 
@@ -142,6 +143,8 @@ type KeyStates = HashMap<Bytes, KeyState, foldhash::fast::RandomState>;
 pub struct Tiered {
     inner: Arc<dyn Store>,
     ram: Option<Ram>,
+    /// RAM's size now, in bytes: `ram_cache_bytes` until `cache_memlimit` changes it.
+    ram_bytes: AtomicU64,
     /// The optional disk tier behind RAM.
     disk: Option<Arc<DiskTier>>,
     window: Duration,
@@ -169,6 +172,7 @@ impl Tiered {
         Tiered {
             inner,
             ram,
+            ram_bytes: AtomicU64::new(config.ram_bytes),
             window: config.revalidate_after,
             disk: None,
             keys: Mutex::new(HashMap::default()),
@@ -259,6 +263,31 @@ impl Tiered {
     /// Whether a disk tier is on.
     pub fn has_disk(&self) -> bool {
         self.disk.is_some()
+    }
+
+    /// RAM's size, in bytes (0: the RAM tier is off).
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram_bytes.load(Relaxed)
+    }
+
+    /// Sets RAM's size to `bytes`, evicting what no longer fits (`cache_memlimit`); false
+    /// when the RAM tier is off, which a resize does not turn on. foyer resizes its shards
+    /// in place on threads of its own, and this waits for them: call it off the async
+    /// threads.
+    pub fn resize_ram(&self, bytes: u64) -> bool {
+        let Some(ram) = &self.ram else {
+            return false;
+        };
+        match ram.resize(usize::try_from(bytes).unwrap_or(usize::MAX)) {
+            Ok(()) => {
+                self.ram_bytes.store(bytes, Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, bytes, "the RAM tier could not be resized");
+                false
+            }
+        }
     }
 
     /// Entries and weighted bytes held in RAM, for `stats`.
@@ -589,9 +618,11 @@ impl Store for Tiered {
             return Ok(Some(item));
         }
         let known = self.ram_get(key);
-        if known.is_none() {
-            Stats::incr(&self.stats.tier_misses);
-        }
+        // Every read counts once: a fresh hit, a stale entry asked again, or a miss.
+        Stats::incr(match known {
+            Some(_) => &self.stats.tier_stale,
+            None => &self.stats.tier_misses,
+        });
         self.load(key, known, true).await
     }
 
@@ -625,6 +656,15 @@ impl Store for Tiered {
     async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
         Stats::incr(&self.stats.backend_lists);
         self.inner.list(cursor, limit).await
+    }
+
+    async fn dump(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<Option<DumpPage>, StoreError> {
+        Stats::incr(&self.stats.backend_lists);
+        self.inner.dump(cursor, limit).await
     }
 
     async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {

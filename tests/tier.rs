@@ -8,16 +8,8 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use common::proxy::{Mode, Proxy};
-use common::{s3_endpoint, unique_prefix, Backend, Client, TestServer};
+use common::{s3_endpoint, unique_prefix, Client, TestServer};
 use tokio::time::Instant;
-
-/// A replica whose S3 traffic goes through `proxy`, on the shared `prefix`.
-async fn replica(proxy: &Proxy, prefix: &str, extra: &str) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(Backend::S3, prefix, dir.path(), extra);
-    config.endpoint_url = proxy.url();
-    TestServer::start_config(config, dir).await
-}
 
 /// Long enough that no revalidation or flush-epoch re-read happens during a test.
 const LONG_WINDOW: &str = "revalidate_after_ms = 600000\n";
@@ -30,7 +22,7 @@ async fn hits_cost_no_request_a_miss_one_and_a_revalidation_one() {
     let proxy = Proxy::start(&s3_endpoint()).await;
     let window = Duration::from_millis(2000);
     let extra = format!("revalidate_after_ms = {}\n", window.as_millis());
-    let a = replica(&proxy, &unique_prefix("cost"), &extra).await;
+    let a = TestServer::behind(&proxy, &unique_prefix("cost"), &extra).await;
     let mut c = a.client().await;
     let mut keys = String::new();
     let mut sets = String::new();
@@ -85,8 +77,8 @@ async fn concurrent_reads_of_one_key_share_one_get() {
     }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("flight");
-    let writer = replica(&proxy, &prefix, LONG_WINDOW).await;
-    let reader = replica(&proxy, &prefix, LONG_WINDOW).await;
+    let writer = TestServer::behind(&proxy, &prefix, LONG_WINDOW).await;
+    let reader = TestServer::behind(&proxy, &prefix, LONG_WINDOW).await;
     writer
         .client()
         .await
@@ -127,8 +119,8 @@ async fn another_replicas_write_is_seen_within_one_window() {
     let prefix = unique_prefix("window");
     let window = Duration::from_millis(500);
     let extra = format!("revalidate_after_ms = {}\n", window.as_millis());
-    let a = replica(&proxy, &prefix, &extra).await;
-    let b = replica(&proxy, &prefix, &extra).await;
+    let a = TestServer::behind(&proxy, &prefix, &extra).await;
+    let b = TestServer::behind(&proxy, &prefix, &extra).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     ca.roundtrip(b"set k 0 0 2\r\nv1\r\n", b"STORED\r\n").await;
     assert_eq!(cb.get_value("k").await.as_deref(), Some("v1"));
@@ -164,8 +156,8 @@ async fn atomic_commands_stay_exact_across_replicas_whatever_the_window() {
     }
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("atomic");
-    let a = replica(&proxy, &prefix, LONG_WINDOW).await;
-    let b = replica(&proxy, &prefix, LONG_WINDOW).await;
+    let a = TestServer::behind(&proxy, &prefix, LONG_WINDOW).await;
+    let b = TestServer::behind(&proxy, &prefix, LONG_WINDOW).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     ca.roundtrip(b"set n 0 0 1\r\n0\r\n", b"STORED\r\n").await;
     // B holds n in RAM now; every increment below makes that copy stale.
@@ -226,8 +218,8 @@ async fn a_flush_is_seen_at_once_here_and_within_a_window_elsewhere() {
     let prefix = unique_prefix("tierflush");
     let window = Duration::from_millis(500);
     let extra = format!("revalidate_after_ms = {}\n", window.as_millis());
-    let a = replica(&proxy, &prefix, &extra).await;
-    let b = replica(&proxy, &prefix, &extra).await;
+    let a = TestServer::behind(&proxy, &prefix, &extra).await;
+    let b = TestServer::behind(&proxy, &prefix, &extra).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     ca.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
     assert_eq!(cb.get_value("k").await.as_deref(), Some("v"));
@@ -252,8 +244,8 @@ async fn strict_mode_reads_are_never_stale() {
     let proxy = Proxy::start(&s3_endpoint()).await;
     let prefix = unique_prefix("strict");
     let strict = "revalidate_after_ms = 0\n";
-    let a = replica(&proxy, &prefix, strict).await;
-    let b = replica(&proxy, &prefix, strict).await;
+    let a = TestServer::behind(&proxy, &prefix, strict).await;
+    let b = TestServer::behind(&proxy, &prefix, strict).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     for i in 0..5 {
         ca.roundtrip(format!("set k 0 0 2\r\nv{i}\r\n").as_bytes(), b"STORED\r\n")
@@ -275,7 +267,7 @@ async fn the_tier_holds_no_more_than_its_bytes() {
     let proxy = Proxy::start(&s3_endpoint()).await;
     let bound: u64 = 1024 * 1024;
     let extra = format!("ram_cache_bytes = {bound}\n{LONG_WINDOW}");
-    let a = replica(&proxy, &unique_prefix("bound"), &extra).await;
+    let a = TestServer::behind(&proxy, &unique_prefix("bound"), &extra).await;
     let mut c = a.client().await;
     let value = "x".repeat(64 * 1024);
     for i in 0..48 {

@@ -521,7 +521,7 @@ async fn memcached_fidelity_on_s3() {
 }
 
 /// Keys and opaques that are not UTF-8 echo back byte for byte; a stale recache keeps the
-/// item's TTL (issue 8, item 6).
+/// item's TTL.
 async fn meta_bytes_and_stale_ttl(backend: Backend) {
     let server = TestServer::start(backend, "metabytes", "").await;
     let mut c = server.client().await;
@@ -558,7 +558,7 @@ async fn meta_bytes_and_stale_ttl_on_s3() {
     meta_bytes_and_stale_ttl(Backend::S3).await;
 }
 
-/// A `get` of any length is served in pieces (issue 8, item 3); a refused line never eats
+/// A `get` of any length is served in pieces; a refused line never eats
 /// the commands after it in the same write.
 async fn long_lines(backend: Backend) {
     // Lines past the 256 KiB window: many short keys on the directory store; on S3 (one GET
@@ -645,7 +645,7 @@ async fn long_lines_on_s3() {
 }
 
 /// flush_all: a passed flush stays in force after a delayed one; an unreadable epoch object
-/// is an error for requests until a flush rewrites it (issue 8, item 5).
+/// is an error for requests until a flush rewrites it.
 async fn flush_edges(backend: Backend) {
     // Strict mode: every request reads the epoch object, so a broken one shows at once
     // (with a window it shows once the background re-read fails, within two windows).
@@ -687,7 +687,7 @@ async fn flush_edges_on_s3() {
 }
 
 /// With the default bounds a client that sets 1,000 keys reads back 1,000, after the culler
-/// has run (issue 8, item 8: the seed's max_entries = 300 kept about 300).
+/// has run (the seed's max_entries = 300 kept about 300).
 async fn default_bounds_keep_what_was_set(backend: Backend, count: usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(backend, &common::unique_prefix("defaults"), dir.path(), "");
@@ -747,4 +747,102 @@ async fn default_bounds_keep_what_was_set_on_s3() {
         return;
     }
     default_bounds_keep_what_was_set(Backend::S3, 400).await;
+}
+
+/// A dump longer than a page comes whole, in order with the commands around it (memcached
+/// refuses commands before a dump in the same read and drops those after it).
+#[tokio::test]
+async fn a_dump_of_many_pages_goes_through_the_connection() {
+    let server = TestServer::start(Backend::Dir, "dump", "").await;
+    let mut c = server.client().await;
+    let n = 2500;
+    let mut sets = Vec::new();
+    for i in 0..n {
+        sets.extend_from_slice(format!("set key{i} 0 0 1 noreply\r\nv\r\n").as_bytes());
+    }
+    c.send(&sets).await;
+    c.send(b"set last 0 0 1\r\nv\r\nlru_crawler mgdump all\r\nget last\r\n")
+        .await;
+    let reply = c.read_until(b"\r\nVALUE last 0 1\r\nv\r\nEND\r\n").await;
+    let reply = String::from_utf8(reply).unwrap();
+    let dump = reply
+        .strip_prefix("STORED\r\n")
+        .and_then(|r| r.split_once("EN\r\n"))
+        .map(|(dump, _)| dump)
+        .unwrap_or_else(|| panic!("{reply}"));
+    let mut keys: Vec<&str> = dump.lines().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), n + 1, "every item once");
+    assert!(keys
+        .iter()
+        .all(|k| k.starts_with("mg key") || *k == "mg last"));
+    c.send(b"lru_crawler metadump all\r\n").await;
+    let meta = String::from_utf8(c.read_until(b"\nEND\r\n").await).unwrap();
+    assert_eq!(meta.lines().count(), n + 2);
+    assert!(meta.contains("key=last exp=-1 la="), "{}", &meta[..200]);
+}
+
+#[tokio::test]
+async fn operator_commands_on_dir() {
+    let server = TestServer::start(Backend::Dir, "operator", "").await;
+    let mut c = server.client().await;
+    c.roundtrip(b"cache_memlimit 50\r\n", b"OK\r\n").await;
+    c.send(b"stats settings\r\n").await;
+    let settings = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+    for row in [
+        "STAT maxbytes 52428800\r\n",
+        "STAT ram_cache_bytes 52428800\r\n",
+        "STAT lru_crawler yes\r\n",
+        "STAT shutdown_command no\r\n",
+        "STAT flush_enabled yes\r\n",
+    ] {
+        assert!(settings.contains(row), "{row} in {settings}");
+    }
+    c.roundtrip(b"shutdown\r\n", b"ERROR: shutdown not enabled\r\n")
+        .await;
+    assert!(!server.app.ctx.stop.is_cancelled());
+    c.send(b"stats conns\r\n").await;
+    let conns = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+    assert!(conns.contains(":state conn_listening\r\n"), "{conns}");
+    assert!(conns.contains(":state conn_parse_cmd\r\n"), "{conns}");
+}
+
+#[tokio::test]
+async fn an_enabled_shutdown_closes_the_connection_and_asks_for_the_drain() {
+    let server = TestServer::start(Backend::Dir, "shutdown", "shutdown_enabled = true\n").await;
+    let mut c = server.client().await;
+    c.roundtrip(
+        b"shutdown noreply\r\n",
+        b"CLIENT_ERROR invalid shutdown mode\r\n",
+    )
+    .await;
+    c.roundtrip(
+        b"set a 0 0 1\r\na\r\nshutdown graceful\r\nget a\r\n",
+        b"STORED\r\n",
+    )
+    .await;
+    assert!(c.closed().await);
+    assert!(server.app.ctx.stop.is_cancelled());
+}
+
+#[tokio::test]
+async fn on_s3_the_crawler_is_off() {
+    if !common::have_s3() {
+        return;
+    }
+    let server = TestServer::start(Backend::S3, "crawler", "").await;
+    let mut c = server.client().await;
+    let disabled = b"CLIENT_ERROR lru crawler disabled\r\n";
+    c.roundtrip(b"lru_crawler metadump all\r\n", disabled).await;
+    c.roundtrip(b"lru_crawler mgdump all\r\n", disabled).await;
+    c.roundtrip(b"lru_crawler crawl all\r\n", disabled).await;
+    c.roundtrip(
+        b"lru_crawler enable\r\n",
+        b"ERROR failed to start lru crawler thread\r\n",
+    )
+    .await;
+    c.send(b"stats settings\r\n").await;
+    let settings = String::from_utf8(c.read_until(b"END\r\n").await).unwrap();
+    assert!(settings.contains("STAT lru_crawler no\r\n"), "{settings}");
 }

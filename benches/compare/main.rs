@@ -501,14 +501,7 @@ async fn cull_cost(endpoint: &str, entries: usize) {
         s3::s3_toml(BENCH_BUCKET, endpoint, &prefix)
     ))
     .unwrap();
-    let store: Arc<dyn Store> = Arc::new(
-        S3Store::connect(s3cached::app::s3_settings(
-            &config,
-            s3cached::app::codec(&config),
-        ))
-        .await
-        .unwrap(),
-    );
+    let store: Arc<dyn Store> = Arc::new(S3Store::connect(config.s3_settings()).await.unwrap());
     let fill = Instant::now();
     stream::iter(0..entries)
         .map(|i| {

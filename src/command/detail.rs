@@ -29,6 +29,11 @@ impl PrefixStats {
         self.enabled.store(on, Relaxed);
     }
 
+    /// Whether counting is on (`stats settings` shows it as `detail_enabled`).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Relaxed)
+    }
+
     fn record(&self, key: &[u8], field: usize, by: u64) {
         if !self.enabled.load(Relaxed) {
             return;

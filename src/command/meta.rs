@@ -7,8 +7,8 @@
 use bytes::Bytes;
 
 use super::item::{
-    Arith, Counted, Decision, Deleted, Found, Freshness, Invalidation, Items, NewCounter, Read,
-    Removal, Write, WriteMode, Written,
+    Arith, Counted, Decision, Deleted, Found, Freshness, Invalidation, Items, Miss, NewCounter,
+    Read, Removal, Write, WriteMode, Written,
 };
 use super::{Ctx, NON_NUMERIC, OUT_OF_MEMORY_STORING};
 use crate::protocol::{
@@ -159,7 +159,7 @@ async fn get(items: &Items<'_>, ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Resp
     let stats = &ctx.stats;
     match got {
         Ok(Got::Miss) => {
-            Stats::incr(&stats.get_misses);
+            super::count_read(ctx, &key, Some(Miss::Absent), flags.classic);
             quiet(&flags, true, echo(MetaStatus::En, &flags, &key))
         }
         Ok(Got::Hit {
@@ -170,9 +170,9 @@ async fn get(items: &Items<'_>, ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Resp
             now_secs,
         }) => {
             if vivified {
-                Stats::incr(&stats.get_misses);
+                super::count_read(ctx, &key, Some(Miss::Absent), flags.classic);
             } else {
-                Stats::incr(&stats.get_hits);
+                super::count_read(ctx, &key, None, flags.classic);
                 if flags.ttl.is_some() {
                     Stats::incr(&stats.touch_hits);
                 }

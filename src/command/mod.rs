@@ -4,23 +4,27 @@
 //! outcomes the classic commands here and the meta commands in `meta` translate into
 //! replies. Store errors become wire replies in exactly one place, [`Ctx::failure`].
 
+mod admin;
 mod detail;
+mod dump;
 pub mod item;
 mod meta;
 mod report;
 
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::culler::WriteListener;
 use crate::flush::Flush;
 use crate::protocol::{ProtocolError, Request, Response, StoreMode, Value};
 use crate::stats::Stats;
-use crate::store::{Entry, StoreError};
+use crate::store::{Entry, Store, StoreError};
 use crate::tier::Tiered;
 use item::{
     Arith, Counted, Deleted, Items, Miss, Read, Removal, Touched, Write, WriteMode, Written,
@@ -44,7 +48,9 @@ pub struct Settings {
     pub flush_enabled: bool,
     /// Answer a failed read as a miss instead of `SERVER_ERROR`.
     pub miss_on_backend_error: bool,
-    /// Rows of `stats settings`.
+    /// The `shutdown` command stops the server (memcached's `-A`).
+    pub shutdown_enabled: bool,
+    /// Rows of `stats settings`; the report fills in those that change at run time.
     pub settings_rows: Vec<(String, String)>,
 }
 
@@ -54,6 +60,7 @@ impl Default for Settings {
             max_item_bytes: crate::protocol::Limits::default().max_item_bytes,
             flush_enabled: true,
             miss_on_backend_error: false,
+            shutdown_enabled: false,
             settings_rows: Vec::new(),
         }
     }
@@ -72,6 +79,15 @@ pub struct Ctx {
     pub writes: Arc<dyn WriteListener>,
     /// `stats detail` counts.
     pub detail: detail::PrefixStats,
+    /// memcached's verbosity as `verbosity` last set it, shown by `stats settings` (logging
+    /// follows `log_level`).
+    pub verbosity: AtomicU32,
+    /// `lru_crawler` serves dumps: on where the store can dump, until `lru_crawler disable`.
+    pub crawler: AtomicBool,
+    /// Cancelled by the `shutdown` command; the server then drains as on SIGTERM.
+    pub stop: CancellationToken,
+    /// The listener and the client connections, for `stats conns`.
+    pub conns: Arc<crate::conns::Conns>,
 }
 
 impl Ctx {
@@ -84,14 +100,18 @@ impl Ctx {
         writes: Arc<dyn WriteListener>,
     ) -> Self {
         Ctx {
-            store,
             flush,
             stats,
             started_us: clock.now_us(),
             clock,
             settings,
+            crawler: AtomicBool::new(store.info().dumps),
+            store,
             writes,
             detail: detail::PrefixStats::default(),
+            verbosity: AtomicU32::new(0),
+            stop: CancellationToken::new(),
+            conns: Arc::default(),
         }
     }
 
@@ -220,7 +240,12 @@ async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
         } => reply(noreply, touch(&items, ctx, &key, exptime).await),
         Request::FlushAll { delay, noreply } => reply(noreply, report::flush_all(ctx, delay).await),
         Request::Version => Response::Version(report::version()),
-        Request::Verbosity { noreply } => reply(noreply, Response::Ok),
+        Request::Verbosity { level, noreply } => reply(noreply, admin::verbosity(ctx, level)),
+        Request::CacheMemlimit { megabytes, noreply } => {
+            reply(noreply, admin::cache_memlimit(ctx, megabytes).await)
+        }
+        Request::Shutdown(mode) => admin::shutdown(ctx, mode),
+        Request::LruCrawler(crawler) => admin::lru_crawler(ctx, crawler).await,
         Request::Stats { arg } => report::stats(ctx, arg.as_deref()),
         Request::Meta(m) => meta::execute(&items, ctx, m).await,
         Request::Invalid(e) => Response::Error(e),
@@ -257,13 +282,13 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
         }
         values.push(to_value(entry));
     }
-    for key in keys {
-        ctx.detail.get(key, true);
-    }
+    // Counted as the store path counts a read the near tier answers (Tiered::get).
     let n = keys.len() as u64;
     Stats::add(&ctx.stats.cmd_get, n);
-    Stats::add(&ctx.stats.get_hits, n);
     Stats::add(&ctx.stats.tier_hits, n);
+    for key in keys {
+        count_read(ctx, key, None, true);
+    }
     let response = Response::Values {
         values,
         with_cas: *cas,
@@ -303,12 +328,10 @@ async fn retrieve(
     };
     let mut results = stream::iter(keys)
         .map(|key| async move {
-            let r = match touch {
+            match touch {
                 None => get_one(items, ctx, &key).await,
                 Some(exptime) => touch_one(items, ctx, &key, exptime).await,
-            };
-            ctx.detail.get(&key, matches!(r, Ok(Some(_))));
-            r
+            }
         })
         .buffered(fanout);
     let mut values = Vec::new();
@@ -380,26 +403,41 @@ fn to_value(entry: Entry) -> Value {
     }
 }
 
-/// One key of a get: the live value, a miss, or the failure reply.
-async fn get_one(items: &Items<'_>, ctx: &Ctx, key: &[u8]) -> Result<Option<Value>, Response> {
+/// Counts how one key of a read ended, in `stats` and, for classic reads (text or binary
+/// `get`, `gat`; memcached leaves `mg` out), in `stats detail`: every get and every answer
+/// (near tier or store) counts here, once per key.
+pub(crate) fn count_read(ctx: &Ctx, key: &[u8], miss: Option<Miss>, classic: bool) {
     let stats = &ctx.stats;
-    match items.read(key).await {
-        Ok(Read::Hit(entry)) => {
-            Stats::incr(&stats.get_hits);
-            Ok(Some(to_value(entry)))
-        }
-        Ok(Read::Miss(miss)) => {
+    match miss {
+        None => Stats::incr(&stats.get_hits),
+        Some(why) => {
             Stats::incr(&stats.get_misses);
-            match miss {
+            match why {
                 Miss::Expired => Stats::incr(&stats.get_expired),
                 Miss::Flushed => Stats::incr(&stats.get_flushed),
                 Miss::Absent => {}
             }
+        }
+    }
+    if classic {
+        ctx.detail.get(key, miss.is_none());
+    }
+}
+
+/// One key of a get: the live value, a miss, or the failure reply.
+async fn get_one(items: &Items<'_>, ctx: &Ctx, key: &[u8]) -> Result<Option<Value>, Response> {
+    match items.read(key).await {
+        Ok(Read::Hit(entry)) => {
+            count_read(ctx, key, None, true);
+            Ok(Some(to_value(entry)))
+        }
+        Ok(Read::Miss(miss)) => {
+            count_read(ctx, key, Some(miss), true);
             Ok(None)
         }
         Err(e) if ctx.settings.miss_on_backend_error => {
             ctx.failure(e);
-            Stats::incr(&stats.get_misses);
+            count_read(ctx, key, Some(Miss::Absent), true);
             Ok(None)
         }
         Err(e) => Err(ctx.failure(e)),
@@ -415,11 +453,11 @@ async fn touch_one(
 ) -> Result<Option<Value>, Response> {
     match items.touch(key, ctx.clock.expires_at(exptime)).await {
         Ok(Touched::Done(entry)) => {
-            Stats::incr(&ctx.stats.get_hits);
+            count_read(ctx, key, None, true);
             Ok(Some(to_value(entry)))
         }
         Ok(Touched::NotFound) => {
-            Stats::incr(&ctx.stats.get_misses);
+            count_read(ctx, key, Some(Miss::Absent), true);
             Ok(None)
         }
         Err(e) => Err(ctx.failure(e)),

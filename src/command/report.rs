@@ -1,5 +1,7 @@
 //! The commands about the server rather than its items: `stats`, `flush_all`, `version`.
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use super::Ctx;
 use crate::protocol::{ProtocolError, Response};
 use crate::stats::Stats;
@@ -38,7 +40,7 @@ pub(super) fn stats(ctx: &Ctx, arg: Option<&str>) -> Response {
     let words: Vec<&str> = arg.map(|a| a.split(' ').collect()).unwrap_or_default();
     match words.first().copied() {
         None => Response::Stats(general_stats(ctx)),
-        Some("settings") => Response::Stats(ctx.settings.settings_rows.clone()),
+        Some("settings") => Response::Stats(settings(ctx)),
         Some("reset") => {
             ctx.stats.reset();
             ctx.detail.clear();
@@ -53,10 +55,27 @@ pub(super) fn stats(ctx: &Ctx, arg: Option<&str>) -> Response {
             _ => Response::Error(ProtocolError::Client("usage: stats detail on|off|dump")),
         },
         Some("cachedump") => cachedump(&words),
+        Some("conns") => Response::Stats(ctx.conns.rows()),
         // Slab and item-class internals have no counterpart on S3: empty lists.
-        Some("items" | "slabs" | "sizes" | "conns") => Response::Stats(Vec::new()),
+        Some("items" | "slabs" | "sizes") => Response::Stats(Vec::new()),
         Some(_) => Response::Error(ProtocolError::UnknownCommand),
     }
+}
+
+/// `stats settings`: the rows made at start, with what commands have changed since.
+fn settings(ctx: &Ctx) -> Vec<(String, String)> {
+    let yes = |on: bool| if on { "yes" } else { "no" }.to_owned();
+    let mut rows = ctx.settings.settings_rows.clone();
+    for (name, value) in &mut rows {
+        match name.as_str() {
+            "maxbytes" | "ram_cache_bytes" => *value = ctx.store.ram_bytes().to_string(),
+            "verbosity" => *value = ctx.verbosity.load(Relaxed).to_string(),
+            "detail_enabled" => *value = yes(ctx.detail.enabled()),
+            "lru_crawler" => *value = yes(ctx.crawler.load(Relaxed)),
+            _ => {}
+        }
+    }
+    rows
 }
 
 /// memcached's slab classes, the ids `stats cachedump` accepts.

@@ -9,13 +9,20 @@ use super::*;
 use crate::culler::WriteHint;
 use crate::protocol::{parse, Limits};
 use crate::store::memory::MemoryStore;
+use crate::store::test_utils::Layer;
 use crate::store::{PutMode, Store};
+use std::sync::atomic::Ordering::Relaxed;
 
 async fn ctx() -> Ctx {
     ctx_over(Arc::new(MemoryStore::new())).await
 }
 
 async fn ctx_over(backend: Arc<dyn Store>) -> Ctx {
+    ctx_with_flush_window(backend, Duration::ZERO).await
+}
+
+/// A context whose flush epoch is re-read once per `window` (zero: on every read).
+async fn ctx_with_flush_window(backend: Arc<dyn Store>, window: Duration) -> Ctx {
     // The near tier is on, as in production: single-node semantics must not change.
     let stats = Arc::new(Stats::default());
     let tier = crate::tier::TierConfig {
@@ -23,7 +30,7 @@ async fn ctx_over(backend: Arc<dyn Store>) -> Ctx {
         revalidate_after: Duration::from_secs(1),
     };
     let store = Arc::new(Tiered::new(backend, tier, stats.clone()));
-    let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
+    let flush = Arc::new(Flush::load(store.clone(), window).await.unwrap());
     Ctx::new(
         store,
         flush,
@@ -311,7 +318,6 @@ impl Racing {
     }
 
     fn loses(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
         self.losses
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
             .is_ok()
@@ -319,9 +325,9 @@ impl Racing {
 }
 
 #[async_trait::async_trait]
-impl Store for Racing {
-    async fn get(&self, key: &[u8]) -> Result<Option<crate::store::Versioned>, StoreError> {
-        self.inner.get(key).await
+impl Layer for Racing {
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
     }
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<crate::store::Version, StoreError> {
         if matches!(mode, PutMode::Update(_)) && self.loses() {
@@ -338,36 +344,6 @@ impl Store for Racing {
             return Err(StoreError::Changed);
         }
         self.inner.delete(key, version).await
-    }
-    async fn list(
-        &self,
-        cursor: Option<String>,
-        limit: usize,
-    ) -> Result<crate::store::ListPage, StoreError> {
-        self.inner.list(cursor, limit).await
-    }
-    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.stored_at_us(name).await
-    }
-    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
-        self.inner.delete_objects(names).await
-    }
-    async fn get_control(
-        &self,
-        name: &str,
-    ) -> Result<Option<(Bytes, crate::store::Version)>, StoreError> {
-        self.inner.get_control(name).await
-    }
-    async fn put_control(
-        &self,
-        name: &str,
-        body: Bytes,
-        mode: PutMode,
-    ) -> Result<crate::store::Version, StoreError> {
-        self.inner.put_control(name, body, mode).await
-    }
-    fn info(&self) -> crate::store::StoreInfo {
-        self.inner.info()
     }
 }
 
@@ -416,4 +392,263 @@ async fn a_write_that_always_loses_gives_up_after_the_policy_s_attempts() {
     let most = Duration::from_millis(item::RETRY.max_backoff_ms) * retries as u32;
     assert!(begun.elapsed() <= most, "pauses are bounded");
     assert_eq!(run(&c, "get k\r\n").await, "VALUE k 0 1\r\na\r\nEND\r\n");
+}
+
+#[tokio::test]
+async fn cache_memlimit_resizes_the_ram_tier_within_memcacheds_bounds() {
+    let c = ctx().await;
+    let too_small = "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n";
+    assert_eq!(run(&c, "cache_memlimit 7\r\n").await, too_small);
+    assert_eq!(run(&c, "cache_memlimit 4294967296\r\n").await, too_small);
+    assert_eq!(
+        run(&c, "cache_memlimit 1000000001\r\n").await,
+        "MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n"
+    );
+    assert_eq!(c.store.ram_bytes(), 1 << 20, "refusals change nothing");
+    assert_eq!(run(&c, "cache_memlimit 50\r\n").await, "OK\r\n");
+    assert_eq!(c.store.ram_bytes(), 50 << 20);
+    assert_eq!(run(&c, "cache_memlimit 9 noreply\r\n").await, "");
+    assert_eq!(c.store.ram_bytes(), 9 << 20);
+    assert_eq!(
+        run(&c, "cache_memlimit 7 noreply\r\nmn\r\n").await,
+        "MN\r\n"
+    );
+}
+
+#[tokio::test]
+async fn cache_memlimit_cannot_turn_an_absent_ram_tier_on() {
+    let stats = Arc::new(Stats::default());
+    let off = crate::tier::TierConfig {
+        ram_bytes: 0,
+        revalidate_after: Duration::ZERO,
+    };
+    let store = Arc::new(Tiered::new(
+        Arc::new(MemoryStore::new()),
+        off,
+        stats.clone(),
+    ));
+    let flush = Arc::new(Flush::load(store.clone(), Duration::ZERO).await.unwrap());
+    let hint = Arc::new(WriteHint::new(0));
+    let settings = Settings::default();
+    let c = Ctx::new(store, flush, stats, Clock::tokio(), settings, hint);
+    assert_eq!(
+        run(&c, "cache_memlimit 64\r\n").await,
+        "MEMLIMIT_ADJUST_FAILED out of bounds or unable to adjust\r\n"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_is_refused_unless_enabled_then_closes_and_asks_for_the_drain() {
+    let mut c = ctx().await;
+    assert_eq!(
+        run(&c, "shutdown\r\nshutdown graceful\r\nshutdown noreply\r\n").await,
+        "ERROR: shutdown not enabled\r\n".repeat(3)
+    );
+    assert!(!c.stop.is_cancelled());
+    c.settings.shutdown_enabled = true;
+    assert_eq!(
+        run(&c, "shutdown x\r\n").await,
+        "CLIENT_ERROR invalid shutdown mode\r\n"
+    );
+    assert!(!c.stop.is_cancelled());
+    let request = parse(b"shutdown graceful\r\n", &Limits::default()).unwrap();
+    assert_eq!(execute(&c, request.request).await, Response::Close);
+    assert!(c.stop.is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn verbosity_is_kept_up_to_memcacheds_highest_level() {
+    let c = ctx().await;
+    assert_eq!(run(&c, "verbosity 1\r\n").await, "OK\r\n");
+    assert_eq!(c.verbosity.load(Relaxed), 1);
+    assert_eq!(run(&c, "verbosity 99 noreply\r\n").await, "");
+    assert_eq!(c.verbosity.load(Relaxed), 2);
+    assert_eq!(run(&c, "slabs automove 1\r\n").await, "OK\r\n");
+    assert_eq!(c.verbosity.load(Relaxed), 2);
+}
+
+/// Runs a dump to its end, following its pages; returns the pages' bytes and their count.
+async fn dump_all(c: &Ctx, line: &str) -> (String, usize) {
+    let mut request = parse(line.as_bytes(), &Limits::default()).unwrap().request;
+    let mut out = BytesMut::new();
+    for pages in 1.. {
+        let response = execute(c, request).await;
+        response.encode(&mut out);
+        match response {
+            Response::Dump {
+                more: Some(next), ..
+            } => request = *next,
+            _ => return (String::from_utf8(out.to_vec()).unwrap(), pages),
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(start_paused = true)]
+async fn metadump_and_mgdump_list_live_items_page_by_page() {
+    let c = ctx().await;
+    let now = c.clock.now_secs();
+    run(&c, "set a 0 0 1\r\na\r\nset b%20c 5 100 3\r\nabc\r\n").await;
+    run(&c, "set gone 0 1 1\r\na\r\n").await;
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let (dump, pages) = dump_all(&c, "lru_crawler metadump all\r\n").await;
+    assert_eq!(pages, 1);
+    let mut lines: Vec<&str> = dump.split_inclusive('\n').collect();
+    assert_eq!(lines.pop(), Some("END\r\n"));
+    lines.sort();
+    assert_eq!(lines.len(), 2, "the expired item is left out: {dump}");
+    assert!(lines[0].starts_with("key=a exp=-1 la="), "{dump}");
+    let expires = format!("key=b%2520c exp={} la=", now + 100);
+    assert!(lines[1].starts_with(&expires), "{dump}");
+    assert!(lines[1].contains(" fetch=no cls=1 size="), "{dump}");
+    let (mg, _) = dump_all(&c, "lru_crawler mgdump 1,2\r\n").await;
+    let mut keys: Vec<&str> = mg.split_inclusive("\r\n").collect();
+    assert_eq!(keys.pop(), Some("EN\r\n"));
+    keys.sort();
+    assert_eq!(keys, ["mg a\r\n", "mg b%20c\r\n"]);
+    assert_eq!(dump_all(&c, "lru_crawler mgdump 2\r\n").await.0, "EN\r\n");
+    // Many items come in pages of DUMP_PAGE_ITEMS; flushed ones are left out.
+    run(&c, "flush_all\r\n").await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let n = dump::DUMP_PAGE_ITEMS * 2 + 10;
+    for i in 0..n {
+        run(&c, &format!("set k{i} 0 0 1\r\nv\r\n")).await;
+    }
+    let (mg, pages) = dump_all(&c, "lru_crawler mgdump all\r\n").await;
+    assert_eq!(pages, 3);
+    assert_eq!(mg.matches("\r\nmg ").count() + 1, n, "every item once");
+    assert!(!mg.contains("mg a\r\n") && mg.ends_with("\r\nEN\r\n"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_crawler_turns_off_and_on_and_refuses_bad_classes() {
+    let c = ctx().await;
+    let reply = |line: &'static str| {
+        let c = &c;
+        async move { run(c, line).await }
+    };
+    assert_eq!(
+        reply("lru_crawler metadump 0\r\n").await,
+        "BADCLASS invalid class id\r\n"
+    );
+    assert_eq!(
+        reply("lru_crawler crawl x\r\n").await,
+        "BADCLASS invalid class id\r\n"
+    );
+    assert_eq!(
+        reply("lru_crawler metadump ,\r\n").await,
+        "NOTSTARTED no items to crawl\r\n"
+    );
+    assert_eq!(reply("lru_crawler crawl all\r\n").await, "OK\r\n");
+    assert_eq!(reply("lru_crawler tocrawl 5\r\n").await, "OK\r\n");
+    let running = "ERROR failed to start lru crawler thread\r\n";
+    assert_eq!(reply("lru_crawler enable\r\n").await, running);
+    assert_eq!(reply("lru_crawler disable\r\n").await, "OK\r\n");
+    let disabled = "CLIENT_ERROR lru crawler disabled\r\n";
+    assert_eq!(reply("lru_crawler metadump all\r\n").await, disabled);
+    assert_eq!(reply("lru_crawler mgdump 0\r\n").await, disabled);
+    assert_eq!(reply("lru_crawler crawl 1\r\n").await, disabled);
+    assert_eq!(reply("lru_crawler enable\r\n").await, "OK\r\n");
+    assert_eq!(reply("lru_crawler metadump all\r\n").await, "END\r\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_cannot_dump_has_its_crawler_off_for_good() {
+    // `Racing` forwards everything but `dump`, as a store without cheap listings answers.
+    let c = ctx_over(Racing::new(0)).await;
+    let disabled = "CLIENT_ERROR lru crawler disabled\r\n";
+    assert_eq!(run(&c, "lru_crawler metadump all\r\n").await, disabled);
+}
+
+fn label_count(c: &Ctx, command: &'static str, result: &'static str) -> u64 {
+    let labels = crate::metrics::CommandLabels { command, result };
+    c.stats.timings.commands.get_or_create(&labels).get()
+}
+
+/// The `stats detail` counts of `prefix`: get, hit, set, delete.
+fn detail_of(c: &Ctx, prefix: &[u8]) -> [u64; 4] {
+    let dump = c.detail.dump();
+    dump.iter()
+        .find(|(p, _)| &p[..] == prefix)
+        .map_or([0; 4], |(_, counts)| *counts)
+}
+
+/// A binary-protocol GET of `key`, decoded as the binary connection decodes it.
+fn binary_get(key: &[u8]) -> Request {
+    let mut frame = vec![0x80, 0x00];
+    frame.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]); // extras, data type, vbucket
+    frame.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&[0; 12]); // opaque, cas
+    frame.extend_from_slice(key);
+    let decoded = crate::protocol::binary::decode(&frame, &Limits::default(), false).unwrap();
+    match decoded.frame.command {
+        crate::protocol::binary::Command::Run(request) => request,
+        _ => panic!("a GET runs"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_get_path_counts_alike_whether_ram_or_the_store_answers() {
+    let c = ctx_with_flush_window(Arc::new(MemoryStore::new()), Duration::from_secs(1)).await;
+    run(&c, "stats detail on\r\n").await;
+    assert_eq!(run(&c, "set p:k 0 0 1\r\nv\r\n").await, "STORED\r\n");
+    let get = || Request::Get {
+        keys: vec![Bytes::from_static(b"p:k")],
+        cas: false,
+        end: true,
+    };
+    // The near tier answers with no I/O...
+    let fast = answer_from_tier(&c, &get()).expect("fresh in RAM");
+    // ...and the same get through the store path (RAM answers inside Tiered::get).
+    let slow = execute(&c, get()).await;
+    assert_eq!(fast, slow);
+    // A binary GET: a classic get in meta form.
+    execute(&c, binary_get(b"p:k")).await;
+    assert_eq!(counter(&c, "cmd_get"), 3);
+    assert_eq!(counter(&c, "get_hits"), 3);
+    assert_eq!(counter(&c, "tier_hits"), 3);
+    assert_eq!(
+        label_count(&c, "get", "hit"),
+        3,
+        "text and binary gets, either path"
+    );
+    assert_eq!(label_count(&c, "mg", "hit"), 0);
+    assert_eq!(
+        detail_of(&c, b"p")[..2],
+        [3, 3],
+        "get and hit counts of prefix p"
+    );
+    // A meta get counts as a get, not in `stats detail` (as memcached 1.6 counts it).
+    assert_eq!(run(&c, "mg p:k v\r\n").await, "VA 1\r\nv\r\n");
+    assert_eq!(counter(&c, "get_hits"), 4);
+    assert_eq!(detail_of(&c, b"p")[..2], [3, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_read_is_a_tier_hit_a_stale_entry_or_a_miss() {
+    let c = ctx_with_flush_window(Arc::new(MemoryStore::new()), Duration::from_secs(1)).await;
+    assert_eq!(run(&c, "set a 0 0 1\r\nv\r\n").await, "STORED\r\n");
+    let get = |key: &'static [u8]| Request::Get {
+        keys: vec![Bytes::from_static(key)],
+        cas: false,
+        end: true,
+    };
+    for _ in 0..3 {
+        if answer_from_tier(&c, &get(b"a")).is_none() {
+            execute(&c, get(b"a")).await;
+        }
+    }
+    execute(&c, get(b"missing")).await;
+    tokio::time::advance(Duration::from_secs(2)).await; // past the window: stale
+    execute(&c, get(b"a")).await;
+    execute(&c, get(b"a")).await; // revalidated just now: fresh again
+    let reads = counter(&c, "cmd_get");
+    assert_eq!(reads, 6);
+    assert_eq!(counter(&c, "tier_stale"), 1);
+    assert_eq!(counter(&c, "tier_misses"), 1);
+    assert_eq!(
+        counter(&c, "tier_hits") + counter(&c, "tier_stale") + counter(&c, "tier_misses"),
+        reads
+    );
 }

@@ -25,6 +25,7 @@ use super::io::{sleep_until, Buffers, WRITE_HIGH_WATER_BYTES};
 use super::login::Login;
 use super::ConnectionConfig;
 use crate::command::{self, Ctx};
+use crate::conns::Registered;
 use crate::protocol::binary::{self, Command, Frame};
 use crate::protocol::{MetaRequest, Request, Response};
 use crate::stats::Stats;
@@ -48,16 +49,18 @@ struct Conn<'a> {
 }
 
 /// Serves a connection whose first bytes (already read into `first`, a buffer of
-/// [`super::io::INITIAL_BUFFER_BYTES`]) start a binary frame.
+/// [`super::io::INITIAL_BUFFER_BYTES`]) start a binary frame; `registered` is its row in
+/// `stats conns`.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut S,
     ctx: &Arc<Ctx>,
     config: &ConnectionConfig,
     first: BytesMut,
     shutdown: &CancellationToken,
+    registered: Option<Registered>,
 ) -> std::io::Result<()> {
     let mut admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
-    let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission);
+    let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission, registered);
     let mut conn = Conn {
         ctx,
         config,
@@ -98,7 +101,11 @@ impl Conn<'_> {
             self.run_buffered(socket).await?;
             self.io.tidy(&mut self.admission);
             self.flush(socket).await?;
-            if self.closing || !self.make_read_room(shutdown).await {
+            if self.closing {
+                return Ok(());
+            }
+            self.io.waiting();
+            if !self.make_read_room(shutdown).await {
                 return Ok(());
             }
             // A frame begun must be complete within the request timeout; an empty buffer may

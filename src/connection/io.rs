@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::admission::{Admission, REPLY_OVERHEAD_BYTES};
 use super::ConnectionConfig;
 use crate::budget::{Budget, Grant};
+use crate::conns::Registered;
 use crate::protocol::Response;
 use crate::stats::Stats;
 
@@ -54,6 +55,9 @@ pub struct Buffers {
     write_timeout: Option<Duration>,
     /// Where bytes read and written, and write timeouts, are counted.
     stats: Arc<Stats>,
+    /// This connection's row in `stats conns`: working when input arrives, waiting when
+    /// the driver waits for more.
+    registered: Option<Registered>,
 }
 
 /// Room the read buffer is to grow to once the budget grants it.
@@ -66,12 +70,13 @@ pub struct ReadRoom {
 
 impl Buffers {
     /// Buffers holding the connection's first read (in a buffer of [`INITIAL_BUFFER_BYTES`]),
-    /// charged to `admission`.
+    /// charged to `admission`; they keep the connection's row in `stats conns` up to date.
     pub fn new(
         first: BytesMut,
         config: &ConnectionConfig,
         stats: Arc<Stats>,
         admission: &mut Admission,
+        registered: Option<Registered>,
     ) -> Self {
         let buffers = Buffers {
             read_alloc: first.capacity(),
@@ -83,6 +88,7 @@ impl Buffers {
             request_timeout: config.request_timeout,
             write_timeout: config.write_timeout,
             stats,
+            registered,
         };
         buffers.sync(admission);
         buffers
@@ -119,8 +125,18 @@ impl Buffers {
         if n > 0 {
             Stats::add(&self.stats.bytes_read, n as u64);
             self.last_active = Instant::now();
+            if let Some(registered) = &self.registered {
+                registered.working();
+            }
         }
         Ok(n)
+    }
+
+    /// Shows the connection in `stats conns` as waiting for its next command.
+    pub fn waiting(&self) {
+        if let Some(registered) = &self.registered {
+            registered.waiting();
+        }
     }
 
     /// Makes sure the read buffer has room for a read, growing it if the budget has room

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
 use crate::command::Ctx;
+use crate::conns::Registered;
 use crate::protocol::{self, Limits};
 use crate::sasl::Users;
 use crate::stats::Stats;
@@ -88,12 +89,13 @@ impl ConnectionConfig {
 }
 
 /// Serves one client until it quits, errs, idles out or the server shuts down, over a TCP
-/// socket or a TLS stream.
+/// socket or a TLS stream; `registered`, its row in `stats conns`, is kept up to date.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut socket: S,
     ctx: Arc<Ctx>,
     config: ConnectionConfig,
     shutdown: CancellationToken,
+    registered: Option<Registered>,
 ) {
     let mut first = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
     // memcached tells the protocols apart by the first byte of a connection.
@@ -101,15 +103,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await
         .copied();
     Stats::add(&ctx.stats.bytes_read, first.len() as u64);
+    if let (Some(registered), Some(_)) = (&registered, first_byte) {
+        registered.working();
+    }
     match first_byte {
         Some(protocol::binary::REQUEST_MAGIC) => {
-            let served = binary::serve(&mut socket, &ctx, &config, first, &shutdown);
+            let served = binary::serve(&mut socket, &ctx, &config, first, &shutdown, registered);
             if let Err(e) = served.await {
                 tracing::debug!(cause = %e, "binary connection ended with an error");
             }
         }
         Some(_) => {
-            let served = text::serve(&mut socket, ctx, &config, first, &shutdown);
+            let served = text::serve(&mut socket, ctx, &config, first, &shutdown, registered);
             if let Err(e) = served.await {
                 tracing::debug!(cause = %e, "connection ended with an error");
             }

@@ -46,6 +46,11 @@ impl<T: Send + 'static, B> Pipeline<T, B> {
         }
     }
 
+    /// Requests running, or finished and not yet taken.
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
     /// Whether no request is running (or finished and not yet taken).
     pub fn is_empty(&self) -> bool {
         self.running.is_empty()

@@ -3,10 +3,11 @@
 //! Requests of one connection run concurrently against the store (a pipeline of sets or a
 //! burst of gets costs about one backend round trip, not one each), yet replies leave in
 //! request order and requests on the same key run in order ([`super::pipeline`]). Barrier
-//! commands (`flush_all`, `quit`) wait for everything before them. Each request is admitted by
-//! the memory budget before it starts ([`super::admission`]): a connection past its share, or
-//! refused by the budget, stops reading and dispatching until its replies drain or memory is
-//! granted. A request that is not complete within the request timeout ends the connection once
+//! commands (`flush_all`, `quit`) wait for everything before them; a dump is a barrier that
+//! goes on page by page, each page written before the next is read. Each request is admitted
+//! by the memory budget before it starts ([`super::admission`]): a connection past its share,
+//! or refused by the budget, stops reading and dispatching until its replies drain or memory
+//! is granted. A request that is not complete within the request timeout ends the connection once
 //! what is in flight is answered; replies not written within the write timeout end it at once
 //! ([`super::io`]).
 
@@ -27,6 +28,7 @@ use super::pipeline::Pipeline;
 use super::ConnectionConfig;
 use crate::budget::{Charge, Grant};
 use crate::command::{self, Ctx};
+use crate::conns::Registered;
 use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
 use crate::stats::Stats;
 
@@ -42,14 +44,15 @@ type Finished = (Response, Charge);
 
 /// Serves a text-protocol client whose first bytes are in `first` (a buffer of
 /// [`super::io::INITIAL_BUFFER_BYTES`]) until it quits, errs, idles out or the server shuts
-/// down. While SASL is on without `text_auth`, the client is told it is unauthenticated and
-/// closed.
+/// down; `registered` is its row in `stats conns`. While SASL is on without `text_auth`, the
+/// client is told it is unauthenticated and closed.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     socket: &mut S,
     ctx: Arc<Ctx>,
     config: &ConnectionConfig,
     first: BytesMut,
     shutdown: &CancellationToken,
+    registered: Option<Registered>,
 ) -> std::io::Result<()> {
     if config.sasl.is_some() && !config.text_auth {
         let _ = socket.write_all(UNAUTHENTICATED).await;
@@ -57,7 +60,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let login = Login::new(config.sasl.clone(), ctx.stats.clone());
     let mut admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
-    let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission);
+    let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission, registered);
     let mut conn = Connection {
         ctx,
         limits: config.limits,
@@ -131,13 +134,15 @@ impl Connection {
         shutdown: &CancellationToken,
     ) -> std::io::Result<()> {
         loop {
-            if self.closing
-                && self.pipeline.is_empty()
-                && !self.pipeline.holds_barrier()
-                && self.waiting.is_none()
-                && self.queued.is_empty()
-            {
+            if self.closing && self.in_flight() == 0 {
                 return self.flush(socket).await;
+            }
+            if self.pipeline.holds_barrier() && self.pipeline.is_empty() && self.waiting.is_none() {
+                self.next_page(socket, shutdown).await?;
+                continue;
+            }
+            if self.in_flight() == 0 {
+                self.io.waiting();
             }
             let can_read = self.may_read() && self.make_read_room();
             let waiting_for_client = self.io.has_input() || self.skip_bytes > 0 || self.skip_line;
@@ -191,6 +196,35 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Runs the next page of a dump (a barrier that `advance` left) once the last page is
+    /// written; at shutdown the dump ends there.
+    async fn next_page<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        self.flush(socket).await?;
+        if shutdown.is_cancelled() {
+            drop(self.pipeline.take_barrier());
+            self.closing = true;
+            return Ok(());
+        }
+        self.advance().await;
+        // The last page, and what ran after it, unless requests are still running.
+        if self.pipeline.is_empty() {
+            self.flush(socket).await?;
+        }
+        Ok(())
+    }
+
+    /// Requests started or held back and not yet answered.
+    fn in_flight(&self) -> usize {
+        self.pipeline.len()
+            + self.queued.len()
+            + usize::from(self.pipeline.holds_barrier())
+            + usize::from(self.waiting.is_some())
     }
 
     /// Whether the connection may take more input, budget aside.
@@ -295,6 +329,15 @@ impl Connection {
                 return;
             };
             let response = command::execute(&self.ctx, barrier).await;
+            // A dump goes on: its next page waits, as a barrier, until this one is written.
+            if let Response::Dump {
+                more: Some(next), ..
+            } = &response
+            {
+                self.pipeline.hold((**next).clone());
+                self.emit(response);
+                return;
+            }
             self.emit(response);
         }
     }

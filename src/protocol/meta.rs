@@ -3,7 +3,7 @@
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::parse::{
+use super::lex::{
     data_block, narrow, offsets, parse_i32, parse_length, parse_u32, parse_u64, take_frame,
     tokenize, Limits, Parsed, Skip, Source,
 };
@@ -102,6 +102,10 @@ pub struct MetaFlags {
     pub arith_mode: MetaArithMode,
     /// Flags to return, in request order.
     pub ret: Vec<ReturnFlag>,
+    /// Not a meta flag: set by the binary protocol for its GET/GETK, a classic get carried
+    /// in meta form, so it is counted and labelled as the text `get` is (memcached counts a
+    /// binary get in `stats detail`, a meta get not).
+    pub classic: bool,
 }
 
 /// One meta command.
@@ -167,10 +171,10 @@ pub(super) fn parse(src: Source, command: &[u8], tokens: &[&[u8]]) -> Request {
         }));
     }
     let which = match command {
-        b"mg" => Command::Get,
-        b"md" => Command::Delete,
-        b"ma" => Command::Arith,
-        _ => Command::Debug,
+        b"mg" => Verb::Get,
+        b"md" => Verb::Delete,
+        b"ma" => Verb::Arith,
+        _ => Verb::Debug,
     };
     let flags = match parse_flags(src, &tokens[2..], raw_key, which) {
         Ok(flags) => flags,
@@ -267,7 +271,7 @@ fn read_set(tokens: &[&[u8]]) -> Result<(usize, Bytes, MetaFlags), (ProtocolErro
     // As memcached: a length it cannot read (or out of 0..=INT_MAX-2) swallows nothing.
     let len = parse_length(tokens[2]).ok_or(keep(ProtocolError::BAD_FORMAT))?;
     let src = Source::Buffer;
-    let flags = parse_flags(src, &tokens[3..], tokens[1], Command::Set);
+    let flags = parse_flags(src, &tokens[3..], tokens[1], Verb::Set);
     let key = flags.and_then(|flags| Ok((decode_key(src, tokens[1], flags.base64)?, flags)));
     let (key, flags) = key.map_err(|e| (e, Skip::Bytes(len + 2)))?;
     Ok((len, key, flags))
@@ -294,7 +298,7 @@ fn decode_base64(raw: &[u8]) -> Result<Bytes, ProtocolError> {
 
 /// Which meta command a flag list belongs to: its mode letters and its error wording.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Command {
+enum Verb {
     Get,
     Set,
     Delete,
@@ -310,13 +314,13 @@ fn parse_flags(
     src: Source,
     tokens: &[&[u8]],
     raw_key: &[u8],
-    command: Command,
+    command: Verb,
 ) -> Result<MetaFlags, ProtocolError> {
     let result = preparse(src, tokens, raw_key).and_then(|mut f| {
         let mode = f.mode;
         match command {
-            Command::Set => set_mode(&mut f, mode, false)?,
-            Command::Arith => set_mode(&mut f, mode, true)?,
+            Verb::Set => set_mode(&mut f, mode, false)?,
+            Verb::Arith => set_mode(&mut f, mode, true)?,
             _ => {}
         }
         let opaque = tokens.iter().find(|t| t[0] == b'O');
@@ -326,7 +330,7 @@ fn parse_flags(
         Ok(f)
     });
     match (result, command) {
-        (Err(ProtocolError::Client(why)), Command::Delete | Command::Arith)
+        (Err(ProtocolError::Client(why)), Verb::Delete | Verb::Arith)
             if !why.starts_with("invalid mode") && !why.starts_with("opaque") =>
         {
             Err(ProtocolError::Client("invalid or duplicate flag"))

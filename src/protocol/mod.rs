@@ -4,15 +4,19 @@
 //! fuzzed and benchmarked alone. The connection feeds it bytes; it answers with a
 //! [`Parsed`] frame or asks for more.
 
+mod admin;
 pub mod binary;
+mod lex;
 mod meta;
 mod meta_reply;
 mod parse;
 mod response;
 
+pub use admin::{Crawler, DumpFormat, DumpItem, ShutdownMode, SlabClasses};
+pub use lex::{line_end, Limits, LongRetrieval, Parsed, Skip};
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
 pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
-pub use parse::{line_end, parse, parse_resumed, Limits, LongRetrieval, Parsed, Skip};
+pub use parse::{parse, parse_resumed};
 pub use response::{Response, Value};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -100,10 +104,21 @@ pub enum Request {
         noreply: bool,
     },
     Version,
-    /// `verbosity` and `slabs automove`: accepted, nothing to change; `OK`.
+    /// `verbosity <level>` (`level` set) and `slabs automove` (`None`: nothing to tune
+    /// here); `OK`.
     Verbosity {
+        level: Option<u32>,
         noreply: bool,
     },
+    /// `cache_memlimit <megabytes>`: the near tier's RAM size.
+    CacheMemlimit {
+        megabytes: u32,
+        noreply: bool,
+    },
+    /// `shutdown [graceful]`.
+    Shutdown(ShutdownMode),
+    /// `lru_crawler ...`.
+    LruCrawler(Crawler),
     /// `stats` with an optional sub-command (`settings`, `reset`, ...).
     Stats {
         arg: Option<String>,
@@ -150,11 +165,16 @@ impl Request {
             Request::Meta(m) => m.key().map(|k| vec![k]).or(Some(Vec::new())),
             Request::Version
             | Request::Verbosity { .. }
+            | Request::CacheMemlimit { .. }
             | Request::Invalid(_)
             | Request::Silent => Some(Vec::new()),
             // `stats` counts what the commands before it did, as in memcached.
+            // A dump goes on page by page after its first reply (see `Response::Dump`);
+            // `shutdown` answers what came before it, then closes.
             Request::Stats { .. }
             | Request::FlushAll { .. }
+            | Request::Shutdown(_)
+            | Request::LruCrawler(_)
             | Request::Quit
             | Request::Hangup(_) => None,
         }
@@ -164,14 +184,14 @@ impl Request {
 /// A decimal 32-bit unsigned number as memcached's `safe_strtoul` reads it (for command
 /// arguments parsed outside the protocol module, such as `stats cachedump`).
 pub fn parse_u32_field(token: &[u8]) -> Option<u32> {
-    parse::parse_u32(token)
+    lex::parse_u32(token)
 }
 
 /// A counter's data as memcached's incr reads it (`safe_strtoull` on the item's bytes as a
 /// C string): blanks, digits, then nothing, a blank or a NUL; anything may follow that.
 pub fn parse_counter(data: &[u8]) -> Option<u64> {
     let text = data.split(|&b| b == 0).next().unwrap_or(data);
-    parse::parse_u64(text)
+    lex::parse_u64(text)
 }
 
 /// Whether a key is acceptable: 1 to 250 bytes, no whitespace or control characters.

@@ -2,6 +2,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::admin::{encode_page, DumpFormat, DumpItem};
 use super::meta_reply::{MetaDebug, MetaReply};
 use super::{put_decimal, ProtocolError};
 
@@ -46,6 +47,16 @@ pub enum Response {
     Error(ProtocolError),
     /// `SERVER_ERROR <reason>` for backend failures.
     ServerError(String),
+    /// An operator command's status line in memcached's words (`MEMLIMIT_TOO_SMALL ...`,
+    /// `BADCLASS ...`, `ERROR: shutdown not enabled`).
+    Line(&'static str),
+    /// A page of an item dump; `more` is the request that makes the next page, `None` on
+    /// the last, which the dump's end marker follows.
+    Dump {
+        format: DumpFormat,
+        items: Vec<DumpItem>,
+        more: Option<Box<super::Request>>,
+    },
     /// Close the connection without a reply.
     Close,
 }
@@ -121,6 +132,12 @@ impl Response {
                 line(out, &format!("SERVER_ERROR {why}"))
             }
             Response::ServerError(why) => line(out, &format!("SERVER_ERROR {why}")),
+            Response::Line(text) => line(out, text),
+            Response::Dump {
+                format,
+                items,
+                more,
+            } => encode_page(*format, items, more.is_none(), out),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! empty store and panics on a violation.
 //!
 //! Test code only, not in the library: compiled under `cfg(test)` for the unit tests, and
-//! included by path in `tests/s3.rs` (hence `s3cached::` paths, which name this crate in
+//! included by path in `tests/s3_store.rs` (hence `s3cached::` paths, which name this crate in
 //! both places).
 
 use bytes::Bytes;
@@ -23,6 +23,8 @@ pub async fn run_all(store: &dyn Store) {
     listing_pages_and_bulk_delete(store).await;
     clear(store).await.expect("clear");
     control_objects(store).await;
+    clear(store).await.expect("clear");
+    dump_as_promised(store).await;
     clear(store).await.expect("clear");
 }
 
@@ -199,4 +201,44 @@ pub async fn control_objects(store: &dyn Store) {
     let (body, version) = store.get_control("lease").await.unwrap().unwrap();
     assert_eq!(body, "c");
     assert_eq!(version, v2);
+}
+
+/// A store that says it dumps lists every item once, in pages, each without its value and
+/// with its size; one that does not answers `None`.
+pub async fn dump_as_promised(store: &dyn Store) {
+    if !store.info().dumps {
+        assert!(store.dump(None, 10).await.unwrap().is_none());
+        return;
+    }
+    store
+        .put_control("marker", Bytes::from("x"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let mut written = Vec::new();
+    for i in 0..25u64 {
+        let e = entry(format!("dump-{i}").as_bytes(), &vec![b'v'; i as usize], i);
+        store.put(&e, PutMode::Overwrite).await.unwrap();
+        written.push(e);
+    }
+    let mut found = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.dump(cursor, 10).await.unwrap().expect("a page");
+        assert!(page.items.len() <= 10);
+        found.extend(page.items);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    found.sort_by_key(|d| d.entry.cas);
+    assert_eq!(found.len(), written.len());
+    for (dumped, e) in found.iter().zip(&written) {
+        let without_value = Entry {
+            value: Bytes::new(),
+            ..e.clone()
+        };
+        assert_eq!(dumped.entry, without_value);
+        assert!(dumped.size >= (e.key.len() + e.value.len()) as u64);
+    }
 }

@@ -139,6 +139,55 @@ impl Codec {
 
     /// Parses an object written by [`encode`](Codec::encode).
     pub fn decode(&self, raw: &Bytes) -> Result<Entry, FormatError> {
+        let header = Header::read(raw)?;
+        let body_len = HEADER_BYTES + header.key_len + header.value_len;
+        if raw.len() != body_len + header.trailer {
+            return Err(FormatError::Truncated);
+        }
+        if header.trailer > 0 && crc32fast::hash(&raw[..body_len]) != be32(raw, body_len) {
+            return Err(FormatError::Corrupt);
+        }
+        let stored = raw.slice(HEADER_BYTES + header.key_len..body_len);
+        let value = match raw[5] {
+            COMPRESSION_NONE => stored,
+            COMPRESSION_GZIP => gunzip(&stored, self.max_value_bytes)?,
+            other => return Err(FormatError::Compression(other)),
+        };
+        Ok(Entry {
+            key: raw.slice(HEADER_BYTES..HEADER_BYTES + header.key_len),
+            value,
+            ..header.entry
+        })
+    }
+}
+
+/// Reads the header and key at the start of an object, for a listing of items: the entry
+/// with an empty value. `raw` may stop after the key; the value is not read, so a damaged
+/// value (which [`Codec::decode`] catches by the checksum) goes unnoticed here.
+pub fn decode_header(raw: &[u8]) -> Result<Entry, FormatError> {
+    let header = Header::read(raw)?;
+    let key = raw
+        .get(HEADER_BYTES..HEADER_BYTES + header.key_len)
+        .ok_or(FormatError::Truncated)?;
+    Ok(Entry {
+        key: Bytes::copy_from_slice(key),
+        ..header.entry
+    })
+}
+
+/// The fixed header of an object.
+struct Header {
+    /// Every field but the key and the value.
+    entry: Entry,
+    key_len: usize,
+    /// The stored value's length (after compression).
+    value_len: usize,
+    /// Bytes after the value: the checksum of a version 2 object.
+    trailer: usize,
+}
+
+impl Header {
+    fn read(raw: &[u8]) -> Result<Header, FormatError> {
         if raw.len() < HEADER_BYTES {
             return Err(if raw.starts_with(&MAGIC[..raw.len().min(4)]) {
                 FormatError::Truncated
@@ -154,36 +203,27 @@ impl Codec {
             FORMAT_VERSION => CHECKSUM_BYTES,
             other => return Err(FormatError::Version(other)),
         };
-        let be16 = |at: usize| u16::from_be_bytes([raw[at], raw[at + 1]]) as usize;
-        let be32 = |at: usize| u32::from_be_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
         let be64 = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
-        let key_len = be16(8);
-        let value_len = be32(38) as usize;
-        let body_len = HEADER_BYTES + key_len + value_len;
-        if raw.len() != body_len + trailer {
-            return Err(FormatError::Truncated);
-        }
-        if trailer > 0 && crc32fast::hash(&raw[..body_len]) != be32(body_len) {
-            return Err(FormatError::Corrupt);
-        }
-        let key = raw.slice(HEADER_BYTES..HEADER_BYTES + key_len);
-        let stored = raw.slice(HEADER_BYTES + key_len..body_len);
-        let value = match raw[5] {
-            COMPRESSION_NONE => stored,
-            COMPRESSION_GZIP => gunzip(&stored, self.max_value_bytes)?,
-            other => return Err(FormatError::Compression(other)),
-        };
-        Ok(Entry {
-            key,
-            flags: be32(10),
-            expires_at: be64(14),
-            stored_at_us: be64(22),
-            cas: be64(30),
-            stale: raw[6] & STATE_STALE != 0,
-            win_sent: raw[6] & STATE_WIN_SENT != 0,
-            value,
+        Ok(Header {
+            entry: Entry {
+                flags: be32(raw, 10),
+                expires_at: be64(14),
+                stored_at_us: be64(22),
+                cas: be64(30),
+                stale: raw[6] & STATE_STALE != 0,
+                win_sent: raw[6] & STATE_WIN_SENT != 0,
+                ..Entry::default()
+            },
+            key_len: u16::from_be_bytes([raw[8], raw[9]]) as usize,
+            value_len: be32(raw, 38) as usize,
+            trailer,
         })
     }
+}
+
+/// The big-endian `u32` at `at`.
+fn be32(raw: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(raw[at..at + 4].try_into().expect("4 bytes"))
 }
 
 /// Gzips `value`, or `None` when that would not make it smaller.
@@ -323,6 +363,24 @@ mod tests {
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(codec.decode(&Bytes::from(bad)).is_err(), "bit {bit}");
         }
+    }
+
+    #[test]
+    fn a_header_reads_without_the_value() {
+        let e = entry(b"the value");
+        let raw = Codec::default().encode(&e);
+        let header_and_key = &raw[..HEADER_BYTES + e.key.len()];
+        let without_value = Entry {
+            value: Bytes::new(),
+            ..e.clone()
+        };
+        assert_eq!(decode_header(header_and_key), Ok(without_value.clone()));
+        assert_eq!(decode_header(&raw), Ok(without_value));
+        assert_eq!(
+            decode_header(&raw[..HEADER_BYTES + 1]),
+            Err(FormatError::Truncated)
+        );
+        assert_eq!(decode_header(b"hello"), Err(FormatError::BadMagic));
     }
 
     #[test]

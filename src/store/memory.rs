@@ -6,9 +6,10 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::format::{CHECKSUM_BYTES, HEADER_BYTES};
 use super::{
-    admit, key_hash, Entry, ListPage, ObjectInfo, PutMode, Store, StoreError, StoreInfo, Version,
-    Versioned,
+    admit, key_hash, DumpPage, Dumped, Entry, ListPage, ObjectInfo, PutMode, Store, StoreError,
+    StoreInfo, Version, Versioned,
 };
 
 #[derive(Default)]
@@ -142,10 +143,41 @@ impl Store for MemoryStore {
         Ok(version(v))
     }
 
+    async fn dump(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<Option<DumpPage>, StoreError> {
+        let state = self.state.lock().expect("memory store lock");
+        let start = cursor.unwrap_or_default();
+        let mut items = state
+            .items
+            .range(start.clone()..)
+            .filter(|(name, _)| **name != start)
+            .take(limit + 1);
+        let mut page = DumpPage::default();
+        for (name, (entry, _)) in items.by_ref().take(limit) {
+            page.items.push(Dumped {
+                entry: Entry {
+                    value: Bytes::new(),
+                    ..entry.clone()
+                },
+                // As the persistent stores would keep it.
+                size: (HEADER_BYTES + entry.key.len() + entry.value.len() + CHECKSUM_BYTES) as u64,
+            });
+            page.next = Some(name.clone());
+        }
+        if items.next().is_none() {
+            page.next = None;
+        }
+        Ok(Some(page))
+    }
+
     fn info(&self) -> StoreInfo {
         StoreInfo {
             kind: "memory",
             atomic: true,
+            dumps: true,
         }
     }
 }

@@ -11,6 +11,8 @@ pub mod dir;
 pub mod format;
 pub mod memory;
 pub mod s3;
+#[cfg(test)]
+pub mod test_utils;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -102,6 +104,23 @@ pub struct ListPage {
     pub other_bytes: u64,
 }
 
+/// One item found by [`Store::dump`]: its entry without the value, and its stored size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dumped {
+    /// Key, flags, expiry, write time and cas; the value is left empty.
+    pub entry: Entry,
+    /// Bytes the stored object takes (header, key, value).
+    pub size: u64,
+}
+
+/// A page of a dump.
+#[derive(Debug, Clone, Default)]
+pub struct DumpPage {
+    pub items: Vec<Dumped>,
+    /// Pass back to get the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
 /// What a backend is and what it guarantees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreInfo {
@@ -109,6 +128,8 @@ pub struct StoreInfo {
     pub kind: &'static str,
     /// Whether create and update are atomic against other writers (other replicas too).
     pub atomic: bool,
+    /// Whether [`Store::dump`] lists items: only where reading an item's header is cheap.
+    pub dumps: bool,
 }
 
 /// A key-value store of cache items.
@@ -158,10 +179,22 @@ pub trait Store: Send + Sync + 'static {
         mode: PutMode,
     ) -> Result<Version, StoreError>;
 
+    /// One page of the items under the prefix, each read without its value, in name order,
+    /// for `lru_crawler metadump`; `None` from a store that cannot read them cheaply (on S3
+    /// every item would cost a GET). Corrupt or foreign objects are left out.
+    async fn dump(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<Option<DumpPage>, StoreError> {
+        let _ = (cursor, limit);
+        Ok(None)
+    }
+
     fn info(&self) -> StoreInfo;
 
     /// The S3 requests this store sends, counted by price class (S3 stores only).
-    fn request_counts(&self) -> Option<std::sync::Arc<crate::stats::S3Requests>> {
+    fn request_counts(&self) -> Option<std::sync::Arc<crate::store::s3::S3Requests>> {
         None
     }
 }

@@ -6,6 +6,7 @@ use tokio::sync::Semaphore;
 
 use super::*;
 use crate::store::memory::MemoryStore;
+use crate::store::test_utils::Layer;
 
 /// A memory store that counts reads and lets a test hold them back.
 #[derive(Default)]
@@ -28,7 +29,10 @@ impl Probe {
 }
 
 #[async_trait]
-impl Store for Probe {
+impl Layer for Probe {
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
+    }
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         // Read first, then wait: a held read carries what was stored when it started.
         let read = self.inner.get(key).await;
@@ -50,32 +54,6 @@ impl Store for Probe {
             gate.acquire().await.expect("gate").forget();
         }
         self.inner.put(entry, mode).await
-    }
-    async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
-        self.inner.delete(key, version).await
-    }
-    async fn list(&self, cursor: Option<String>, limit: usize) -> Result<ListPage, StoreError> {
-        self.inner.list(cursor, limit).await
-    }
-    async fn stored_at_us(&self, name: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.stored_at_us(name).await
-    }
-    async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
-        self.inner.delete_objects(names).await
-    }
-    async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
-        self.inner.get_control(name).await
-    }
-    async fn put_control(
-        &self,
-        name: &str,
-        body: Bytes,
-        mode: PutMode,
-    ) -> Result<Version, StoreError> {
-        self.inner.put_control(name, body, mode).await
-    }
-    fn info(&self) -> StoreInfo {
-        self.inner.info()
     }
 }
 
@@ -284,6 +262,41 @@ async fn ram_stays_within_its_bound() {
     assert!(bytes <= bound, "{bytes} bytes held, bound {bound}");
     assert!(items > 0 && items < 1000, "{items} items held");
     assert!(t.stats.tier_evictions.load(Relaxed) > 0);
+}
+
+#[tokio::test]
+async fn ram_resizes_in_place_and_evicts_what_no_longer_fits() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe, 1 << 20, Duration::from_secs(3600));
+    let value = "x".repeat(1000);
+    for i in 0..500 {
+        t.put(&entry(&format!("key-{i}"), &value), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+    let (items, _) = t.usage();
+    assert_eq!(items, 500, "all fit in 1 MiB");
+    let smaller = 64 * 1024;
+    assert!(t.resize_ram(smaller));
+    assert_eq!(t.ram_bytes(), smaller);
+    let (items, bytes) = t.usage();
+    assert!(bytes <= smaller, "{bytes} bytes held, bound {smaller}");
+    assert!(items > 0 && items < 500, "{items} items held");
+    // Larger again: new entries fit, nothing else changes.
+    assert!(t.resize_ram(2 << 20));
+    for i in 0..500 {
+        t.put(&entry(&format!("key-{i}"), &value), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+    assert_eq!(t.usage().0, 500);
+}
+
+#[tokio::test]
+async fn a_resize_does_not_turn_an_absent_ram_tier_on() {
+    let t = tier(Arc::new(Probe::default()), 0, WINDOW);
+    assert!(!t.resize_ram(8 << 20));
+    assert_eq!(t.ram_bytes(), 0);
 }
 
 #[tokio::test]

@@ -100,6 +100,26 @@ impl TestServer {
         }
     }
 
+    /// A server on S3 under `prefix` whose S3 traffic goes through `proxy`, with the
+    /// test config's fields changed by `tweak` before it starts.
+    pub async fn behind_with(
+        proxy: &proxy::Proxy,
+        prefix: &str,
+        extra: &str,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(Backend::S3, prefix, dir.path(), extra);
+        config.endpoint_url = proxy.url();
+        tweak(&mut config);
+        Self::start_config(config, dir).await
+    }
+
+    /// A server on S3 under `prefix` whose S3 traffic goes through `proxy`.
+    pub async fn behind(proxy: &proxy::Proxy, prefix: &str, extra: &str) -> TestServer {
+        Self::behind_with(proxy, prefix, extra, |_| {}).await
+    }
+
     pub fn store(&self) -> Arc<dyn Store> {
         self.app.ctx.store.clone()
     }

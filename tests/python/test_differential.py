@@ -2,8 +2,14 @@
 (over the directory store and over S3); the replies must match, up to cas values and the
 version string. Deliberate differences are listed in docs/protocol.md and not sent here."""
 
+import contextlib
+import re
+import socket
+import time
+
 import pytest
 
+from conftest import Server, reference_memcached
 from wire import Wire, normalize
 
 BIG = b"x" * (1024 * 1024 + 10)
@@ -246,3 +252,267 @@ def test_same_replies_as_memcached(name, server, memcached):
     finally:
         reference.close()
         ours.close()
+
+
+# ---- operator commands -------------------------------------------------------------------
+# They change the server (its memory limit, verbosity, crawler) or stop it, so each test
+# has a reference memcached of its own. On S3 the reference runs with its LRU crawler off:
+# s3cached's crawler is off there (listing keys on S3 costs a GET per item), and it answers
+# as memcached does then.
+
+ADMIN = [
+    b"cache_memlimit\r\n",
+    b"cache_memlimit abc\r\n",
+    b"cache_memlimit 0\r\n",
+    b"cache_memlimit 7\r\n",
+    b"cache_memlimit -1\r\n",
+    b"cache_memlimit 20x\r\n",
+    b"cache_memlimit 1000000001\r\n",
+    b"cache_memlimit 4294967296\r\n",
+    b"cache_memlimit 4294967304\r\n",
+    b"cache_memlimit 50 noreply\r\n",
+    b"cache_memlimit abc noreply\r\n",
+    b"cache_memlimit 7 noreply\r\n",
+    b"cache_memlimit 50 x\r\n",
+    b"cache_memlimit 50 noreply x\r\n",
+    b"cache_memlimit 50 50 50\r\n",
+    b"cache_memlimit  64 \r\n",
+    b"cache_memlimit +20\r\n",
+    b"cache_memlimit 50\r\n",
+    b"verbosity\r\n",
+    b"verbosity 1 2\r\n",
+    b"verbosity 1 2 3\r\n",
+    b"verbosity -1\r\n",
+    b"verbosity 99\r\n",
+    b"verbosity 0 noreply\r\n",
+    b"verbosity x noreply\r\n",
+    b"verbosity 4294967297\r\n",
+    b"misbehave\r\n",
+    b"misbehave x\r\n",
+    b"debugtime\r\n",
+    b"debugtime 1\r\n",
+    b"debugtime p\r\n",
+    b"debugtime r\r\n",
+    b"shutdown\r\n",
+    b"shutdown graceful\r\n",
+    b"shutdown x\r\n",
+    b"shutdown noreply\r\n",
+    b"lru_crawler\r\n",
+    b"lru_crawler x\r\n",
+    b"lru_crawler metadump\r\n",
+    b"lru_crawler metadump all x\r\n",
+    b"lru_crawler crawl 1 noreply\r\n",
+    b"lru_crawler disable noreply\r\n",
+    b"lru_crawler tocrawl x\r\n",
+    b"lru_crawler tocrawl 5\r\n",
+    b"lru_crawler sleep 2000000\r\n",
+    b"lru_crawler sleep x\r\n",
+    b"lru_crawler sleep 100\r\n",
+    b"lru_crawler metadump 0\r\n",
+    b"lru_crawler metadump 64\r\n",
+    b"lru_crawler metadump x\r\n",
+    b"lru_crawler metadump 1,x\r\n",
+    b"lru_crawler metadump ,\r\n",
+    b"lru_crawler crawl 0\r\n",
+    b"stats detail on\r\n",
+    b"set a 0 0 1\r\na\r\nquit junk\r\n",
+    b"get a\r\nquit\r\nget a\r\n",
+    b"mg missing v q\r\nmg a v q\r\nquit\r\nmn\r\n",
+    b"set b 0 0 1 noreply\r\nb\r\nquit noreply\r\nget b\r\n",
+]
+
+# `stats settings` rows whose values the two servers share; the port differs by nature.
+DIFFERENT_BY_NATURE = {"tcpport"}
+
+
+def own_reference(backend, *extra):
+    """A reference memcached for one test: with its crawler off when s3cached's is."""
+    crawler = ("-o", "no_lru_crawler") if backend == "s3" else ()
+    return contextlib.contextmanager(reference_memcached)("-I", "1m", "-m", "64", *crawler, *extra)
+
+
+def until_closed(address, data, timeout=10):
+    """Sends `data` and returns everything read until the server closes the connection."""
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def settings(address):
+    with Wire(address) as w:
+        rows = w.exchange(b"stats settings\r\n").decode().split("\r\n")
+    return dict(r.split(" ", 2)[1:] for r in rows if r.startswith("STAT "))
+
+
+def test_operator_commands_answer_as_memcached(server):
+    with own_reference(server.backend) as memcached:
+        reference, ours = Wire(memcached), Wire(server.address)
+        with reference, ours:
+            for step in ADMIN:
+                if b"quit" in step:
+                    # quit inside a pipeline: what came before it is answered, then close.
+                    want, got = until_closed(memcached, step), until_closed(server.address, step)
+                else:
+                    want, got = reference.exchange(step), ours.exchange(step)
+                assert got == want, f"{step!r}\n memcached: {want!r}\n s3cached:  {got!r}"
+        want, got = settings(memcached), settings(server.address)
+    shared = sorted(set(want) & set(got) - DIFFERENT_BY_NATURE)
+    assert len(shared) >= 20, shared
+    assert {k: got[k] for k in shared} == {k: want[k] for k in shared}
+    # What the transcript changed shows, as in memcached.
+    assert got["maxbytes"] == str(50 << 20) and got["verbosity"] == "1"
+    assert got["detail_enabled"] == "yes"
+    assert got["ram_cache_bytes"] == got["maxbytes"]
+
+
+def metadump(address, command=b"lru_crawler metadump all\r\n"):
+    """A dump on a connection of its own (memcached drops what is pipelined after one)."""
+    with socket.create_connection(address, timeout=20) as s:
+        s.sendall(command)
+        out = b""
+        while not re.search(rb"(^|\n)(END|EN)\r\n$|^[A-Z_]+( [^\r\n]*)?\r\n$", out):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def dumped_items(dump):
+    """The items of a metadump, by key: expiry, fetched, class (last access, cas and size
+    differ by nature: cas values are each server's own, sizes count each one's overhead)."""
+    lines = dump.split(b"\n")
+    assert lines[-1] == b"" and lines[-2] == b"END\r", dump
+    items = {}
+    for line in lines[:-2]:
+        fields = dict(f.split(b"=", 1) for f in line.split(b" "))
+        assert set(fields) == {b"key", b"exp", b"la", b"cas", b"fetch", b"cls", b"size"}, line
+        items[fields[b"key"]] = (int(fields[b"exp"]), fields[b"fetch"], fields[b"cls"], int(fields[b"la"]))
+    return items
+
+
+DUMPED = [
+    b"set a 0 0 1\r\na\r\n",
+    b"set b%20c 5 100 3\r\nabc\r\n",
+    b"set gone 0 -1 1\r\nx\r\n",
+    b"set \xc3\xa9t\xc3\xa9 0 0 2\r\nok\r\n",
+    b"ms bWs= 2 b T500\r\nhi\r\n",
+    b"set x/y+z 0 3000 1\r\nz\r\n",
+]
+
+
+def test_metadump_lists_what_memcached_lists(dir_server):
+    with own_reference("dir") as memcached:
+        for address in (memcached, dir_server.address):
+            with Wire(address) as w:
+                for step in DUMPED:
+                    w.exchange(step)
+        want, got = dumped_items(metadump(memcached)), dumped_items(metadump(dir_server.address))
+        assert sorted(got) == sorted(want)
+        assert sorted(got) == [b"%C3%A9t%C3%A9", b"a", b"b%2520c", b"mk", b"x%2Fy%2Bz"]
+        for key, (exp, fetch, cls, la) in want.items():
+            ours = got[key]
+            # Absolute times: memcached's clock ticks once a second and starts 2 s back.
+            assert abs(ours[0] - exp) <= 3 if exp != -1 else ours[0] == -1, (key, ours, want[key])
+            assert ours[1:3] == (fetch, cls), (key, ours, want[key])
+            assert abs(ours[3] - la) <= 3, (key, ours, want[key])
+        for command in [b"lru_crawler metadump 2\r\n", b"lru_crawler metadump 2,3\r\n"]:
+            assert metadump(dir_server.address, command) == metadump(memcached, command) == b"END\r\n"
+        assert dumped_items(metadump(dir_server.address, b"lru_crawler metadump 1\r\n")).keys() == want.keys()
+        # With the crawler turned off, as memcached's.
+        steps = [
+            b"lru_crawler enable\r\n",
+            b"lru_crawler disable\r\n",
+            b"lru_crawler metadump all\r\n",
+            b"lru_crawler crawl 1\r\n",
+        ]
+        reference, ours = Wire(memcached), Wire(dir_server.address)
+        with reference, ours:
+            for step in steps:
+                want, got = reference.exchange(step), ours.exchange(step)
+                assert got == want, f"{step!r}\n memcached: {want!r}\n s3cached:  {got!r}"
+
+
+def test_on_s3_the_crawler_answers_as_memcached_s_disabled_one():
+    steps = [
+        b"set a 0 0 1\r\na\r\n",
+        b"lru_crawler metadump all\r\n",
+        b"lru_crawler metadump 1\r\n",
+        b"lru_crawler crawl all\r\n",
+        b"lru_crawler disable\r\n",
+        b"lru_crawler metadump all\r\n",
+    ]
+    server = Server("s3")
+    try:
+        with own_reference("s3") as memcached:
+            reference, ours = Wire(memcached), Wire(server.address)
+            with reference, ours:
+                for step in steps:
+                    want, got = reference.exchange(step), ours.exchange(step)
+                    assert got == want, f"{step!r}\n memcached: {want!r}\n s3cached:  {got!r}"
+    finally:
+        server.stop()
+
+
+def conns(address):
+    """`stats conns` asked on a fresh connection, with one more connection that has sent a
+    command and one that has sent nothing: each socket's rows, file descriptors and ports
+    left out, sorted."""
+    with socket.create_connection(address) as served, socket.create_connection(address):
+        served.sendall(b"version\r\n")
+        served.recv(100)
+        time.sleep(0.2)  # the served connection is back to waiting for input
+        with Wire(address) as asking:
+            reply = asking.exchange(b"stats conns\r\n").decode()
+    sockets = {}
+    for row in reply.split("\r\n"):
+        if not row.startswith("STAT "):
+            continue
+        name, value = row[5:].split(" ", 1)
+        fd, field = name.split(":", 1)
+        value = re.sub(r":\d+$", ":<port>", value)
+        sockets.setdefault(fd, {})[field] = value
+    for rows in sockets.values():
+        # Seconds since the last command: 0 for the asking connection; the others' depend
+        # on when the server started.
+        if rows.get("state") != "conn_parse_cmd":
+            rows["secs_since_last_cmd"] = "<secs>"
+    return sorted(tuple(sorted(rows.items())) for rows in sockets.values())
+
+
+def test_stats_conns_lists_the_sockets_as_memcached(server):
+    with own_reference(server.backend) as memcached:
+        want, got = conns(memcached), conns(server.address)
+    assert got == want, f"\n memcached: {want}\n s3cached:  {got}"
+
+
+@pytest.mark.parametrize("mode", [b"shutdown", b"shutdown graceful"])
+@pytest.mark.parametrize("backend", ["dir", "s3"])
+def test_an_enabled_shutdown_stops_the_server_as_memcached_s(backend, mode):
+    ours = Server(backend, extra_env={"S3CACHED_SHUTDOWN_ENABLED": "true"})
+    try:
+        with own_reference(backend, "-A") as memcached:
+            reference, mine = Wire(memcached), Wire(ours.address)
+            with reference, mine:
+                for step in [b"shutdown x\r\n", b"shutdown noreply\r\n", b"shutdown graceful x\r\n"]:
+                    want, got = reference.exchange(step), mine.exchange(step)
+                    assert got == want, f"{step!r}\n memcached: {want!r}\n s3cached:  {got!r}"
+            assert settings(ours.address)["shutdown_command"] == settings(memcached)["shutdown_command"] == "yes"
+            assert until_closed(ours.address, mode + b"\r\n") == until_closed(memcached, mode + b"\r\n") == b""
+            assert ours.proc.wait(timeout=20) == 0, "s3cached drains and exits"
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(memcached, timeout=1).close()
+                except OSError:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("memcached still listens after shutdown")
+    finally:
+        ours.stop()

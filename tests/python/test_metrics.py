@@ -1,5 +1,5 @@
 """The admin listener's /metrics, scraped over HTTP and parsed with the Prometheus client
-library's OpenMetrics parser: the figures move when commands run (issue 13)."""
+library's OpenMetrics parser: the figures move when commands run."""
 
 import socket
 import urllib.error

@@ -16,6 +16,12 @@ class Wire:
     def close(self):
         self.sock.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def exchange(self, request: bytes) -> bytes:
         """Sends `request` then a meta no-op; returns everything before the no-op's reply."""
         request = request.replace(b"{cas}", self.last_cas.encode())

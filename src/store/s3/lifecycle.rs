@@ -11,10 +11,10 @@ use aws_sdk_s3::types::{
     LifecycleRuleFilter,
 };
 
+use super::counts::S3Requests;
 use super::failure::Failure;
 use super::S3Settings;
 use crate::clock::StoreTime;
-use crate::stats::S3Requests;
 use crate::store::StoreError;
 
 const HEX_DIGITS: &str = "0123456789abcdef";
@@ -47,33 +47,21 @@ pub fn expiry_rules(prefix: &str, days: i32) -> Vec<ExpiryRule> {
 /// The rules as the JSON that `aws s3api put-bucket-lifecycle-configuration
 /// --lifecycle-configuration` takes.
 pub fn rules_json(rules: &[ExpiryRule]) -> String {
-    let body: Vec<String> = rules
+    let rules: Vec<serde_json::Value> = rules
         .iter()
         .map(|r| {
-            format!(
-                "    {{\"ID\": {}, \"Filter\": {{\"Prefix\": {}}}, \"Status\": \"Enabled\", \
-                 \"Expiration\": {{\"Days\": {}}}}}",
-                json_string(&r.id),
-                json_string(&r.prefix),
-                r.days
-            )
+            serde_json::json!({
+                "ID": r.id,
+                "Filter": {"Prefix": r.prefix},
+                "Status": "Enabled",
+                "Expiration": {"Days": r.days},
+            })
         })
         .collect();
-    format!("{{\n  \"Rules\": [\n{}\n  ]\n}}\n", body.join(",\n"))
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    let mut text =
+        serde_json::to_string_pretty(&serde_json::json!({ "Rules": rules })).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 /// Installs `rules` in the bucket, keeping every other rule it has (a rule on the same
@@ -177,10 +165,10 @@ mod tests {
         let control = format!("cache/{}/flush", crate::store::CONTROL_DIR);
         assert!(rules.iter().all(|r| !control.starts_with(&r.prefix)));
         let json = rules_json(&expiry_rules("a\"b/", 3));
-        assert!(
-            json.contains("\"Filter\": {\"Prefix\": \"a\\\"b/f\"}"),
-            "{json}"
-        );
-        assert!(json.contains("\"Expiration\": {\"Days\": 3}"), "{json}");
+        let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        let last = &parsed["Rules"][15];
+        assert_eq!(last["Filter"]["Prefix"], "a\"b/f", "{json}");
+        assert_eq!(last["Expiration"]["Days"], 3, "{json}");
+        assert_eq!(last["Status"], "Enabled", "{json}");
     }
 }

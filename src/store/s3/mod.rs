@@ -14,6 +14,7 @@
 //! time, not a hang.
 
 mod acl;
+mod counts;
 mod failure;
 pub mod lifecycle;
 mod list;
@@ -35,11 +36,11 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use self::acl::Acl;
+pub use self::counts::{RequestClass, S3Prices, S3Requests, AWS_S3_STANDARD_PRICES};
 use self::failure::Failure;
 use self::read::{Fetched, Revalidation};
 pub use self::settings::S3Settings;
 use crate::clock::{Clock, StoreTime};
-use crate::stats::S3Requests;
 use crate::store::format::Codec;
 use crate::store::{
     key_hash, Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version,
@@ -270,6 +271,8 @@ impl Store for S3Store {
         StoreInfo {
             kind: "s3",
             atomic: self.atomic,
+            // Reading an item's key costs a GET per object: no dump (see `Store::dump`).
+            dumps: false,
         }
     }
 

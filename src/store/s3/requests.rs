@@ -11,7 +11,7 @@ use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_types::config_bag::{Storable, StoreReplace};
 use tokio::time::Instant;
 
-use crate::stats::{RequestClass, S3Requests};
+use super::counts::{RequestClass, S3Requests};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

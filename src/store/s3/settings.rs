@@ -12,10 +12,10 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::Client;
 
+use super::counts::{S3Prices, S3Requests};
 use super::requests::RequestCounter;
 use super::skew::DateProbe;
 use crate::clock::StoreTime;
-use crate::stats::{S3Prices, S3Requests};
 use crate::store::format::Codec;
 
 /// Everything the S3 store needs to know, and nothing more: the store never reads the

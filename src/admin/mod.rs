@@ -5,6 +5,8 @@
 //! S3 has (one GET answered 404), and keeps the verdict for [`READY_CACHE_MS`] so that
 //! probes from many places cost one request a second at most.
 
+mod metrics;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +45,7 @@ struct Admin {
 /// Serves the admin endpoints on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let admin = Arc::new(Admin {
-        registry: crate::metrics::registry(ctx.clone()),
+        registry: metrics::registry(ctx.clone()),
         ctx,
         ready: Mutex::new(None),
     });
@@ -93,7 +95,7 @@ impl Admin {
         }
         match req.uri().path() {
             "/metrics" => {
-                let body = crate::metrics::render(&self.registry);
+                let body = metrics::render(&self.registry);
                 reply(StatusCode::OK, OPENMETRICS, body)
             }
             "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),

@@ -18,7 +18,7 @@ use s3cached::store::{key_hash, Store};
 
 fn settings(prefix: &str, endpoint: &str) -> S3Settings {
     let config = Config::from_toml(&common::s3::s3_toml(TEST_BUCKET, endpoint, prefix)).unwrap();
-    s3cached::app::s3_settings(&config, s3cached::app::codec(&config))
+    config.s3_settings()
 }
 
 /// A plain SDK client, to look at objects behind s3cached's back.
@@ -288,15 +288,14 @@ async fn server_behind(proxy: &Proxy, extra: &str) -> TestServer {
 }
 
 async fn start_via(proxy: &Proxy, extra: &str, short_deadlines: bool) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(Backend::S3, &unique_prefix("proxied"), dir.path(), extra);
-    config.endpoint_url = proxy.url();
-    if short_deadlines {
-        config.s3_attempt_timeout_ms = 400;
-        config.s3_operation_timeout_ms = 1500;
-        config.s3_max_attempts = 2;
-    }
-    TestServer::start_config(config, dir).await
+    TestServer::behind_with(proxy, &unique_prefix("proxied"), extra, |config| {
+        if short_deadlines {
+            config.s3_attempt_timeout_ms = 400;
+            config.s3_operation_timeout_ms = 1500;
+            config.s3_max_attempts = 2;
+        }
+    })
+    .await
 }
 
 #[tokio::test]

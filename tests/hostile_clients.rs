@@ -1,4 +1,4 @@
-//! Hostile clients (issue 11): the memory budget, the write and request timeouts, and
+//! Hostile clients: the memory budget, the write and request timeouts, and
 //! duplicate keys read once, against a server on 127.0.0.1:0 over the directory store.
 
 mod common;

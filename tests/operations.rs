@@ -1,4 +1,4 @@
-//! Operations (issue 13): S3 requests counted by price class against what the S3 server
+//! Operations: S3 requests counted by price class against what the S3 server
 //! received, encryption headers on every PUT, /healthz and /readyz with the store up and
 //! down, and `s3cached lifecycle --apply` read back from the bucket. Needs the local S3
 //! server that tests/run starts.
@@ -12,7 +12,7 @@ use std::time::Duration;
 use aws_sdk_s3::config::{Credentials, Region};
 use common::proxy::{Mode, Proxy};
 use common::{s3_endpoint, unique_prefix, Backend, TestServer, TEST_BUCKET};
-use s3cached::stats::RequestClass;
+use s3cached::store::s3::RequestClass;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn raw_client() -> aws_sdk_s3::Client {
@@ -29,11 +29,8 @@ async fn raw_client() -> aws_sdk_s3::Client {
 /// A server whose S3 traffic goes through `proxy`; no background S3 traffic (the flush
 /// epoch is re-read once an hour, the culler is off) unless `extra` asks for it.
 async fn server_via(proxy: &Proxy, name: &str, extra: &str) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
     let extra = format!("revalidate_after_ms = 3600000\n{extra}");
-    let mut config = common::config(Backend::S3, &unique_prefix(name), dir.path(), &extra);
-    config.endpoint_url = proxy.url();
-    TestServer::start_config(config, dir).await
+    TestServer::behind(proxy, &unique_prefix(name), &extra).await
 }
 
 /// The price class of a request the proxy saw, from its request line.

@@ -1,9 +1,9 @@
-//! The memory bound (issue 11): the server binary's resident memory stays within its memory
+//! The memory bound: the server binary's resident memory stays within its memory
 //! budget plus a fixed overhead under a client that pipelines `get` of many distinct 1 MiB
 //! items and never reads, and under 1,000 connections doing the same; other clients are
 //! served meanwhile. RSS is read from /proc/<pid>/status (VmRSS now, VmHWM the peak).
 //!
-//! Run: `cargo test --test memory -- --nocapture` (prints the measured peaks).
+//! Run: `cargo test --test memory_bound -- --nocapture` (prints the measured peaks).
 
 // A blocking test (std sockets and threads, no tokio runtime): std's clock and a short poll
 // while the server binary starts listening.
