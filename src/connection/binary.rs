@@ -26,7 +26,7 @@ use super::login::Login;
 use super::ConnectionConfig;
 use crate::command::{self, Ctx};
 use crate::conns::Registered;
-use crate::protocol::binary::{self, Command, Frame};
+use crate::protocol::binary::{self, Action, Frame};
 use crate::protocol::{MetaRequest, Request, Response};
 use crate::stats::Stats;
 
@@ -75,8 +75,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// The request a frame runs, if it runs one.
 fn runnable(frame: &Frame) -> Option<&Request> {
-    match &frame.command {
-        Command::Run(request) => Some(request),
+    match &frame.action {
+        Action::Run(request) => Some(request),
         _ => None,
     }
 }
@@ -84,8 +84,8 @@ fn runnable(frame: &Frame) -> Option<&Request> {
 /// A get that reads only, so it may run alongside its neighbours.
 fn plain_get(frame: &Frame) -> bool {
     matches!(
-        &frame.command,
-        Command::Run(Request::Meta(MetaRequest::Get { flags, .. })) if flags.ttl.is_none()
+        &frame.action,
+        Action::Run(Request::Meta(MetaRequest::Get { flags, .. })) if flags.ttl.is_none()
     )
 }
 
@@ -243,8 +243,8 @@ impl Conn<'_> {
 
     /// Runs one frame and encodes its reply.
     async fn run(&mut self, frame: Frame) {
-        match &frame.command {
-            Command::Run(request) => {
+        match &frame.action {
+            Action::Run(request) => {
                 let charge = self.admission.admit(self.admission.units(request)).await;
                 let response = command::execute(self.ctx, request.clone()).await;
                 if response == Response::Close {
@@ -253,15 +253,15 @@ impl Conn<'_> {
                 self.admission.finish(charge);
                 self.emit(&frame, &response);
             }
-            Command::Reply(reply) => {
+            Action::Reply(reply) => {
                 self.closing |= reply.close;
                 binary::encode_reply(&frame, reply, self.io.output());
             }
-            Command::SaslListMechs => {
+            Action::SaslListMechs => {
                 let reply = self.login.mechanisms();
                 binary::encode_reply(&frame, &reply, self.io.output());
             }
-            Command::SaslAuth { mech, data, step } => {
+            Action::SaslAuth { mech, data, step } => {
                 let reply = self.login.sasl(mech, data, *step).await;
                 self.closing |= reply.close;
                 binary::encode_reply(&frame, &reply, self.io.output());
