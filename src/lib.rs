@@ -15,7 +15,6 @@ extern crate self as s3cached;
 
 pub mod admin;
 pub mod app;
-pub mod binary;
 pub mod budget;
 pub mod check;
 pub mod cli;

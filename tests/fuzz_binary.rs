@@ -123,11 +123,11 @@ fn decode_all(input: &[u8], context: &str) -> Vec<(Decoded, usize)> {
         skip = d.skip;
         at += d.consumed;
         let closes = matches!(
-            &d.frame.command,
-            binary::Command::Reply(r) if r.close
+            &d.frame.action,
+            binary::Action::Reply(r) if r.close
         ) || matches!(
-            &d.frame.command,
-            binary::Command::Run(s3cached::protocol::Request::Hangup(_))
+            &d.frame.action,
+            binary::Action::Run(s3cached::protocol::Request::Hangup(_))
         );
         out.push((d, at));
         if closes {
@@ -162,10 +162,10 @@ fn decode_chunked(rng: &mut StdRng, input: &[u8], context: &str) -> Vec<binary::
             );
             let _ = buf.split_to(d.consumed);
             skip = d.skip;
-            let closes = matches!(&d.frame.command, binary::Command::Reply(r) if r.close)
+            let closes = matches!(&d.frame.action, binary::Action::Reply(r) if r.close)
                 || matches!(
-                    &d.frame.command,
-                    binary::Command::Run(s3cached::protocol::Request::Hangup(_))
+                    &d.frame.action,
+                    binary::Action::Run(s3cached::protocol::Request::Hangup(_))
                 );
             frames.push(d.frame);
             if closes {
@@ -261,7 +261,7 @@ fn binary_codec_fuzz() {
                 binary::encode(frame, reply, &mut out);
                 check_encoded(&out, &context);
             }
-            if let binary::Command::Reply(r) = &frame.command {
+            if let binary::Action::Reply(r) = &frame.action {
                 let mut out = BytesMut::new();
                 binary::encode_reply(frame, r, &mut out);
                 check_encoded(&out, &context);

@@ -186,3 +186,56 @@ async fn duplicate_keys_in_one_get_are_read_once() {
         "counted as memcached counts"
     );
 }
+
+/// A binary NOOP frame with `opaque`, and the reply to it.
+fn binary_noop(opaque: u8) -> ([u8; 24], [u8; 24]) {
+    let mut request = [0u8; 24];
+    request[0] = 0x80;
+    request[1] = 0x0a;
+    request[15] = opaque;
+    let mut reply = request;
+    reply[0] = 0x81;
+    (request, reply)
+}
+
+#[tokio::test]
+async fn binary_connections_obey_the_request_and_idle_timeouts() {
+    let extra = "request_timeout_secs = 1\nidle_timeout_secs = 1\n";
+    let server = TestServer::start(Backend::Dir, "binary-timeouts", extra).await;
+    let stats = server.app.ctx.stats.clone();
+    // A client completing frames, however slowly, makes progress: split across writes so a
+    // partial frame is always waiting, 12 frames over 2.4 s are served in full.
+    let mut steady = server.client().await;
+    let frames: Vec<_> = (0..12).map(binary_noop).collect();
+    steady.send(&frames[0].0[..12]).await;
+    for (i, (request, reply)) in frames.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut send = request[12..].to_vec();
+        if let Some((next, _)) = frames.get(i + 1) {
+            send.extend_from_slice(&next[..12]);
+        }
+        steady.roundtrip(&send, reply).await;
+    }
+    assert_eq!(stats.request_timeouts.load(Relaxed), 0);
+    drop(steady);
+    // A frame that never completes is closed within the request timeout.
+    let mut trickler = server.client().await;
+    let started = Instant::now();
+    trickler.send(&frames[0].0[..12]).await;
+    assert!(
+        trickler.closed().await,
+        "the stalled frame's client stays open"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "closed after {elapsed:?}"
+    );
+    assert_eq!(stats.request_timeouts.load(Relaxed), 1);
+    // With nothing to do after its reply, a client is closed by the idle timeout.
+    let mut idle = server.client().await;
+    let kicks = stats.idle_kicks.load(Relaxed);
+    idle.roundtrip(&frames[1].0, &frames[1].1).await;
+    assert!(idle.closed().await, "an idle binary connection stays open");
+    assert_eq!(stats.idle_kicks.load(Relaxed), kicks + 1);
+}

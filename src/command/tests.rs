@@ -582,8 +582,8 @@ fn binary_get(key: &[u8]) -> Request {
     frame.extend_from_slice(&[0; 12]); // opaque, cas
     frame.extend_from_slice(key);
     let decoded = crate::protocol::binary::decode(&frame, &Limits::default(), false).unwrap();
-    match decoded.frame.command {
-        crate::protocol::binary::Command::Run(request) => request,
+    match decoded.frame.action {
+        crate::protocol::binary::Action::Run(request) => request,
         _ => panic!("a GET runs"),
     }
 }

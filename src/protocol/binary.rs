@@ -137,7 +137,7 @@ impl Header {
 
 /// What a frame asks of the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
+pub enum Action {
     /// Run a request through the command layer and encode its reply with [`encode`].
     Run(Request),
     /// Answer at once with this reply (noop, quit, version, errors found in the frame).
@@ -163,8 +163,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn error(status: Status, close: bool) -> Command {
-        Command::Reply(Reply {
+    fn error(status: Status, close: bool) -> Action {
+        Action::Reply(Reply {
             status,
             body: Bytes::from_static(status.text().as_bytes()),
             close,
@@ -180,7 +180,8 @@ pub struct Frame {
     pub opaque: u32,
     /// The key, echoed by getk/gatk.
     pub key: Bytes,
-    pub command: Command,
+    /// What the frame asks of the connection.
+    pub action: Action,
 }
 
 impl Frame {
@@ -258,13 +259,13 @@ fn carries_value(op: u8) -> bool {
 /// `auth_required`: SASL is on and this connection has not authenticated yet.
 pub fn decode(buf: &[u8], limits: &Limits, auth_required: bool) -> Option<Decoded> {
     let h = Header::read(buf)?;
-    let answer = |command: Command, consumed: usize, skip: usize| {
+    let answer = |action: Action, consumed: usize, skip: usize| {
         Some(Decoded {
             frame: Frame {
                 opcode: h.opcode,
                 opaque: h.opaque,
                 key: Bytes::new(),
-                command,
+                action,
             },
             consumed,
             skip,
@@ -273,7 +274,7 @@ pub fn decode(buf: &[u8], limits: &Limits, auth_required: bool) -> Option<Decode
     if h.magic != REQUEST_MAGIC {
         // memcached closes without a word.
         return answer(
-            Command::Run(Request::Hangup("bad binary magic")),
+            Action::Run(Request::Hangup("bad binary magic")),
             buf.len(),
             0,
         );
@@ -320,22 +321,22 @@ fn decode_head(frame: &[u8], h: &Header, limits: &Limits) -> Option<Decoded> {
     let value_len = h.value_len();
     let value = || Bytes::copy_from_slice(&frame[key_end..key_end + value_len]);
     let too_large = value_len > limits.max_item_bytes;
-    let command = match checked(h) {
+    let action = match checked(h) {
         Err(status) => Reply::error(status, status == Status::Invalid),
-        Ok(()) if too_large && carries_value(h.opcode) => Command::Run(Request::TooLarge {
+        Ok(()) if too_large && carries_value(h.opcode) => Action::Run(Request::TooLarge {
             key: key.clone(),
             remove_old: loud(h.opcode) == opcode::SET,
             noreply: false,
         }),
         Ok(()) if too_large => Reply::error(Status::TooLarge, false),
-        Ok(()) => command(h, extras, key.clone(), value),
+        Ok(()) => action(h, extras, key.clone(), value),
     };
     Some(Decoded {
         frame: Frame {
             opcode: h.opcode,
             opaque: h.opaque,
             key,
-            command,
+            action,
         },
         consumed: 0,
         skip: 0,
@@ -374,11 +375,11 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
-/// The command of a well-formed frame.
-fn command(h: &Header, extras: &[u8], key: Bytes, value: impl Fn() -> Bytes) -> Command {
+/// What a well-formed frame asks.
+fn action(h: &Header, extras: &[u8], key: Bytes, value: impl Fn() -> Bytes) -> Action {
     use opcode::*;
     let cas = (h.cas != 0).then_some(h.cas);
-    let meta = |m: MetaRequest| Command::Run(Request::Meta(m));
+    let meta = |m: MetaRequest| Action::Run(Request::Meta(m));
     match loud(h.opcode) {
         GET | GETK => meta(MetaRequest::Get {
             key,
@@ -408,7 +409,7 @@ fn command(h: &Header, extras: &[u8], key: Bytes, value: impl Fn() -> Bytes) -> 
             key,
             flags: arith_flags(h.opcode, extras, cas),
         }),
-        FLUSH => Command::Run(Request::FlushAll {
+        FLUSH => Action::Run(Request::FlushAll {
             delay: if extras.len() == 4 {
                 be_u32(extras) as i64
             } else {
@@ -416,25 +417,25 @@ fn command(h: &Header, extras: &[u8], key: Bytes, value: impl Fn() -> Bytes) -> 
             },
             noreply: false,
         }),
-        STAT => Command::Run(Request::Stats {
+        STAT => Action::Run(Request::Stats {
             arg: (!key.is_empty()).then(|| String::from_utf8_lossy(&key).into_owned()),
         }),
-        VERSION => Command::Run(Request::Version),
-        NOOP => Command::Reply(Reply {
+        VERSION => Action::Run(Request::Version),
+        NOOP => Action::Reply(Reply {
             status: Status::Success,
             body: Bytes::new(),
             close: false,
         }),
-        QUIT => Command::Reply(Reply {
+        QUIT => Action::Reply(Reply {
             status: Status::Success,
             body: Bytes::new(),
             close: true,
         }),
-        SASL_LIST_MECHS => Command::SaslListMechs,
+        SASL_LIST_MECHS => Action::SaslListMechs,
         SASL_AUTH | SASL_STEP if key.len() > MAX_SASL_MECH_BYTES => {
             Reply::error(Status::Invalid, false)
         }
-        SASL_AUTH | SASL_STEP => Command::SaslAuth {
+        SASL_AUTH | SASL_STEP => Action::SaslAuth {
             mech: key,
             data: value(),
             step: h.opcode == SASL_STEP,

@@ -92,8 +92,8 @@ fn set_decodes_to_a_meta_set_with_flags_ttl_and_cas() {
         7,
     ));
     assert!(d.frame.quiet());
-    let Command::Run(Request::Meta(MetaRequest::Set { key, data, flags })) = d.frame.command else {
-        panic!("not a set: {:?}", d.frame.command)
+    let Action::Run(Request::Meta(MetaRequest::Set { key, data, flags })) = d.frame.action else {
+        panic!("not a set: {:?}", d.frame.action)
     };
     assert_eq!((&key[..], &data[..]), (&b"k"[..], &b"hi"[..]));
     assert_eq!(flags.client_flags, Some(5));
@@ -108,7 +108,7 @@ fn incr_carries_initial_value_and_no_create_expiry() {
     extras.extend_from_slice(&10u64.to_be_bytes());
     extras.extend_from_slice(&u32::MAX.to_be_bytes());
     let d = decoded(&frame(opcode::DECREMENT, b"n", &extras, b"", 0));
-    let Command::Run(Request::Meta(MetaRequest::Arith { flags, .. })) = d.frame.command else {
+    let Action::Run(Request::Meta(MetaRequest::Arith { flags, .. })) = d.frame.action else {
         panic!("not arithmetic")
     };
     assert_eq!(
@@ -199,8 +199,8 @@ fn replies_carry_status_cas_flags_and_key() {
 
 #[test]
 fn malformed_frames_get_memcached_statuses() {
-    let reply = |bytes: &[u8]| match decoded(bytes).frame.command {
-        Command::Reply(r) => (r.status, r.close),
+    let reply = |bytes: &[u8]| match decoded(bytes).frame.action {
+        Action::Reply(r) => (r.status, r.close),
         other => panic!("not a reply: {other:?}"),
     };
     // A get with extras: invalid, and memcached closes.
@@ -227,8 +227,8 @@ fn malformed_frames_get_memcached_statuses() {
     let get = frame(opcode::GET, b"k", &[], b"", 0);
     let d = decode(&get, &LIMITS, true).unwrap();
     assert!(matches!(
-        d.frame.command,
-        Command::Reply(Reply {
+        d.frame.action,
+        Action::Reply(Reply {
             status: Status::AuthError,
             close: true,
             ..
@@ -236,8 +236,8 @@ fn malformed_frames_get_memcached_statuses() {
     ));
     let version = frame(opcode::VERSION, b"", &[], b"", 0);
     assert!(matches!(
-        decode(&version, &LIMITS, true).unwrap().frame.command,
-        Command::Run(Request::Version)
+        decode(&version, &LIMITS, true).unwrap().frame.action,
+        Action::Run(Request::Version)
     ));
 }
 
@@ -248,8 +248,8 @@ fn an_oversized_value_is_answered_from_the_head_and_skipped() {
     let d = decode(&whole[..100], &LIMITS, false).expect("answered before the value arrives");
     assert_eq!(d.consumed + d.skip, whole.len());
     assert!(matches!(
-        d.frame.command,
-        Command::Run(Request::TooLarge {
+        d.frame.action,
+        Action::Run(Request::TooLarge {
             remove_old: true,
             ..
         })
@@ -322,13 +322,13 @@ proptest! {
         let d = decode(&stream, &LIMITS, false).unwrap();
         prop_assert_eq!(d.consumed, first);
         prop_assert_eq!(d.skip, 0);
-        let Command::Run(Request::Meta(MetaRequest::Set { data, flags: f, .. })) = d.frame.command else {
+        let Action::Run(Request::Meta(MetaRequest::Set { data, flags: f, .. })) = d.frame.action else {
             return Err(TestCaseError::fail("not a set"));
         };
         prop_assert_eq!(&data[..], &value[..]);
         prop_assert_eq!(f.client_flags, Some(flags));
         let next = decode(&stream[first..], &LIMITS, false).unwrap();
-        let is_get = matches!(next.frame.command, Command::Run(Request::Meta(MetaRequest::Get { .. })));
+        let is_get = matches!(next.frame.action, Action::Run(Request::Meta(MetaRequest::Get { .. })));
         prop_assert!(is_get, "not a get");
     }
 }

@@ -1,0 +1,325 @@
+//! One admission path for both protocols: what a connection is charged, and when it waits.
+//!
+//! Everything is charged to the memory budget before it is taken. A request is charged the
+//! most its reply can take ([`reply_bound`]), never more than the largest grant. It runs once
+//! charged; a connection with replies pending that would go past its share waits for them to
+//! drain first, and one the budget refuses waits for a grant, in arrival order with every
+//! other connection. A retrieval (a multi-get, or a run of binary gets) is cut to what one
+//! connection's share can hold. Buffers are charged their capacity: growth the driver can put
+//! off waits for the budget like a request, growth it cannot (a reply being encoded) is
+//! forced.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::budget::{Account, Budget, Charge, Grant, UNIT_BYTES};
+use crate::command;
+use crate::protocol::{self, Limits, Request, StoreMode};
+use crate::stats::Stats;
+
+/// Charged for a reply's line and framing, beyond keys and data.
+pub const REPLY_OVERHEAD_BYTES: usize = 64;
+/// Charged for a request whose reply holds no value (stats, errors, status lines).
+const SMALL_REPLY_BYTES: usize = 4 * 1024;
+
+/// What a connection holds of the budget, and the rules by which it takes more.
+#[derive(Debug)]
+pub struct Admission {
+    /// The connection's holdings: its buffers and its requests in flight.
+    account: Account,
+    /// The parser's limits: the largest value a reply can carry.
+    limits: Limits,
+    /// Where waits for the budget are counted (`budget_waits`).
+    stats: Arc<Stats>,
+}
+
+impl Admission {
+    pub fn new(budget: Arc<Budget>, limits: Limits, stats: Arc<Stats>) -> Self {
+        Admission {
+            account: Account::new(budget),
+            limits,
+            stats,
+        }
+    }
+
+    /// Units `request` is charged before it runs: the most its reply can take, within the
+    /// largest grant (configuration keeps every request within it).
+    pub fn units(&self, request: &Request) -> u32 {
+        self.units_of(std::iter::once(request))
+    }
+
+    /// Units a run of `requests` executed together is charged: the sum of their bounds,
+    /// within the largest grant.
+    pub fn units_of<'r>(&self, requests: impl IntoIterator<Item = &'r Request>) -> u32 {
+        let units = requests
+            .into_iter()
+            .map(|r| Budget::units(reply_bound(r, &self.limits)))
+            .fold(0u32, u32::saturating_add);
+        self.account.budget().clamp(units)
+    }
+
+    /// Keys one retrieval may ask for at once and still fit in a connection's share; at
+    /// least one.
+    pub fn keys_per_share(&self) -> usize {
+        let share = self.account.budget().share_units() as usize * UNIT_BYTES as usize;
+        let per_key = reply_bound_per_key(&self.limits) + 2 * protocol::MAX_KEY_BYTES;
+        (share.saturating_sub(SMALL_REPLY_BYTES) / per_key).max(1)
+    }
+
+    /// Splits a retrieval whose reply could take more than a connection's share into pieces
+    /// that cannot (several connections' large gets then run at once); every piece but the
+    /// last leaves out `END`, as with a line longer than the parser's window. Other requests
+    /// come back whole.
+    pub fn split(&self, request: Request) -> Vec<Request> {
+        let share = self.account.budget().share_units();
+        if Budget::units(reply_bound(&request, &self.limits)) <= share {
+            return vec![request];
+        }
+        let per_piece = self.keys_per_share();
+        let pieces = |keys: &[Bytes], end: bool| {
+            let n = keys.chunks(per_piece).count();
+            let chunks = keys.chunks(per_piece).enumerate();
+            chunks
+                .map(|(i, chunk)| (chunk.to_vec(), end && i + 1 == n))
+                .collect::<Vec<_>>()
+        };
+        match request {
+            Request::Get { keys, cas, end } => pieces(&keys, end)
+                .into_iter()
+                .map(|(keys, end)| Request::Get { keys, cas, end })
+                .collect(),
+            Request::Gat {
+                exptime,
+                keys,
+                cas,
+                end,
+            } => pieces(&keys, end)
+                .into_iter()
+                .map(|(keys, end)| Request::Gat {
+                    exptime,
+                    keys,
+                    cas,
+                    end,
+                })
+                .collect(),
+            other => vec![other],
+        }
+    }
+
+    /// Takes `units` for a request if the budget has them free now.
+    pub fn try_admit(&mut self, units: u32) -> Option<Charge> {
+        self.account.try_take_request(units)
+    }
+
+    /// Whether a request of `units` must first wait for this connection's own replies to
+    /// drain: it has requests in flight and would take their units past its share.
+    pub fn must_drain(&self, units: u32, in_flight: bool) -> bool {
+        in_flight
+            && self.account.request_units().saturating_add(units)
+                > self.account.budget().share_units()
+    }
+
+    /// Takes `units` for a request now, or gives the grant to wait for (a wait counted in
+    /// `budget_waits`).
+    pub fn admit_or_grant(&mut self, units: u32) -> Result<Charge, Grant> {
+        if let Some(charge) = self.account.try_take_request(units) {
+            return Ok(charge);
+        }
+        Stats::incr(&self.stats.budget_waits);
+        Err(self.account.grant(units, true))
+    }
+
+    /// Books an awaited grant as held by the request that waited for it.
+    pub fn granted(&mut self, permit: OwnedSemaphorePermit) -> Charge {
+        self.account.granted_request(permit)
+    }
+
+    /// Takes `units` for a request with nothing else in flight, waiting for the budget to
+    /// grant them if it must.
+    pub async fn admit(&mut self, units: u32) -> Charge {
+        match self.admit_or_grant(units) {
+            Ok(charge) => charge,
+            Err(grant) => {
+                let permit = grant.await;
+                self.granted(permit)
+            }
+        }
+    }
+
+    /// A request has finished and its reply goes to the write buffer: what it held pays for
+    /// the buffer until the next [`Admission::set_buffers`] gives back the rest.
+    pub fn finish(&mut self, charge: Charge) {
+        self.account.finish_request(charge);
+    }
+
+    /// Past its share with replies still to come (`in_flight`): take no more input until
+    /// they drain.
+    pub fn over_share(&self, in_flight: bool) -> bool {
+        in_flight && self.account.held_units() > self.account.budget().share_units()
+    }
+
+    /// Charges buffers of `bytes` capacity in all: growth is forced (the bytes are already
+    /// allocated), shrinking gives units back.
+    pub fn set_buffers(&mut self, bytes: usize) {
+        self.account.set_buffers(bytes);
+    }
+
+    /// Takes `units` for buffers about to grow, if they are free now.
+    pub fn try_grow_buffers(&mut self, units: u32) -> bool {
+        self.account.try_grow_buffers(units)
+    }
+
+    /// The grant to wait for before buffers grow by `units` (within the largest grant); the
+    /// wait is counted in `budget_waits`.
+    pub fn grant_buffers(&mut self, units: u32) -> Grant {
+        Stats::incr(&self.stats.budget_waits);
+        let units = self.account.budget().clamp(units);
+        self.account.grant(units, false)
+    }
+
+    /// Books an awaited grant as held by the buffers.
+    pub fn granted_buffers(&mut self, permit: OwnedSemaphorePermit) {
+        self.account.granted_buffers(permit);
+    }
+}
+
+/// What one key of a retrieval can take: its value read from the store, and encoded.
+fn reply_bound_per_key(limits: &Limits) -> usize {
+    2 * (limits.max_item_bytes + REPLY_OVERHEAD_BYTES)
+}
+
+/// The most bytes a request can hold while it runs and its reply waits: values read from
+/// the store, and their encoding in the write buffer.
+fn reply_bound(request: &Request, limits: &Limits) -> usize {
+    let per_value = limits.max_item_bytes + REPLY_OVERHEAD_BYTES;
+    match request {
+        Request::Get { keys, .. } | Request::Gat { keys, .. } => {
+            let values = keys.len().saturating_mul(reply_bound_per_key(limits));
+            let keys: usize = keys.iter().map(|k| 2 * k.len()).sum();
+            values.min(2 * (command::MAX_RESPONSE_BYTES + per_value)) + keys + SMALL_REPLY_BYTES
+        }
+        // The data block and a copy as written to the store; append and prepend also read
+        // the old value.
+        Request::Store { data, mode, .. } => {
+            let old = match mode {
+                StoreMode::Append | StoreMode::Prepend => per_value,
+                _ => 0,
+            };
+            2 * data.len() + old + SMALL_REPLY_BYTES
+        }
+        Request::Arith { .. } | Request::Meta(_) => 2 * per_value + SMALL_REPLY_BYTES,
+        _ => SMALL_REPLY_BYTES,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use futures::FutureExt;
+
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn admission(limit_bytes: u64) -> Admission {
+        let stats = Arc::new(Stats::default());
+        Admission::new(Budget::new(limit_bytes), Limits::default(), stats)
+    }
+
+    fn get(n: usize, end: bool) -> Request {
+        let keys = (0..n).map(|i| Bytes::from(format!("key{i}"))).collect();
+        Request::Get {
+            keys,
+            cas: false,
+            end,
+        }
+    }
+
+    /// The pieces' key counts and `END` flags.
+    fn shape(pieces: &[Request]) -> Vec<(usize, bool)> {
+        pieces
+            .iter()
+            .map(|p| match p {
+                Request::Get { keys, end, .. } => (keys.len(), *end),
+                other => panic!("not a get: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_multi_get_past_the_share_is_split_and_only_the_last_piece_ends() {
+        // The default 256 MiB budget: a share of 64 MiB holds 31 values of 1 MiB, read and
+        // encoded.
+        let a = admission(256 * MIB);
+        assert_eq!(a.keys_per_share(), 31);
+        assert_eq!(shape(&a.split(get(31, true))), [(31, true)]);
+        assert_eq!(
+            shape(&a.split(get(100, true))),
+            [(31, false), (31, false), (31, false), (7, true)]
+        );
+        // A piece of a longer line (no END of its own) ends nowhere.
+        assert_eq!(shape(&a.split(get(40, false))), [(31, false), (9, false)]);
+        // The smallest budget still serves one key at a time.
+        let small = admission(8 * MIB);
+        assert_eq!(small.keys_per_share(), 1);
+        assert_eq!(
+            shape(&small.split(get(3, true))),
+            [(1, false), (1, false), (1, true)]
+        );
+    }
+
+    #[test]
+    fn a_run_is_charged_the_sum_of_its_requests_within_the_largest_grant() {
+        let a = admission(256 * MIB);
+        let one = a.units(&get(1, true));
+        let run = [get(1, true), get(1, true), get(1, true)];
+        assert_eq!(a.units_of(&run), 3 * one);
+        let huge: Vec<Request> = (0..1000).map(|_| get(1, true)).collect();
+        assert_eq!(a.units_of(&huge), a.account.budget().clamp(u32::MAX));
+    }
+
+    #[test]
+    fn past_its_share_a_connection_with_replies_pending_waits_for_them() {
+        let mut a = admission(256 * MIB);
+        let share = a.account.budget().share_units();
+        let held = a.try_admit(share - 10).expect("free budget");
+        assert!(!a.must_drain(10, true), "exactly the share");
+        assert!(a.must_drain(11, true), "past the share");
+        assert!(
+            !a.must_drain(11, false),
+            "nothing pending: it cannot wait for itself"
+        );
+        assert!(!a.over_share(true));
+        a.set_buffers(11 * UNIT_BYTES as usize);
+        assert!(a.over_share(true) && !a.over_share(false));
+        a.finish(held);
+        a.set_buffers(0);
+        assert_eq!(a.account.held_units(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_is_waited_for_and_the_wait_counted() {
+        let mut a = admission(8 * MIB);
+        let mut b = admission(8 * MIB);
+        // Share one budget.
+        b.account = Account::new(a.account.budget().clone());
+        let all = a.account.budget().clamp(u32::MAX);
+        let first = a.try_admit(all).expect("half the budget");
+        let second = a.try_admit(all - 2048).expect("most of the rest");
+        let Err(mut grant) = b.admit_or_grant(4096) else {
+            panic!("the budget is spent");
+        };
+        assert_eq!(b.stats.budget_waits.load(Relaxed), 1);
+        assert!((&mut grant).now_or_never().is_none());
+        a.finish(first);
+        a.finish(second);
+        a.set_buffers(0);
+        let charge = b.granted(grant.await);
+        assert_eq!(charge.units, 4096);
+        assert_eq!(b.admit(16).await.units, 16, "free: no wait");
+        assert_eq!(b.stats.budget_waits.load(Relaxed), 1);
+    }
+}

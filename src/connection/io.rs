@@ -1,0 +1,295 @@
+//! What both protocol drivers hold of the socket: buffers, the writer, input deadlines.
+//!
+//! The read buffer grows only as the budget grants and shrinks back after a large request; the
+//! write buffer is written whole within the write timeout; the client must complete a request
+//! within the request timeout and send something within the idle timeout. Every byte of
+//! capacity is charged through [`Admission`]: the read buffer by what it has allocated (its
+//! capacity shrinks as requests are taken off its front; the allocation does not), the write
+//! buffer by its capacity.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::admission::{Admission, REPLY_OVERHEAD_BYTES};
+use super::ConnectionConfig;
+use crate::budget::{Budget, Grant};
+use crate::conns::Registered;
+use crate::protocol::Response;
+use crate::stats::Stats;
+
+/// Flush replies once this many bytes are waiting, even mid-batch.
+pub const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
+/// Room added to the read buffer when it runs short, at least.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Capacity of a new connection's read and write buffers, each; what they shrink back to.
+pub const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
+/// Room the read buffer needs for a read; less, and it is replaced by a larger one. Small
+/// next to the initial buffer, so a connection of small requests reads many of them into one
+/// allocation (each request parsed takes its bytes from the buffer's front).
+const MIN_READ_ROOM_BYTES: usize = INITIAL_BUFFER_BYTES / 4;
+/// A drained write buffer larger than this is given back and replaced by a small one.
+const WRITE_KEEP_BYTES: usize = 64 * 1024;
+
+/// A connection's buffers and the clocks of its input.
+pub struct Buffers {
+    /// Bytes read and not yet taken by the parser.
+    read: BytesMut,
+    /// Bytes allocated for `read` (its capacity shrinks as it is consumed; this doesn't).
+    read_alloc: usize,
+    /// Encoded replies not yet written.
+    write: BytesMut,
+    /// When the connection last read input or wrote its replies: idle since then.
+    last_active: Instant,
+    /// Since when an incomplete request has been waiting for its remaining bytes.
+    partial_since: Option<Instant>,
+    /// Close a connection with nothing to do after this long without input.
+    idle_timeout: Option<Duration>,
+    /// A request begun must be complete within this.
+    request_timeout: Option<Duration>,
+    /// Waiting replies must be written within this.
+    write_timeout: Option<Duration>,
+    /// Where bytes read and written, and write timeouts, are counted.
+    stats: Arc<Stats>,
+    /// This connection's row in `stats conns`: working when input arrives, waiting when
+    /// the driver waits for more.
+    registered: Option<Registered>,
+}
+
+/// Room the read buffer is to grow to once the budget grants it.
+pub struct ReadRoom {
+    /// The read buffer's new capacity.
+    pub capacity: usize,
+    /// The budget's grant for the growth.
+    pub grant: Grant,
+}
+
+impl Buffers {
+    /// Buffers holding the connection's first read (in a buffer of [`INITIAL_BUFFER_BYTES`]),
+    /// charged to `admission`; they keep the connection's row in `stats conns` up to date.
+    pub fn new(
+        first: BytesMut,
+        config: &ConnectionConfig,
+        stats: Arc<Stats>,
+        admission: &mut Admission,
+        registered: Option<Registered>,
+    ) -> Self {
+        let buffers = Buffers {
+            read_alloc: first.capacity(),
+            read: first,
+            write: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
+            last_active: Instant::now(),
+            partial_since: None,
+            idle_timeout: config.idle_timeout,
+            request_timeout: config.request_timeout,
+            write_timeout: config.write_timeout,
+            stats,
+            registered,
+        };
+        buffers.sync(admission);
+        buffers
+    }
+
+    /// Input not yet parsed; the parser takes requests off its front.
+    pub fn input(&mut self) -> &mut BytesMut {
+        &mut self.read
+    }
+
+    pub fn has_input(&self) -> bool {
+        !self.read.is_empty()
+    }
+
+    /// Replies encoded and not yet written; size it with [`Buffers::reserve_reply`] first and
+    /// charge it with [`Buffers::sync`] after.
+    pub fn output(&mut self) -> &mut BytesMut {
+        &mut self.write
+    }
+
+    /// Bytes of replies waiting to be written.
+    pub fn pending_output(&self) -> usize {
+        self.write.len()
+    }
+
+    /// Charges the budget for what the buffers hold allocated now.
+    pub fn sync(&self, admission: &mut Admission) {
+        admission.set_buffers(self.read_alloc + self.write.capacity());
+    }
+
+    /// Reads what the socket has into the read buffer; 0 at the end of input. Cancel-safe.
+    pub async fn read<S: AsyncRead + Unpin>(&mut self, socket: &mut S) -> std::io::Result<usize> {
+        let n = socket.read_buf(&mut self.read).await?;
+        if n > 0 {
+            Stats::add(&self.stats.bytes_read, n as u64);
+            self.last_active = Instant::now();
+            if let Some(registered) = &self.registered {
+                registered.working();
+            }
+        }
+        Ok(n)
+    }
+
+    /// Shows the connection in `stats conns` as waiting for its next command.
+    pub fn waiting(&self) {
+        if let Some(registered) = &self.registered {
+            registered.waiting();
+        }
+    }
+
+    /// Makes sure the read buffer has room for a read, growing it if the budget has room
+    /// now; otherwise returns the growth to wait for.
+    pub fn make_read_room(&mut self, admission: &mut Admission) -> Option<ReadRoom> {
+        let len = self.read.len();
+        if self.read.capacity() - len >= MIN_READ_ROOM_BYTES {
+            return None;
+        }
+        let capacity = if len < INITIAL_BUFFER_BYTES / 2 {
+            INITIAL_BUFFER_BYTES
+        } else {
+            (len * 2).max(len + READ_CHUNK_BYTES)
+        };
+        let more = Budget::units(capacity).saturating_sub(Budget::units(self.read_alloc));
+        if admission.try_grow_buffers(more) {
+            self.regrow_read_buf(capacity, admission);
+            return None;
+        }
+        let grant = admission.grant_buffers(more);
+        Some(ReadRoom { capacity, grant })
+    }
+
+    /// Grows the read buffer to `capacity` with the grant the budget gave for it.
+    pub fn granted_read_room(
+        &mut self,
+        permit: OwnedSemaphorePermit,
+        capacity: usize,
+        admission: &mut Admission,
+    ) {
+        admission.granted_buffers(permit);
+        self.regrow_read_buf(capacity, admission);
+    }
+
+    /// Gives back a read buffer grown for a large request once it is mostly consumed.
+    pub fn tidy(&mut self, admission: &mut Admission) {
+        if self.read_alloc > INITIAL_BUFFER_BYTES + READ_CHUNK_BYTES
+            && self.read.len() < INITIAL_BUFFER_BYTES / 2
+        {
+            self.regrow_read_buf(INITIAL_BUFFER_BYTES, admission);
+        }
+    }
+
+    /// Moves the read buffer's bytes into a new allocation of `capacity`.
+    fn regrow_read_buf(&mut self, capacity: usize, admission: &mut Admission) {
+        let mut fresh = BytesMut::with_capacity(capacity.max(self.read.len()));
+        fresh.extend_from_slice(&self.read);
+        self.read_alloc = fresh.capacity();
+        self.read = fresh;
+        self.sync(admission);
+    }
+
+    /// Sizes the write buffer for `response` at once: growing by doubling could take twice
+    /// a large reply's size.
+    pub fn reserve_reply(&mut self, response: &Response) {
+        let need = encoded_len_hint(response);
+        if need > self.write.capacity() - self.write.len() {
+            if self.write.is_empty() {
+                self.write = BytesMut::with_capacity(need);
+            } else {
+                self.write.reserve(need);
+            }
+        }
+    }
+
+    /// Writes every waiting reply within the write timeout, then gives back a write buffer
+    /// a large reply grew.
+    pub async fn flush<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+        admission: &mut Admission,
+    ) -> std::io::Result<()> {
+        write_replies(socket, &mut self.write, self.write_timeout, &self.stats).await?;
+        if self.write.capacity() > WRITE_KEEP_BYTES {
+            self.write = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
+        }
+        self.sync(admission);
+        self.last_active = Instant::now();
+        Ok(())
+    }
+
+    /// When the incomplete request in the read buffer must be complete, if the connection
+    /// is `waiting` for the client to complete one (not for itself).
+    pub fn request_deadline(&mut self, waiting: bool) -> Option<Instant> {
+        if !waiting {
+            self.partial_since = None;
+            return None;
+        }
+        let since = *self.partial_since.get_or_insert_with(Instant::now);
+        self.request_timeout.map(|t| since + t)
+    }
+
+    /// A request was taken off the read buffer: the client is making progress, and the
+    /// next incomplete one has its own request timeout.
+    pub fn progress(&mut self) {
+        self.partial_since = None;
+    }
+
+    /// When a connection with nothing to do is closed, if no input comes first.
+    pub fn idle_deadline(&self) -> Option<Instant> {
+        self.idle_timeout.map(|d| self.last_active + d)
+    }
+}
+
+/// Writes `buf` whole (then empties it) within `timeout`, counting the bytes written and a
+/// timeout in `stats`.
+async fn write_replies<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    buf: &mut BytesMut,
+    timeout: Option<Duration>,
+    stats: &Stats,
+) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        socket.write_all(buf).await?;
+        socket.flush().await
+    };
+    match timeout {
+        None => write.await?,
+        Some(limit) => match tokio::time::timeout(limit, write).await {
+            Ok(written) => written?,
+            Err(_) => {
+                Stats::incr(&stats.write_timeouts);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client did not read its replies within the write timeout",
+                ));
+            }
+        },
+    }
+    Stats::add(&stats.bytes_written, buf.len() as u64);
+    buf.clear();
+    Ok(())
+}
+
+/// Bytes a reply encodes to, near enough to size the write buffer (0 when small).
+fn encoded_len_hint(response: &Response) -> usize {
+    match response {
+        Response::Values { values, .. } => values
+            .iter()
+            .map(|v| v.key.len() + v.data.len() + REPLY_OVERHEAD_BYTES)
+            .sum::<usize>()
+            .saturating_add(8),
+        _ => 0,
+    }
+}
+
+/// Sleeps until `deadline`; never, without one.
+pub async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => futures::future::pending().await,
+    }
+}

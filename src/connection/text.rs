@@ -1,0 +1,495 @@
+//! The text protocol's driver: parse requests, pipeline them, write the replies in order.
+//!
+//! Requests of one connection run concurrently against the store (a pipeline of sets or a
+//! burst of gets costs about one backend round trip, not one each), yet replies leave in
+//! request order and requests on the same key run in order ([`super::pipeline`]). Barrier
+//! commands (`flush_all`, `quit`) wait for everything before them; a dump is a barrier that
+//! goes on page by page, each page written before the next is read. Each request is admitted
+//! by the memory budget before it starts ([`super::admission`]): a connection past its share,
+//! or refused by the budget, stops reading and dispatching until its replies drain or memory
+//! is granted. A request that is not complete within the request timeout ends the connection once
+//! what is in flight is answered; replies not written within the write timeout end it at once
+//! ([`super::io`]).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::future::FutureExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::admission::Admission;
+use super::io::{sleep_until, Buffers, WRITE_HIGH_WATER_BYTES};
+use super::login::{Login, UNAUTHENTICATED};
+use super::pipeline::Pipeline;
+use super::ConnectionConfig;
+use crate::budget::{Charge, Grant};
+use crate::command::{self, Ctx};
+use crate::conns::Registered;
+use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
+use crate::stats::Stats;
+
+/// `request` executing, arrived now, as a future that owns what it needs.
+fn execute(ctx: &Arc<Ctx>, request: Request) -> impl Future<Output = Response> + Send + 'static {
+    let ctx = ctx.clone();
+    let arrived = tokio::time::Instant::now();
+    async move { command::execute_arrived(&ctx, request, arrived).await }
+}
+
+/// A finished request: its reply, and what it holds of the budget.
+type Finished = (Response, Charge);
+
+/// Serves a text-protocol client whose first bytes are in `first` (a buffer of
+/// [`super::io::INITIAL_BUFFER_BYTES`]) until it quits, errs, idles out or the server shuts
+/// down; `registered` is its row in `stats conns`. While SASL is on without `text_auth`, the
+/// client is told it is unauthenticated and closed.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    socket: &mut S,
+    ctx: Arc<Ctx>,
+    config: &ConnectionConfig,
+    first: BytesMut,
+    shutdown: &CancellationToken,
+    registered: Option<Registered>,
+) -> std::io::Result<()> {
+    if config.sasl.is_some() && !config.text_auth {
+        let _ = socket.write_all(UNAUTHENTICATED).await;
+        return Ok(());
+    }
+    let login = Login::new(config.sasl.clone(), ctx.stats.clone());
+    let mut admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
+    let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission, registered);
+    let mut conn = Connection {
+        ctx,
+        limits: config.limits,
+        login,
+        io,
+        pipeline: Pipeline::new(),
+        skip_bytes: 0,
+        skip_line: false,
+        long_retrieval: None,
+        closing: false,
+        admission,
+        waiting: None,
+        queued: VecDeque::new(),
+    };
+    // The first read happened before the protocol was known: run what it brought.
+    conn.advance().await;
+    conn.flush(socket).await?;
+    conn.run(socket, shutdown).await
+}
+
+/// Work held back until the memory budget can take it.
+enum Want {
+    /// A parsed request, its keys, and the units it is to hold.
+    Request(Box<Request>, Vec<Bytes>, u32),
+    /// Room in the read buffer: its new capacity.
+    ReadRoom(usize),
+}
+
+/// What a connection waits for: a grant of budget, or (no grant) its own replies to drain.
+struct Waiting {
+    /// The work held back.
+    want: Want,
+    /// The budget's grant to wait for; `None`: wait for this connection's replies to drain,
+    /// then ask again.
+    grant: Option<Grant>,
+}
+
+/// A text-protocol connection's state.
+struct Connection {
+    /// What requests run against: the store, the near tier, the stats.
+    ctx: Arc<Ctx>,
+    /// The parser's limits.
+    limits: Limits,
+    /// SASL is on and this text connection has not logged in (memcached's `-Y` text auth).
+    login: Login,
+    /// The read and write buffers, and the input's deadlines.
+    io: Buffers,
+    /// Requests running, and a barrier waiting for them.
+    pipeline: Pipeline<Finished, Request>,
+    /// Bytes of a refused data block still to discard.
+    skip_bytes: usize,
+    /// Discarding the rest of an over-long line.
+    skip_line: bool,
+    /// Inside a retrieval line longer than the parser's window: its next keys come next.
+    long_retrieval: Option<LongRetrieval>,
+    /// Stop reading: the client quit, hung up, or the server is shutting down.
+    closing: bool,
+    /// What this connection holds of the memory budget, and how it takes more.
+    admission: Admission,
+    /// Work held back for the budget; nothing more is read or dispatched meanwhile.
+    waiting: Option<Waiting>,
+    /// Parsed requests not yet started: the pieces of a retrieval split to fit the budget.
+    queued: VecDeque<Request>,
+}
+
+impl Connection {
+    /// Reads, runs and answers until the connection closes.
+    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        socket: &mut S,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        loop {
+            if self.closing && self.in_flight() == 0 {
+                return self.flush(socket).await;
+            }
+            if self.pipeline.holds_barrier() && self.pipeline.is_empty() && self.waiting.is_none() {
+                self.next_page(socket, shutdown).await?;
+                continue;
+            }
+            if self.in_flight() == 0 {
+                self.io.waiting();
+            }
+            let can_read = self.may_read() && self.make_read_room();
+            let waiting_for_client = self.io.has_input() || self.skip_bytes > 0 || self.skip_line;
+            let request_deadline = self.io.request_deadline(can_read && waiting_for_client);
+            let idle_deadline = self.io.idle_deadline();
+            let idle_armed = idle_deadline.is_some() && self.pipeline.is_empty();
+            let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
+            tokio::select! {
+                Some((response, charge)) = self.pipeline.next(), if !self.pipeline.is_empty() => {
+                    self.finish(response, charge);
+                    // Take every other reply that is already done, then write once.
+                    while let Some((response, charge)) = self.pipeline.ready() {
+                        self.finish(response, charge);
+                    }
+                    self.advance().await;
+                    if self.pipeline.is_empty() || self.io.pending_output() >= WRITE_HIGH_WATER_BYTES {
+                        self.flush(socket).await?;
+                    }
+                }
+                permit = wait_grant(&mut self.waiting), if granting => {
+                    self.granted(permit);
+                    self.advance().await;
+                    if self.pipeline.is_empty() {
+                        self.flush(socket).await?;
+                    }
+                }
+                read = self.io.read(socket), if can_read => {
+                    if read? == 0 {
+                        self.closing = true;
+                        continue;
+                    }
+                    self.discard_skipped();
+                    self.advance().await;
+                    self.io.tidy(&mut self.admission);
+                    if self.pipeline.is_empty() {
+                        self.flush(socket).await?;
+                    }
+                }
+                _ = sleep_until(idle_deadline), if idle_armed && !self.closing => {
+                    Stats::incr(&self.ctx.stats.idle_kicks);
+                    tracing::debug!("closing idle connection");
+                    self.closing = true;
+                }
+                _ = sleep_until(request_deadline), if request_deadline.is_some() => {
+                    Stats::incr(&self.ctx.stats.request_timeouts);
+                    tracing::debug!("closing a connection whose request did not complete in time");
+                    self.stop_reading();
+                }
+                _ = shutdown.cancelled(), if !self.closing => {
+                    self.closing = true;
+                }
+            }
+        }
+    }
+
+    /// Runs the next page of a dump (a barrier that `advance` left) once the last page is
+    /// written; at shutdown the dump ends there.
+    async fn next_page<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        self.flush(socket).await?;
+        if shutdown.is_cancelled() {
+            drop(self.pipeline.take_barrier());
+            self.closing = true;
+            return Ok(());
+        }
+        self.advance().await;
+        // The last page, and what ran after it, unless requests are still running.
+        if self.pipeline.is_empty() {
+            self.flush(socket).await?;
+        }
+        Ok(())
+    }
+
+    /// Requests started or held back and not yet answered.
+    fn in_flight(&self) -> usize {
+        self.pipeline.len()
+            + self.queued.len()
+            + usize::from(self.pipeline.holds_barrier())
+            + usize::from(self.waiting.is_some())
+    }
+
+    /// Whether the connection may take more input, budget aside.
+    fn may_read(&self) -> bool {
+        !self.closing && self.pipeline.has_room() && self.waiting.is_none() && !self.over_share()
+    }
+
+    /// Past its share of the budget with replies still to come: wait for them first.
+    fn over_share(&self) -> bool {
+        self.admission.over_share(!self.pipeline.is_empty())
+    }
+
+    /// Stops taking input and ends the connection once what is in flight is answered.
+    fn stop_reading(&mut self) {
+        self.closing = true;
+        self.io.input().clear();
+        self.skip_bytes = 0;
+        self.skip_line = false;
+    }
+
+    /// Makes sure the read buffer has room for a read; returns false when the budget cannot
+    /// give it now (a grant is then awaited).
+    fn make_read_room(&mut self) -> bool {
+        let Some(room) = self.io.make_read_room(&mut self.admission) else {
+            return true;
+        };
+        self.waiting = Some(Waiting {
+            want: Want::ReadRoom(room.capacity),
+            grant: Some(room.grant),
+        });
+        false
+    }
+
+    /// Books a grant for the work that waited for it.
+    fn granted(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let Some(waiting) = self.waiting.take() else {
+            return;
+        };
+        match waiting.want {
+            Want::Request(request, keys, _) => {
+                let charge = self.admission.granted(permit);
+                self.pipe(keys, execute(&self.ctx, *request), charge);
+            }
+            Want::ReadRoom(capacity) => {
+                (self.io).granted_read_room(permit, capacity, &mut self.admission);
+            }
+        }
+    }
+
+    /// Writes a finished request's reply; what the request held pays for the write buffer
+    /// and the rest is given back.
+    fn finish(&mut self, response: Response, charge: Charge) {
+        self.admission.finish(charge);
+        self.emit(response);
+    }
+
+    /// Encodes a reply; a `Close` reply stops the connection after what is already queued.
+    fn emit(&mut self, response: Response) {
+        if response == Response::Close {
+            self.closing = true;
+            self.io.input().clear();
+        }
+        self.io.reserve_reply(&response);
+        response.encode(self.io.output());
+        self.io.sync(&mut self.admission);
+    }
+
+    /// Writes every waiting reply within the write timeout.
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
+        self.io.flush(socket, &mut self.admission).await
+    }
+
+    /// Drops input that belongs to a refused data block or an over-long line.
+    fn discard_skipped(&mut self) {
+        if self.skip_bytes > 0 {
+            let input = self.io.input();
+            let n = self.skip_bytes.min(input.len());
+            input.advance(n);
+            self.skip_bytes -= n;
+        }
+        if self.skip_line {
+            let input = self.io.input();
+            match protocol::line_end(input) {
+                Some(len) => {
+                    input.advance(len);
+                    self.skip_line = false;
+                }
+                None => input.clear(),
+            }
+        }
+    }
+
+    /// Starts buffered requests; whenever the pipeline has drained in front of a barrier,
+    /// runs the barrier and carries on.
+    async fn advance(&mut self) {
+        loop {
+            self.dispatch();
+            if !self.pipeline.is_empty() || self.waiting.is_some() {
+                return;
+            }
+            let Some(barrier) = self.pipeline.take_barrier() else {
+                return;
+            };
+            let response = command::execute(&self.ctx, barrier).await;
+            // A dump goes on: its next page waits, as a barrier, until this one is written.
+            if let Response::Dump {
+                more: Some(next), ..
+            } = &response
+            {
+                self.pipeline.hold((**next).clone());
+                self.emit(response);
+                return;
+            }
+            self.emit(response);
+        }
+    }
+
+    /// Parses and starts as many buffered requests as the pipeline and the budget allow.
+    fn dispatch(&mut self) {
+        while self.start_queued() && !self.closing && self.skip_bytes == 0 && !self.skip_line {
+            // The parser takes the frame off the buffer; the request holds slices of it.
+            let Some(Parsed {
+                request,
+                skip,
+                resume,
+                ..
+            }) = protocol::parse_resumed(self.io.input(), &self.limits, self.long_retrieval)
+            else {
+                return;
+            };
+            self.io.progress();
+            self.long_retrieval = resume;
+            match skip {
+                Skip::None => {}
+                Skip::Bytes(n) => self.skip_bytes = n,
+                Skip::Line => self.skip_line = true,
+            }
+            self.discard_skipped();
+            if self.login.required() {
+                let response = self.login.text(request);
+                self.emit(response);
+                continue;
+            }
+            // Pieces of a connection's share: several connections' large gets run at once.
+            self.queued.extend(self.admission.split(request));
+        }
+    }
+
+    /// Starts queued requests while the pipeline, barriers and the budget allow; returns
+    /// whether more may be parsed.
+    fn start_queued(&mut self) -> bool {
+        if !self.retry_waiting() {
+            return false;
+        }
+        loop {
+            if !self.pipeline.has_room() {
+                return false;
+            }
+            let Some(request) = self.queued.pop_front() else {
+                return true;
+            };
+            self.start(request);
+            if self.waiting.is_some() {
+                return false;
+            }
+        }
+    }
+
+    /// Starts one request: a barrier waits for the pipeline; any other runs once the budget
+    /// has granted the most its reply can take.
+    fn start(&mut self, request: Request) {
+        let Some(keys) = request.keys() else {
+            if matches!(request, Request::Quit | Request::Hangup(_)) {
+                self.io.input().clear();
+            }
+            self.pipeline.hold(request);
+            return;
+        };
+        let keys: Vec<Bytes> = keys.into_iter().cloned().collect();
+        let units = self.admission.units(&request);
+        // With nothing in flight before it, a request runs here: a hit in the near tier is
+        // answered with no task, channel or allocation beyond the reply; any other request
+        // is polled once, and only one that waits (a store read, an S3 write) goes to the
+        // pipeline. A write the store takes at once (a small set on the directory store)
+        // needs no ordering entry. Past the write high-water mark the pipeline takes over,
+        // which is bounded and flushes.
+        if self.pipeline.is_empty() && self.io.pending_output() < WRITE_HIGH_WATER_BYTES {
+            if let Some(charge) = self.admission.try_admit(units) {
+                if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
+                    self.admission.finish(charge);
+                    self.emit(response);
+                    return;
+                }
+                let mut running = execute(&self.ctx, request).boxed();
+                let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+                match running.poll_unpin(&mut cx) {
+                    Poll::Ready(response) => {
+                        self.admission.finish(charge);
+                        self.emit(response);
+                    }
+                    // Pushed into the pipeline, it is polled again with a real waker.
+                    Poll::Pending => self.pipe(keys, running, charge),
+                }
+                return;
+            }
+        }
+        self.start_or_wait(request, keys, units);
+    }
+
+    /// Puts `running`, which holds `charge`, in the pipeline behind earlier requests on
+    /// `keys`.
+    fn pipe<F>(&mut self, keys: Vec<Bytes>, running: F, charge: Charge)
+    where
+        F: Future<Output = Response> + Send + 'static,
+    {
+        self.pipeline
+            .start(keys, async move { (running.await, charge) });
+    }
+
+    /// Tries again a request that waited for this connection's own replies to drain;
+    /// returns whether nothing waits any more.
+    fn retry_waiting(&mut self) -> bool {
+        match self.waiting.take() {
+            None => true,
+            Some(Waiting {
+                want: Want::Request(request, keys, units),
+                grant: None,
+            }) => {
+                self.start_or_wait(*request, keys, units);
+                self.waiting.is_none()
+            }
+            Some(other) => {
+                self.waiting = Some(other);
+                false
+            }
+        }
+    }
+
+    /// Starts a request if the budget grants its `units` now; otherwise holds it back until
+    /// this connection's replies drain (past its share) or the budget grants them.
+    fn start_or_wait(&mut self, request: Request, keys: Vec<Bytes>, units: u32) {
+        let grant = if self.admission.must_drain(units, !self.pipeline.is_empty()) {
+            None
+        } else {
+            match self.admission.admit_or_grant(units) {
+                Ok(charge) => {
+                    self.pipe(keys, execute(&self.ctx, request), charge);
+                    return;
+                }
+                Err(grant) => Some(grant),
+            }
+        };
+        self.waiting = Some(Waiting {
+            want: Want::Request(Box::new(request), keys, units),
+            grant,
+        });
+    }
+}
+
+/// Waits for the grant the connection is waiting for, if any.
+async fn wait_grant(waiting: &mut Option<Waiting>) -> tokio::sync::OwnedSemaphorePermit {
+    match waiting {
+        Some(Waiting {
+            grant: Some(grant), ..
+        }) => grant.await,
+        _ => futures::future::pending().await,
+    }
+}
