@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{dump, Ctx};
+use super::dump::{self, CRAWLER_DISABLED};
+use super::Ctx;
 use crate::protocol::{Crawler, ProtocolError, Response, ShutdownMode, SlabClasses};
 use crate::store::Store;
 
@@ -15,9 +16,6 @@ const MIN_MEMLIMIT_MB: u32 = 8;
 const MAX_MEMLIMIT_MB: u32 = 1_000_000_000;
 /// Bytes in one of `cache_memlimit`'s megabytes.
 const MEGABYTE_BYTES: u64 = 1024 * 1024;
-
-/// What memcached answers a crawler command while its crawler is off.
-pub(super) const CRAWLER_DISABLED: ProtocolError = ProtocolError::Client("lru crawler disabled");
 
 /// `verbosity <level>`: kept for `stats settings`; `slabs automove` has nothing to tune.
 pub(super) fn verbosity(ctx: &Ctx, level: Option<u32>) -> Response {

@@ -7,10 +7,14 @@
 
 use tokio::time::Instant;
 
-use super::admin::CRAWLER_DISABLED;
 use super::{item, Ctx};
-use crate::protocol::{Crawler, DumpFormat, DumpItem, Request, Response, SlabClasses};
+use crate::protocol::{
+    Crawler, DumpFormat, DumpItem, ProtocolError, Request, Response, SlabClasses,
+};
 use crate::store::{Dumped, Store};
+
+/// What memcached answers a crawler command while its crawler is off.
+pub(super) const CRAWLER_DISABLED: ProtocolError = ProtocolError::Client("lru crawler disabled");
 
 /// Items read per page of a dump: a page's lines stay under a megabyte.
 pub const DUMP_PAGE_ITEMS: usize = 1000;
