@@ -10,10 +10,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::store::format::Codec;
-use crate::store::normalize_prefix;
-use crate::store::s3::S3Settings;
-
 /// A secret string: never printed, never logged.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -302,48 +298,6 @@ const STORAGE_CLASSES: &[&str] = &[
 ];
 
 impl Config {
-    /// The S3 store's settings, taken from the configuration: all the store sees of it.
-    pub fn s3_settings(&self) -> S3Settings {
-        let c = self;
-        S3Settings {
-            bucket: c.storage_bucket_name.clone(),
-            prefix: normalize_prefix(&c.location),
-            region: c.region.clone(),
-            endpoint_url: c.endpoint_url.clone(),
-            force_path_style: c.force_path_style,
-            access_key: (!c.access_key_id.expose().is_empty()).then(|| {
-                (
-                    c.access_key_id.expose().to_owned(),
-                    c.secret_access_key.expose().to_owned(),
-                )
-            }),
-            default_acl: c.default_acl.clone(),
-            bucket_acl: c.bucket_acl.clone(),
-            storage_class: c.effective_storage_class().map(str::to_owned),
-            create_bucket: c.create_bucket,
-            checksum_when_supported: c.request_checksum == "when_supported",
-            attempt_timeout: Duration::from_millis(c.s3_attempt_timeout_ms),
-            operation_timeout: Duration::from_millis(c.s3_operation_timeout_ms),
-            max_attempts: c.s3_max_attempts,
-            max_in_flight: c.s3_max_in_flight,
-            codec: c.codec(),
-            clock_skew_ms: c.clock_offset_ms,
-            server_side_encryption: Some(c.server_side_encryption.clone())
-                .filter(|s| !s.is_empty()),
-            sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
-            prices: c.s3_prices(),
-        }
-    }
-
-    /// The value codec every store writes items with, built from the config once.
-    pub fn codec(&self) -> Codec {
-        let config = self;
-        Codec {
-            gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
-            max_value_bytes: config.max_item_size,
-        }
-    }
-
     /// Merges `overrides` (flags and environment, already combined by clap) over the TOML
     /// file at `path`, if any, then validates.
     pub fn load(path: Option<&Path>, overrides: Options) -> Result<Config, ConfigError> {
@@ -533,15 +487,6 @@ impl Config {
         Ok(())
     }
 
-    /// The disk tier's settings, when `disk_cache_dir` is set.
-    pub fn disk_tier(&self) -> Option<crate::tier::disk::DiskConfig> {
-        (!self.disk_cache_dir.as_os_str().is_empty()).then(|| crate::tier::disk::DiskConfig {
-            dir: self.disk_cache_dir.clone(),
-            bytes: self.disk_cache_bytes,
-            max_item_bytes: self.max_item_size,
-        })
-    }
-
     /// The disk tier must hold a few blocks, each of which must hold the largest item.
     fn validate_disk_tier(&self) -> Result<(), ConfigError> {
         let Some(disk) = self.disk_tier() else {
@@ -633,15 +578,6 @@ impl Config {
             .map_err(ConfigError)
     }
 
-    /// The TLS files, when TLS is on.
-    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
-        (!self.tls_cert.as_os_str().is_empty()).then(|| crate::tls::TlsFiles {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            ca: (!self.tls_ca.as_os_str().is_empty()).then(|| self.tls_ca.clone()),
-        })
-    }
-
     /// The memory budget must hold a request of the largest item: one request may take
     /// half the budget, and a set up to three times its item.
     fn validate_memory(&self) -> Result<(), ConfigError> {
@@ -661,15 +597,6 @@ impl Config {
     /// The admin listener's address, when one is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_listen.parse().ok()
-    }
-
-    /// The S3 prices the cost estimate uses.
-    pub fn s3_prices(&self) -> crate::store::s3::S3Prices {
-        crate::store::s3::S3Prices {
-            get_per_1000: self.s3_price_get_per_1000,
-            put_per_1000: self.s3_price_put_per_1000,
-            delete_per_1000: self.s3_price_delete_per_1000,
-        }
     }
 
     pub fn uses_s3(&self) -> bool {
@@ -828,5 +755,6 @@ fn read_file(path: &Path) -> Result<Options, ConfigError> {
     toml::from_str(&text).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
 }
 
+mod settings;
 #[cfg(test)]
 mod tests;
