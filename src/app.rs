@@ -15,7 +15,6 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::command::{Ctx, Settings};
 use crate::config::Config;
-use crate::connection::ConnectionConfig;
 use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
 use crate::stats::Stats;
@@ -206,7 +205,7 @@ pub async fn start_with(
     if ctx.store.has_disk() {
         tokio::spawn(watch_disk_tier(ctx.store.clone(), shutdown.clone()));
     }
-    let connection_config = ConnectionConfig::from_config(&config, ctx.stats.clone())?;
+    let connection_config = config.connection_config(ctx.stats.clone())?;
     let admin_addr = start_admin(&config, &ctx, &shutdown).await?;
     let server = tokio::spawn(crate::server::run(
         listener,

@@ -3,7 +3,13 @@
 
 use std::time::Duration;
 
-use super::Config;
+use std::sync::Arc;
+
+use super::{secs, Config, ConfigError};
+use crate::budget::Budget;
+use crate::connection::ConnectionConfig;
+use crate::protocol::Limits;
+use crate::stats::Stats;
 use crate::store::format::Codec;
 use crate::store::normalize_prefix;
 use crate::store::s3::S3Settings;
@@ -76,5 +82,22 @@ impl Config {
             put_per_1000: self.s3_price_put_per_1000,
             delete_per_1000: self.s3_price_delete_per_1000,
         }
+    }
+
+    /// The connections' settings, with a budget that shows its use in `stats`; fails if
+    /// the SASL users file cannot be read.
+    pub fn connection_config(&self, stats: Arc<Stats>) -> Result<ConnectionConfig, ConfigError> {
+        Ok(ConnectionConfig {
+            limits: Limits {
+                max_item_bytes: self.max_item_size,
+                ..Limits::default()
+            },
+            idle_timeout: self.idle_timeout(),
+            request_timeout: secs(self.request_timeout_secs),
+            write_timeout: secs(self.write_timeout_secs),
+            budget: Budget::with_stats(self.memory_limit_bytes, Some(stats)),
+            sasl: self.sasl_users()?.map(Arc::new),
+            text_auth: self.text_auth,
+        })
     }
 }

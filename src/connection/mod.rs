@@ -54,26 +54,6 @@ pub struct ConnectionConfig {
 }
 
 impl ConnectionConfig {
-    /// The settings `config` gives, with a budget that shows its use in `stats`; fails if
-    /// the SASL users file cannot be read.
-    pub fn from_config(
-        config: &crate::config::Config,
-        stats: Arc<Stats>,
-    ) -> Result<Self, crate::config::ConfigError> {
-        Ok(ConnectionConfig {
-            limits: Limits {
-                max_item_bytes: config.max_item_size,
-                ..Limits::default()
-            },
-            idle_timeout: config.idle_timeout(),
-            request_timeout: crate::config::secs(config.request_timeout_secs),
-            write_timeout: crate::config::secs(config.write_timeout_secs),
-            budget: Budget::with_stats(config.memory_limit_bytes, Some(stats)),
-            sasl: config.sasl_users()?.map(Arc::new),
-            text_auth: config.text_auth,
-        })
-    }
-
     /// Settings with the given limits, no timeouts and an unshared budget (for tests).
     pub fn new(limits: Limits, memory_limit_bytes: u64) -> Self {
         ConnectionConfig {
