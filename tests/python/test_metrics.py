@@ -1,7 +1,6 @@
 """The admin listener's /metrics, scraped over HTTP and parsed with the Prometheus client
 library's OpenMetrics parser: the figures move when commands run."""
 
-import socket
 import urllib.error
 import urllib.request
 
@@ -9,6 +8,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from conftest import Server
+from wire import until_closed
 
 
 @pytest.fixture(params=["dir", "s3"])
@@ -36,14 +36,7 @@ def value(samples, name, **labels):
 
 def talk(address, lines):
     """Sends memcached requests on one connection; returns the replies."""
-    with socket.create_connection(address, timeout=30) as s:
-        s.sendall(b"".join(lines) + b"quit\r\n")
-        out = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
+    return until_closed(address, b"".join(lines) + b"quit\r\n", timeout=30)
 
 
 def test_metrics_move_with_commands(admin_server):

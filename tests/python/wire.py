@@ -55,3 +55,15 @@ def normalize(reply: bytes) -> bytes:
     reply = re.sub(rb"(?<= )c\d+(?=[ \r])", b"c<cas>", reply)
     reply = re.sub(rb"^VERSION .*\r$", b"VERSION <v>\r", reply, flags=re.M)
     return reply
+
+
+def until_closed(address, data, timeout=10):
+    """Sends `data` and returns everything read until the server closes the connection."""
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
