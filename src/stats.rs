@@ -67,6 +67,7 @@ counters!(
     request_timeouts,
     write_timeouts,
     budget_waits,
+    budget_timeouts,
     memory_limit_bytes,
     memory_used_bytes,
     memory_peak_bytes,
