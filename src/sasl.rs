@@ -4,9 +4,16 @@
 //! attempts are counted (`auth_errors`) and each is answered only after a pause, so a client
 //! cannot try passwords faster than [`AUTH_FAILURE_DELAY_MS`] allows per connection.
 
+mod limit;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
+
+pub use limit::{
+    ClientKey, FailedLogins, Turn, AUTH_FAILURES_PER_SEC_PER_CLIENT,
+    AUTH_FAILURE_BURST_PER_CLIENT, AUTH_FAILURE_QUEUE_PER_CLIENT, MAX_TRACKED_CLIENTS,
+};
 
 use crate::stats::Stats;
 use crate::throttle::LogThrottle;
