@@ -77,7 +77,8 @@ pub async fn run(
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        let config = config.clone();
+        let mut config = config.clone();
+        config.client = Some(peer.ip());
         connections.spawn(async move {
             Stats::incr(&ctx.stats.total_connections);
             Stats::incr(&ctx.stats.curr_connections);

@@ -72,6 +72,7 @@ counters!(
     memory_peak_bytes,
     auth_cmds,
     auth_errors,
+    auth_throttled,
     bytes_read,
     bytes_written,
     total_items,

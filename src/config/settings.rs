@@ -98,6 +98,8 @@ impl Config {
             budget: Budget::with_stats(self.memory_limit_bytes, Some(stats)),
             sasl: self.sasl_users()?.map(Arc::new),
             text_auth: self.text_auth,
+            failed_logins: Arc::default(),
+            client: None,
         })
     }
 }
