@@ -43,6 +43,7 @@ counters!(
     curr_connections,
     total_connections,
     rejected_connections,
+    tls_handshakes_dropped,
     accept_errors,
     cmd_get,
     cmd_set,
