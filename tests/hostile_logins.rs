@@ -1,17 +1,25 @@
-//! Hostile clients, round two: password guessing over many connections of one address, in
-//! both protocols, against a server on 127.0.0.1:0 over the directory store.
+//! Hostile clients at the door, round two: password guessing over many connections of one
+//! address in both protocols, and silent sockets re-opened against a TLS port, each against
+//! a server on 127.0.0.1:0 over the directory store.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Backend, TestServer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use s3cached::sasl::{AUTH_FAILURES_PER_SEC_PER_CLIENT, AUTH_FAILURE_BURST_PER_CLIENT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout_at, Instant};
+use tokio_rustls::TlsConnector;
 
 /// Connections each guessing at once, all from 127.0.0.1.
 const GUESSERS: usize = 16;
@@ -228,4 +236,129 @@ async fn text_guesses_over_many_connections_get_the_address_rate_of_answers() {
         answered >= AUTH_FAILURE_BURST_PER_CLIENT,
         "{answered} answered"
     );
+}
+
+/// A CA and a server certificate it signed (for localhost and 127.0.0.1), made by the
+/// openssl command-line tool in a temporary directory; `None` (and a line on stderr)
+/// when openssl is not installed.
+fn server_certificates() -> Option<tempfile::TempDir> {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("skipped: the openssl command is not installed");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let openssl = |args: &str| {
+        let out = Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args}: {out:?}");
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    openssl(&format!(
+        "req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=test-CA"
+    ));
+    openssl(&format!(
+        "req {ec} -keyout server.key -out server.csr -subj /CN=server"
+    ));
+    let ext = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
+    std::fs::write(dir.path().join("server.ext"), ext).unwrap();
+    openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+         -extfile server.ext -out server.pem",
+    );
+    Some(dir)
+}
+
+/// A TLS client that trusts the CA in `dir`.
+fn tls_connector(dir: &Path) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Reads one line (through `\r\n`).
+async fn read_line(stream: &mut (impl AsyncRead + Unpin)) -> String {
+    let mut line = Vec::new();
+    while !line.ends_with(b"\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed early");
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+/// Connects over TLS, asks `version` and returns the answer.
+async fn tls_version(addr: SocketAddr, connector: &TlsConnector) -> String {
+    let socket = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, socket).await.unwrap();
+    stream.write_all(b"version\r\n").await.unwrap();
+    read_line(&mut stream).await
+}
+
+/// Keeps a socket to `addr` open that never sends a byte, opening another soon after the
+/// server closes it, until aborted.
+async fn silent_socket(addr: SocketAddr) {
+    loop {
+        if let Ok(mut socket) = TcpStream::connect(addr).await {
+            let mut buf = [0u8; 64];
+            while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+        }
+        // An attacker re-opens at once; a short pause spares the test machine.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `done` until it holds; fails after `limit`.
+async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn silent_tls_sockets_reopened_past_the_pool_do_not_keep_a_client_out() {
+    let Some(pki) = server_certificates() else {
+        return;
+    };
+    let (cert, key) = (pki.path().join("server.pem"), pki.path().join("server.key"));
+    let extra = format!(
+        "tls_cert = {cert:?}\ntls_key = {key:?}\nmax_connections = 4\nmax_tls_handshakes = 16\n"
+    );
+    let server = TestServer::start(Backend::Dir, "silent-tls", &extra).await;
+    let stats = server.app.ctx.stats.clone();
+    // 64 silent sockets, against a pool of 16 handshakes and a cap of 4 connections.
+    let silent: Vec<_> = (0..64)
+        .map(|_| tokio::spawn(silent_socket(server.addr)))
+        .collect();
+    eventually(
+        Duration::from_secs(30),
+        "silent sockets to overflow the pool",
+        || stats.tls_handshakes_dropped.load(Relaxed) >= 64,
+    )
+    .await;
+    let connector = tls_connector(pki.path());
+    for _ in 0..5 {
+        let served =
+            tokio::time::timeout(Duration::from_secs(1), tls_version(server.addr, &connector));
+        let version = served.await.expect("a TLS client served within 1 s");
+        assert_eq!(version, common::version_line());
+    }
+    assert!(stats.curr_connections.load(Relaxed) <= 4);
+    assert_eq!(stats.rejected_connections.load(Relaxed), 0);
+    for socket in silent {
+        socket.abort();
+    }
 }
