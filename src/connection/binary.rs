@@ -68,7 +68,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         config,
         io,
         admission,
-        login: Login::new(config.sasl.clone(), ctx.stats.clone()),
+        login: Login::new(config, ctx.stats.clone()),
         skip: 0,
         closing: false,
     };

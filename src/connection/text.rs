@@ -61,7 +61,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let _ = socket.write_all(UNAUTHENTICATED).await;
         return Ok(());
     }
-    let login = Login::new(config.sasl.clone(), ctx.stats.clone());
+    let login = Login::new(config, ctx.stats.clone());
     let mut admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
     let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission, registered);
     let mut conn = Connection {
