@@ -225,7 +225,6 @@ async fn text_guesses_pipelined_over_many_connections_are_checked_at_the_address
 }
 
 #[tokio::test]
-#[ignore = "needs the text driver to await Login::hold_replies before it writes"]
 async fn text_guesses_over_many_connections_get_the_address_rate_of_answers() {
     let (server, _users) = server_with_logins("text-guessing").await;
     let secs = 3;

@@ -139,10 +139,6 @@ impl Login {
 
     /// The time before which the replies encoded so far must not be written, once: a text
     /// driver awaits it before each write. `None` when no failed login is waiting.
-    #[allow(
-        dead_code,
-        reason = "the text driver is to await it before each write; until then a text failure is held back by nothing"
-    )]
     pub fn hold_replies(&mut self) -> Option<Instant> {
         self.hold.take()
     }

@@ -378,6 +378,10 @@ impl Connection {
                 });
             }
         }
+        // A failed login is answered no sooner than its pause and its address's turn.
+        if let Some(until) = self.login.hold_replies() {
+            tokio::time::sleep_until(until).await;
+        }
         self.io.flush(socket, &mut self.admission).await
     }
 
