@@ -202,16 +202,15 @@ impl Buffers {
         self.sync(admission);
     }
 
-    /// Sizes the write buffer for `response` at once: growing by doubling could take twice
-    /// a large reply's size.
+    /// Sizes the write buffer for `response` at once, to exactly what is pending and the
+    /// reply: growing by doubling could take twice a large reply's size, more than the
+    /// reply was charged.
     pub fn reserve_reply(&mut self, response: &Response) {
         let need = reply_len(response);
         if need > self.write.capacity() - self.write.len() {
-            if self.write.is_empty() {
-                self.write = BytesMut::with_capacity(need);
-            } else {
-                self.write.reserve(need);
-            }
+            let mut grown = BytesMut::with_capacity(self.write.len() + need);
+            grown.extend_from_slice(&self.write);
+            self.write = grown;
         }
     }
 
