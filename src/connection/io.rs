@@ -202,13 +202,16 @@ impl Buffers {
         self.sync(admission);
     }
 
-    /// Sizes the write buffer for `response` at once, to exactly what is pending and the
-    /// reply: growing by doubling could take twice a large reply's size, more than the
-    /// reply was charged.
+    /// Sizes the write buffer for `response` at once: to what is pending and the reply, with
+    /// room to spare as large again as what is pending (so a run of small replies grows it a
+    /// few times, not once each) but never more than the high-water mark. Growing by
+    /// doubling could take twice a large reply's size, more than the reply was charged.
     pub fn reserve_reply(&mut self, response: &Response) {
         let need = reply_len(response);
-        if need > self.write.capacity() - self.write.len() {
-            let mut grown = BytesMut::with_capacity(self.write.len() + need);
+        let len = self.write.len();
+        if need > self.write.capacity() - len {
+            let spare = len.min(WRITE_HIGH_WATER_BYTES);
+            let mut grown = BytesMut::with_capacity(len + need + spare);
             grown.extend_from_slice(&self.write);
             self.write = grown;
         }
