@@ -109,7 +109,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
 pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Clock), AppError> {
     let codec = config.codec();
     // Raised whatever the store: connections need their descriptors on S3 too.
-    let open_files = open_files_budget(config.max_connections);
+    let open_files = open_files_budget(config.client_sockets());
     if config.uses_s3() {
         let store = S3Store::connect(config.s3_settings())
             .await
@@ -139,11 +139,11 @@ pub async fn open_store_and_clock(config: &Config) -> Result<(Arc<dyn Store>, Cl
 const SPARE_FILES: u64 = 256;
 
 /// How many item files the directory store may keep open, after raising this process's
-/// open-file limit (as memcached does for its connections) towards what the connections,
+/// open-file limit (as memcached does for its connections) towards what the client sockets,
 /// those files and [`SPARE_FILES`] need, as far as the hard limit allows.
-fn open_files_budget(max_connections: usize) -> usize {
+fn open_files_budget(client_sockets: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let connections = max_connections as u64;
+    let connections = client_sockets as u64;
     let wanted = connections + SPARE_FILES + DEFAULT_OPEN_FILES as u64;
     let limit = getrlimit(Resource::Nofile);
     let mut current = limit.current.unwrap_or(u64::MAX);
@@ -163,7 +163,7 @@ fn open_files_budget(max_connections: usize) -> usize {
     if budget < DEFAULT_OPEN_FILES {
         tracing::info!(
             open_file_limit = current,
-            max_connections,
+            client_sockets,
             kept_open = budget,
             "the open-file limit leaves room for few kept-open item files"
         );
@@ -256,8 +256,7 @@ fn load_tls(config: &Config) -> Result<Option<Arc<crate::tls::Tls>>, AppError> {
     let Some(files) = config.tls_files() else {
         return Ok(None);
     };
-    let timeout = Duration::from_millis(config.tls_handshake_timeout_ms);
-    let tls = crate::tls::Tls::load(files, timeout).map_err(AppError::Tls)?;
+    let tls = crate::tls::Tls::load(files, config.tls_handshakes()).map_err(AppError::Tls)?;
     tracing::info!(cert = %config.tls_cert.display(), client_certificates = tls_client_auth(config), "TLS on");
     Ok(Some(Arc::new(tls)))
 }

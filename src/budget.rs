@@ -10,7 +10,10 @@
 //!
 //! A quarter of the budget is a lane for small requests (a `get` of one key, a small `set`):
 //! they take it when the rest is spent, so clients with small requests are still served
-//! while large ones queue (1,000 connections each waiting for a 4 MiB reply, say).
+//! while large ones queue (1,000 connections each waiting for a 4 MiB reply, say). A
+//! connection holds one lane charge at most, and a reply it paid for keeps its charge until
+//! written (moved to the main part when that has room): clients that never read cannot
+//! spend the lane beyond its size, nor grow past the budget through it.
 //!
 //! Buffers must sometimes grow to make progress (a reply being encoded): such charges are
 //! forced, and what the semaphore cannot give becomes debt, paid back from the next releases
@@ -130,12 +133,13 @@ impl Budget {
     }
 
     /// Takes `units` for a request if they are free now: from the main part, or for a small
-    /// request from the lane.
-    fn try_take_request(&self, units: u32) -> Option<Charge> {
+    /// request (`lane`: allowed to) from the lane.
+    fn try_take_request(&self, units: u32, lane: bool) -> Option<Charge> {
         if self.try_take(units) {
             return Some(Charge { units, lane: false });
         }
-        if self.is_small(units)
+        if lane
+            && self.is_small(units)
             && self
                 .lane
                 .clone()
@@ -167,9 +171,9 @@ impl Budget {
     }
 
     /// A future that takes `units` once they are free, in arrival order: from the lane for
-    /// a small request, else from the main part.
-    fn grant(&self, units: u32, request: bool) -> Grant {
-        let permits = if request && self.is_small(units) {
+    /// a small request allowed it (`lane`), else from the main part.
+    fn grant(&self, units: u32, lane: bool) -> Grant {
+        let permits = if lane && self.is_small(units) {
             self.lane.clone()
         } else {
             self.permits.clone()
@@ -231,6 +235,9 @@ pub struct Account {
     request_units: u32,
     /// Of `request_units`, those from the lane.
     lane_units: u32,
+    /// Of `buffer_units`, those from the lane: a reply a lane request paid for, not yet
+    /// written, while the main part had no room to take it over.
+    lane_buffer_units: u32,
 }
 
 impl Account {
@@ -240,6 +247,7 @@ impl Account {
             buffer_units: 0,
             request_units: 0,
             lane_units: 0,
+            lane_buffer_units: 0,
         }
     }
 
@@ -264,9 +272,20 @@ impl Account {
         if units > self.buffer_units {
             self.budget.force(units - self.buffer_units);
         } else {
-            self.budget.release(self.buffer_units - units);
+            let give = self.buffer_units - units;
+            let to_lane = give.min(self.lane_buffer_units);
+            self.lane_buffer_units -= to_lane;
+            if to_lane > 0 {
+                self.budget.release_lane(to_lane);
+            }
+            self.budget.release(give - to_lane);
         }
         self.buffer_units = units;
+    }
+
+    /// Whether this connection may take from the lane: it holds nothing of it now.
+    fn lane_allowed(&self) -> bool {
+        self.lane_units == 0 && self.lane_buffer_units == 0
     }
 
     /// Takes `units` for buffers about to grow, if they are free now.
@@ -280,7 +299,7 @@ impl Account {
 
     /// Takes `units` for a request, if they are free now.
     pub fn try_take_request(&mut self, units: u32) -> Option<Charge> {
-        let charge = self.budget.try_take_request(units)?;
+        let charge = self.budget.try_take_request(units, self.lane_allowed())?;
         self.hold(charge);
         Some(charge)
     }
@@ -295,7 +314,7 @@ impl Account {
     /// Waits for `units` for a request (`request`) or buffers, in arrival order with every
     /// other connection.
     pub fn grant(&self, units: u32, request: bool) -> Grant {
-        self.budget.grant(units, request)
+        self.budget.grant(units, request && self.lane_allowed())
     }
 
     /// Books an awaited grant as held by a request, which it returns.
@@ -318,27 +337,31 @@ impl Account {
         self.budget.show();
     }
 
-    /// A request has finished and its reply goes to the write buffer: units from the main
-    /// part pay for the buffer (the next [`Account::set_buffers`] gives back what it does not
-    /// need); units from the lane go back to the lane.
+    /// A request has finished and its reply goes to the write buffer: what it held pays for
+    /// the buffer (the next [`Account::set_buffers`] gives back what it does not need). Units
+    /// from the lane go back to it if the main part can take their place; otherwise they
+    /// stay held, from the lane, until the reply is written.
     pub fn finish_request(&mut self, charge: Charge) {
         let units = charge.units.min(self.request_units);
         self.request_units -= units;
+        self.buffer_units += units;
         if charge.lane {
             let units = units.min(self.lane_units);
             self.lane_units -= units;
-            self.budget.release_lane(units);
-        } else {
-            self.buffer_units += units;
+            if self.budget.try_take(units) {
+                self.budget.release_lane(units);
+            } else {
+                self.lane_buffer_units += units;
+            }
         }
     }
 }
 
 impl Drop for Account {
     fn drop(&mut self) {
-        self.budget.release_lane(self.lane_units);
-        self.budget
-            .release(self.held_units().saturating_sub(self.lane_units));
+        let lane = self.lane_units + self.lane_buffer_units;
+        self.budget.release_lane(lane);
+        self.budget.release(self.held_units().saturating_sub(lane));
     }
 }
 
@@ -400,11 +423,60 @@ mod tests {
         for _ in 0..4 {
             let charge = small.try_take_request(4).expect("lane");
             small.finish_request(charge);
+            // The reply is written: its buffer goes, and the lane's units with it.
+            small.set_buffers(0);
         }
         assert_eq!(budget.used_bytes(), 48 * 1024);
         drop(queued);
         drop(hog);
         drop(small);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_reply_paid_from_the_lane_keeps_its_charge_until_written() {
+        // 64 units: 48 main, a lane of 16 for requests of at most 4.
+        let budget = Budget::new(64 * 1024);
+        let mut hog = Account::new(budget.clone());
+        assert!(hog.try_take_request(48).is_some());
+        let mut reader = Account::new(budget.clone());
+        let charge = reader.try_take_request(4).expect("lane");
+        reader.finish_request(charge);
+        // The main part is spent: the reply keeps its lane units, and the connection gets no
+        // more of the lane (a client that never reads cannot spend it all).
+        reader.set_buffers(4 * 1024);
+        assert_eq!(budget.used_bytes(), 52 * 1024);
+        assert!(reader.try_take_request(4).is_none());
+        assert!(reader.grant(4, true).now_or_never().is_none());
+        let mut other = Account::new(budget.clone());
+        let theirs = other
+            .try_take_request(4)
+            .expect("others still have the lane");
+        other.finish_request(theirs);
+        other.set_buffers(0);
+        // Once written, the lane is free to it again.
+        reader.set_buffers(0);
+        assert!(reader.try_take_request(4).is_some_and(|c| c.lane));
+        drop((hog, reader, other));
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_reply_paid_from_the_lane_moves_to_the_main_part_when_it_has_room() {
+        let budget = Budget::new(64 * 1024);
+        let mut hog = Account::new(budget.clone());
+        let big = hog.try_take_request(48).expect("main part");
+        let mut reader = Account::new(budget.clone());
+        let charge = reader.try_take_request(4).expect("lane");
+        hog.finish_request(big);
+        hog.set_buffers(0);
+        reader.finish_request(charge);
+        reader.set_buffers(4 * 1024);
+        assert!(
+            reader.try_take_request(4).is_some(),
+            "the lane is free again"
+        );
+        drop((hog, reader));
         assert_eq!(budget.used_bytes(), 0);
     }
 

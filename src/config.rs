@@ -142,6 +142,9 @@ pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
 /// How long a client has to finish its TLS handshake before it is dropped.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Most TLS handshakes in progress at once: a burst of 256 clients connecting in the same
+/// moment; past it, the oldest silent handshake gives way to a newcomer.
+pub const DEFAULT_MAX_TLS_HANDSHAKES: usize = 256;
 /// Default request timeout: a 1 MiB set may arrive at 35 KB/s; a client trickling bytes
 /// holds its slot and buffer no longer than this.
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -254,6 +257,10 @@ options! {
     tls_ca: PathBuf = PathBuf::new(), env "S3CACHED_TLS_CA";
     /// Drop a client that has not finished its TLS handshake within this many ms.
     tls_handshake_timeout_ms: u64 = DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS, env "S3CACHED_TLS_HANDSHAKE_TIMEOUT_MS";
+    /// Most TLS handshakes in progress at once, apart from max_connections (a client takes a
+    /// connection slot only once its handshake is done); past it, the oldest handshake whose
+    /// client has sent nothing is dropped for the newcomer (with none silent, the oldest).
+    max_tls_handshakes: usize = DEFAULT_MAX_TLS_HANDSHAKES, env "S3CACHED_MAX_TLS_HANDSHAKES";
     /// Memory budget in bytes for read buffers, values in flight and replies waiting to be
     /// written, across all connections; a connection past its share waits for its replies.
     memory_limit_bytes: u64 = crate::budget::DEFAULT_MEMORY_LIMIT_BYTES, env "S3CACHED_MEMORY_LIMIT_BYTES";
@@ -263,6 +270,8 @@ options! {
     write_timeout_secs: u64 = DEFAULT_WRITE_TIMEOUT_SECS, env "S3CACHED_WRITE_TIMEOUT_SECS";
     /// SASL users file, lines of `user:password` (memcached's -Y format); when set, every
     /// client must log in: binary clients with SASL PLAIN, text clients as text_auth says.
+    /// A failed login is answered after 250 ms; each client address (IPv4, IPv6 /64) has 8
+    /// failures at once, then 4 a second, across all its connections.
     sasl_users_file: PathBuf = PathBuf::new(), env "S3CACHED_SASL_USERS_FILE";
     /// With sasl_users_file: let text clients log in with memcached's `set` of
     /// `user password`; off = text connections are refused.
@@ -409,7 +418,7 @@ impl Config {
         const YEAR_SECS: i128 = 365 * 86_400;
         const TIB: i128 = 1 << 40;
         let n = |v: u64| i128::from(v);
-        let ranges: [(&str, i128, i128, i128); 16] = [
+        within_ranges(&[
             (
                 "max_connections",
                 self.max_connections as i128,
@@ -462,6 +471,12 @@ impl Config {
                 DAY_MS,
             ),
             (
+                "max_tls_handshakes",
+                self.max_tls_handshakes as i128,
+                1,
+                65_536,
+            ),
+            (
                 "clock_offset_ms",
                 i128::from(self.clock_offset_ms),
                 -DAY_MS,
@@ -476,15 +491,7 @@ impl Config {
                 0,
                 i128::from(u32::MAX),
             ),
-        ];
-        for (name, value, min, max) in ranges {
-            if !(min..=max).contains(&value) {
-                return Err(ConfigError(format!(
-                    "{name} must be between {min} and {max}, not {value}"
-                )));
-            }
-        }
-        Ok(())
+        ])
     }
 
     /// The disk tier must hold a few blocks, each of which must hold the largest item.
@@ -559,7 +566,7 @@ impl Config {
         }
         // Read the files now, so --check-config catches a bad certificate too.
         if let Some(files) = self.tls_files() {
-            crate::tls::Tls::load(files, Duration::from_millis(self.tls_handshake_timeout_ms))
+            crate::tls::Tls::load(files, self.tls_handshakes())
                 .map_err(|e| ConfigError(format!("TLS: {e}")))?;
         }
         Ok(())
@@ -629,6 +636,18 @@ impl Config {
         }
         text
     }
+}
+
+/// Fails on the first `(name, value, min, max)` whose value is outside `min..=max`.
+fn within_ranges(ranges: &[(&str, i128, i128, i128)]) -> Result<(), ConfigError> {
+    for &(name, value, min, max) in ranges {
+        if !(min..=max).contains(&value) {
+            return Err(ConfigError(format!(
+                "{name} must be between {min} and {max}, not {value}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A timeout of `secs` seconds; 0 means none.

@@ -1,12 +1,20 @@
 //! SASL PLAIN authentication against a users file of `user:password` lines (memcached's `-Y`).
 //!
 //! Passwords live only in memory, are compared in constant time and never logged. Failed
-//! attempts are counted (`auth_errors`) and each is answered only after a pause, so a client
-//! cannot try passwords faster than [`AUTH_FAILURE_DELAY_MS`] allows per connection.
+//! attempts are counted (`auth_errors`) and each is answered only after a pause of
+//! [`AUTH_FAILURE_DELAY_MS`]; across connections, each client address is limited by
+//! [`FailedLogins`] (attempts past its limit are answered unchecked: `auth_throttled`).
+
+mod limit;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
+
+pub use limit::{
+    ClientKey, FailedLogins, Turn, AUTH_FAILURES_PER_SEC_PER_CLIENT, AUTH_FAILURE_BURST_PER_CLIENT,
+    AUTH_FAILURE_QUEUE_PER_CLIENT, MAX_TRACKED_CLIENTS,
+};
 
 use crate::stats::Stats;
 use crate::throttle::LogThrottle;
@@ -109,29 +117,42 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// Records a login attempt in `stats` without waiting (text logins, answered in line).
+/// How a login attempt ended, as `stats` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The credentials were right.
+    Accepted,
+    /// The credentials were checked and wrong.
+    Refused,
+    /// The client's address was over its limit: refused without a check.
+    Throttled,
+}
+
+/// Records a login attempt in `stats` (the caller waits before answering a failure).
 /// Returns whether the connection may go on (false after too many failures).
-pub fn record_now(stats: &Stats, ok: bool, failures: &mut u32) -> bool {
+pub fn record(stats: &Stats, attempt: Attempt, failures: &mut u32) -> bool {
     Stats::incr(&stats.auth_cmds);
-    if ok {
+    if attempt == Attempt::Accepted {
         return true;
     }
     Stats::incr(&stats.auth_errors);
+    if attempt == Attempt::Throttled {
+        Stats::incr(&stats.auth_throttled);
+    }
     *failures += 1;
     if let Some(suppressed) = FAILED_LOGINS.allow() {
-        tracing::info!(suppressed, "authentication failed");
+        tracing::info!(
+            suppressed,
+            throttled = attempt == Attempt::Throttled,
+            "authentication failed"
+        );
     }
     *failures < MAX_AUTH_FAILURES_PER_CONNECTION
 }
 
-/// Records a login attempt in `stats`; after a failure, waits before the reply is sent.
-/// Returns whether the connection may go on (false after too many failures).
-pub async fn record(stats: &Stats, ok: bool, failures: &mut u32) -> bool {
-    let go_on = record_now(stats, ok, failures);
-    if !ok {
-        tokio::time::sleep(Duration::from_millis(AUTH_FAILURE_DELAY_MS)).await;
-    }
-    go_on
+/// The pause before a failed attempt is answered.
+pub fn failure_delay() -> Duration {
+    Duration::from_millis(AUTH_FAILURE_DELAY_MS)
 }
 
 #[cfg(test)]

@@ -1,12 +1,18 @@
 //! The accept loop: one task per connection up to the cap; over it, memcached's refusal.
+//!
+//! With TLS, a client's handshake holds a place in the handshake pool ([`Tls::enter`]), not a
+//! connection slot: only a client whose handshake is done takes one, so sockets that never
+//! finish a handshake cannot keep others out of the cap.
 
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -14,7 +20,7 @@ use crate::command::Ctx;
 use crate::connection::{self, ConnectionConfig};
 use crate::conns::Registered;
 use crate::stats::Stats;
-use crate::tls::Tls;
+use crate::tls::{Slot, Tls};
 
 /// memcached's reply to a client over the connection cap, sent before closing it.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
@@ -65,59 +71,136 @@ pub async fn run(
             },
             _ = shutdown.cancelled() => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        // At the cap, the refusal comes before any handshake, in plain text (as memcached).
+        if permits.available_permits() == 0 {
             refuse(socket, &ctx.stats, &draining);
             continue;
-        };
+        }
         let _ = socket.set_nodelay(true);
-        let registered = socket
-            .local_addr()
-            .map(|local| ctx.conns.open(fd_of(&socket), peer, local))
-            .ok();
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        let config = config.clone();
-        connections.spawn(async move {
-            Stats::incr(&ctx.stats.total_connections);
-            Stats::incr(&ctx.stats.curr_connections);
-            tracing::debug!(%peer, "connection opened");
-            match tls {
-                None => connection::serve(socket, ctx.clone(), config, shutdown, registered).await,
-                Some(tls) => {
-                    serve_tls(&tls, socket, ctx.clone(), config, shutdown, registered).await
+        let client = Client::new(&ctx, &config, &shutdown, peer);
+        match &tls {
+            None => match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    connections.spawn(client.serve(socket, permit));
                 }
+                Err(_) => refuse(socket, &ctx.stats, &draining),
+            },
+            Some(tls) => {
+                let slot = tls.enter();
+                let serving = client.serve_tls(tls.clone(), slot, socket, permits.clone());
+                connections.spawn(serving);
             }
-            ctx.stats
-                .curr_connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(%peer, "connection closed");
-            drop(permit);
-        });
+        }
     }
     connections.close();
     connections
 }
 
-/// Runs the TLS handshake (under its deadline, abandoned at shutdown), then serves the
-/// client inside TLS. A client that fails the handshake (a plain-text client, a missing or
-/// untrusted client certificate) is closed; the reason is logged at debug level.
-async fn serve_tls(
-    tls: &Tls,
-    socket: TcpStream,
+/// An accepted client, and what serving it takes.
+struct Client {
+    /// What requests run against.
     ctx: Arc<Ctx>,
+    /// The connection settings, with this client's address.
     config: ConnectionConfig,
+    /// Fires when the server shuts down.
     shutdown: CancellationToken,
-    registered: Option<Registered>,
-) {
-    let stream = tokio::select! {
-        accepted = tls.accept(socket) => accepted,
-        _ = shutdown.cancelled() => return,
-    };
-    match stream {
-        Ok(stream) => connection::serve(stream, ctx, config, shutdown, registered).await,
-        Err(e) => tracing::debug!(cause = %e, "TLS handshake failed"),
+    /// Where the client connects from.
+    peer: SocketAddr,
+}
+
+impl Client {
+    /// A client at `peer`, served with `config`.
+    fn new(
+        ctx: &Arc<Ctx>,
+        config: &ConnectionConfig,
+        shutdown: &CancellationToken,
+        peer: SocketAddr,
+    ) -> Client {
+        let mut config = config.clone();
+        config.client = Some(peer.ip());
+        Client {
+            ctx: ctx.clone(),
+            config,
+            shutdown: shutdown.clone(),
+            peer,
+        }
     }
+
+    /// Serves the client over plain TCP in the connection slot `permit`.
+    async fn serve(self, socket: TcpStream, permit: OwnedSemaphorePermit) {
+        let registered = self.register(&socket);
+        self.serve_connection(socket, registered, permit).await
+    }
+
+    /// Runs the TLS handshake in `slot` (under its deadline; abandoned when it gives way to
+    /// a newer one, or at shutdown), then serves the client inside TLS in a connection slot
+    /// of `permits`; with none left it is refused, inside TLS. A client that fails the
+    /// handshake (a plain-text client, a missing or untrusted client certificate) is
+    /// closed; the reason is logged at debug level.
+    async fn serve_tls(
+        self,
+        tls: Arc<Tls>,
+        slot: Slot,
+        socket: TcpStream,
+        permits: Arc<Semaphore>,
+    ) {
+        let accepted = tokio::select! {
+            accepted = tls.accept_in(&slot, socket) => accepted,
+            _ = slot.dropped() => {
+                Stats::incr(&self.ctx.stats.tls_handshakes_dropped);
+                tracing::debug!(peer = %self.peer, "TLS handshake dropped for a newer one");
+                return;
+            }
+            _ = self.shutdown.cancelled() => return,
+        };
+        drop(slot);
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => return tracing::debug!(cause = %e, "TLS handshake failed"),
+        };
+        let Ok(permit) = permits.try_acquire_owned() else {
+            return refuse_tls(stream, &self.ctx.stats).await;
+        };
+        let registered = self.register(stream.get_ref().0);
+        self.serve_connection(stream, registered, permit).await
+    }
+
+    /// Serves the connection until it ends, counted as open meanwhile, then gives back its
+    /// slot `permit`; `registered` is its row in `stats conns`.
+    async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self,
+        socket: S,
+        registered: Option<Registered>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let (stats, peer) = (self.ctx.stats.clone(), self.peer);
+        Stats::incr(&stats.total_connections);
+        Stats::incr(&stats.curr_connections);
+        tracing::debug!(%peer, "connection opened");
+        connection::serve(socket, self.ctx, self.config, self.shutdown, registered).await;
+        stats
+            .curr_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(%peer, "connection closed");
+        drop(permit);
+    }
+
+    /// The connection's row in `stats conns`.
+    fn register(&self, socket: &TcpStream) -> Option<Registered> {
+        let local = socket.local_addr().ok()?;
+        Some(self.ctx.conns.open(fd_of(socket), self.peer, local))
+    }
+}
+
+/// Tells a client whose handshake is done, with no connection slot left for it, why (inside
+/// TLS, as it now expects), and closes it; it gets [`REFUSAL_DRAIN_MS`] to take the reply.
+async fn refuse_tls(mut stream: TlsStream<TcpStream>, stats: &Stats) {
+    Stats::incr(&stats.rejected_connections);
+    let tell = async {
+        stream.write_all(TOO_MANY_CONNECTIONS).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(REFUSAL_DRAIN_MS), tell).await;
 }
 
 /// A socket's file descriptor, by which `stats conns` names it (as memcached does).

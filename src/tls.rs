@@ -1,5 +1,5 @@
 //! TLS on the memcached port: certificates read from PEM files, re-read on SIGHUP, and every
-//! handshake under a deadline.
+//! handshake under a deadline and in a bounded pool of its own ([`Handshakes`]).
 //!
 //! memcached's `-Z` with `ssl_chain_cert`, `ssl_key` and `ssl_ca_cert` (with
 //! `ssl_verify_mode` requiring a client certificate) maps to `tls_cert`, `tls_key` and
@@ -17,9 +17,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+mod handshakes;
+
+pub use handshakes::{Handshakes, Slot};
 
 /// Where the server's certificate chain, its key and (optionally) the client CA live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,10 +48,25 @@ pub enum TlsError {
     Config(String),
 }
 
+/// How handshakes are bounded: each by a deadline, all of them together by a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// A handshake not done within this is dropped.
+    pub timeout: Duration,
+    /// Most handshakes in progress at once; a newcomer past it takes the place of the
+    /// oldest silent one ([`Handshakes`]).
+    pub max_in_progress: usize,
+}
+
 /// The server's TLS state: the configuration new handshakes use, replaced on reload.
 pub struct Tls {
+    /// Where the certificates are read from, again on reload.
     files: TlsFiles,
+    /// A handshake not done within this is dropped.
     handshake_timeout: Duration,
+    /// The handshakes in progress.
+    handshakes: Arc<Handshakes>,
+    /// The configuration new handshakes use.
     current: RwLock<Arc<ServerConfig>>,
 }
 
@@ -55,17 +75,19 @@ impl std::fmt::Debug for Tls {
         f.debug_struct("Tls")
             .field("files", &self.files)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("handshakes", &self.handshakes)
             .finish_non_exhaustive()
     }
 }
 
 impl Tls {
     /// Reads the files once; an error here stops the server before it binds its port.
-    pub fn load(files: TlsFiles, handshake_timeout: Duration) -> Result<Tls, TlsError> {
+    pub fn load(files: TlsFiles, limits: HandshakeLimits) -> Result<Tls, TlsError> {
         let config = server_config(&files)?;
         Ok(Tls {
             files,
-            handshake_timeout,
+            handshake_timeout: limits.timeout,
+            handshakes: Handshakes::new(limits.max_in_progress),
             current: RwLock::new(config),
         })
     }
@@ -94,14 +116,46 @@ impl Tls {
             .clone()
     }
 
+    /// A place in the handshake pool for a client just accepted: taken before its task is
+    /// spawned, so the pool's order is the order of arrival.
+    pub fn enter(&self) -> Slot {
+        self.handshakes.enter()
+    }
+
     /// Runs the server side of a handshake, giving up after the handshake timeout so a
-    /// silent or slow client cannot hold a connection slot.
+    /// silent or slow client cannot hold its socket for long.
     pub async fn accept<S>(&self, socket: S) -> io::Result<TlsStream<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let acceptor = TlsAcceptor::from(self.current());
-        match tokio::time::timeout(self.handshake_timeout, acceptor.accept(socket)).await {
+        self.within_deadline(acceptor.accept(socket)).await
+    }
+
+    /// Runs the handshake of a client in `slot`: its first bytes mark it heard from (no
+    /// longer the first to give way), then [`Tls::accept`]'s handshake; all under the one
+    /// deadline.
+    pub async fn accept_in(
+        &self,
+        slot: &Slot,
+        socket: TcpStream,
+    ) -> io::Result<TlsStream<TcpStream>> {
+        let acceptor = TlsAcceptor::from(self.current());
+        let handshake = async {
+            if socket.peek(&mut [0u8; 1]).await? > 0 {
+                slot.heard();
+            }
+            acceptor.accept(socket).await
+        };
+        self.within_deadline(handshake).await
+    }
+
+    /// Runs `handshake` until the handshake timeout.
+    async fn within_deadline<T>(
+        &self,
+        handshake: impl std::future::Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Ok(done) => done,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

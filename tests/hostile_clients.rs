@@ -52,7 +52,10 @@ async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool)
 #[tokio::test]
 async fn a_client_that_never_reads_stays_within_the_budget_and_is_closed_by_the_write_timeout() {
     let limit = 16 * MIB;
-    let extra = format!("memory_limit_bytes = {limit}\nwrite_timeout_secs = 2\n");
+    // The RAM tier off: a reply from it is charged only what it takes, and the attack is to
+    // reach the budget.
+    let extra =
+        format!("memory_limit_bytes = {limit}\nwrite_timeout_secs = 2\nram_cache_bytes = 0\n");
     let server = TestServer::start(Backend::Dir, "neverreads", &extra).await;
     let stats = server.app.ctx.stats.clone();
     let mut setup = server.client().await;

@@ -260,8 +260,14 @@ async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
     }
 }
 /// Answers a `get`/`gets` from the near tier alone, with no I/O, when every key is there
-/// and fresh and the flush epoch is known; `None` sends the request down the usual path.
-pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
+/// and fresh, the flush epoch is known and `admit` takes the reply (the connection charges
+/// its memory budget what it will take); `None` sends the request down the usual path, with
+/// nothing counted.
+pub fn answer_from_tier(
+    ctx: &Ctx,
+    request: &Request,
+    admit: impl FnOnce(&Response) -> bool,
+) -> Option<Response> {
     let Request::Get { keys, cas, end } = request else {
         return None;
     };
@@ -282,6 +288,14 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
         }
         values.push(to_value(entry));
     }
+    let response = Response::Values {
+        values,
+        with_cas: *cas,
+        end: *end,
+    };
+    if !admit(&response) {
+        return None;
+    }
     // Counted as the store path counts a read the near tier answers (Tiered::get).
     let n = keys.len() as u64;
     Stats::add(&ctx.stats.cmd_get, n);
@@ -289,11 +303,6 @@ pub fn answer_from_tier(ctx: &Ctx, request: &Request) -> Option<Response> {
     for key in keys {
         count_read(ctx, key, None, true);
     }
-    let response = Response::Values {
-        values,
-        with_cas: *cas,
-        end: *end,
-    };
     let kind = crate::metrics::kind_of(request);
     ctx.stats.timings.command(kind, &response, began.elapsed());
     Some(response)

@@ -75,6 +75,23 @@ impl Config {
         })
     }
 
+    /// How TLS handshakes are bounded: each by the timeout, together by the pool.
+    pub fn tls_handshakes(&self) -> crate::tls::HandshakeLimits {
+        crate::tls::HandshakeLimits {
+            timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            max_in_progress: self.max_tls_handshakes,
+        }
+    }
+
+    /// Most client sockets open at once: the connections, and with TLS the handshakes in
+    /// progress, which hold no connection slot.
+    pub fn client_sockets(&self) -> usize {
+        match self.tls_files() {
+            Some(_) => self.max_connections.saturating_add(self.max_tls_handshakes),
+            None => self.max_connections,
+        }
+    }
+
     /// The S3 prices the cost estimate uses.
     pub fn s3_prices(&self) -> crate::store::s3::S3Prices {
         crate::store::s3::S3Prices {
@@ -98,6 +115,8 @@ impl Config {
             budget: Budget::with_stats(self.memory_limit_bytes, Some(stats)),
             sasl: self.sasl_users()?.map(Arc::new),
             text_auth: self.text_auth,
+            failed_logins: Arc::default(),
+            client: None,
         })
     }
 }

@@ -168,6 +168,8 @@ fn numbers_that_would_fail_later_are_refused_at_check_config() {
             "request_timeout_secs",
         ),
         ("s3_operation_timeout_ms = 0", "s3_operation_timeout_ms"),
+        ("max_tls_handshakes = 0", "max_tls_handshakes"),
+        ("max_tls_handshakes = 65537", "max_tls_handshakes"),
     ] {
         let err = Config::from_toml(line).unwrap_err().to_string();
         assert!(

@@ -16,7 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::budget::{Account, Budget, Charge, Grant, UNIT_BYTES};
 use crate::command;
-use crate::protocol::{self, Limits, Request, StoreMode};
+use crate::protocol::{self, Limits, Request, Response, StoreMode};
 use crate::stats::Stats;
 
 /// Charged for a reply's line and framing, beyond keys and data.
@@ -108,6 +108,13 @@ impl Admission {
         }
     }
 
+    /// Units a reply already in hand is charged (one answered from the near tier, whose
+    /// values it shares): what it encodes to, within the largest grant.
+    pub fn reply_units(&self, response: &Response) -> u32 {
+        let units = Budget::units(reply_len(response) + SMALL_REPLY_BYTES);
+        self.account.budget().clamp(units)
+    }
+
     /// Takes `units` for a request if the budget has them free now.
     pub fn try_admit(&mut self, units: u32) -> Option<Charge> {
         self.account.try_take_request(units)
@@ -134,18 +141,6 @@ impl Admission {
     /// Books an awaited grant as held by the request that waited for it.
     pub fn granted(&mut self, permit: OwnedSemaphorePermit) -> Charge {
         self.account.granted_request(permit)
-    }
-
-    /// Takes `units` for a request with nothing else in flight, waiting for the budget to
-    /// grant them if it must.
-    pub async fn admit(&mut self, units: u32) -> Charge {
-        match self.admit_or_grant(units) {
-            Ok(charge) => charge,
-            Err(grant) => {
-                let permit = grant.await;
-                self.granted(permit)
-            }
-        }
     }
 
     /// A request has finished and its reply goes to the write buffer: what it held pays for
@@ -179,9 +174,29 @@ impl Admission {
         self.account.grant(units, false)
     }
 
+    /// A new grant of `units` for a request (`request`) or buffers, at the end of the queue:
+    /// for a connection that gave up its place (it had to write first). Not counted again.
+    pub fn requeue(&mut self, units: u32, request: bool) -> Grant {
+        let units = self.account.budget().clamp(units);
+        self.account.grant(units, request)
+    }
+
     /// Books an awaited grant as held by the buffers.
     pub fn granted_buffers(&mut self, permit: OwnedSemaphorePermit) {
         self.account.granted_buffers(permit);
+    }
+}
+
+/// Bytes a reply encodes to, near enough to charge it and size the write buffer for it (0
+/// for a reply with no value).
+pub fn reply_len(response: &Response) -> usize {
+    match response {
+        Response::Values { values, .. } => values
+            .iter()
+            .map(|v| v.key.len() + v.data.len() + REPLY_OVERHEAD_BYTES)
+            .sum::<usize>()
+            .saturating_add(8),
+        _ => 0,
     }
 }
 
@@ -319,7 +334,10 @@ mod tests {
         a.set_buffers(0);
         let charge = b.granted(grant.await);
         assert_eq!(charge.units, 4096);
-        assert_eq!(b.admit(16).await.units, 16, "free: no wait");
+        let Ok(free) = b.admit_or_grant(16) else {
+            panic!("free: no wait");
+        };
+        assert_eq!(free.units, 16);
         assert_eq!(b.stats.budget_waits.load(Relaxed), 1);
     }
 }

@@ -9,7 +9,8 @@
 //! Memory: the connection is admitted as a text connection is ([`super::admission`]): before a
 //! frame or a run of gets runs, or a get is answered from the near tier, it is charged what
 //! the same requests are charged on the text protocol (waiting, in arrival order with every
-//! other connection, when the budget is spent); the charge pays for the write buffer until it
+//! other connection, when the budget is spent, within the request timeout, then answered
+//! "out of memory"); the charge pays for the write buffer until it
 //! is written, and a run of gets is cut to what one connection's share can hold, as a text
 //! multi-get is. The buffers, their charges and the request, idle and write timeouts are the
 //! text protocol's ([`super::io`]).
@@ -24,10 +25,11 @@ use super::admission::Admission;
 use super::io::{sleep_until, Buffers, WRITE_HIGH_WATER_BYTES};
 use super::login::Login;
 use super::ConnectionConfig;
+use crate::budget::Charge;
 use crate::command::{self, Ctx};
 use crate::conns::Registered;
 use crate::protocol::binary::{self, Action, Frame};
-use crate::protocol::{MetaRequest, Request, Response};
+use crate::protocol::{MetaRequest, ProtocolError, Request, Response};
 use crate::stats::Stats;
 
 /// A binary-protocol connection's state.
@@ -66,11 +68,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         config,
         io,
         admission,
-        login: Login::new(config.sasl.clone(), ctx.stats.clone()),
+        login: Login::new(config, ctx.stats.clone()),
         skip: 0,
         closing: false,
     };
     conn.serve(socket, shutdown).await
+}
+
+/// The reply to a request the budget did not grant within the request timeout: memcached's
+/// out-of-memory status.
+fn out_of_memory() -> Response {
+    Response::Error(ProtocolError::Server("out of memory"))
 }
 
 /// The request a frame runs, if it runs one.
@@ -105,13 +113,14 @@ impl Conn<'_> {
                 return Ok(());
             }
             self.io.waiting();
-            if !self.make_read_room(shutdown).await {
-                return Ok(());
-            }
-            // A frame begun must be complete within the request timeout; an empty buffer may
-            // idle for the idle timeout.
+            // A frame begun must be complete within the request timeout, whether its bytes
+            // are being read or the read buffer waits for room to take them; an empty buffer
+            // may idle for the idle timeout.
             let partial = self.io.has_input() || self.skip > 0;
             let request_deadline = self.io.request_deadline(partial);
+            if !self.make_read_room(shutdown, request_deadline).await {
+                return Ok(());
+            }
             let deadline = match partial {
                 true => request_deadline,
                 false => self.io.idle_deadline(),
@@ -134,10 +143,21 @@ impl Conn<'_> {
         }
     }
 
-    /// Makes room in the read buffer, waiting for the budget to grant it if it must; false
-    /// if the server shuts down first.
-    async fn make_read_room(&mut self, shutdown: &CancellationToken) -> bool {
-        let Some(room) = self.io.make_read_room(&mut self.admission) else {
+    /// Makes room in the read buffer (for the whole frame being read, when its header is
+    /// in), waiting for the budget to grant it if it must; false if the server shuts down or
+    /// the frame's `deadline` passes first.
+    async fn make_read_room(
+        &mut self,
+        shutdown: &CancellationToken,
+        deadline: Option<tokio::time::Instant>,
+    ) -> bool {
+        let awaited = match self.skip == 0 {
+            true => {
+                binary::awaited_len(self.io.input(), &self.config.limits, self.login.required())
+            }
+            false => None,
+        };
+        let Some(room) = self.io.make_read_room(&mut self.admission, awaited) else {
             return true;
         };
         tokio::select! {
@@ -145,8 +165,36 @@ impl Conn<'_> {
                 (self.io).granted_read_room(permit, room.capacity, &mut self.admission);
                 true
             }
+            _ = sleep_until(deadline) => {
+                Stats::incr(&self.ctx.stats.request_timeouts);
+                tracing::debug!("closing a binary connection whose frame did not come in time");
+                false
+            }
             _ = shutdown.cancelled() => false,
         }
+    }
+
+    /// Takes `units` for a request, waiting for the budget if it must: first writing what is
+    /// waiting (a connection blocked writing holds no place in the budget's queue), then no
+    /// longer than the request timeout. `None`: not granted in time.
+    async fn admit<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+        units: u32,
+    ) -> std::io::Result<Option<Charge>> {
+        let grant = match self.admission.admit_or_grant(units) {
+            Ok(charge) => return Ok(Some(charge)),
+            Err(grant) => grant,
+        };
+        self.flush(socket).await?;
+        let permit = match self.io.request_timeout() {
+            Some(limit) => tokio::time::timeout(limit, grant).await.ok(),
+            None => Some(grant.await),
+        };
+        if permit.is_none() {
+            Stats::incr(&self.ctx.stats.budget_timeouts);
+        }
+        Ok(permit.map(|permit| self.admission.granted(permit)))
     }
 
     /// Gets one run may hold at once: what fits a connection's share, at least one, and no
@@ -175,42 +223,47 @@ impl Conn<'_> {
                 // A hit in the near tier with nothing before it is answered here, as in
                 // the text protocol, with no store call.
                 if gets.is_empty() && self.answer_from_tier(&decoded.frame) {
+                    self.flush_past_high_water(socket).await?;
                     continue;
                 }
                 if gets.len() >= self.max_gets() {
-                    self.run_gets(&mut gets).await;
+                    self.run_gets(socket, &mut gets).await?;
                     self.flush_past_high_water(socket).await?;
                 }
                 gets.push(decoded.frame);
                 continue;
             }
-            self.run_gets(&mut gets).await;
-            self.run(decoded.frame).await;
+            self.run_gets(socket, &mut gets).await?;
+            self.run(socket, decoded.frame).await?;
             self.flush_past_high_water(socket).await?;
         }
-        self.run_gets(&mut gets).await;
+        self.run_gets(socket, &mut gets).await?;
         Ok(())
     }
 
     /// Answers a get from the near tier alone when its item is there and fresh. The reply
-    /// is charged first, as a one-key text `get` is, and only if the budget has it free
-    /// now; otherwise the get runs with those after it, waiting for its charge.
+    /// is charged what it takes, as a text `get` answered from the tier is, and only if the
+    /// budget has it free now; otherwise the get runs with those after it, waiting for its
+    /// charge.
     fn answer_from_tier(&mut self, frame: &Frame) -> bool {
         let get = Request::Get {
             keys: vec![frame.key.clone()],
             cas: true,
             end: true,
         };
-        let Some(charge) = self.admission.try_admit(self.admission.units(&get)) else {
+        let admission = &mut self.admission;
+        let mut charged = None;
+        let answer = command::answer_from_tier(self.ctx, &get, |reply| {
+            charged = admission.try_admit(admission.reply_units(reply));
+            charged.is_some()
+        });
+        let (Some(response), Some(charge)) = (answer, charged) else {
             return false;
         };
-        let response = command::answer_from_tier(self.ctx, &get);
         self.admission.finish(charge);
-        if let Some(response) = &response {
-            self.emit(frame, response);
-        }
+        self.emit(frame, &response);
         self.io.sync(&mut self.admission);
-        response.is_some()
+        true
     }
 
     fn discard_skipped(&mut self) {
@@ -221,13 +274,23 @@ impl Conn<'_> {
     }
 
     /// Runs a run of gets concurrently and encodes their replies in order.
-    async fn run_gets(&mut self, gets: &mut Vec<Frame>) {
+    async fn run_gets<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+        gets: &mut Vec<Frame>,
+    ) -> std::io::Result<()> {
         if gets.is_empty() {
-            return;
+            return Ok(());
         }
         let requests: Vec<Request> = gets.iter().filter_map(runnable).cloned().collect();
         let units = self.admission.units_of(&requests);
-        let charge = self.admission.admit(units).await;
+        let Some(charge) = self.admit(socket, units).await? else {
+            for frame in gets.drain(..) {
+                self.emit(&frame, &out_of_memory());
+            }
+            self.io.sync(&mut self.admission);
+            return Ok(());
+        };
         let arrived = tokio::time::Instant::now();
         let ctx = self.ctx;
         let replies = futures::future::join_all(
@@ -239,13 +302,23 @@ impl Conn<'_> {
             self.emit(&frame, &response);
         }
         self.io.sync(&mut self.admission);
+        Ok(())
     }
 
     /// Runs one frame and encodes its reply.
-    async fn run(&mut self, frame: Frame) {
+    async fn run<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+        frame: Frame,
+    ) -> std::io::Result<()> {
         match &frame.action {
             Action::Run(request) => {
-                let charge = self.admission.admit(self.admission.units(request)).await;
+                let units = self.admission.units(request);
+                let Some(charge) = self.admit(socket, units).await? else {
+                    self.emit(&frame, &out_of_memory());
+                    self.io.sync(&mut self.admission);
+                    return Ok(());
+                };
                 let response = command::execute(self.ctx, request.clone()).await;
                 if response == Response::Close {
                     self.closing = true;
@@ -268,6 +341,7 @@ impl Conn<'_> {
             }
         }
         self.io.sync(&mut self.admission);
+        Ok(())
     }
 
     /// Encodes the reply to `frame` (charged by the next [`Buffers::sync`]).

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::admission::{Admission, REPLY_OVERHEAD_BYTES};
+use super::admission::{reply_len, Admission};
 use super::ConnectionConfig;
 use crate::budget::{Budget, Grant};
 use crate::conns::Registered;
@@ -64,6 +64,8 @@ pub struct Buffers {
 pub struct ReadRoom {
     /// The read buffer's new capacity.
     pub capacity: usize,
+    /// The units the growth takes.
+    pub units: u32,
     /// The budget's grant for the growth.
     pub grant: Grant,
 }
@@ -140,16 +142,23 @@ impl Buffers {
     }
 
     /// Makes sure the read buffer has room for a read, growing it if the budget has room
-    /// now; otherwise returns the growth to wait for.
-    pub fn make_read_room(&mut self, admission: &mut Admission) -> Option<ReadRoom> {
+    /// now; otherwise returns the growth to wait for. `awaited` is the length of the request
+    /// being read, when its head tells (a data block's size): the buffer then grows to hold
+    /// all of it in one grant, so no connection waits for budget while holding part of what
+    /// it needs (partial holdings waiting on each other wedged the budget).
+    pub fn make_read_room(
+        &mut self,
+        admission: &mut Admission,
+        awaited: Option<usize>,
+    ) -> Option<ReadRoom> {
         let len = self.read.len();
-        if self.read.capacity() - len >= MIN_READ_ROOM_BYTES {
-            return None;
-        }
-        let capacity = if len < INITIAL_BUFFER_BYTES / 2 {
-            INITIAL_BUFFER_BYTES
-        } else {
-            (len * 2).max(len + READ_CHUNK_BYTES)
+        let room = self.read.capacity() - len;
+        let capacity = match awaited {
+            Some(total) if total > len + room => total.max(len + MIN_READ_ROOM_BYTES),
+            Some(total) if room > 0 && total > len => return None,
+            _ if room >= MIN_READ_ROOM_BYTES => return None,
+            _ if len < INITIAL_BUFFER_BYTES / 2 => INITIAL_BUFFER_BYTES,
+            _ => (len * 2).max(len + READ_CHUNK_BYTES),
         };
         let more = Budget::units(capacity).saturating_sub(Budget::units(self.read_alloc));
         if admission.try_grow_buffers(more) {
@@ -157,7 +166,11 @@ impl Buffers {
             return None;
         }
         let grant = admission.grant_buffers(more);
-        Some(ReadRoom { capacity, grant })
+        Some(ReadRoom {
+            capacity,
+            units: more,
+            grant,
+        })
     }
 
     /// Grows the read buffer to `capacity` with the grant the budget gave for it.
@@ -189,16 +202,18 @@ impl Buffers {
         self.sync(admission);
     }
 
-    /// Sizes the write buffer for `response` at once: growing by doubling could take twice
-    /// a large reply's size.
+    /// Sizes the write buffer for `response` at once: to what is pending and the reply, with
+    /// room to spare as large again as what is pending (so a run of small replies grows it a
+    /// few times, not once each) but never more than the high-water mark. Growing by
+    /// doubling could take twice a large reply's size, more than the reply was charged.
     pub fn reserve_reply(&mut self, response: &Response) {
-        let need = encoded_len_hint(response);
-        if need > self.write.capacity() - self.write.len() {
-            if self.write.is_empty() {
-                self.write = BytesMut::with_capacity(need);
-            } else {
-                self.write.reserve(need);
-            }
+        let need = reply_len(response);
+        let len = self.write.len();
+        if need > self.write.capacity() - len {
+            let spare = len.min(WRITE_HIGH_WATER_BYTES);
+            let mut grown = BytesMut::with_capacity(len + need + spare);
+            grown.extend_from_slice(&self.write);
+            self.write = grown;
         }
     }
 
@@ -233,6 +248,11 @@ impl Buffers {
     /// next incomplete one has its own request timeout.
     pub fn progress(&mut self) {
         self.partial_since = None;
+    }
+
+    /// How long a request may take to arrive, or wait for budget, if limited.
+    pub fn request_timeout(&self) -> Option<Duration> {
+        self.request_timeout
     }
 
     /// When a connection with nothing to do is closed, if no input comes first.
@@ -272,18 +292,6 @@ async fn write_replies<S: AsyncWrite + Unpin>(
     Stats::add(&stats.bytes_written, buf.len() as u64);
     buf.clear();
     Ok(())
-}
-
-/// Bytes a reply encodes to, near enough to size the write buffer (0 when small).
-fn encoded_len_hint(response: &Response) -> usize {
-    match response {
-        Response::Values { values, .. } => values
-            .iter()
-            .map(|v| v.key.len() + v.data.len() + REPLY_OVERHEAD_BYTES)
-            .sum::<usize>()
-            .saturating_add(8),
-        _ => 0,
-    }
 }
 
 /// Sleeps until `deadline`; never, without one.

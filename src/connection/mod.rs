@@ -16,6 +16,7 @@ mod text;
 
 pub use pipeline::MAX_PIPELINE_DEPTH;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use crate::budget::Budget;
 use crate::command::Ctx;
 use crate::conns::Registered;
 use crate::protocol::{self, Limits};
-use crate::sasl::Users;
+use crate::sasl::{FailedLogins, Users};
 use crate::stats::Stats;
 use io::INITIAL_BUFFER_BYTES;
 
@@ -51,6 +52,11 @@ pub struct ConnectionConfig {
     /// Let text-protocol clients log in with memcached's `set <any> 0 0 <n>` + `user password`;
     /// without it, text clients are refused while SASL is on.
     pub text_auth: bool,
+    /// The failed-login limits of every client address, shared by all connections.
+    pub failed_logins: Arc<FailedLogins>,
+    /// This connection's client address, which its failed logins are limited by; set by the
+    /// accept loop (`None`, as in tests over in-memory pipes: one address for all).
+    pub client: Option<IpAddr>,
 }
 
 impl ConnectionConfig {
@@ -64,6 +70,8 @@ impl ConnectionConfig {
             budget: Budget::new(memory_limit_bytes),
             sasl: None,
             text_auth: false,
+            failed_logins: Arc::default(),
+            client: None,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! goes on page by page, each page written before the next is read. Each request is admitted
 //! by the memory budget before it starts ([`super::admission`]): a connection past its share,
 //! or refused by the budget, stops reading and dispatching until its replies drain or memory
-//! is granted. A request that is not complete within the request timeout ends the connection once
+//! is granted, within the request timeout (then `SERVER_ERROR out of memory`). A request that is not complete within the request timeout ends the connection once
 //! what is in flight is answered; replies not written within the write timeout end it at once
 //! ([`super::io`]).
 
@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::Admission;
@@ -29,7 +30,9 @@ use super::ConnectionConfig;
 use crate::budget::{Charge, Grant};
 use crate::command::{self, Ctx};
 use crate::conns::Registered;
-use crate::protocol::{self, Limits, LongRetrieval, Parsed, Request, Response, Skip};
+use crate::protocol::{
+    self, Limits, LongRetrieval, Parsed, ProtocolError, Request, Response, Skip,
+};
 use crate::stats::Stats;
 
 /// `request` executing, arrived now, as a future that owns what it needs.
@@ -58,7 +61,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let _ = socket.write_all(UNAUTHENTICATED).await;
         return Ok(());
     }
-    let login = Login::new(config.sasl.clone(), ctx.stats.clone());
+    let login = Login::new(config, ctx.stats.clone());
     let mut admission = Admission::new(config.budget.clone(), config.limits, ctx.stats.clone());
     let io = Buffers::new(first, config, ctx.stats.clone(), &mut admission, registered);
     let mut conn = Connection {
@@ -85,8 +88,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
 enum Want {
     /// A parsed request, its keys, and the units it is to hold.
     Request(Box<Request>, Vec<Bytes>, u32),
-    /// Room in the read buffer: its new capacity.
-    ReadRoom(usize),
+    /// Room in the read buffer: its new capacity, and the units that takes.
+    ReadRoom(usize, u32),
 }
 
 /// What a connection waits for: a grant of budget, or (no grant) its own replies to drain.
@@ -96,6 +99,8 @@ struct Waiting {
     /// The budget's grant to wait for; `None`: wait for this connection's replies to drain,
     /// then ask again.
     grant: Option<Grant>,
+    /// When the wait began: a request waits for budget no longer than the request timeout.
+    since: Instant,
 }
 
 /// A text-protocol connection's state.
@@ -146,7 +151,11 @@ impl Connection {
             }
             let can_read = self.may_read() && self.make_read_room();
             let waiting_for_client = self.io.has_input() || self.skip_bytes > 0 || self.skip_line;
-            let request_deadline = self.io.request_deadline(can_read && waiting_for_client);
+            // A request begun must be complete in time, whether its bytes are being read or
+            // the read buffer waits for room to take them.
+            let reading = can_read || self.awaiting_read_room();
+            let request_deadline = self.io.request_deadline(reading && waiting_for_client);
+            let grant_deadline = self.grant_deadline();
             let idle_deadline = self.io.idle_deadline();
             let idle_armed = idle_deadline.is_some() && self.pipeline.is_empty();
             let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
@@ -190,6 +199,13 @@ impl Connection {
                     Stats::incr(&self.ctx.stats.request_timeouts);
                     tracing::debug!("closing a connection whose request did not complete in time");
                     self.stop_reading();
+                }
+                _ = sleep_until(grant_deadline), if grant_deadline.is_some() => {
+                    self.out_of_memory();
+                    self.advance().await;
+                    if self.pipeline.is_empty() {
+                        self.flush(socket).await?;
+                    }
                 }
                 _ = shutdown.cancelled(), if !self.closing => {
                     self.closing = true;
@@ -243,17 +259,70 @@ impl Connection {
         self.io.input().clear();
         self.skip_bytes = 0;
         self.skip_line = false;
+        if self.awaiting_read_room() {
+            self.waiting = None;
+        }
+    }
+
+    /// Whether the read buffer waits for the budget to grant it room.
+    fn awaiting_read_room(&self) -> bool {
+        matches!(
+            self.waiting,
+            Some(Waiting {
+                want: Want::ReadRoom(..),
+                ..
+            })
+        )
+    }
+
+    /// When a request waiting for a grant of budget gives up: the request timeout after the
+    /// wait began.
+    fn grant_deadline(&self) -> Option<Instant> {
+        match &self.waiting {
+            Some(Waiting {
+                want: Want::Request(..),
+                grant: Some(_),
+                since,
+            }) => self.io.request_timeout().map(|t| *since + t),
+            _ => None,
+        }
+    }
+
+    /// The budget did not grant a waiting request in time: it is answered as memcached
+    /// answers when it cannot allocate, in its place among the replies, and the connection
+    /// goes on.
+    fn out_of_memory(&mut self) {
+        let Some(Waiting {
+            want: Want::Request(_, keys, _),
+            ..
+        }) = self.waiting.take()
+        else {
+            return;
+        };
+        Stats::incr(&self.ctx.stats.budget_timeouts);
+        let refused = Response::Error(ProtocolError::Server("out of memory"));
+        let nothing = Charge {
+            units: 0,
+            lane: false,
+        };
+        self.pipe(keys, async move { refused }, nothing);
     }
 
     /// Makes sure the read buffer has room for a read; returns false when the budget cannot
     /// give it now (a grant is then awaited).
     fn make_read_room(&mut self) -> bool {
-        let Some(room) = self.io.make_read_room(&mut self.admission) else {
+        let skipping = self.skip_bytes > 0 || self.skip_line || self.long_retrieval.is_some();
+        let awaited = match self.io.has_input() && !skipping {
+            true => protocol::awaited_len(self.io.input(), &self.limits),
+            false => None,
+        };
+        let Some(room) = self.io.make_read_room(&mut self.admission, awaited) else {
             return true;
         };
         self.waiting = Some(Waiting {
-            want: Want::ReadRoom(room.capacity),
+            want: Want::ReadRoom(room.capacity, room.units),
             grant: Some(room.grant),
+            since: Instant::now(),
         });
         false
     }
@@ -268,7 +337,7 @@ impl Connection {
                 let charge = self.admission.granted(permit);
                 self.pipe(keys, execute(&self.ctx, *request), charge);
             }
-            Want::ReadRoom(capacity) => {
+            Want::ReadRoom(capacity, _) => {
                 (self.io).granted_read_room(permit, capacity, &mut self.admission);
             }
         }
@@ -292,8 +361,27 @@ impl Connection {
         self.io.sync(&mut self.admission);
     }
 
-    /// Writes every waiting reply within the write timeout.
+    /// Writes every waiting reply within the write timeout. A place in the budget's queue
+    /// is given up first, and taken again at its end: a connection blocked writing to a
+    /// client that does not read must not hold up the grants of everyone behind it.
     async fn flush<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
+        if self.io.pending_output() > 0 {
+            if let Some(Waiting {
+                want,
+                grant: grant @ Some(_),
+                ..
+            }) = &mut self.waiting
+            {
+                *grant = Some(match want {
+                    Want::Request(_, _, units) => self.admission.requeue(*units, true),
+                    Want::ReadRoom(_, units) => self.admission.requeue(*units, false),
+                });
+            }
+        }
+        // A failed login is answered no sooner than its pause and its address's turn.
+        if let Some(until) = self.login.hold_replies() {
+            tokio::time::sleep_until(until).await;
+        }
         self.io.flush(socket, &mut self.admission).await
     }
 
@@ -412,12 +500,20 @@ impl Connection {
         // needs no ordering entry. Past the write high-water mark the pipeline takes over,
         // which is bounded and flushes.
         if self.pipeline.is_empty() && self.io.pending_output() < WRITE_HIGH_WATER_BYTES {
+            // A hit in the near tier is charged what its reply takes, not the most any
+            // reply could: small answers get through while large ones wait.
+            let admission = &mut self.admission;
+            let mut charged = None;
+            let answer = command::answer_from_tier(&self.ctx, &request, |reply| {
+                charged = admission.try_admit(admission.reply_units(reply));
+                charged.is_some()
+            });
+            if let (Some(response), Some(charge)) = (answer, charged) {
+                self.admission.finish(charge);
+                self.emit(response);
+                return;
+            }
             if let Some(charge) = self.admission.try_admit(units) {
-                if let Some(response) = command::answer_from_tier(&self.ctx, &request) {
-                    self.admission.finish(charge);
-                    self.emit(response);
-                    return;
-                }
                 let mut running = execute(&self.ctx, request).boxed();
                 let mut cx = Context::from_waker(futures::task::noop_waker_ref());
                 match running.poll_unpin(&mut cx) {
@@ -452,6 +548,7 @@ impl Connection {
             Some(Waiting {
                 want: Want::Request(request, keys, units),
                 grant: None,
+                ..
             }) => {
                 self.start_or_wait(*request, keys, units);
                 self.waiting.is_none()
@@ -480,6 +577,7 @@ impl Connection {
         self.waiting = Some(Waiting {
             want: Want::Request(Box::new(request), keys, units),
             grant,
+            since: Instant::now(),
         });
     }
 }

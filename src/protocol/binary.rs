@@ -18,6 +18,10 @@ pub const REQUEST_MAGIC: u8 = 0x80;
 pub const RESPONSE_MAGIC: u8 = 0x81;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 24;
+/// Largest body a frame may carry before the client has logged in: a SASL PLAIN payload
+/// (mechanism, user and password) fits many times over. A larger one is refused and the
+/// connection closed, so nobody can make the server buffer much before a login.
+pub const MAX_UNAUTHENTICATED_BODY_BYTES: u32 = 4096;
 /// memcached closes a connection announcing a larger body (its ITEM_SIZE_MAX_UPPER_LIMIT).
 pub const MAX_BODY_BYTES: u32 = 1024 * 1024 * 1024;
 /// Longest SASL mechanism name memcached accepts.
@@ -255,6 +259,19 @@ fn carries_value(op: u8) -> bool {
     matches!(loud(op), SET | ADD | REPLACE | APPEND | PREPEND)
 }
 
+/// How many bytes the frame at the front of `buf` takes in all, once its header is in and
+/// its body is one the connection will buffer (not refused, not over the item limit);
+/// `None` otherwise. The connection sizes its read buffer by it in one step.
+pub fn awaited_len(buf: &[u8], limits: &Limits, auth_required: bool) -> Option<usize> {
+    let h = Header::read(buf)?;
+    let well_formed = h.magic == REQUEST_MAGIC
+        && u32::from(h.key_len) + u32::from(h.extras_len) <= h.body_len
+        && h.body_len <= MAX_BODY_BYTES
+        && (!auth_required || h.body_len <= MAX_UNAUTHENTICATED_BODY_BYTES);
+    (well_formed && h.value_len() <= limits.max_item_bytes)
+        .then_some(HEADER_BYTES + h.body_len as usize)
+}
+
 /// Decodes one frame from the front of `buf`; `None` means more bytes are needed.
 /// `auth_required`: SASL is on and this connection has not authenticated yet.
 pub fn decode(buf: &[u8], limits: &Limits, auth_required: bool) -> Option<Decoded> {
@@ -291,6 +308,9 @@ pub fn decode(buf: &[u8], limits: &Limits, auth_required: bool) -> Option<Decode
     }
     if auth_required && !allowed_unauthenticated(h.opcode) {
         return answer(Reply::error(Status::AuthError, true), buf.len(), 0);
+    }
+    if auth_required && h.body_len > MAX_UNAUTHENTICATED_BODY_BYTES {
+        return answer(Reply::error(Status::Invalid, true), buf.len(), 0);
     }
     if h.key_len as usize > MAX_KEY_BYTES {
         return answer(Reply::error(Status::Invalid, true), buf.len(), 0);

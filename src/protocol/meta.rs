@@ -259,7 +259,9 @@ pub(super) fn parse_set(buf: &mut BytesMut, line_len: usize, limits: &Limits) ->
 
 /// The line of an `ms`: its data length, key (empty unless decoded from base64) and flags
 /// (without the opaque); or the error and what it discards.
-fn read_set(tokens: &[&[u8]]) -> Result<(usize, Bytes, MetaFlags), (ProtocolError, Skip)> {
+pub(super) fn read_set(
+    tokens: &[&[u8]],
+) -> Result<(usize, Bytes, MetaFlags), (ProtocolError, Skip)> {
     let keep = |e| (e, Skip::None);
     check_key(tokens).map_err(keep)?;
     if tokens.len() < 3 {

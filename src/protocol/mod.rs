@@ -16,7 +16,7 @@ pub use admin::{Crawler, DumpFormat, DumpItem, ShutdownMode, SlabClasses};
 pub use lex::{line_end, Limits, LongRetrieval, Parsed, Skip};
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
 pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
-pub use parse::{parse, parse_resumed};
+pub use parse::{awaited_len, parse, parse_resumed};
 pub use response::{Response, Value};
 
 use bytes::{BufMut, Bytes, BytesMut};

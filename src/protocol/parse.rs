@@ -81,6 +81,24 @@ pub fn parse_resumed(
     storage(buf, mode, line_len, limits)
 }
 
+/// How many bytes the request at the front of `buf` takes in all, once its line is in and
+/// it carries a data block the connection will buffer (a storage command or `ms` within the
+/// item limit); `None` otherwise. The connection sizes its read buffer by it in one step.
+pub fn awaited_len(buf: &[u8], limits: &Limits) -> Option<usize> {
+    let window = &buf[..buf.len().min(limits.max_line_bytes)];
+    let line_len = line_end(window)?;
+    let line = &buf[..line_len - 1];
+    let data_len = match first_token(line) {
+        b"ms" => meta::read_set(&tokenize(line)).ok()?.0,
+        b"set" | b"add" | b"replace" | b"append" | b"prepend" => {
+            storage_line(StoreMode::Set, line).ok()?.len
+        }
+        b"cas" => storage_line(StoreMode::Cas, line).ok()?.len,
+        _ => return None,
+    };
+    (data_len <= limits.max_item_bytes).then_some(line_len + data_len + 2)
+}
+
 /// The request of a line without a data block, taken off the buffer as `frame`.
 fn request(frame: Bytes) -> Request {
     let tokens = tokenize(&frame[..frame.len() - 1]);

@@ -83,6 +83,24 @@ fn meta(status: MetaStatus, flags: u32, cas: u64, value: Option<&'static str>) -
 }
 
 #[test]
+fn the_length_of_a_frame_is_known_from_its_header() {
+    let set = frame(opcode::SET, b"k", &[0; 8], &[b'v'; 100], 0);
+    for cut in [HEADER_BYTES, HEADER_BYTES + 9, set.len() - 1] {
+        assert_eq!(awaited_len(&set[..cut], &LIMITS, false), Some(set.len()));
+    }
+    assert_eq!(awaited_len(&set[..HEADER_BYTES - 1], &LIMITS, false), None);
+    // Over the item limit the value is discarded as it comes, never buffered.
+    let huge = frame(opcode::SET, b"k", &[0; 8], &[b'v'; 2000], 0);
+    assert_eq!(awaited_len(&huge[..HEADER_BYTES], &LIMITS, false), None);
+    // Before a login, nothing larger than a login needs.
+    let auth = frame(opcode::SASL_AUTH, b"PLAIN", &[], &[b'p'; 5000], 0);
+    let head = &auth[..HEADER_BYTES + 5];
+    assert_eq!(awaited_len(head, &LIMITS, true), None);
+    let refused = decode(head, &LIMITS, true).expect("refused from its header");
+    assert_eq!(refused.frame.action, Reply::error(Status::Invalid, true));
+}
+
+#[test]
 fn set_decodes_to_a_meta_set_with_flags_ttl_and_cas() {
     let d = decoded(&frame(
         opcode::SETQ,

@@ -336,6 +336,27 @@ fn binary_magic_hangs_up() {
     assert!(matches!(req(&[0x80, 0x00, 0x00]), Request::Hangup(_)));
 }
 
+#[test]
+fn the_length_of_a_request_with_data_is_known_from_its_line() {
+    let limits = Limits::default();
+    let line = |l: &str| l.len();
+    let set = "set k 0 0 100\r\n";
+    assert_eq!(
+        awaited_len(format!("{set}abc").as_bytes(), &limits),
+        Some(line(set) + 102)
+    );
+    let cas = "cas k 0 0 5 7 noreply\r\n";
+    assert_eq!(awaited_len(cas.as_bytes(), &limits), Some(line(cas) + 7));
+    let ms = "ms k 10 T0\r\n";
+    assert_eq!(awaited_len(ms.as_bytes(), &limits), Some(line(ms) + 12));
+    // No line end yet, no data block, a bad line, or over the item limit: not known.
+    assert_eq!(awaited_len(b"set k 0 0 100", &limits), None);
+    assert_eq!(awaited_len(b"get k\r\n", &limits), None);
+    assert_eq!(awaited_len(b"set k x 0 100\r\n", &limits), None);
+    let huge = format!("set k 0 0 {}\r\n", limits.max_item_bytes + 1);
+    assert_eq!(awaited_len(huge.as_bytes(), &limits), None);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
