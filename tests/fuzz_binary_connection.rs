@@ -734,11 +734,24 @@ async fn run_case(addr: SocketAddr, case: &Case) -> Result<(), String> {
     check(case, &reply, closed)
 }
 
+/// A connection for `case`. A SASL case comes from a loopback address of its own (from its
+/// seed): failed logins are limited per client address, and one case's failures must not
+/// use up another's allowance.
+async fn connect(addr: SocketAddr, case: &Case) -> std::io::Result<TcpStream> {
+    if !case.sasl {
+        return TcpStream::connect(addr).await;
+    }
+    let [a, b, c, ..] = case.seed.to_le_bytes();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, a.max(1), b, c.max(2)], 0)))?;
+    socket.connect(addr).await
+}
+
 /// Writes the stream and reads the replies until the final NOOP's reply or a close; returns
 /// the replies and whether the connection was closed.
 async fn exchange(addr: SocketAddr, case: &Case) -> Result<(Vec<u8>, bool), String> {
     let mut rng = StdRng::seed_from_u64(case.seed);
-    let socket = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let socket = connect(addr, case).await.map_err(|e| e.to_string())?;
     socket.set_nodelay(true).unwrap();
     let (mut rx, mut tx) = socket.into_split();
     let end = final_reply();
