@@ -634,7 +634,10 @@ impl Store for Tiered {
         // The client's key and value are slices of its connection's read buffer (the parser
         // copies nothing): the RAM tier keeps its own copy, so a small item kept for long
         // never pins a whole read buffer.
-        write.end(result.as_ref().ok().map(|version| Versioned {
+        // A write settled after its answer was lost may already be written over: its
+        // version is unknown and the key is dropped, as after a failed write.
+        let known = result.as_ref().ok().filter(|v| v.is_known());
+        write.end(known.map(|version| Versioned {
             entry: Entry {
                 key: Bytes::copy_from_slice(&entry.key),
                 value: Bytes::copy_from_slice(&entry.value),

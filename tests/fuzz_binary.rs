@@ -11,6 +11,10 @@
 //!   S3CACHED_FUZZ_ITERATIONS=1000000 S3CACHED_FUZZ_SEED=7 cargo test --release --test fuzz_binary
 //! A failure names its seed and iteration; rerun with that seed to reproduce.
 
+#[path = "common/binary.rs"]
+mod binary_frame;
+
+use binary_frame::frame;
 use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -34,20 +38,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn frame(op: u8, key: &[u8], extras: &[u8], value: &[u8], cas: u64, opaque: u32) -> Vec<u8> {
-    let mut out = vec![0x80, op];
-    out.extend_from_slice(&(key.len() as u16).to_be_bytes());
-    out.push(extras.len() as u8);
-    out.extend_from_slice(&[0, 0, 0]);
-    out.extend_from_slice(&((key.len() + extras.len() + value.len()) as u32).to_be_bytes());
-    out.extend_from_slice(&opaque.to_be_bytes());
-    out.extend_from_slice(&cas.to_be_bytes());
-    out.extend_from_slice(extras);
-    out.extend_from_slice(key);
-    out.extend_from_slice(value);
-    out
 }
 
 /// One frame of a random opcode, well formed most of the time.

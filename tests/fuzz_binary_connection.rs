@@ -26,6 +26,9 @@
 //! seed>` (runs one failed case again). A failing case is written to
 //! target/fuzz-binary-connection-failures/ so it can be added to the corpus.
 
+#[path = "common/binary.rs"]
+mod binary_frame;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -33,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+use binary_frame::frame;
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -71,21 +75,6 @@ const USER: &str = "fuzz";
 const PASSWORD: &str = "fuzz-pass";
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
-
-/// Request frame: header, extras, key, value.
-fn frame(op: u8, key: &[u8], extras: &[u8], value: &[u8], cas: u64, opaque: u32) -> Vec<u8> {
-    let mut out = vec![REQUEST_MAGIC, op];
-    out.extend_from_slice(&(key.len() as u16).to_be_bytes());
-    out.push(extras.len() as u8);
-    out.extend_from_slice(&[0, 0, 0]);
-    out.extend_from_slice(&((key.len() + extras.len() + value.len()) as u32).to_be_bytes());
-    out.extend_from_slice(&opaque.to_be_bytes());
-    out.extend_from_slice(&cas.to_be_bytes());
-    out.extend_from_slice(extras);
-    out.extend_from_slice(key);
-    out.extend_from_slice(value);
-    out
-}
 
 /// The SASL PLAIN login of the SASL server's user.
 fn login_frame(opaque: u32) -> Vec<u8> {

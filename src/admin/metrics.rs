@@ -150,6 +150,15 @@ fn encode_s3(encoder: &mut DescriptorEncoder, s3: &S3Requests) -> Result<(), std
         ("none", n(&s3.no_answer)),
     ];
     labelled(encoder, "s3_answers", help, "answer", &answers)?;
+    let help = "Conditional writes whose answer was lost, by what reading the object back \
+                found: applied, not_applied, or unknown (answered SERVER_ERROR ... outcome \
+                unknown, never applied again)";
+    let settled = [
+        ("applied", n(&s3.settled_applied)),
+        ("not_applied", n(&s3.settled_not_applied)),
+        ("unknown", n(&s3.outcomes_unknown)),
+    ];
+    labelled(encoder, "s3_write_settlements", help, "outcome", &settled)?;
     let help = "Estimated cost of the S3 requests sent, in US dollars, at the configured prices";
     one(
         encoder,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::Ctx;
 use crate::flush::{Epoch, Flush};
 use crate::stats::Stats;
-use crate::store::{Entry, PutMode, Store, StoreError, Versioned};
+use crate::store::{Entry, History, PutMode, Store, StoreError, Versioned};
 
 /// How often a conditional write is tried before the command gives up on a contended key.
 pub const MAX_WRITE_ATTEMPTS: usize = 64;
@@ -290,7 +290,13 @@ impl<'c> Items<'c> {
                 (Decision::Answer(outcome), _) | (Decision::Delete(outcome), None) => {
                     return Ok(outcome)
                 }
-                (Decision::Write(entry, outcome), version) => {
+                (Decision::Write(mut entry, outcome), version) => {
+                    // The write carries on the history of the version it read, so that if
+                    // its answer is lost the store can tell whether it was applied.
+                    entry.history = match &read {
+                        Some(base) => base.entry.history.next(),
+                        None => History::start(true),
+                    };
                     let mode = version.map_or(PutMode::Create, |v| PutMode::Update(v.clone()));
                     (
                         self.ctx.store.put(&entry, mode).await.map(|_| true),
@@ -316,7 +322,9 @@ impl<'c> Items<'c> {
         Stats::incr(&self.ctx.stats.cmd_set);
         let plain = write.mode == WriteMode::Set && write.compare_cas.is_none();
         let outcome = if plain {
-            let entry = self.stamp(write.item, None, write.new_cas);
+            let mut entry = self.stamp(write.item, None, write.new_cas);
+            // A blind write reads nothing: its history starts with it.
+            entry.history = History::start(false);
             self.ctx.store.put(&entry, PutMode::Overwrite).await?;
             Written::Stored(entry)
         } else {

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 
-use s3cached::store::{clear, key_hash, Entry, PutMode, Store, StoreError};
+use s3cached::store::{clear, key_hash, Entry, History, PutMode, Store, StoreError};
 
 /// Runs every check, clearing the store between them.
 pub async fn run_all(store: &dyn Store) {
@@ -37,6 +37,8 @@ fn entry(key: &[u8], value: &[u8], cas: u64) -> Entry {
         cas,
         stale: false,
         win_sent: false,
+        // Kept as written, like every other field.
+        history: History::from_ids(vec![cas, cas / 2, 7], cas.is_multiple_of(2)),
         value: Bytes::copy_from_slice(value),
     }
 }

@@ -1,27 +1,31 @@
-//! The object format shared by every persistent backend: a fixed header, the key, the value,
-//! and (from version 2) a checksum.
+//! The object format shared by every persistent backend: a fixed header, the key, (from
+//! version 3) the write history, the value, and (from version 2) a checksum.
 //!
 //! ```text
 //! offset size field
 //!  0     4    magic "S3CD"
-//!  4     1    format version (2; 1 is still read)
+//!  4     1    format version (3; 1 and 2 are still read)
 //!  5     1    compression (0 none, 1 gzip)
-//!  6     1    state bits (1 stale, 2 recache win handed out)
-//!  7     1    reserved (0)
+//!  6     1    state bits (1 stale, 2 recache win handed out, 4 history whole since a create)
+//!  7     1    version 3: history length n (at most HISTORY_LEN); before: reserved (0)
 //!  8     2    key length
 //! 10     4    client flags
 //! 14     8    expiry, Unix seconds (0 = never)
 //! 22     8    time stored, Unix microseconds
 //! 30     8    cas unique
 //! 38     4    stored value length (after compression)
-//! 42     -    key, then value
-//!  -     4    version 2 only: CRC32 (IEEE) of every byte before it (header, key, value)
+//! 42     -    key
+//!  -     8n   version 3: write ids, newest (this object's own) first
+//!  -     -    value
+//!  -     4    version 2 and 3: CRC32 (IEEE) of every byte before it
 //! ```
 //! All integers are big-endian. The key is kept so that a SHA-1 collision is detected on read
 //! and tools can list keys; the value length catches truncated objects, and the checksum
 //! catches objects whose bytes changed (a rewrite torn by a power cut mixes old and new
 //! bytes): such an object is [`FormatError::Corrupt`], which every store reads as a miss.
-//! Version 1 objects (no checksum) are still read; only version 2 is written.
+//! Version 1 objects (no checksum) and version 2 (no history) are still read; only version 3
+//! is written. The history is what settles a write whose answer was lost (see
+//! [`History`](super::History)).
 
 use std::io::{Read, Write};
 
@@ -30,12 +34,14 @@ use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
-use super::Entry;
+use super::{Entry, History, HISTORY_LEN};
 
 pub const MAGIC: &[u8; 4] = b"S3CD";
-/// The version written; [`FORMAT_V1`] (no checksum) is still read.
-pub const FORMAT_VERSION: u8 = 2;
+/// The version written; [`FORMAT_V1`] (no checksum) and [`FORMAT_V2`] (no history) are
+/// still read.
+pub const FORMAT_VERSION: u8 = 3;
 pub const FORMAT_V1: u8 = 1;
+pub const FORMAT_V2: u8 = 2;
 pub const HEADER_BYTES: usize = 42;
 /// The CRC32 after the value in a version 2 object.
 pub const CHECKSUM_BYTES: usize = 4;
@@ -44,6 +50,9 @@ const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_GZIP: u8 = 1;
 const STATE_STALE: u8 = 1;
 const STATE_WIN_SENT: u8 = 2;
+const STATE_FROM_CREATE: u8 = 4;
+/// Bytes of one write id in the history.
+const ID_BYTES: usize = 8;
 
 /// Why an object could not be read as an item.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,7 +94,11 @@ impl Codec {
     /// anything larger under an item's name is not an item, and is not read.
     pub fn max_object_bytes(&self) -> usize {
         // A value is stored gzipped only when that makes it smaller.
-        HEADER_BYTES + crate::protocol::MAX_KEY_BYTES + self.max_value_bytes + CHECKSUM_BYTES
+        HEADER_BYTES
+            + crate::protocol::MAX_KEY_BYTES
+            + HISTORY_LEN * ID_BYTES
+            + self.max_value_bytes
+            + CHECKSUM_BYTES
     }
 
     /// Serializes an entry.
@@ -98,16 +111,23 @@ impl Codec {
             Some(z) => (COMPRESSION_GZIP, &z[..]),
             None => (COMPRESSION_NONE, &entry.value[..]),
         };
-        let mut out =
-            BytesMut::with_capacity(HEADER_BYTES + entry.key.len() + value.len() + CHECKSUM_BYTES);
+        let ids = entry.history.ids();
+        let mut out = BytesMut::with_capacity(
+            HEADER_BYTES + entry.key.len() + ids.len() * ID_BYTES + value.len() + CHECKSUM_BYTES,
+        );
         out.put_slice(MAGIC);
         out.put_u8(FORMAT_VERSION);
         out.put_u8(compression);
         out.put_u8(
             (if entry.stale { STATE_STALE } else { 0 })
-                | (if entry.win_sent { STATE_WIN_SENT } else { 0 }),
+                | (if entry.win_sent { STATE_WIN_SENT } else { 0 })
+                | (if entry.history.from_create {
+                    STATE_FROM_CREATE
+                } else {
+                    0
+                }),
         );
-        out.put_u8(0);
+        out.put_u8(ids.len() as u8);
         out.put_u16(entry.key.len() as u16);
         out.put_u32(entry.flags);
         out.put_u64(entry.expires_at);
@@ -115,6 +135,9 @@ impl Codec {
         out.put_u64(entry.cas);
         out.put_u32(value.len() as u32);
         out.put_slice(&entry.key);
+        for &id in ids {
+            out.put_u64(id);
+        }
         out.put_slice(value);
         let checksum = crc32fast::hash(&out);
         out.put_u32(checksum);
@@ -140,14 +163,15 @@ impl Codec {
     /// Parses an object written by [`encode`](Codec::encode).
     pub fn decode(&self, raw: &Bytes) -> Result<Entry, FormatError> {
         let header = Header::read(raw)?;
-        let body_len = HEADER_BYTES + header.key_len + header.value_len;
+        let value_at = header.value_at();
+        let body_len = value_at + header.value_len;
         if raw.len() != body_len + header.trailer {
             return Err(FormatError::Truncated);
         }
         if header.trailer > 0 && crc32fast::hash(&raw[..body_len]) != be32(raw, body_len) {
             return Err(FormatError::Corrupt);
         }
-        let stored = raw.slice(HEADER_BYTES + header.key_len..body_len);
+        let stored = raw.slice(value_at..body_len);
         let value = match raw[5] {
             COMPRESSION_NONE => stored,
             COMPRESSION_GZIP => gunzip(&stored, self.max_value_bytes)?,
@@ -155,6 +179,7 @@ impl Codec {
         };
         Ok(Entry {
             key: raw.slice(HEADER_BYTES..HEADER_BYTES + header.key_len),
+            history: header.history(raw),
             value,
             ..header.entry
         })
@@ -169,8 +194,13 @@ pub fn decode_header(raw: &[u8]) -> Result<Entry, FormatError> {
     let key = raw
         .get(HEADER_BYTES..HEADER_BYTES + header.key_len)
         .ok_or(FormatError::Truncated)?;
+    let history = match raw.get(..header.value_at()) {
+        Some(head) => header.history(head),
+        None => History::default(),
+    };
     Ok(Entry {
         key: Bytes::copy_from_slice(key),
+        history,
         ..header.entry
     })
 }
@@ -180,6 +210,8 @@ struct Header {
     /// Every field but the key and the value.
     entry: Entry,
     key_len: usize,
+    /// Write ids after the key (version 3).
+    history_len: usize,
     /// The stored value's length (after compression).
     value_len: usize,
     /// Bytes after the value: the checksum of a version 2 object.
@@ -198,11 +230,15 @@ impl Header {
         if &raw[0..4] != MAGIC {
             return Err(FormatError::BadMagic);
         }
-        let trailer = match raw[4] {
-            FORMAT_V1 => 0,
-            FORMAT_VERSION => CHECKSUM_BYTES,
+        let (trailer, history_len) = match raw[4] {
+            FORMAT_V1 => (0, 0),
+            FORMAT_V2 => (CHECKSUM_BYTES, 0),
+            FORMAT_VERSION => (CHECKSUM_BYTES, raw[7] as usize),
             other => return Err(FormatError::Version(other)),
         };
+        if history_len > HISTORY_LEN {
+            return Err(FormatError::Corrupt);
+        }
         let be64 = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
         Ok(Header {
             entry: Entry {
@@ -215,9 +251,25 @@ impl Header {
                 ..Entry::default()
             },
             key_len: u16::from_be_bytes([raw[8], raw[9]]) as usize,
+            history_len,
             value_len: be32(raw, 38) as usize,
             trailer,
         })
+    }
+
+    /// Where the value starts: after the key and the history.
+    fn value_at(&self) -> usize {
+        HEADER_BYTES + self.key_len + self.history_len * ID_BYTES
+    }
+
+    /// The history; `raw` holds at least everything before the value.
+    fn history(&self, raw: &[u8]) -> History {
+        let at = HEADER_BYTES + self.key_len;
+        let ids = raw[at..at + self.history_len * ID_BYTES]
+            .chunks_exact(ID_BYTES)
+            .map(|id| u64::from_be_bytes(id.try_into().expect("8 bytes")))
+            .collect();
+        History::from_ids(ids, raw[6] & STATE_FROM_CREATE != 0)
     }
 }
 
@@ -260,6 +312,7 @@ mod tests {
             cas: u64::MAX - 3,
             stale: true,
             win_sent: false,
+            history: History::default(),
             value: Bytes::copy_from_slice(value),
         }
     }
@@ -294,20 +347,56 @@ mod tests {
         raw
     }
 
+    /// `e` with a history of three writes, the chain whole since a create.
+    fn with_history(e: Entry) -> Entry {
+        Entry {
+            history: History::from_ids(vec![3, 2, u64::MAX], true),
+            ..e
+        }
+    }
+
     #[test]
-    fn version_2_ends_with_a_crc32_of_everything_before_it() {
-        let e = entry(b"the value");
+    fn version_3_holds_the_history_after_the_key_and_ends_with_a_crc32() {
+        let e = with_history(entry(b"the value"));
         let raw = Codec::default().encode(&e);
-        assert_eq!(raw[4], 2);
+        assert_eq!(raw[4], 3);
+        assert_eq!(raw[6], STATE_STALE | STATE_FROM_CREATE);
+        assert_eq!(raw[7], 3, "history length");
         let body = raw.len() - CHECKSUM_BYTES;
-        assert_eq!(body, HEADER_BYTES + e.key.len() + e.value.len());
-        let mut same_layout = v1_object(&e);
-        same_layout[4] = 2;
-        assert_eq!(raw[..body], same_layout[..]);
+        assert_eq!(body, HEADER_BYTES + e.key.len() + 3 * 8 + e.value.len());
+        // The same layout as version 1 with the history between key and value.
+        let v1 = v1_object(&e);
+        let key_end = HEADER_BYTES + e.key.len();
+        assert_eq!(raw[8..key_end], v1[8..key_end]);
+        let mut ids = Vec::new();
+        for id in [3u64, 2, u64::MAX] {
+            ids.extend(id.to_be_bytes());
+        }
+        assert_eq!(raw[key_end..key_end + 24], ids[..]);
+        assert_eq!(raw[key_end + 24..body], e.value[..]);
         // 0xCBF43926 is CRC32 (IEEE) of "123456789": the trailer is that CRC, big-endian.
         assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
         assert_eq!(raw[body..], crc32fast::hash(&raw[..body]).to_be_bytes());
-        assert_eq!(Codec::default().decode(&raw), Ok(e));
+        assert_eq!(Codec::default().decode(&raw), Ok(e.clone()));
+        let head = decode_header(&raw[..key_end + 24]).unwrap();
+        assert_eq!(head.history, e.history);
+    }
+
+    #[test]
+    fn version_2_is_still_read_without_a_history() {
+        let e = entry(b"written before histories");
+        let mut raw = v1_object(&e);
+        raw[4] = FORMAT_V2;
+        let crc = crc32fast::hash(&raw);
+        raw.extend(crc.to_be_bytes());
+        assert_eq!(Codec::default().decode(&Bytes::from(raw)), Ok(e));
+    }
+
+    #[test]
+    fn a_history_longer_than_kept_is_not_an_object() {
+        let mut raw = Codec::default().encode(&entry(b"v")).to_vec();
+        raw[7] = HISTORY_LEN as u8 + 1;
+        assert!(Codec::default().decode(&Bytes::from(raw)).is_err());
     }
 
     #[test]
@@ -331,13 +420,13 @@ mod tests {
                 gzip_min_bytes,
                 ..Codec::default()
             };
-            let e = entry(&[b'v'; 300]);
+            let e = with_history(entry(&[b'v'; 300]));
             let raw = codec.encode(&e);
             let key_at = HEADER_BYTES;
-            let value_at = key_at + e.key.len();
+            let value_at = key_at + e.key.len() + 3 * 8;
             // Header fields whose change leaves the lengths and version intact: compression,
-            // state, reserved (5..8), flags, expiry, time stored, cas (10..38).
-            let header = (5..8).chain(10..38);
+            // state (5..7), flags, expiry, time stored, cas (10..38).
+            let header = (5..7).chain(10..38);
             let key = key_at..value_at;
             let value = value_at..raw.len() - CHECKSUM_BYTES;
             let trailer = raw.len() - CHECKSUM_BYTES..raw.len();
@@ -421,6 +510,7 @@ mod tests {
         };
         let mut e = entry(&[7u8; 4096]);
         e.key = Bytes::from(vec![b'k'; crate::protocol::MAX_KEY_BYTES]);
+        e.history = History::from_ids(vec![7; HISTORY_LEN], false);
         let raw = Codec::default().encode(&e);
         assert_eq!(raw.len(), codec.max_object_bytes());
     }

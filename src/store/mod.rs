@@ -34,12 +34,92 @@ pub struct Entry {
     pub stale: bool,
     /// A meta get has already handed out the recache win for it.
     pub win_sent: bool,
+    /// The writes that led to this version: how a write whose answer was lost is settled.
+    pub history: History,
     pub value: Bytes,
+}
+
+/// Most write ids an object keeps ([`History`]): 256 bytes an object. A write whose answer
+/// was lost is recognised while fewer than this many writes followed it before it is settled
+/// (a read right after the failed attempt); see docs/design.md, "Exactly once".
+pub const HISTORY_LEN: usize = 32;
+
+/// The ids of the writes that led to a stored object, newest first: the object's own write
+/// id, then its predecessor's, and so on, at most [`HISTORY_LEN`]. A read-modify-write
+/// carries its base's history on, so a writer whose answer was lost finds its id in the
+/// object even after others wrote over it, and one whose write was not applied finds its
+/// base followed by someone else's write (see [`s3::write`](crate::store::s3)).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct History {
+    ids: Option<std::sync::Arc<[u64]>>,
+    /// The chain is whole back to a create-if-absent: nothing was dropped from it and no
+    /// blind write restarted it, so an `add` that is not in it was not the create.
+    pub from_create: bool,
+}
+
+impl History {
+    /// A chain that starts with this write: a create-if-absent (`from_create`) or a blind
+    /// write, which does not read what it replaces.
+    pub fn start(from_create: bool) -> History {
+        History::from_ids(vec![rand::random()], from_create)
+    }
+
+    /// The history of a write over this version: a new id, then this chain, the oldest ids
+    /// dropped past [`HISTORY_LEN`].
+    pub fn next(&self) -> History {
+        let old = self.ids();
+        let kept = old.len().min(HISTORY_LEN - 1);
+        let mut ids = Vec::with_capacity(kept + 1);
+        ids.push(rand::random());
+        ids.extend_from_slice(&old[..kept]);
+        History::from_ids(ids, self.from_create && kept == old.len())
+    }
+
+    /// A history as stored (newest first; at most [`HISTORY_LEN`] are kept).
+    pub fn from_ids(mut ids: Vec<u64>, from_create: bool) -> History {
+        ids.truncate(HISTORY_LEN);
+        History {
+            ids: (!ids.is_empty()).then(|| ids.into()),
+            from_create,
+        }
+    }
+
+    pub fn ids(&self) -> &[u64] {
+        self.ids.as_deref().unwrap_or_default()
+    }
+
+    /// This version's own write id (none on objects written before histories).
+    pub fn own(&self) -> Option<u64> {
+        self.ids().first().copied()
+    }
+
+    /// The write id of the version this one was written over, when it had one.
+    pub fn base(&self) -> Option<u64> {
+        self.ids().get(1).copied()
+    }
+
+    /// How many writes came after `id` (0: it is this version's own), if it is held.
+    pub fn position(&self, id: u64) -> Option<usize> {
+        self.ids().iter().position(|&i| i == id)
+    }
 }
 
 /// An opaque token for the stored object as it was read (an ETag on S3).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Version(pub String);
+
+impl Version {
+    /// What a write that was applied but already written over when it was settled returns:
+    /// its own version is unknown, so nothing may be cached as it.
+    pub fn superseded() -> Version {
+        Version(String::new())
+    }
+
+    /// Whether this names a stored object (not [`superseded`](Version::superseded)).
+    pub fn is_known(&self) -> bool {
+        !self.0.is_empty()
+    }
+}
 
 /// A stored entry and the version it was read at.
 #[derive(Debug, Clone, PartialEq, Eq)]

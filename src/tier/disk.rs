@@ -20,7 +20,7 @@ use foyer::{
     HybridCachePolicy, PsyncIoEngineConfig, RecoverMode,
 };
 
-use crate::store::{Entry, Version, Versioned};
+use crate::store::{Entry, History, Version, Versioned};
 
 /// Default disk tier size when `disk_cache_dir` is set: 1 GiB.
 pub const DEFAULT_DISK_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
@@ -190,6 +190,9 @@ impl Code for Record {
             cas: u64_at(24),
             stale: bits & 1 != 0,
             win_sent: bits & 2 != 0,
+            // Not kept on disk: a write over a version read from disk starts a new chain,
+            // and a lost answer to it is settled by the version alone.
+            history: History::default(),
             value: Bytes::from(value),
         };
         Ok(Record {

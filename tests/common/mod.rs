@@ -2,6 +2,7 @@
 //! S3-compatible server, and a raw wire client.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod proxy;
 pub mod s3;
 

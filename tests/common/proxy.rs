@@ -39,6 +39,10 @@ pub enum Mode {
     /// Apply `fault` to the next `writes` PUT or DELETE requests, then forward everything
     /// again; other requests are forwarded meanwhile.
     OnWrites { fault: WriteFault, writes: usize },
+    /// Forward everything, and close the connection instead of answering this many in a
+    /// thousand PUTs and DELETEs, chosen at random, after the store answered them (applied
+    /// or refused): lost answers under a load.
+    LoseWriteAnswers { per_mille: u32 },
 }
 
 /// What happens to a PUT or DELETE under [`Mode::OnWrites`].
@@ -62,6 +66,8 @@ pub struct Proxy {
     pub max_in_flight: Arc<AtomicUsize>,
     /// Response bytes written to clients.
     pub bytes_out: Arc<AtomicUsize>,
+    /// Answers to writes dropped under [`Mode::LoseWriteAnswers`].
+    pub answers_lost: Arc<AtomicUsize>,
     /// The head of every request received, in order (request line and headers, as sent).
     pub heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
@@ -88,6 +94,7 @@ impl Proxy {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let max_in_flight = Arc::new(AtomicUsize::new(0));
         let bytes_out = Arc::new(AtomicUsize::new(0));
+        let answers_lost = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let shared = Counters {
             heads: heads.clone(),
@@ -96,6 +103,7 @@ impl Proxy {
             in_flight: in_flight.clone(),
             max_in_flight: max_in_flight.clone(),
             bytes_out: bytes_out.clone(),
+            answers_lost: answers_lost.clone(),
         };
         let task = tokio::spawn(async move {
             loop {
@@ -115,6 +123,7 @@ impl Proxy {
             in_flight,
             max_in_flight,
             bytes_out,
+            answers_lost,
             heads,
             task,
         }
@@ -183,6 +192,7 @@ struct Counters {
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
     bytes_out: Arc<AtomicUsize>,
+    answers_lost: Arc<AtomicUsize>,
     heads: Arc<Mutex<Vec<String>>>,
 }
 
@@ -228,7 +238,7 @@ async fn serve(
         let now = counters.in_flight.fetch_add(1, SeqCst) + 1;
         counters.max_in_flight.fetch_max(now, SeqCst);
         let current = take_mode(&counters.mode, &request);
-        let result = answer(&request, upstream, current).await;
+        let result = answer(&request, upstream, current, &counters.answers_lost).await;
         counters.in_flight.fetch_sub(1, SeqCst);
         let Some(response) = result else {
             return Ok(()); // reset
@@ -241,7 +251,12 @@ async fn serve(
     Ok(())
 }
 
-async fn answer(request: &[u8], upstream: SocketAddr, mode: Mode) -> Option<Vec<u8>> {
+async fn answer(
+    request: &[u8],
+    upstream: SocketAddr,
+    mode: Mode,
+    answers_lost: &AtomicUsize,
+) -> Option<Vec<u8>> {
     let head = String::from_utf8_lossy(&request[..head_end(request).unwrap()]).to_ascii_lowercase();
     let drop: &[&str] = match mode {
         Mode::Forward(delay) => {
@@ -260,6 +275,15 @@ async fn answer(request: &[u8], upstream: SocketAddr, mode: Mode) -> Option<Vec<
                 return Some(error_response(400, "AccessControlListNotSupported"));
             }
             &[]
+        }
+        Mode::LoseWriteAnswers { per_mille } => {
+            let response = forward(request, upstream, &[]).await?;
+            let write = head.starts_with("put ") || head.starts_with("delete ");
+            if write && rand::random::<u32>() % 1000 < per_mille {
+                answers_lost.fetch_add(1, SeqCst);
+                return None;
+            }
+            return Some(response);
         }
         Mode::OnWrites { fault, .. } => {
             if let WriteFault::Refuse(status, code) = fault {

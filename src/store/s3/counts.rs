@@ -72,6 +72,14 @@ pub struct S3Requests {
     pub server_errors: AtomicU64,
     /// No answer: timeouts, refused or dropped connections.
     pub no_answer: AtomicU64,
+    /// Conditional writes whose answer was lost, settled by reading the object back: found
+    /// applied, found not applied, or not to be told (answered `SERVER_ERROR`).
+    pub settled_applied: AtomicU64,
+    pub settled_not_applied: AtomicU64,
+    pub outcomes_unknown: AtomicU64,
+    /// The most writes found after ours in a history when a write was settled applied:
+    /// how close settlements come to the history's bound.
+    pub settled_depth_max: AtomicU64,
     pub prices: S3Prices,
     /// Time of each attempt, by S3 operation and answer.
     pub latency: BackendTimings,
@@ -91,6 +99,10 @@ impl S3Requests {
             client_errors: AtomicU64::new(0),
             server_errors: AtomicU64::new(0),
             no_answer: AtomicU64::new(0),
+            settled_applied: AtomicU64::new(0),
+            settled_not_applied: AtomicU64::new(0),
+            outcomes_unknown: AtomicU64::new(0),
+            settled_depth_max: AtomicU64::new(0),
             prices,
             latency: BackendTimings::default(),
             since: std::sync::Mutex::new(tokio::time::Instant::now()),
@@ -115,6 +127,16 @@ impl S3Requests {
             Some(409 | 412) => &self.conflicts,
             Some(400..=499) => &self.client_errors,
             Some(_) => &self.server_errors,
+        });
+    }
+
+    /// Counts one write whose answer was lost, by what reading it back found (`None`: it
+    /// could not tell).
+    pub fn settled(&self, applied: Option<bool>) {
+        bump(match applied {
+            Some(true) => &self.settled_applied,
+            Some(false) => &self.settled_not_applied,
+            None => &self.outcomes_unknown,
         });
     }
 
@@ -147,6 +169,22 @@ impl S3Requests {
             ("s3_answers_client_error", self.client_errors.load(Relaxed)),
             ("s3_answers_server_error", self.server_errors.load(Relaxed)),
             ("s3_no_answer", self.no_answer.load(Relaxed)),
+            (
+                "s3_writes_settled_applied",
+                self.settled_applied.load(Relaxed),
+            ),
+            (
+                "s3_writes_settled_not_applied",
+                self.settled_not_applied.load(Relaxed),
+            ),
+            (
+                "s3_write_outcomes_unknown",
+                self.outcomes_unknown.load(Relaxed),
+            ),
+            (
+                "s3_write_settled_depth_max",
+                self.settled_depth_max.load(Relaxed),
+            ),
             ("s3_cost_nanousd", (self.cost_usd() * 1e9).round() as u64),
             (
                 "s3_cost_per_hour_nanousd",
@@ -167,6 +205,10 @@ impl S3Requests {
             &self.client_errors,
             &self.server_errors,
             &self.no_answer,
+            &self.settled_applied,
+            &self.settled_not_applied,
+            &self.outcomes_unknown,
+            &self.settled_depth_max,
         ] {
             c.store(0, Relaxed);
         }

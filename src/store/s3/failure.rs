@@ -62,12 +62,17 @@ impl Failure {
     }
 
     pub fn unavailable(&self, op: &str) -> StoreError {
+        StoreError::Unavailable(self.describe(op))
+    }
+
+    /// `S3 <op>: <status and code, or what went wrong>`.
+    pub fn describe(&self, op: &str) -> String {
         let what = match (self.status, self.code.is_empty()) {
             (Some(s), false) => format!("{} {}", s, self.code),
             (Some(s), true) => s.to_string(),
             (None, _) => self.message.clone(),
         };
-        StoreError::Unavailable(format!("S3 {op}: {what}"))
+        format!("S3 {op}: {what}")
     }
 
     pub fn is(&self, status: u16) -> bool {

@@ -194,7 +194,10 @@ impl Store for S3Store {
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
         let name = self.object_name(&entry.key);
-        self.put_raw(&name, self.codec.encode(entry), &mode).await
+        // Entries written before histories (or by tools) settle by their bytes alone.
+        let history = Some(&entry.history).filter(|h| h.own().is_some());
+        self.put_raw(&name, self.codec.encode(entry), &mode, history)
+            .await
     }
 
     async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError> {
@@ -264,7 +267,8 @@ impl Store for S3Store {
         body: Bytes,
         mode: PutMode,
     ) -> Result<Version, StoreError> {
-        self.put_raw(&self.control_name(name), body, &mode).await
+        self.put_raw(&self.control_name(name), body, &mode, None)
+            .await
     }
 
     fn info(&self) -> StoreInfo {

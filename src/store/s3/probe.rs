@@ -54,9 +54,9 @@ impl S3Store {
         let name = self.control_name(&format!("probe-{:016x}", rand::random::<u64>()));
         // Two different bodies, so a lost answer to the second is never taken for success.
         let first = Bytes::from_static(b"probe 1");
-        self.put_raw(&name, first, &PutMode::Create).await?;
+        self.put_raw(&name, first, &PutMode::Create, None).await?;
         let second = Bytes::from_static(b"probe 2");
-        let second = self.put_raw(&name, second, &PutMode::Create).await;
+        let second = self.put_raw(&name, second, &PutMode::Create, None).await;
         let _ = self
             .client
             .delete_object()

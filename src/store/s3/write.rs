@@ -4,14 +4,20 @@
 //! conditional PUT that is wrong: if the first attempt was applied and only its answer was
 //! lost, the retry finds its own write and gets 412, which reads as a lost race, and the
 //! command applies again (an `incr` twice; an `add` that succeeded answers `NOT_STORED`).
-//! So PUTs are sent with SDK retries off and retried here. After an attempt whose fate is
-//! unknown, a 412 (or running out of attempts) is settled by reading the object: every
-//! body we write is unique (the item header holds its cas and a microsecond write stamp;
-//! see [`format`](crate::store::format)), so if the stored bytes are ours, our write is the
-//! one stored and the PUT succeeded. The window left: our write applied, then replaced by
-//! another writer before the read; the command then re-applies, as if it had lost a race.
-//! DELETEs likewise: after an unknown outcome, a 404 or 412 with the object gone means the
-//! delete took effect (a `delete` that happened answers `DELETED`, not `NOT_FOUND`).
+//! So PUTs are sent with SDK retries off and retried here, and an attempt whose fate is
+//! unknown is settled at once by reading the object back ([`Settled`]):
+//! - an item carries the ids of the writes that led to it ([`History`]), so a write that was
+//!   applied is recognised by its id even after other writers followed it;
+//! - a write that was not applied finds the version it was written over still stored (it is
+//!   sent again, the same bytes under the same condition, so at most one attempt lands) or
+//!   followed by another writer's (a lost race: the command decides again on a fresh read);
+//! - when the object cannot tell (the base deleted, the history overrun or restarted by a
+//!   blind `set`), the command answers `SERVER_ERROR ... outcome unknown` rather than risk
+//!   applying twice, counted in `s3_write_outcomes_unknown`.
+//!
+//! Control objects have no history: the stored bytes being ours (every body is unique) is
+//! the only proof there. DELETEs likewise: after an unknown outcome, the object gone means
+//! the delete took effect, the version still there that it did not.
 
 use std::time::Duration;
 
@@ -24,7 +30,7 @@ use tokio::time::Instant;
 use super::failure::Failure;
 use super::read::Fetched;
 use super::{S3Settings, S3Store};
-use crate::store::{PutMode, StoreError, Version};
+use crate::store::{History, PutMode, StoreError, Version};
 
 /// How often a 409 conflict is retried before giving up.
 const MAX_CONFLICT_RETRIES: u32 = 5;
@@ -61,17 +67,32 @@ enum Attempt {
     Unknown(Failure),
 }
 
+/// What the object read after an attempt whose answer was lost tells of that attempt.
+#[derive(Debug)]
+enum Settled {
+    /// It was applied: its version, or [`Version::superseded`] when others wrote after it.
+    Applied(Version),
+    /// It was not, and the precondition still holds: the same bytes may be sent again.
+    NotApplied,
+    /// It was not, and never will be: another writer's write took its place.
+    Lost(StoreError),
+}
+
 impl S3Store {
     /// Writes `body` under `name` as `mode` allows, exactly once, within one operation deadline
-    /// (plus one attempt's time to settle an unknown outcome).
+    /// (plus one attempt's time to settle each unknown outcome). `history` is the item's
+    /// (control objects have none).
     pub(super) async fn put_raw(
         &self,
         name: &str,
         body: Bytes,
         mode: &PutMode,
+        history: Option<&History>,
     ) -> Result<Version, StoreError> {
         let deadline = self.deadline();
         let conditional = *mode != PutMode::Overwrite;
+        // An attempt whose answer was lost may still land (a timeout cuts our wait, not the
+        // request): a later refusal may be its doing, and the object decides.
         let mut maybe_applied = false;
         let (mut attempts, mut conflicts) = (0u32, 0u32);
         let err = loop {
@@ -80,8 +101,20 @@ impl S3Store {
             let sent_acl = acl.is_some();
             let f = match self.put_once(name, &body, mode, acl, deadline).await {
                 Attempt::Applied(version) => return Ok(version),
+                Attempt::Unknown(f) if conditional => {
+                    maybe_applied = true;
+                    match self.settled(name, &body, mode, history, &f).await? {
+                        Settled::NotApplied => {}
+                        Settled::Applied(version) => return Ok(version),
+                        Settled::Lost(e) => return Err(e),
+                    }
+                    if attempts >= self.max_attempts || Instant::now() >= deadline {
+                        return Err(unknown("PutObject", &f));
+                    }
+                    pause(RETRY_BASE_MS << (attempts - 1).min(6), deadline).await;
+                    continue;
+                }
                 Attempt::Unknown(f) => {
-                    maybe_applied |= conditional;
                     if attempts >= self.max_attempts || Instant::now() >= deadline {
                         break f.unavailable("PutObject");
                     }
@@ -114,14 +147,115 @@ impl S3Store {
                 }
                 _ => f.unavailable("PutObject"),
             };
-            break err;
+            break if maybe_applied && matches!(err, StoreError::Exists | StoreError::Changed) {
+                // Refused because an earlier attempt landed late, or lost to another writer.
+                match self.settled(name, &body, mode, history, &f).await? {
+                    Settled::Applied(version) => return Ok(version),
+                    Settled::Lost(e) => e,
+                    // Refused, yet the precondition holds again: a race with a delete or a
+                    // rewrite; the command decides again.
+                    Settled::NotApplied => err,
+                }
+            } else {
+                err
+            };
         };
-        // An earlier attempt may have been applied: what is stored decides.
-        if maybe_applied {
-            self.settle(name, &body, err).await
-        } else {
-            Err(err)
+        Err(err)
+    }
+
+    /// Settles an attempt whose answer was lost (`why`); an outcome the object cannot tell
+    /// becomes the error the command answers, counted.
+    async fn settled(
+        &self,
+        name: &str,
+        body: &Bytes,
+        mode: &PutMode,
+        history: Option<&History>,
+        why: &Failure,
+    ) -> Result<Settled, StoreError> {
+        let settled = self
+            .settle(name, body, mode, history)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(object = %name, cause = %e, "could not read back a write");
+                None
+            });
+        let counts = &self.requests;
+        match settled {
+            Some(settled) => {
+                counts.settled(Some(matches!(settled, Settled::Applied(_))));
+                tracing::debug!(object = %name, ?settled, "settled a write whose answer was lost");
+                Ok(settled)
+            }
+            None => {
+                counts.settled(None);
+                tracing::warn!(object = %name, "a write whose answer was lost cannot be settled");
+                Err(unknown("PutObject", why))
+            }
         }
+    }
+
+    /// Reads the object after an attempt whose answer was lost: what does it say of it
+    /// (`None`: it cannot tell)?
+    async fn settle(
+        &self,
+        name: &str,
+        body: &Bytes,
+        mode: &PutMode,
+        history: Option<&History>,
+    ) -> Result<Option<Settled>, StoreError> {
+        let deadline = Instant::now() + self.attempt_timeout;
+        let limit = self.codec.max_object_bytes().max(body.len());
+        let (stored, version) = match self.read_object(name, limit, deadline).await? {
+            Fetched::Body(stored, version) => (stored, version),
+            // Still absent: a create was not applied (a create applied and already deleted
+            // again reads the same; see docs/design.md).
+            Fetched::Missing if *mode == PutMode::Create => return Ok(Some(Settled::NotApplied)),
+            // The base is gone: deleted before our write, or after it.
+            Fetched::Missing | Fetched::TooLarge(_) | Fetched::NotModified => return Ok(None),
+        };
+        if stored == *body {
+            return Ok(Some(Settled::Applied(version)));
+        }
+        if matches!(mode, PutMode::Update(base) if *base == version) {
+            return Ok(Some(Settled::NotApplied));
+        }
+        let (Some(ours), Ok(current)) =
+            (history.and_then(History::own), self.codec.decode(&stored))
+        else {
+            // No history to look in (a control object, or a foreign object now): another
+            // writer's bytes are there, so ours lost, unless ours landed and was replaced.
+            return Ok(match mode {
+                PutMode::Create if history.is_none() => Some(Settled::Lost(StoreError::Exists)),
+                PutMode::Update(_) if history.is_none() => Some(Settled::Lost(StoreError::Changed)),
+                _ => None,
+            });
+        };
+        let current = current.history;
+        if let Some(after) = current.position(ours) {
+            // Ours, with `after` writes since.
+            self.requests
+                .settled_depth_max
+                .fetch_max(after as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(Some(Settled::Applied(if after == 0 {
+                version
+            } else {
+                Version::superseded()
+            })));
+        }
+        Ok(match mode {
+            // Our base followed by another writer's write: only one write can follow a
+            // version, so ours was not applied and never will be.
+            PutMode::Update(_) => match history.and_then(History::base) {
+                Some(base) if current.position(base).is_some_and(|at| at > 0) => {
+                    Some(Settled::Lost(StoreError::Changed))
+                }
+                _ => None,
+            },
+            // The whole chain since the object's create, and ours not in it.
+            PutMode::Create if current.from_create => Some(Settled::Lost(StoreError::Exists)),
+            _ => None,
+        })
     }
 
     /// Removes `name` (only if still at `version`, when given), exactly once; `Ok(false)`
@@ -176,10 +310,23 @@ impl S3Store {
         if !maybe_applied {
             return Err(err);
         }
-        // An earlier attempt may have removed it: gone means the delete took effect.
+        // An earlier attempt may have removed it: gone means the delete took effect (or
+        // another's did, which answers the same).
         let deadline = Instant::now() + self.attempt_timeout;
-        match self.read_object(name, 0, deadline).await? {
-            Fetched::Missing => Ok(true),
+        match self.read_object(name, 0, deadline).await {
+            Ok(Fetched::Missing) => {
+                self.requests.settled(Some(true));
+                Ok(true)
+            }
+            // Refused, yet an earlier attempt may have landed and the key been written again
+            // since: which came first cannot be told.
+            _ if err == StoreError::Changed => {
+                self.requests.settled(None);
+                tracing::warn!(object = %name, "a delete whose answer was lost cannot be settled");
+                Err(StoreError::Unavailable(
+                    "S3 DeleteObject: answer lost; outcome unknown".into(),
+                ))
+            }
             _ => Err(err),
         }
     }
@@ -228,24 +375,12 @@ impl S3Store {
             Err(_) => Attempt::Unknown(Failure::timeout()),
         }
     }
+}
 
-    /// After an attempt whose fate is unknown: reads the object, and if it holds exactly the
-    /// bytes we wrote, our write is the one stored; otherwise the write answers `otherwise`.
-    async fn settle(
-        &self,
-        name: &str,
-        body: &Bytes,
-        otherwise: StoreError,
-    ) -> Result<Version, StoreError> {
-        let deadline = Instant::now() + self.attempt_timeout;
-        match self.read_object(name, body.len(), deadline).await? {
-            Fetched::Body(stored, version) if stored == *body => {
-                tracing::debug!(object = %name, "a PUT whose answer was lost had been applied");
-                Ok(version)
-            }
-            _ => Err(otherwise),
-        }
-    }
+/// The error of a write whose outcome cannot be known: the command answers it rather than
+/// risk applying twice.
+fn unknown(op: &str, why: &Failure) -> StoreError {
+    StoreError::Unavailable(format!("{}; outcome unknown", why.describe(op)))
 }
 
 /// Per-call SDK settings for writes: no retries (this module retries them).

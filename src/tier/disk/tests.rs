@@ -14,6 +14,7 @@ fn record(value: &[u8], cas: u64) -> Record {
                 cas,
                 stale: true,
                 win_sent: false,
+                history: History::default(),
                 value: Bytes::copy_from_slice(value),
             },
             version: Version("\"0123456789abcdef\"".into()),
