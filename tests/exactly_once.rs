@@ -2,7 +2,10 @@
 //! bucket, behind a proxy that loses a tenth of the answers to PUTs and DELETEs after S3
 //! answered them. Every acknowledged command applied once and only once, every answer
 //! possible in some order, and every `SERVER_ERROR` says that its outcome is unknown.
-//! Final values are read through a third replica in strict mode, straight from S3.
+//! Final values are read through a third replica in strict mode, straight from S3. The
+//! counter run is a history check in Jepsen's manner (every increment answers the value it
+//! made, so the answers must be distinct and fill the count) over a random mix of commands;
+//! `EXACTLY_ONCE_OPS=500` makes it a long run.
 
 mod common;
 
@@ -12,6 +15,8 @@ use std::sync::atomic::Ordering::SeqCst;
 use common::binary::frame as binary_frame;
 use common::proxy::{Mode, Proxy};
 use common::{s3_endpoint, unique_prefix, Backend, Client, TestServer};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use s3cached::config::Config;
 use s3cached::store::HISTORY_LEN;
 
@@ -63,6 +68,27 @@ impl Replicas {
         }
     }
 
+    /// Runs `n` writers at once, writer `i` on its own connection ([`writer`](Self::writer)).
+    async fn each<T, F, Fut>(&self, n: usize, f: F) -> Vec<T>
+    where
+        F: Fn(usize, Client) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let f = &f;
+        let runs = (0..n).map(|i| async move { f(i, self.writer(i).await).await });
+        futures::future::join_all(runs).await
+    }
+
+    /// Sets `key` through A, with every answer delivered.
+    async fn set(&self, key: &str, value: &str) {
+        let request = format!("set {key} 0 0 {}\r\n{value}\r\n", value.len());
+        self.a
+            .client()
+            .await
+            .roundtrip(request.as_bytes(), b"STORED\r\n")
+            .await;
+    }
+
     fn lose_answers(&self) {
         self.proxy.set(Mode::LoseWriteAnswers {
             per_mille: LOST_PER_MILLE,
@@ -90,6 +116,11 @@ impl Replicas {
         );
         println!("deepest settlement: {depth} writes after ours");
         (lost, settled)
+    }
+
+    /// `key`'s value as S3 holds it now, a number (a counter's; a `decr` may leave spaces).
+    async fn number(&self, key: &str) -> u64 {
+        self.value(key).await.unwrap().trim().parse().unwrap()
     }
 
     /// `key`'s value as S3 holds it now.
@@ -138,27 +169,41 @@ impl Answers {
     }
 }
 
-/// A binary increment by 1 of a counter that exists (no create): the new value, or the
-/// error's text.
-async fn binary_incr(c: &mut Client, key: &str) -> String {
-    let mut extras = Vec::new();
-    extras.extend(1u64.to_be_bytes());
-    extras.extend(0u64.to_be_bytes());
-    extras.extend(u32::MAX.to_be_bytes());
-    c.send(&binary_frame(0x05, key.as_bytes(), &extras, b"", 0, 7))
+/// One binary request: the reply's status and body.
+async fn binary_call(
+    c: &mut Client,
+    op: u8,
+    key: &str,
+    extras: &[u8],
+    value: &[u8],
+) -> (u16, Vec<u8>) {
+    c.send(&binary_frame(op, key.as_bytes(), extras, value, 0, 7))
         .await;
     let header = c.read_exact(24).await;
     let status = u16::from_be_bytes([header[6], header[7]]);
     let body_len = u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize;
-    let body = c.read_exact(body_len).await;
-    if status == 0 {
-        u64::from_be_bytes(body[..8].try_into().unwrap()).to_string()
-    } else {
-        format!(
-            "SERVER_ERROR {status:#x} {}",
-            String::from_utf8_lossy(&body)
-        )
+    (status, c.read_exact(body_len).await)
+}
+
+/// A binary reply as the text protocol's words: `ok` on success, else the error's text.
+fn binary_answer(status: u16, body: &[u8], ok: impl FnOnce(&[u8]) -> String) -> String {
+    match status {
+        0 => ok(body),
+        _ => format!("SERVER_ERROR {status:#x} {}", String::from_utf8_lossy(body)),
     }
+}
+
+/// A binary increment (0x05) or decrement (0x06) by 1 of a counter that exists (no
+/// create): the new value, or the error's text.
+async fn binary_arith(c: &mut Client, op: u8, key: &str) -> String {
+    let mut extras = Vec::new();
+    extras.extend(1u64.to_be_bytes());
+    extras.extend(0u64.to_be_bytes());
+    extras.extend(u32::MAX.to_be_bytes());
+    let (status, body) = binary_call(c, op, key, &extras, b"").await;
+    binary_answer(status, &body, |b| {
+        u64::from_be_bytes(b[..8].try_into().unwrap()).to_string()
+    })
 }
 
 #[tokio::test]
@@ -166,67 +211,120 @@ async fn counters_count_every_acknowledged_increment_once() {
     if !common::have_s3() {
         return;
     }
-    const EACH: usize = 25;
+    // Commands per writer: EXACTLY_ONCE_OPS for a long run, 25 in the suite.
+    let each: usize = std::env::var("EXACTLY_ONCE_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25);
+    let seed: u64 = rand::random();
+    println!("seed {seed}, {each} commands per writer");
     let r = Replicas::start("once-incr").await;
-    r.a.client()
-        .await
-        .roundtrip(b"set n 0 0 1\r\n0\r\n", b"STORED\r\n")
-        .await;
+    r.set("n", "0").await;
+    r.set("d", &DECR_FROM.to_string()).await;
     r.lose_answers();
-    // Classic incr, meta `ma` and binary increment, through both replicas.
-    let writers = (0..WRITERS).map(|i| {
-        let r = &r;
-        async move {
-            let mut c = r.writer(i).await;
+    // A random mix, through both replicas: classic incr, meta `ma`, and `touch` and `gat`,
+    // which rewrite the item and must neither undo an increment nor be applied over one
+    // they did not read; every fourth writer speaks the binary protocol (increment).
+    let runs = r
+        .each(WRITERS, |i, mut c| async move {
+            let mut rng = StdRng::seed_from_u64(seed ^ i as u64);
             let mut replies = Vec::new();
-            for _ in 0..EACH {
-                let reply = match i % 4 {
-                    0 | 1 => {
+            for _ in 0..each {
+                let kind = match i % 4 {
+                    3 => [2, 6][rng.random_range(0..2)],
+                    _ => [0, 1, 3, 4, 5][rng.random_range(0..5)],
+                };
+                let reply = match kind {
+                    0 => {
                         c.send(b"incr n 1\r\n").await;
                         reply(&mut c).await
                     }
-                    2 => {
+                    1 => {
                         c.send(b"ma n v\r\n").await;
                         let r = reply(&mut c).await;
                         r.rsplit(' ').next().unwrap().to_owned()
                     }
-                    _ => binary_incr(&mut c, "n").await,
+                    2 => binary_arith(&mut c, 0x05, "n").await,
+                    3 => {
+                        c.send(b"touch n 0\r\n").await;
+                        reply(&mut c).await
+                    }
+                    5 => {
+                        c.send(b"decr d 1\r\n").await;
+                        reply(&mut c).await
+                    }
+                    6 => binary_arith(&mut c, 0x06, "d").await,
+                    _ => {
+                        c.send(b"gat 0 n\r\n").await;
+                        let got = String::from_utf8(c.read_until(b"\r\n").await).unwrap();
+                        if !got.starts_with("VALUE") {
+                            got.trim_end().to_owned()
+                        } else {
+                            if !got.ends_with("END\r\n") {
+                                c.read_until(b"END\r\n").await;
+                            }
+                            "TOUCHED".to_owned()
+                        }
+                    }
                 };
-                replies.push(reply);
+                replies.push((kind, reply));
             }
             replies
+        })
+        .await;
+    let mut answers: [Answers; 3] = Default::default();
+    for (kind, reply) in runs.into_iter().flatten() {
+        match kind {
+            3 | 4 => answers[2].add(reply, |r| r == "TOUCHED"),
+            5 | 6 => answers[1].add(reply, |r| r.parse::<u64>().is_ok()),
+            _ => answers[0].add(reply, |r| r.parse::<u64>().is_ok()),
         }
-    });
-    let mut answers = Answers::default();
-    for reply in futures::future::join_all(writers)
-        .await
-        .into_iter()
-        .flatten()
-    {
-        answers.add(reply, |r| r.parse::<u64>().is_ok());
     }
+    let [increments, decrements, touches] = answers;
     let (lost, settled) = r.stop_losing().await;
-    let total: u64 = r.value("n").await.unwrap().trim().parse().unwrap();
-    let acked: Vec<u64> = answers.acked.iter().map(|v| v.parse().unwrap()).collect();
-    // Every acknowledged increment saw its own value: none twice, none past the total.
-    let distinct: HashSet<u64> = acked.iter().copied().collect();
+    let (n, errors) = counted_once(&increments, r.number("n").await, |v| v);
+    let (d, _) = counted_once(&decrements, r.number("d").await, |v| DECR_FROM - v);
+    for a in [&increments, &decrements, &touches] {
+        a.few_errors(WRITERS * each);
+    }
+    println!(
+        "incr/decr: {n} increments, {d} decrements acknowledged, {errors} unknown; {} touches; \
+         {lost} answers lost, {settled} writes settled by reading back",
+        touches.acked.len()
+    );
+}
+
+/// Where the decrementing counter starts.
+const DECR_FROM: u64 = 1_000_000;
+
+/// Checks a counter moved by 1 per command against the answers: each acknowledged command
+/// answered the value it made, so those are distinct and within the count, and the count is
+/// at least the acknowledged commands and at most those and the unknown ones. `steps`
+/// turns a value into the commands it took to reach it. Returns the acknowledged count and
+/// the unknown ones.
+fn counted_once(answers: &Answers, value: u64, steps: impl Fn(u64) -> u64) -> (u64, u64) {
+    let total = steps(value);
+    let made: Vec<u64> = answers
+        .acked
+        .iter()
+        .map(|v| steps(v.parse().unwrap()))
+        .collect();
+    let distinct: HashSet<u64> = made.iter().copied().collect();
     assert_eq!(
         distinct.len(),
-        acked.len(),
-        "two increments answered one value"
+        made.len(),
+        "two commands answered one value"
     );
-    assert!(acked.iter().all(|&v| (1..=total).contains(&v)));
-    // Applied once: at least every acknowledged one, at most those and the unknown ones.
-    let (n, errors) = (acked.len() as u64, answers.errors.len() as u64);
+    assert!(
+        made.iter().all(|&v| (1..=total).contains(&v)),
+        "an answer past the count {total}"
+    );
+    let (n, errors) = (made.len() as u64, answers.errors.len() as u64);
     assert!(
         (n..=n + errors).contains(&total),
-        "{n} increments acknowledged, {errors} unknown, the counter is {total}"
+        "{n} acknowledged, {errors} unknown, the count is {total}"
     );
-    answers.few_errors(WRITERS * EACH);
-    println!(
-        "incr: {n} acknowledged, {errors} unknown, total {total}; {lost} answers lost, \
-         {settled} writes settled by reading back"
-    );
+    (n, errors)
 }
 
 #[tokio::test]
@@ -236,28 +334,43 @@ async fn appends_land_once_each() {
     }
     const EACH: usize = 15;
     let r = Replicas::start("once-append").await;
-    r.a.client()
-        .await
-        .roundtrip(b"set s 0 0 1\r\n-\r\n", b"STORED\r\n")
-        .await;
+    r.set("s", "-").await;
     r.lose_answers();
-    // Writer i appends (or, every other writer, prepends) its own letter.
-    let writers = (0..WRITERS).map(|i| {
-        let r = &r;
-        async move {
-            let mut c = r.writer(i).await;
+    // Writer i appends and prepends its own letter: classic `append` and `prepend`, meta
+    // `ms` in modes A and P, or (every fourth writer) binary APPEND and PREPEND.
+    let runs = r
+        .each(WRITERS, |i, mut c| async move {
             let letter = (b'a' + i as u8) as char;
-            let verb = if i % 4 < 2 { "append" } else { "prepend" };
             let mut answers = Answers::default();
-            for _ in 0..EACH {
-                c.send(format!("{verb} s 0 0 1\r\n{letter}\r\n").as_bytes())
-                    .await;
-                answers.add(reply(&mut c).await, |r| r == "STORED");
+            for n in 0..EACH {
+                let ok = match (i % 4, n % 2) {
+                    (3, mode) => {
+                        let op = [0x0e, 0x0f][mode];
+                        let (status, body) =
+                            binary_call(&mut c, op, "s", b"", letter.to_string().as_bytes()).await;
+                        answers.add(binary_answer(status, &body, |_| "STORED".into()), |r| {
+                            r == "STORED"
+                        });
+                        continue;
+                    }
+                    (2, mode) => {
+                        let m = ["A", "P"][mode];
+                        c.send(format!("ms s 1 M{m}\r\n{letter}\r\n").as_bytes())
+                            .await;
+                        "HD"
+                    }
+                    (_, mode) => {
+                        let verb = ["append", "prepend"][mode];
+                        c.send(format!("{verb} s 0 0 1\r\n{letter}\r\n").as_bytes())
+                            .await;
+                        "STORED"
+                    }
+                };
+                answers.add(reply(&mut c).await, |r| r == ok);
             }
             (letter, answers)
-        }
-    });
-    let runs = futures::future::join_all(writers).await;
+        })
+        .await;
     let (lost, _) = r.stop_losing().await;
     let value = r.value("s").await.unwrap();
     let mut counts = BTreeMap::new();
@@ -295,17 +408,15 @@ async fn concurrent_adds_store_exactly_one() {
     let mut errors = Answers::default();
     for round in 0..ROUNDS {
         let key = format!("add{round}");
-        let adders = (0..ADDERS).map(|i| {
-            let (r, key) = (&r, &key);
-            async move {
-                let mut c = r.writer(i).await;
+        let key = &key;
+        let replies = r
+            .each(ADDERS, |i, mut c| async move {
                 let value = format!("w{i:02}");
                 c.send(format!("add {key} 0 0 3\r\n{value}\r\n").as_bytes())
                     .await;
                 (value, reply(&mut c).await)
-            }
-        });
-        let replies = futures::future::join_all(adders).await;
+            })
+            .await;
         let stored: Vec<&String> = replies
             .iter()
             .filter(|(_, reply)| reply == "STORED")
@@ -317,7 +428,7 @@ async fn concurrent_adds_store_exactly_one() {
         assert_eq!(stored.len(), 1, "round {round}: {replies:?}");
         r.proxy.set(Mode::Forward(std::time::Duration::ZERO));
         assert_eq!(
-            r.value(&key).await.as_ref(),
+            r.value(key).await.as_ref(),
             Some(stored[0]),
             "round {round}"
         );
@@ -340,15 +451,10 @@ async fn cas_loops_apply_each_success_once() {
     /// Bounds a writer's tries (a cas that loses a race tries again).
     const MAX_TRIES: usize = 400;
     let r = Replicas::start("once-cas").await;
-    r.a.client()
-        .await
-        .roundtrip(b"set c 0 0 1\r\n0\r\n", b"STORED\r\n")
-        .await;
+    r.set("c", "0").await;
     r.lose_answers();
-    let writers = (0..WRITERS).map(|i| {
-        let r = &r;
-        async move {
-            let mut c = r.writer(i).await;
+    let runs = r
+        .each(WRITERS, |i, mut c| async move {
             let (mut answers, mut tries) = (Answers::default(), 0);
             while answers.acked.len() + answers.errors.len() < EACH {
                 tries += 1;
@@ -367,9 +473,8 @@ async fn cas_loops_apply_each_success_once() {
                 }
             }
             answers
-        }
-    });
-    let runs = futures::future::join_all(writers).await;
+        })
+        .await;
     let (lost, _) = r.stop_losing().await;
     let total: usize = r.value("c").await.unwrap().trim().parse().unwrap();
     let n: usize = runs.iter().map(|a| a.acked.len()).sum();
@@ -384,4 +489,54 @@ async fn cas_loops_apply_each_success_once() {
     };
     all.few_errors(WRITERS * EACH);
     println!("cas: {n} acknowledged, {unknown} unknown, total {total}; {lost} answers lost");
+}
+
+#[tokio::test]
+async fn concurrent_deletes_remove_the_item_and_answer_from_it() {
+    if !common::have_s3() {
+        return;
+    }
+    const ROUNDS: usize = 8;
+    let r = Replicas::start("once-delete").await;
+    let mut errors = Answers::default();
+    for round in 0..ROUNDS {
+        let key = format!("del{round}");
+        r.set(&key, "v").await;
+        let lost_before = r.proxy.answers_lost.load(SeqCst);
+        r.lose_answers();
+        let key = &key;
+        // Classic delete and meta `md`, through both replicas.
+        let replies = r
+            .each(WRITERS, |i, mut c| async move {
+                match i % 2 {
+                    0 => c.send(format!("delete {key}\r\n").as_bytes()).await,
+                    _ => c.send(format!("md {key}\r\n").as_bytes()).await,
+                }
+                reply(&mut c).await
+            })
+            .await;
+        r.proxy.set(Mode::Forward(std::time::Duration::ZERO));
+        let lost = r.proxy.answers_lost.load(SeqCst) - lost_before;
+        let mut deleted = 0;
+        for reply in &replies {
+            errors.add(reply.clone(), |r| {
+                matches!(r, "DELETED" | "NOT_FOUND" | "HD" | "NF")
+            });
+            deleted += usize::from(reply == "DELETED" || reply == "HD");
+        }
+        // One delete removed it; another answers DELETED only if its own answer was lost
+        // after the item was gone (it cannot tell whose delete that was).
+        assert!(
+            (1..=1 + lost).contains(&deleted),
+            "round {round}: {deleted} deleted with {lost} answers lost: {replies:?}"
+        );
+        assert_eq!(r.value(key).await, None, "round {round}: the item is gone");
+    }
+    r.lose_answers();
+    let (lost, _) = r.stop_losing().await;
+    errors.few_errors(ROUNDS * WRITERS);
+    println!(
+        "delete: {ROUNDS} rounds of {WRITERS}; {} unknown; {lost} answers lost",
+        errors.errors.len()
+    );
 }
