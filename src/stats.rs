@@ -89,6 +89,7 @@ counters!(
     cull_last_duration_ms,
     flush_objects_removed,
     tier_hits,
+    tier_miss_hits,
     tier_stale,
     tier_misses,
     tier_revalidated_unchanged,

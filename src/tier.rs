@@ -85,9 +85,9 @@ impl foyer::EventListener for EvictionCounter {
     }
 }
 
-/// One item in RAM and when the backend last vouched for it.
+/// One item in RAM, or a remembered miss (`None`), and when the backend last vouched for it.
 struct Cached {
-    item: Versioned,
+    item: Option<Versioned>,
     /// Milliseconds since the tier started, when the backend last confirmed this version.
     checked_at_ms: AtomicU64,
 }
@@ -162,7 +162,8 @@ impl Tiered {
             let capacity = usize::try_from(config.ram_bytes).unwrap_or(usize::MAX);
             foyer::CacheBuilder::new(capacity)
                 .with_weighter(|key: &Bytes, cached: &Arc<Cached>| {
-                    key.len() + cached.item.entry.value.len() + ENTRY_OVERHEAD_BYTES
+                    let value = cached.item.as_ref().map_or(0, |i| i.entry.value.len());
+                    key.len() + value + ENTRY_OVERHEAD_BYTES
                 })
                 .with_eviction_config(foyer::S3FifoConfig::default())
                 .with_event_listener(Arc::new(EvictionCounter(stats.clone())))
@@ -188,6 +189,11 @@ impl Tiered {
         self
     }
 
+    /// RAM's item for `key`, fresh or not (a remembered miss is no item to revalidate).
+    fn ram_item(&self, key: &[u8]) -> Option<Arc<Cached>> {
+        self.ram_get(key).filter(|cached| cached.item.is_some())
+    }
+
     /// RAM's entry for `key`, fresh or not.
     fn ram_get(&self, key: &[u8]) -> Option<Arc<Cached>> {
         self.ram
@@ -205,18 +211,19 @@ impl Tiered {
         TierNow(self.now_ms())
     }
 
-    /// The item for `key` if RAM holds one the backend confirmed within the window: no I/O.
-    /// The caller counts the hit.
-    pub fn peek_fresh(&self, key: &[u8]) -> Option<Versioned> {
+    /// What RAM knows of `key` if the backend confirmed it within the window: the item, or
+    /// `Some(None)` for a remembered miss; `None` when RAM cannot answer. No I/O. The caller
+    /// counts the hit.
+    pub fn peek_fresh(&self, key: &[u8]) -> Option<Option<Versioned>> {
         self.peek_fresh_cached(key, self.now())
             .map(|cached| cached.item.clone())
     }
 
     /// [`peek_fresh`](Tiered::peek_fresh) without the version, for answering a get, at the
     /// moment `now`: no heap allocation (the entry's bytes are shared).
-    pub fn peek_fresh_entry(&self, key: &[u8], now: TierNow) -> Option<Entry> {
+    pub fn peek_fresh_entry(&self, key: &[u8], now: TierNow) -> Option<Option<Entry>> {
         self.peek_fresh_cached(key, now)
-            .map(|cached| cached.item.entry.clone())
+            .map(|cached| cached.item.as_ref().map(|item| item.entry.clone()))
     }
 
     fn peek_fresh_cached(&self, key: &[u8], now: TierNow) -> Option<Arc<Cached>> {
@@ -230,7 +237,7 @@ impl Tiered {
     /// without writing (`add` finding an item, `cas` a different unique), which a stale RAM
     /// entry would mislead.
     pub async fn get_confirmed(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
-        let known = self.ram_get(key);
+        let known = self.ram_item(key);
         self.load(key, known, false).await
     }
 
@@ -319,11 +326,27 @@ impl Tiered {
             disk.insert(item.entry.key.clone(), record);
         }
         if let Some(ram) = &self.ram {
+            let key = item.entry.key.clone();
             let cached = Cached {
-                item,
+                item: Some(item),
                 checked_at_ms: AtomicU64::new(checked_ms),
             };
-            ram.insert(cached.item.entry.key.clone(), Arc::new(cached));
+            ram.insert(key, Arc::new(cached));
+        }
+    }
+
+    /// Remembers that the backend had nothing under `key` at `checked_ms`, so repeated
+    /// misses within the window cost no backend read (RAM only; the disk drops the key).
+    fn remember_miss(&self, key: &[u8], checked_ms: u64) {
+        if let Some(disk) = &self.disk {
+            disk.remove(key);
+        }
+        if let Some(ram) = &self.ram {
+            let cached = Cached {
+                item: None,
+                checked_at_ms: AtomicU64::new(checked_ms),
+            };
+            ram.insert(Bytes::copy_from_slice(key), Arc::new(cached));
         }
     }
 
@@ -392,8 +415,8 @@ impl Tiered {
         let disk = self.disk.clone().filter(|_| known.is_none());
         let window_ms = self.base_ms;
         async move {
-            if let Some(cached) = known {
-                return read.revalidate(&cached.item, false).await;
+            if let Some(item) = known.as_ref().and_then(|cached| cached.item.as_ref()) {
+                return read.revalidate(item, false).await;
             }
             let Some(disk) = disk else {
                 return read.get().await;
@@ -501,10 +524,16 @@ impl WriteGuard<'_> {
     /// Ends the write: what the backend acknowledged enters the tier, unless another write to
     /// the key overlapped this one (whose order against it at the backend is unknown).
     fn end(mut self, stored: Option<Versioned>) {
-        self.finish(stored);
+        self.finish(stored.map(Some));
     }
 
-    fn finish(&mut self, stored: Option<Versioned>) {
+    /// Ends a delete: `gone` when the backend acknowledged it, so the key is known absent.
+    fn end_absent(mut self, gone: bool) {
+        self.finish(gone.then_some(None));
+    }
+
+    /// `stored`: what the backend now holds (an item, or nothing), when known.
+    fn finish(&mut self, stored: Option<Option<Versioned>>) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
@@ -519,7 +548,8 @@ impl WriteGuard<'_> {
         }
         let overlapped = !self.alone || state.generation != self.generation;
         match stored {
-            Some(item) if !overlapped => tier.remember(item, tier.now_ms(), false),
+            Some(Some(item)) if !overlapped => tier.remember(item, tier.now_ms(), false),
+            Some(None) if !overlapped => tier.remember_miss(&self.key, tier.now_ms()),
             _ => tier.forget(&self.key),
         }
         if state.writers == 0 {
@@ -591,12 +621,12 @@ impl Tiered {
         };
         match &fetched.item {
             Some(item) => match known {
-                Some(k) if k.item.version == item.version => {
+                Some(k) if k.item.as_ref().is_some_and(|i| i.version == item.version) => {
                     k.checked_at_ms.store(checked, Relaxed);
                 }
                 _ => self.remember(item.clone(), checked, fetched.on_disk),
             },
-            None => self.forget(key),
+            None => self.remember_miss(key, checked),
         }
     }
 }
@@ -613,9 +643,12 @@ impl Drop for FlightGuard<'_> {
 #[async_trait]
 impl Store for Tiered {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
-        if let Some(item) = self.peek_fresh(key) {
+        if let Some(found) = self.peek_fresh(key) {
             Stats::incr(&self.stats.tier_hits);
-            return Ok(Some(item));
+            if found.is_none() {
+                Stats::incr(&self.stats.tier_miss_hits);
+            }
+            return Ok(found);
         }
         let known = self.ram_get(key);
         // Every read counts once: a fresh hit, a stale entry asked again, or a miss.
@@ -623,7 +656,8 @@ impl Store for Tiered {
             Some(_) => &self.stats.tier_stale,
             None => &self.stats.tier_misses,
         });
-        self.load(key, known, true).await
+        self.load(key, known.filter(|k| k.item.is_some()), true)
+            .await
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
@@ -652,7 +686,8 @@ impl Store for Tiered {
         let write = self.begin_write(Bytes::copy_from_slice(key));
         Stats::incr(&self.stats.backend_deletes);
         let result = self.inner.delete(key, version).await;
-        write.end(None);
+        // Gone, whether it was there or not: remembered as a miss, like a read finding none.
+        write.end_absent(result.is_ok());
         result
     }
 

@@ -277,8 +277,13 @@ pub fn answer_from_tier(
     let mut values = Vec::with_capacity(keys.len());
     let mut bytes = 0;
     let now = ctx.store.now();
-    for key in keys {
-        let entry = ctx.store.peek_fresh_entry(key, now)?;
+    // Keys the tier remembers as missing (no allocation unless there are some).
+    let mut absent = Vec::new();
+    for (at, key) in keys.iter().enumerate() {
+        let Some(entry) = ctx.store.peek_fresh_entry(key, now)? else {
+            absent.push(at);
+            continue;
+        };
         if item::hidden(&entry, epoch, now_us).is_some() {
             return None;
         }
@@ -300,8 +305,10 @@ pub fn answer_from_tier(
     let n = keys.len() as u64;
     Stats::add(&ctx.stats.cmd_get, n);
     Stats::add(&ctx.stats.tier_hits, n);
-    for key in keys {
-        count_read(ctx, key, None, true);
+    Stats::add(&ctx.stats.tier_miss_hits, absent.len() as u64);
+    for (at, key) in keys.iter().enumerate() {
+        let miss = absent.contains(&at).then_some(Miss::Absent);
+        count_read(ctx, key, miss, true);
     }
     let kind = crate::metrics::kind_of(request);
     ctx.stats.timings.command(kind, &response, began.elapsed());

@@ -586,10 +586,14 @@ pub fn encode(frame: &Frame, response: &Response, out: &mut BytesMut) {
     };
     match response {
         Response::Meta(reply) => encode_meta(frame, reply, out),
-        // A classic reply to a get (answered from the near tier): one hit.
+        // A classic reply to a get (answered from the near tier): one hit, or a miss the
+        // tier remembers.
         Response::Values { values, .. } if values.len() == 1 => {
             let v = &values[0];
             encode_hit(frame, v.flags, v.cas, &v.data, out)
+        }
+        Response::Values { values, .. } if values.is_empty() => {
+            encode_failure(frame, Status::KeyNotFound, out)
         }
         Response::Ok => success(out, 0, &[], &[]),
         Response::Version(v) => success(out, 0, &[], v.as_bytes()),
@@ -695,6 +699,34 @@ fn encode_hit(frame: &Frame, flags: u32, cas: u64, value: &[u8], out: &mut Bytes
 }
 
 /// Encodes the reply of a frame that ran as a meta request.
+/// A reply that is not a success: silent for a quiet read; a miss of GETK/GATK carries the
+/// key, others the status's text.
+fn encode_failure(frame: &Frame, status: Status, out: &mut BytesMut) {
+    use opcode::*;
+    let op = loud(frame.opcode);
+    if frame.quiet() && matches!(op, GET | GETK | GAT | GATK | TOUCH) {
+        return;
+    }
+    let key: &[u8] = if matches!(op, GETK | GATK) && status == Status::KeyNotFound {
+        &frame.key
+    } else {
+        &[]
+    };
+    let body: &[u8] = if key.is_empty() {
+        status.text().as_bytes()
+    } else {
+        &frame.key
+    };
+    put_frame(
+        out,
+        frame.opcode,
+        frame.opaque,
+        status,
+        0,
+        (&[], key, &body[key.len()..]),
+    );
+}
+
 fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
     use opcode::*;
     let op = loud(frame.opcode);
@@ -707,30 +739,9 @@ fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
         (MetaStatus::Ns, REPLACE) => Status::KeyNotFound,
         (MetaStatus::Ns | MetaStatus::Mn, _) => Status::NotStored,
     };
-    let returns_key = matches!(op, GETK | GATK);
     let is_read = matches!(op, GET | GETK | GAT | GATK | TOUCH);
     if status != Status::Success {
-        if frame.quiet() && is_read {
-            return;
-        }
-        let key: &[u8] = if returns_key && status == Status::KeyNotFound {
-            &frame.key
-        } else {
-            &[]
-        };
-        let body: &[u8] = if key.is_empty() {
-            status.text().as_bytes()
-        } else {
-            &frame.key
-        };
-        put_frame(
-            out,
-            frame.opcode,
-            frame.opaque,
-            status,
-            0,
-            (&[], key, &body[key.len()..]),
-        );
+        encode_failure(frame, status, out);
         return;
     }
     if is_read {

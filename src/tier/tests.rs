@@ -135,7 +135,60 @@ async fn another_writer_is_seen_after_one_window() {
     probe.inner.delete(b"k", None).await.unwrap();
     tokio::time::advance(WINDOW).await;
     assert_eq!(t.get(b"k").await.unwrap(), None);
-    assert_eq!(t.usage().0, 0, "the gone item left RAM");
+    assert_eq!(
+        t.peek_fresh(b"k"),
+        Some(None),
+        "the item left RAM, its miss is kept"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_miss_is_remembered_for_the_window() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 1 << 20, WINDOW);
+    for _ in 0..1000 {
+        assert_eq!(t.get(b"absent").await.unwrap(), None);
+    }
+    assert_eq!(
+        probe.gets.load(Relaxed),
+        1,
+        "1,000 misses, one backend read"
+    );
+    assert_eq!(t.stats.tier_miss_hits.load(Relaxed), 999);
+    // Past the window the store is asked again, and finds what another replica wrote.
+    probe
+        .inner
+        .put(&entry("absent", "theirs"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(t.get(b"absent").await.unwrap(), None, "within the window");
+    tokio::time::advance(WINDOW).await;
+    assert_eq!(
+        value_of(t.get(b"absent").await.unwrap()).as_deref(),
+        Some("theirs")
+    );
+    assert_eq!(probe.gets.load(Relaxed), 2);
+    // A write through this replica replaces a remembered miss at once.
+    t.get(b"other").await.unwrap();
+    t.put(&entry("other", "mine"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(
+        value_of(t.get(b"other").await.unwrap()).as_deref(),
+        Some("mine")
+    );
+    // Reads that decide a write never trust a remembered miss: they ask the store.
+    t.delete(b"other", None).await.unwrap();
+    probe
+        .inner
+        .put(&entry("other", "theirs"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(t.get(b"other").await.unwrap(), None, "remembered miss");
+    assert_eq!(
+        value_of(t.get_confirmed(b"other").await.unwrap()).as_deref(),
+        Some("theirs")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -222,7 +275,7 @@ async fn a_read_older_than_a_write_never_fills_the_tier() {
         "held read saw the old item"
     );
     assert_eq!(
-        value_of(t.peek_fresh(b"k")).as_deref(),
+        value_of(t.peek_fresh(b"k").flatten()).as_deref(),
         Some("new"),
         "the write's value stays in RAM"
     );
@@ -244,7 +297,11 @@ async fn refused_writes_drop_the_entry() {
     assert!(t.peek_fresh(b"k").is_none(), "the stale entry is gone");
     assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v2"));
     t.delete(b"k", None).await.unwrap();
-    assert!(t.peek_fresh(b"k").is_none());
+    assert_eq!(
+        t.peek_fresh(b"k"),
+        Some(None),
+        "a delete is remembered as a miss"
+    );
 }
 
 #[tokio::test]
@@ -390,12 +447,18 @@ async fn a_running_write_keeps_the_entry_until_it_ends() {
     while t.lock().get(&b"k"[..]).is_none_or(|s| s.writers == 0) {
         tokio::task::yield_now().await;
     }
-    assert_eq!(value_of(t.peek_fresh(b"k")).as_deref(), Some("old"));
+    assert_eq!(
+        value_of(t.peek_fresh(b"k").flatten()).as_deref(),
+        Some("old")
+    );
     assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("old"));
     assert_eq!(probe.gets.load(Relaxed), 0, "answered from RAM");
     put_gate.add_permits(1);
     write.await.unwrap().unwrap();
-    assert_eq!(value_of(t.peek_fresh(b"k")).as_deref(), Some("new"));
+    assert_eq!(
+        value_of(t.peek_fresh(b"k").flatten()).as_deref(),
+        Some("new")
+    );
     put_gate.add_permits(1);
     let refused = t.put(&entry("k", "x"), PutMode::Create).await;
     assert_eq!(refused, Err(StoreError::Exists));
