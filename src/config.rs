@@ -213,7 +213,8 @@ options! {
     s3_operation_timeout_ms: u64 = DEFAULT_S3_OPERATION_TIMEOUT_MS, env "S3CACHED_S3_OPERATION_TIMEOUT_MS";
     /// Attempts per S3 operation (1 = no retry).
     s3_max_attempts: u32 = DEFAULT_S3_MAX_ATTEMPTS, env "S3CACHED_S3_MAX_ATTEMPTS";
-    /// Most S3 requests in flight at once, across all connections.
+    /// Most S3 requests in flight at once, across all connections (a cap: the limit halves
+    /// when S3 throttles and grows back as it answers).
     s3_max_in_flight: usize = DEFAULT_S3_MAX_IN_FLIGHT, env "S3CACHED_S3_MAX_IN_FLIGHT";
     /// Server-side encryption sent on every PUT: "" (the bucket's default), AES256 or aws:kms.
     server_side_encryption: String = String::new(), env "S3CACHED_SERVER_SIDE_ENCRYPTION";

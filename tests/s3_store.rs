@@ -518,6 +518,51 @@ async fn a_write_whose_answer_is_lost_applies_once() {
 }
 
 #[tokio::test]
+async fn a_throttled_burst_is_served_slower_not_refused() {
+    if !common::have_s3() {
+        return;
+    }
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    // Strict mode: every read asks S3, so reads meet the throttling too.
+    let server = server_via(&proxy, "revalidate_after_ms = 0\n").await;
+    let limit = server.client().await.stat("s3_in_flight_limit").await;
+    // S3 answers 503 SlowDown to a third of all requests, reads and writes alike.
+    proxy.set(Mode::Throttle { per_mille: 333 });
+    let clients = (0..8).map(|i| {
+        let server = &server;
+        async move {
+            let mut c = server.client().await;
+            for n in 0..20 {
+                let set = format!("set t{i}-{n} 0 0 2\r\n{n:02}\r\n");
+                c.roundtrip(set.as_bytes(), b"STORED\r\n").await;
+                let get = format!("get t{i}-{n}\r\n");
+                let want = format!("VALUE t{i}-{n} 0 2\r\n{n:02}\r\nEND\r\n");
+                c.roundtrip(get.as_bytes(), want.as_bytes()).await;
+                // A conditional write sent again after a 503 applies once.
+                let line = c.line(b"incr shared 1\r\n").await;
+                assert!(
+                    line.trim_end().parse::<u64>().is_ok(),
+                    "incr answered {line:?}"
+                );
+            }
+        }
+    });
+    let mut c = server.client().await;
+    c.roundtrip(b"set shared 0 0 1\r\n0\r\n", b"STORED\r\n")
+        .await;
+    futures::future::join_all(clients).await;
+    proxy.set(Mode::Forward(Duration::ZERO));
+    assert_eq!(c.get_value("shared").await.as_deref(), Some("160"));
+    let throttled = c.stat("s3_throttled").await;
+    assert!(throttled > 0, "nothing was throttled");
+    assert!(
+        c.stat("s3_in_flight_limit").await <= limit,
+        "the in-flight limit stays within its cap"
+    );
+    println!("throttled burst: {throttled} requests answered 503, every command served");
+}
+
+#[tokio::test]
 async fn conditional_write_conflicts_are_retried() {
     if !common::have_s3() {
         return;

@@ -159,6 +159,21 @@ fn encode_s3(encoder: &mut DescriptorEncoder, s3: &S3Requests) -> Result<(), std
         ("unknown", n(&s3.outcomes_unknown)),
     ];
     labelled(encoder, "s3_write_settlements", help, "outcome", &settled)?;
+    let help = "S3 answers asking to slow down (503 SlowDown, 429); the request is sent again";
+    one(
+        encoder,
+        "s3_throttled",
+        help,
+        ConstCounter::new(n(&s3.throttled)),
+    )?;
+    let help = "How many S3 requests may be in flight now: halved when S3 throttles, grown \
+                back as it answers, at most s3_max_in_flight";
+    one(
+        encoder,
+        "s3_in_flight_limit",
+        help,
+        ConstGauge::new(s3.in_flight.limit() as i64),
+    )?;
     let help = "Estimated cost of the S3 requests sent, in US dollars, at the configured prices";
     one(
         encoder,

@@ -43,6 +43,9 @@ pub enum Mode {
     /// thousand PUTs and DELETEs, chosen at random, after the store answered them (applied
     /// or refused): lost answers under a load.
     LoseWriteAnswers { per_mille: u32 },
+    /// Answer this many in a thousand requests, chosen at random, `503 SlowDown` without
+    /// forwarding them (S3 throttling a prefix); forward the others.
+    Throttle { per_mille: u32 },
 }
 
 /// What happens to a PUT or DELETE under [`Mode::OnWrites`].
@@ -273,6 +276,12 @@ async fn answer(
         Mode::RefuseAcls => {
             if head.starts_with("put ") && head.contains("\r\nx-amz-acl:") {
                 return Some(error_response(400, "AccessControlListNotSupported"));
+            }
+            &[]
+        }
+        Mode::Throttle { per_mille } => {
+            if rand::random::<u32>() % 1000 < per_mille {
+                return Some(error_response(503, "SlowDown"));
             }
             &[]
         }

@@ -1,6 +1,7 @@
 //! S3 requests counted by price class and by answer, and what they cost: the figures
 //! behind `stats`' s3_* rows and the cost estimate.
 
+use super::limit::InFlight;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::metrics::BackendTimings;
@@ -70,6 +71,10 @@ pub struct S3Requests {
     pub client_errors: AtomicU64,
     /// 5xx: the store failed (503 SlowDown included).
     pub server_errors: AtomicU64,
+    /// 503 and 429: S3 asked us to slow down (also counted above).
+    pub throttled: AtomicU64,
+    /// How many requests may be in flight: cut when S3 throttles, grown as it answers.
+    pub in_flight: InFlight,
     /// No answer: timeouts, refused or dropped connections.
     pub no_answer: AtomicU64,
     /// Conditional writes whose answer was lost, settled by reading the object back: found
@@ -88,7 +93,7 @@ pub struct S3Requests {
 }
 
 impl S3Requests {
-    pub fn new(prices: S3Prices) -> Self {
+    pub fn new(prices: S3Prices, max_in_flight: usize) -> Self {
         S3Requests {
             get: AtomicU64::new(0),
             put: AtomicU64::new(0),
@@ -98,6 +103,8 @@ impl S3Requests {
             conflicts: AtomicU64::new(0),
             client_errors: AtomicU64::new(0),
             server_errors: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            in_flight: InFlight::new(max_in_flight),
             no_answer: AtomicU64::new(0),
             settled_applied: AtomicU64::new(0),
             settled_not_applied: AtomicU64::new(0),
@@ -118,8 +125,17 @@ impl S3Requests {
         });
     }
 
-    /// Counts one answer by its HTTP status, or one attempt that got none.
+    /// Counts one answer by its HTTP status, or one attempt that got none, and moves the
+    /// in-flight limit: down when S3 throttles, up as it answers.
     pub fn answered(&self, status: Option<u16>) {
+        match status {
+            Some(429 | 503) => {
+                bump(&self.throttled);
+                self.in_flight.throttled();
+            }
+            Some(_) => self.in_flight.answered(),
+            None => {}
+        }
         bump(match status {
             None => &self.no_answer,
             Some(200..=399) => &self.answered_ok,
@@ -168,6 +184,8 @@ impl S3Requests {
             ("s3_answers_conflict", self.conflicts.load(Relaxed)),
             ("s3_answers_client_error", self.client_errors.load(Relaxed)),
             ("s3_answers_server_error", self.server_errors.load(Relaxed)),
+            ("s3_throttled", self.throttled.load(Relaxed)),
+            ("s3_in_flight_limit", self.in_flight.limit() as u64),
             ("s3_no_answer", self.no_answer.load(Relaxed)),
             (
                 "s3_writes_settled_applied",
@@ -204,6 +222,7 @@ impl S3Requests {
             &self.conflicts,
             &self.client_errors,
             &self.server_errors,
+            &self.throttled,
             &self.no_answer,
             &self.settled_applied,
             &self.settled_not_applied,
@@ -240,7 +259,7 @@ mod tests {
 
     #[test]
     fn cost_follows_the_prices_and_shows_in_stats() {
-        let s3 = S3Requests::new(AWS_S3_STANDARD_PRICES);
+        let s3 = S3Requests::new(AWS_S3_STANDARD_PRICES, 4);
         for _ in 0..1000 {
             s3.sent(RequestClass::Get);
         }

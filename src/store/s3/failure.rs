@@ -75,6 +75,11 @@ impl Failure {
         format!("S3 {op}: {what}")
     }
 
+    /// S3 asked us to slow down (503 SlowDown, 429): the request was not applied.
+    pub fn throttled(&self) -> bool {
+        matches!(self.status, Some(429 | 503))
+    }
+
     pub fn is(&self, status: u16) -> bool {
         self.status == Some(status)
     }

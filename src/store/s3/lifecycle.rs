@@ -72,7 +72,10 @@ pub async fn install(
 ) -> Result<Vec<ExpiryRule>, StoreError> {
     let time = StoreTime::leak(0);
     let client = settings
-        .client(time, std::sync::Arc::new(S3Requests::new(settings.prices)))
+        .client(
+            time,
+            std::sync::Arc::new(S3Requests::new(settings.prices, settings.max_in_flight)),
+        )
         .await;
     let bucket = &settings.bucket;
     let mut kept = current_rules(&client, bucket).await?;

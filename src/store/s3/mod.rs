@@ -17,6 +17,7 @@ mod acl;
 mod counts;
 mod failure;
 pub mod lifecycle;
+mod limit;
 mod list;
 mod probe;
 mod read;
@@ -32,7 +33,6 @@ use async_trait::async_trait;
 use aws_sdk_s3::types::StorageClass;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
-use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use self::acl::Acl;
@@ -57,7 +57,6 @@ pub struct S3Store {
     acl: Acl,
     /// Whether the store enforced a conditional write when probed at startup.
     atomic: bool,
-    in_flight: Arc<Semaphore>,
     /// One operation's budget, from the moment it is asked for, slot wait included.
     operation_timeout: Duration,
     /// One attempt's budget; also the time given to settle a PUT whose answer was lost.
@@ -79,7 +78,7 @@ impl S3Store {
     /// Connects, optionally creates the bucket, and probes conditional-write support.
     pub async fn connect(s: S3Settings) -> Result<Self, StoreError> {
         let time = StoreTime::leak(s.clock_skew_ms);
-        let requests = Arc::new(S3Requests::new(s.prices));
+        let requests = Arc::new(S3Requests::new(s.prices, s.max_in_flight));
         let mut store = S3Store {
             client: s.client(time, requests.clone()).await,
             bucket: s.bucket.clone(),
@@ -88,7 +87,6 @@ impl S3Store {
             storage_class: s.storage_class.as_deref().map(StorageClass::from),
             acl: Acl::new(&s.default_acl),
             atomic: true,
-            in_flight: Arc::new(Semaphore::new(s.max_in_flight)),
             operation_timeout: s.operation_timeout,
             attempt_timeout: s.attempt_timeout,
             max_attempts: s.max_attempts.max(1),
@@ -136,12 +134,9 @@ impl S3Store {
         Instant::now() + self.operation_timeout
     }
 
-    /// A slot under the in-flight cap, or `None` if none frees up before `deadline`.
-    async fn slot(&self, deadline: Instant) -> Option<SemaphorePermit<'_>> {
-        tokio::time::timeout_at(deadline, self.in_flight.acquire())
-            .await
-            .ok()?
-            .ok()
+    /// A slot under the in-flight limit, or `None` if none frees up before `deadline`.
+    async fn slot(&self, deadline: Instant) -> Option<limit::Slot<'_>> {
+        self.requests.in_flight.slot(deadline).await
     }
 
     /// Runs one S3 call under the in-flight cap, within one operation deadline counted from

@@ -5,6 +5,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::failure::Failure;
+use super::limit::slow_down;
 use super::S3Store;
 use crate::store::{StoreError, Version};
 
@@ -50,23 +51,26 @@ impl S3Store {
             return Err(StoreError::Unavailable("S3 GetObject: timeout".into()));
         };
         let read = async {
-            let get = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(name)
-                .set_if_none_match(unless.map(|v| v.0.clone()));
-            let mut out = match get.send().await {
-                Ok(out) => out,
-                Err(e) => {
-                    let f = Failure::from_sdk(e);
-                    // The SDK reports 304 as an error: it is the answer a revalidation asks for.
-                    return match f.status {
-                        Some(404) => Ok(Fetched::Missing),
-                        Some(304) if unless.is_some() => Ok(Fetched::NotModified),
-                        _ => Err(f.unavailable("GetObject")),
-                    };
-                }
+            let mut throttles = 0;
+            let mut out = loop {
+                let get = self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(name)
+                    .set_if_none_match(unless.map(|v| v.0.clone()));
+                let f = match get.send().await {
+                    Ok(out) => break out,
+                    Err(e) => Failure::from_sdk(e),
+                };
+                // The SDK reports 304 as an error: it is the answer a revalidation asks for.
+                return match f.status {
+                    Some(404) => Ok(Fetched::Missing),
+                    Some(304) if unless.is_some() => Ok(Fetched::NotModified),
+                    // Still throttled after the SDK's retries: slower, until the deadline.
+                    _ if f.throttled() && slow_down(&mut throttles, deadline).await => continue,
+                    _ => Err(f.unavailable("GetObject")),
+                };
             };
             let declared = out.content_length().unwrap_or(0).max(0) as u64;
             if declared > max_bytes as u64 {

@@ -81,7 +81,14 @@ impl S3Settings {
                     .operation_timeout(self.operation_timeout)
                     .build(),
             )
-            .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts));
+            // Throttled reads (503 SlowDown, 429) back off from 50 ms with jitter, not the
+            // SDK's 1 s, so they fit the operation deadline.
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(self.max_attempts)
+                    .with_initial_backoff(Duration::from_millis(50))
+                    .with_max_backoff(Duration::from_secs(1)),
+            );
         if !self.region.is_empty() {
             loader = loader.region(Region::new(self.region.clone()));
         }

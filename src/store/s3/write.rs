@@ -19,8 +19,6 @@
 //! the only proof there. DELETEs likewise: after an unknown outcome, the object gone means
 //! the delete took effect, the version still there that it did not.
 
-use std::time::Duration;
-
 use aws_config::retry::RetryConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ObjectCannedAcl, ServerSideEncryption};
@@ -28,6 +26,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::failure::Failure;
+use super::limit::{pause, slow_down};
 use super::read::Fetched;
 use super::{S3Settings, S3Store};
 use crate::store::{History, PutMode, StoreError, Version};
@@ -65,6 +64,8 @@ enum Attempt {
     Refused(Failure),
     /// Maybe applied: no answer, or a 5xx.
     Unknown(Failure),
+    /// S3 asked us to slow down (503 SlowDown, 429): not applied, to be sent again later.
+    Throttled(Failure),
 }
 
 /// What the object read after an attempt whose answer was lost tells of that attempt.
@@ -94,13 +95,23 @@ impl S3Store {
         // An attempt whose answer was lost may still land (a timeout cuts our wait, not the
         // request): a later refusal may be its doing, and the object decides.
         let mut maybe_applied = false;
-        let (mut attempts, mut conflicts) = (0u32, 0u32);
+        let (mut attempts, mut conflicts, mut throttles) = (0u32, 0u32, 0u32);
         let err = loop {
             attempts += 1;
             let acl = self.acl.current();
             let sent_acl = acl.is_some();
             let f = match self.put_once(name, &body, mode, acl, deadline).await {
                 Attempt::Applied(version) => return Ok(version),
+                Attempt::Throttled(f) => {
+                    // Not applied, by S3's word; should a store ever apply one anyway, a
+                    // refusal of a later attempt is settled by reading, as after a lost answer.
+                    maybe_applied |= conditional;
+                    attempts -= 1;
+                    if !slow_down(&mut throttles, deadline).await {
+                        break f.unavailable("PutObject");
+                    }
+                    continue;
+                }
                 Attempt::Unknown(f) if conditional => {
                     maybe_applied = true;
                     match self.settled(name, &body, mode, history, &f).await? {
@@ -267,7 +278,7 @@ impl S3Store {
     ) -> Result<bool, StoreError> {
         let deadline = self.deadline();
         let mut maybe_applied = false;
-        let mut attempts = 0u32;
+        let (mut attempts, mut throttles) = (0u32, 0u32);
         let err = loop {
             attempts += 1;
             let mut delete = self.client.delete_object().bucket(&self.bucket).key(name);
@@ -285,6 +296,16 @@ impl S3Store {
                 Ok(Err(e)) => Failure::from_sdk(e),
                 Err(_) => Failure::timeout(),
             };
+            if f.throttled() {
+                // Not applied, by S3's word; as for PUTs, a refusal of a later attempt is
+                // settled by reading should a store apply one anyway.
+                maybe_applied = true;
+                attempts -= 1;
+                if !slow_down(&mut throttles, deadline).await {
+                    break f.unavailable("DeleteObject");
+                }
+                continue;
+            }
             if f.ambiguous {
                 maybe_applied = true;
                 if attempts >= self.max_attempts || Instant::now() >= deadline {
@@ -366,7 +387,9 @@ impl S3Store {
             Ok(Ok(out)) => Attempt::Applied(Version(out.e_tag().unwrap_or_default().to_owned())),
             Ok(Err(e)) => {
                 let f = Failure::from_sdk(e);
-                if f.ambiguous {
+                if f.throttled() {
+                    Attempt::Throttled(f)
+                } else if f.ambiguous {
                     Attempt::Unknown(f)
                 } else {
                     Attempt::Refused(f)
@@ -386,11 +409,4 @@ fn unknown(op: &str, why: &Failure) -> StoreError {
 /// Per-call SDK settings for writes: no retries (this module retries them).
 fn no_sdk_retries() -> aws_sdk_s3::config::Builder {
     aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled())
-}
-
-/// A jittered pause of up to `ms`, never past `deadline`.
-async fn pause(ms: u64, deadline: Instant) {
-    let ms = ms / 2 + rand::random::<u64>() % (ms / 2 + 1);
-    let until = (Instant::now() + Duration::from_millis(ms)).min(deadline);
-    tokio::time::sleep_until(until).await;
 }
