@@ -185,10 +185,13 @@ async fn binary_call(
     (status, c.read_exact(body_len).await)
 }
 
-/// A binary reply as the text protocol's words: `ok` on success, else the error's text.
+/// A binary reply in the text protocol's words: `ok` of the body on success, `NOT_FOUND`
+/// (key not found), `NOT_STORED` (key exists, not stored), else the error's text.
 fn binary_answer(status: u16, body: &[u8], ok: impl FnOnce(&[u8]) -> String) -> String {
     match status {
         0 => ok(body),
+        0x01 => "NOT_FOUND".into(),
+        0x02 | 0x05 => "NOT_STORED".into(),
         _ => format!("SERVER_ERROR {status:#x} {}", String::from_utf8_lossy(body)),
     }
 }
@@ -397,6 +400,76 @@ async fn appends_land_once_each() {
 }
 
 #[tokio::test]
+async fn replaces_store_once_each() {
+    if !common::have_s3() {
+        return;
+    }
+    const EACH: usize = 15;
+    let r = Replicas::start("once-replace").await;
+    r.set("r", "start").await;
+    r.lose_answers();
+    // Classic replace, meta `ms` mode R, binary REPLACE; each writer's values are its own.
+    let runs = r
+        .each(WRITERS, |i, mut c| async move {
+            let mut answers = Answers::default();
+            let (mut last_acked, mut unknown) = (None, Vec::new());
+            for n in 0..EACH {
+                let value = format!("w{i}-{n:02}");
+                let reply = match i % 4 {
+                    3 => {
+                        let (status, body) =
+                            binary_call(&mut c, 0x03, "r", &[0; 8], value.as_bytes()).await;
+                        binary_answer(status, &body, |_| "STORED".into())
+                    }
+                    2 => {
+                        let ms = format!("ms r {} MR\r\n{value}\r\n", value.len());
+                        c.send(ms.as_bytes()).await;
+                        let got = reply(&mut c).await;
+                        if got == "HD" {
+                            "STORED".into()
+                        } else {
+                            got
+                        }
+                    }
+                    _ => {
+                        let line = format!("replace r 0 0 {}\r\n{value}\r\n", value.len());
+                        c.send(line.as_bytes()).await;
+                        reply(&mut c).await
+                    }
+                };
+                match reply.as_str() {
+                    "STORED" => last_acked = Some(value),
+                    _ => unknown.push(value),
+                }
+                answers.add(reply, |r| r == "STORED");
+            }
+            (last_acked, unknown, answers)
+        })
+        .await;
+    let (lost, _) = r.stop_losing().await;
+    let value = r.value("r").await.unwrap();
+    // Each writer's replaces follow one another, so what is left is some writer's last
+    // acknowledged value, or one whose outcome is unknown.
+    let possible: HashSet<&String> = runs
+        .iter()
+        .flat_map(|(last, unknown, _)| last.iter().chain(unknown))
+        .collect();
+    assert!(
+        possible.contains(&value),
+        "{value:?} is no writer's last value"
+    );
+    let all = Answers {
+        errors: runs.iter().flat_map(|(_, _, a)| a.errors.clone()).collect(),
+        ..Answers::default()
+    };
+    all.few_errors(WRITERS * EACH);
+    println!(
+        "replace: final {value}; {} unknown; {lost} answers lost",
+        all.errors.len()
+    );
+}
+
+#[tokio::test]
 async fn concurrent_adds_store_exactly_one() {
     if !common::have_s3() {
         return;
@@ -412,6 +485,12 @@ async fn concurrent_adds_store_exactly_one() {
         let replies = r
             .each(ADDERS, |i, mut c| async move {
                 let value = format!("w{i:02}");
+                // Every fourth adder speaks the binary protocol (ADD: flags, expiry).
+                if i % 4 == 3 {
+                    let (status, body) =
+                        binary_call(&mut c, 0x02, key, &[0; 8], value.as_bytes()).await;
+                    return (value, binary_answer(status, &body, |_| "STORED".into()));
+                }
                 c.send(format!("add {key} 0 0 3\r\n{value}\r\n").as_bytes())
                     .await;
                 (value, reply(&mut c).await)
@@ -505,11 +584,15 @@ async fn concurrent_deletes_remove_the_item_and_answer_from_it() {
         let lost_before = r.proxy.answers_lost.load(SeqCst);
         r.lose_answers();
         let key = &key;
-        // Classic delete and meta `md`, through both replicas.
+        // Classic delete, meta `md` and binary DELETE, through both replicas.
         let replies = r
             .each(WRITERS, |i, mut c| async move {
-                match i % 2 {
-                    0 => c.send(format!("delete {key}\r\n").as_bytes()).await,
+                match i % 4 {
+                    3 => {
+                        let (status, body) = binary_call(&mut c, 0x04, key, &[], &[]).await;
+                        return binary_answer(status, &body, |_| "DELETED".into());
+                    }
+                    0 | 2 => c.send(format!("delete {key}\r\n").as_bytes()).await,
                     _ => c.send(format!("md {key}\r\n").as_bytes()).await,
                 }
                 reply(&mut c).await
