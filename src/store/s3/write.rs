@@ -120,6 +120,9 @@ impl S3Store {
                         Settled::Lost(e) => return Err(e),
                     }
                     if attempts >= self.max_attempts || Instant::now() >= deadline {
+                        // Settled as not applied, but out of time to send it again: a
+                        // delayed copy may still land, so the client hears "unknown".
+                        self.requests.settled(None);
                         return Err(unknown("PutObject", &f));
                     }
                     pause(RETRY_BASE_MS << (attempts - 1).min(6), deadline).await;
