@@ -293,7 +293,12 @@ async fn wire(
     clock: Clock,
 ) -> Result<(Arc<Ctx>, Arc<Culler>), AppError> {
     let stats = Arc::new(Stats::with_s3(store.request_counts()));
-    let window = Duration::from_millis(config.revalidate_after_ms);
+    let window = match config.revalidate_after_ms {
+        // Only this process writes the store: what the tier holds is never stale (strict
+        // mode, 0, still asks every time, as configured).
+        ms if ms > 0 && store.info().exclusive => crate::tier::AUTHORITATIVE,
+        ms => Duration::from_millis(ms),
+    };
     let tier = TierConfig {
         ram_bytes: config.ram_cache_bytes,
         revalidate_after: window,

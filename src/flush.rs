@@ -162,7 +162,12 @@ impl Flush {
 
     /// The epoch, if a reading fresh enough for a request arriving now is at hand (no I/O).
     pub fn current_now(&self) -> Option<Epoch> {
-        (!self.window.is_zero() && self.fresh_since(Instant::now())).then(|| self.epoch())
+        self.current_at(Instant::now())
+    }
+
+    /// [`current_now`](Flush::current_now) for a request that arrived at `arrived`.
+    pub fn current_at(&self, arrived: Instant) -> Option<Epoch> {
+        (!self.window.is_zero() && self.fresh_since(arrived)).then(|| self.epoch())
     }
 
     /// Re-reads the epoch once per window until `shutdown`; nothing to do in strict mode.

@@ -49,6 +49,8 @@ pub mod disk;
 pub const DEFAULT_RAM_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Default revalidation window, in milliseconds.
 pub const DEFAULT_REVALIDATE_AFTER_MS: u64 = 1000;
+/// The window of a store only this process writes (a century): entries are never revalidated.
+pub const AUTHORITATIVE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// What an entry costs beyond its key and value (headers, version, bookkeeping), in bytes.
 const ENTRY_OVERHEAD_BYTES: usize = 160;
 
@@ -209,6 +211,11 @@ impl Tiered {
     /// The tier's clock now, for [`peek_fresh_entry`](Tiered::peek_fresh_entry).
     pub fn now(&self) -> TierNow {
         TierNow(self.now_ms())
+    }
+
+    /// The tier's clock at `at` (a request's arrival: one clock read serves all its keys).
+    pub fn now_at(&self, at: Instant) -> TierNow {
+        TierNow(self.ms_at(at))
     }
 
     /// What RAM knows of `key` if the backend confirmed it within the window: the item, or

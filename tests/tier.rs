@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use common::proxy::{Mode, Proxy};
-use common::{s3_endpoint, unique_prefix, Client, TestServer};
+use common::{s3_endpoint, unique_prefix, Backend, Client, TestServer};
 use tokio::time::Instant;
 
 /// Long enough that no revalidation or flush-epoch re-read happens during a test.
@@ -234,6 +234,46 @@ async fn a_flush_is_seen_at_once_here_and_within_a_window_elsewhere() {
             flushed.elapsed()
         );
     }
+}
+
+/// The directory store is written by this process alone (its directory is locked), so the
+/// near tier is authoritative there: an entry or a remembered miss, however old, is served
+/// with no store read. A second server on the same directory is refused, and strict mode
+/// (a window of 0) still reads the store every time.
+#[tokio::test]
+async fn on_the_directory_store_the_tier_is_authoritative() {
+    let a = TestServer::start(Backend::Dir, "authoritative", "revalidate_after_ms = 1\n").await;
+    let mut c = a.client().await;
+    c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
+    assert_eq!(c.get_value("absent").await, None);
+    assert_eq!(
+        c.stat("backend_gets").await,
+        1,
+        "the first miss reads the store"
+    );
+    // Twenty windows of 1 ms: on any other store every entry would be stale by now.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..3 {
+        assert_eq!(c.get_value("k").await.as_deref(), Some("v"));
+        assert_eq!(c.get_value("absent").await, None);
+    }
+    assert_eq!(c.stat("backend_revalidations").await, 0);
+    assert_eq!(c.stat("backend_gets").await, 1);
+    assert_eq!(c.stat("tier_hits").await, 6);
+
+    match s3cached::app::start(a.config.clone()).await {
+        Ok(_) => panic!("a second server started on a locked directory"),
+        Err(e) => assert!(e.to_string().contains("another s3cached"), "{e}"),
+    }
+
+    let strict = TestServer::start(Backend::Dir, "strict-dir", "revalidate_after_ms = 0\n").await;
+    let mut c = strict.client().await;
+    c.roundtrip(b"set k 0 0 1\r\nv\r\n", b"STORED\r\n").await;
+    for _ in 0..3 {
+        assert_eq!(c.get_value("k").await.as_deref(), Some("v"));
+    }
+    let reads = c.stat("backend_gets").await + c.stat("backend_revalidations").await;
+    assert_eq!(reads, 3, "strict mode reads the store for every get");
 }
 
 #[tokio::test]

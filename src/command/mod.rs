@@ -259,24 +259,25 @@ async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
         }
     }
 }
-/// Answers a `get`/`gets` from the near tier alone, with no I/O, when every key is there
-/// and fresh, the flush epoch is known and `admit` takes the reply (the connection charges
-/// its memory budget what it will take); `None` sends the request down the usual path, with
-/// nothing counted.
+/// Answers a `get`/`gets` that arrived at `arrived` (when its bytes were read) from the near
+/// tier alone, with no I/O, when every key is there and fresh, the flush epoch is known and
+/// `admit` takes the reply (the connection charges its memory budget what it will take);
+/// `None` sends the request down the usual path, with nothing counted. Freshness is judged
+/// at the arrival, so the monotonic clock is read once more, for the latency histogram.
 pub fn answer_from_tier(
     ctx: &Ctx,
     request: &Request,
+    arrived: Instant,
     admit: impl FnOnce(&Response) -> bool,
 ) -> Option<Response> {
     let Request::Get { keys, cas, end } = request else {
         return None;
     };
-    let began = tokio::time::Instant::now();
-    let epoch = ctx.flush.current_now()?;
+    let epoch = ctx.flush.current_at(arrived)?;
     let now_us = ctx.clock.now_us();
     let mut values = Vec::with_capacity(keys.len());
     let mut bytes = 0;
-    let now = ctx.store.now();
+    let now = ctx.store.now_at(arrived);
     // Keys the tier remembers as missing (no allocation unless there are some).
     let mut absent = Vec::new();
     for (at, key) in keys.iter().enumerate() {
@@ -311,7 +312,9 @@ pub fn answer_from_tier(
         count_read(ctx, key, miss, true);
     }
     let kind = crate::metrics::kind_of(request);
-    ctx.stats.timings.command(kind, &response, began.elapsed());
+    ctx.stats
+        .timings
+        .command(kind, &response, arrived.elapsed());
     Some(response)
 }
 

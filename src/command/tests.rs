@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
 
 use super::*;
 use crate::culler::WriteHint;
@@ -599,7 +600,7 @@ async fn one_get_path_counts_alike_whether_ram_or_the_store_answers() {
         end: true,
     };
     // The near tier answers with no I/O...
-    let fast = answer_from_tier(&c, &get(), |_| true).expect("fresh in RAM");
+    let fast = answer_from_tier(&c, &get(), Instant::now(), |_| true).expect("fresh in RAM");
     // ...and the same get through the store path (RAM answers inside Tiered::get).
     let slow = execute(&c, get()).await;
     assert_eq!(fast, slow);
@@ -635,7 +636,7 @@ async fn every_read_is_a_tier_hit_a_stale_entry_or_a_miss() {
         end: true,
     };
     for _ in 0..3 {
-        if answer_from_tier(&c, &get(b"a"), |_| true).is_none() {
+        if answer_from_tier(&c, &get(b"a"), Instant::now(), |_| true).is_none() {
             execute(&c, get(b"a")).await;
         }
     }

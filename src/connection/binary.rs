@@ -253,7 +253,8 @@ impl Conn<'_> {
         };
         let admission = &mut self.admission;
         let mut charged = None;
-        let answer = command::answer_from_tier(self.ctx, &get, |reply| {
+        let arrived = self.io.last_read();
+        let answer = command::answer_from_tier(self.ctx, &get, arrived, |reply| {
             charged = admission.try_admit(admission.reply_units(reply));
             charged.is_some()
         });

@@ -45,6 +45,8 @@ pub struct Buffers {
     write: BytesMut,
     /// When the connection last read input or wrote its replies: idle since then.
     last_active: Instant,
+    /// When input was last read.
+    last_read: Instant,
     /// Since when an incomplete request has been waiting for its remaining bytes.
     partial_since: Option<Instant>,
     /// Close a connection with nothing to do after this long without input.
@@ -85,6 +87,7 @@ impl Buffers {
             read: first,
             write: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
             last_active: Instant::now(),
+            last_read: Instant::now(),
             partial_since: None,
             idle_timeout: config.idle_timeout,
             request_timeout: config.request_timeout,
@@ -126,7 +129,8 @@ impl Buffers {
         let n = socket.read_buf(&mut self.read).await?;
         if n > 0 {
             Stats::add(&self.stats.bytes_read, n as u64);
-            self.last_active = Instant::now();
+            self.last_read = Instant::now();
+            self.last_active = self.last_read;
             if let Some(registered) = &self.registered {
                 registered.working();
             }
@@ -229,8 +233,15 @@ impl Buffers {
             self.write = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
         }
         self.sync(admission);
-        self.last_active = Instant::now();
+        if self.idle_timeout.is_some() {
+            self.last_active = Instant::now();
+        }
         Ok(())
+    }
+
+    /// When the last input was read: what requests parsed from it arrived at.
+    pub fn last_read(&self) -> Instant {
+        self.last_read
     }
 
     /// When the incomplete request in the read buffer must be complete, if the connection
@@ -272,22 +283,30 @@ async fn write_replies<S: AsyncWrite + Unpin>(
     if buf.is_empty() {
         return Ok(());
     }
-    let write = async {
-        socket.write_all(buf).await?;
-        socket.flush().await
-    };
-    match timeout {
-        None => write.await?,
-        Some(limit) => match tokio::time::timeout(limit, write).await {
-            Ok(written) => written?,
-            Err(_) => {
-                Stats::incr(&stats.write_timeouts);
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "client did not read its replies within the write timeout",
-                ));
+    {
+        let write = async {
+            socket.write_all(buf).await?;
+            socket.flush().await
+        };
+        let mut write = std::pin::pin!(write);
+        // Most replies fit the socket's buffer: written at once, they need no timer (the
+        // deadline starts at the first write the socket could not take).
+        match (futures::poll!(write.as_mut()), timeout) {
+            (std::task::Poll::Ready(written), _) => written?,
+            (std::task::Poll::Pending, None) => write.await?,
+            (std::task::Poll::Pending, Some(limit)) => {
+                match tokio::time::timeout(limit, write).await {
+                    Ok(written) => written?,
+                    Err(_) => {
+                        Stats::incr(&stats.write_timeouts);
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "client did not read its replies within the write timeout",
+                        ));
+                    }
+                }
             }
-        },
+        }
     }
     Stats::add(&stats.bytes_written, buf.len() as u64);
     buf.clear();

@@ -504,7 +504,8 @@ impl Connection {
             // reply could: small answers get through while large ones wait.
             let admission = &mut self.admission;
             let mut charged = None;
-            let answer = command::answer_from_tier(&self.ctx, &request, |reply| {
+            let arrived = self.io.last_read();
+            let answer = command::answer_from_tier(&self.ctx, &request, arrived, |reply| {
                 charged = admission.try_admit(admission.reply_units(reply));
                 charged.is_some()
             });

@@ -3,7 +3,8 @@
 //! Used when no bucket is configured, so that `s3cached` works at once. Writes go to a
 //! temporary file that is renamed over the item, so readers never see half an object and
 //! items survive restarts. Conditional writes are atomic within this process (a lock per
-//! hash stripe); several processes sharing one directory get no such guarantee.
+//! hash stripe), and the process locks the directory (a `flock` on `_s3cached/.lock`), so
+//! no second server shares it: the near tier in front may trust what it holds.
 //!
 //! An item that already exists is rewritten without making a new file: the write goes into
 //! its lock stripe's spare file, which is then swapped with the item in one atomic
@@ -69,7 +70,13 @@ pub const DEFAULT_OPEN_FILES: usize = 1024;
 
 pub struct DirStore {
     inner: Arc<Inner>,
+    /// The directory's lock file, locked for as long as the store is open: only this
+    /// process writes here, so the near tier in front may trust what it holds.
+    _lock: fs::File,
 }
+
+/// The lock file, in the control folder: no item name starts with a dot.
+const LOCK_FILE: &str = ".lock";
 
 struct Inner {
     /// `<data_dir>/<prefix>`: where item files live.
@@ -103,6 +110,7 @@ impl DirStore {
     ) -> std::io::Result<Self> {
         let root = data_dir.join(normalize_prefix(location));
         fs::create_dir_all(root.join(CONTROL_DIR))?;
+        let lock = lock_dir(&root.join(CONTROL_DIR).join(LOCK_FILE))?;
         let inner = Inner {
             root,
             codec,
@@ -126,6 +134,7 @@ impl DirStore {
         }
         Ok(DirStore {
             inner: Arc::new(inner),
+            _lock: lock,
         })
     }
 
@@ -615,7 +624,29 @@ impl Store for DirStore {
             kind: "dir",
             atomic: true,
             dumps: true,
+            exclusive: true,
         }
+    }
+}
+
+/// Opens and locks (`flock`, exclusive) the lock file at `path`; another process holding it
+/// is an error that names it, so two servers never share a directory by accident.
+fn lock_dir(path: &Path) -> std::io::Result<fs::File> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+            ErrorKind::WouldBlock,
+            format!(
+                "{} is locked: another s3cached serves this directory and location",
+                path.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

@@ -178,6 +178,8 @@ impl Store for MemoryStore {
             kind: "memory",
             atomic: true,
             dumps: true,
+            // A stand-in for S3 in tests, where several "replicas" share one.
+            exclusive: false,
         }
     }
 }

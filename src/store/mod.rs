@@ -210,6 +210,9 @@ pub struct StoreInfo {
     pub atomic: bool,
     /// Whether [`Store::dump`] lists items: only where reading an item's header is cheap.
     pub dumps: bool,
+    /// Whether only this process writes the store (the directory store, locked): what the
+    /// near tier holds cannot have changed behind it, so it never asks again.
+    pub exclusive: bool,
 }
 
 /// A key-value store of cache items.

@@ -268,12 +268,12 @@ async fn same_length_rewrites_happen_in_place_unless_fsynced() {
     }
 }
 
-/// Item files this process has open under `dir`.
+/// Item files this process has open under `dir` (the directory's lock file aside).
 fn open_files_under(dir: &Path) -> usize {
     fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
-        .filter(|target| target.starts_with(dir))
+        .filter(|target| target.starts_with(dir) && !target.ends_with(LOCK_FILE))
         .count()
 }
 
@@ -385,4 +385,19 @@ async fn fsynced_store_passes_the_suite_and_survives_reopening() {
     let store = DirStore::open_with(dir.path(), "f", Codec::default(), true, 0).unwrap();
     assert!(store.get(b"k").await.unwrap().is_some());
     assert_eq!(temp_files(&dir.path().join("f")), Vec::<String>::new());
+}
+
+#[test]
+fn a_directory_is_served_by_one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path(), "p", Codec::default()).unwrap();
+    assert!(store.info().exclusive);
+    let second = DirStore::open(dir.path(), "p", Codec::default());
+    let err = second.err().expect("a second store on a locked directory");
+    assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+    assert!(err.to_string().contains("another s3cached"), "{err}");
+    // Another location under the same data directory is another store.
+    assert!(DirStore::open(dir.path(), "q", Codec::default()).is_ok());
+    drop(store);
+    assert!(DirStore::open(dir.path(), "p", Codec::default()).is_ok());
 }

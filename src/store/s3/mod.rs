@@ -272,6 +272,7 @@ impl Store for S3Store {
             atomic: self.atomic,
             // Reading an item's key costs a GET per object: no dump (see `Store::dump`).
             dumps: false,
+            exclusive: false,
         }
     }
 
