@@ -140,6 +140,11 @@ pub const DEFAULT_S3_ATTEMPT_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_S3_OPERATION_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
+/// Hedged GETs: at most 5 % more GETs, after the recent 95th percentile, between 10 ms (S3
+/// Express One Zone answers in single-digit milliseconds) and 1 s (half an attempt's time).
+pub const DEFAULT_S3_HEDGE_PERCENT: u32 = 5;
+pub const DEFAULT_S3_HEDGE_MIN_MS: u64 = 10;
+pub const DEFAULT_S3_HEDGE_MAX_MS: u64 = 1000;
 /// How long a client has to finish its TLS handshake before it is dropped.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Most TLS handshakes in progress at once: a burst of 256 clients connecting in the same
@@ -216,6 +221,13 @@ options! {
     /// Most S3 requests in flight at once, across all connections (a cap: the limit halves
     /// when S3 throttles and grows back as it answers).
     s3_max_in_flight: usize = DEFAULT_S3_MAX_IN_FLIGHT, env "S3CACHED_S3_MAX_IN_FLIGHT";
+    /// Most GETs sent a second time because the first was slow, as a percentage of GETs
+    /// (0 = never): a GET not answered after the recent 95th percentile is hedged.
+    s3_hedge_percent: u32 = DEFAULT_S3_HEDGE_PERCENT, env "S3CACHED_S3_HEDGE_PERCENT";
+    /// Least delay before a slow GET is hedged, in milliseconds.
+    s3_hedge_min_ms: u64 = DEFAULT_S3_HEDGE_MIN_MS, env "S3CACHED_S3_HEDGE_MIN_MS";
+    /// Most delay before a slow GET is hedged (and the delay until enough GETs are known).
+    s3_hedge_max_ms: u64 = DEFAULT_S3_HEDGE_MAX_MS, env "S3CACHED_S3_HEDGE_MAX_MS";
     /// Server-side encryption sent on every PUT: "" (the bucket's default), AES256 or aws:kms.
     server_side_encryption: String = String::new(), env "S3CACHED_SERVER_SIDE_ENCRYPTION";
     /// KMS key for server_side_encryption = "aws:kms" ("" = the account's aws/s3 key).
@@ -350,6 +362,12 @@ impl Config {
                 self.listen
             ));
         }
+        if self.s3_hedge_min_ms > self.s3_hedge_max_ms {
+            return fail(format!(
+                "s3_hedge_min_ms ({}) is more than s3_hedge_max_ms ({})",
+                self.s3_hedge_min_ms, self.s3_hedge_max_ms
+            ));
+        }
         if !(1024..=128 * 1024 * 1024).contains(&self.max_item_size) {
             return fail("max_item_size must be between 1024 bytes and 128 MiB".into());
         }
@@ -407,6 +425,26 @@ impl Config {
             return fail("location must not contain '..'".into());
         }
         self.validate_ranges()?;
+        within_ranges(&[
+            (
+                "s3_hedge_percent",
+                i128::from(self.s3_hedge_percent),
+                0,
+                100,
+            ),
+            (
+                "s3_hedge_min_ms",
+                i128::from(self.s3_hedge_min_ms),
+                1,
+                86_400_000,
+            ),
+            (
+                "s3_hedge_max_ms",
+                i128::from(self.s3_hedge_max_ms),
+                1,
+                86_400_000,
+            ),
+        ])?;
         self.validate_tls()?;
         self.sasl_users().map(|_| ())
     }

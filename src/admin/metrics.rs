@@ -174,6 +174,7 @@ fn encode_s3(encoder: &mut DescriptorEncoder, s3: &S3Requests) -> Result<(), std
         help,
         ConstGauge::new(s3.in_flight.limit() as i64),
     )?;
+    encode_hedging(encoder, s3)?;
     let help = "Estimated cost of the S3 requests sent, in US dollars, at the configured prices";
     one(
         encoder,
@@ -194,6 +195,35 @@ fn encode_s3(encoder: &mut DescriptorEncoder, s3: &S3Requests) -> Result<(), std
     ] {
         ConstGauge::new(price).encode(e.encode_family(&[("class", class)])?)?;
     }
+    Ok(())
+}
+
+/// Hedged GETs: how many, how many won, and the delay now.
+fn encode_hedging(encoder: &mut DescriptorEncoder, s3: &S3Requests) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
+    let help = "GETs sent a second time because the first had not answered after the hedge delay";
+    one(
+        encoder,
+        "s3_hedged_gets",
+        help,
+        ConstCounter::new(n(&s3.hedging.sent)),
+    )?;
+    let help = "Hedged GETs whose second request answered first";
+    one(
+        encoder,
+        "s3_hedge_wins",
+        help,
+        ConstCounter::new(n(&s3.hedging.won)),
+    )?;
+    let help = "How long a GET waits before it is hedged now: the recent 95th percentile, \
+                within s3_hedge_min_ms and s3_hedge_max_ms";
+    one(
+        encoder,
+        "s3_hedge_delay_seconds",
+        help,
+        ConstGauge::new(s3.hedging.delay().as_secs_f64()),
+    )?;
     Ok(())
 }
 

@@ -45,6 +45,11 @@ impl Config {
                 .filter(|s| !s.is_empty()),
             sse_kms_key_id: Some(c.sse_kms_key_id.clone()).filter(|s| !s.is_empty()),
             prices: c.s3_prices(),
+            hedge: crate::store::s3::HedgeSettings {
+                percent: c.s3_hedge_percent,
+                min: Duration::from_millis(c.s3_hedge_min_ms),
+                max: Duration::from_millis(c.s3_hedge_max_ms),
+            },
         }
     }
 

@@ -46,6 +46,20 @@ pub enum Mode {
     /// Answer this many in a thousand requests, chosen at random, `503 SlowDown` without
     /// forwarding them (S3 throttling a prefix); forward the others.
     Throttle { per_mille: u32 },
+    /// A latency with a tail: forward each request after `slow` for `slow_per_mille` in a
+    /// thousand of them, chosen at random, after `fast` for the others.
+    Tail {
+        fast: Duration,
+        slow: Duration,
+        slow_per_mille: u32,
+    },
+    /// Forward the next `requests` requests whose method is `method` after `delay`, every
+    /// other request at once; then forward everything at once.
+    DelayNext {
+        method: &'static str,
+        requests: usize,
+        delay: Duration,
+    },
 }
 
 /// What happens to a PUT or DELETE under [`Mode::OnWrites`].
@@ -71,6 +85,8 @@ pub struct Proxy {
     pub bytes_out: Arc<AtomicUsize>,
     /// Answers to writes dropped under [`Mode::LoseWriteAnswers`].
     pub answers_lost: Arc<AtomicUsize>,
+    /// Requests whose client hung up before they were answered (a hedged GET's loser).
+    pub abandoned: Arc<AtomicUsize>,
     /// The head of every request received, in order (request line and headers, as sent).
     pub heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
@@ -98,6 +114,7 @@ impl Proxy {
         let max_in_flight = Arc::new(AtomicUsize::new(0));
         let bytes_out = Arc::new(AtomicUsize::new(0));
         let answers_lost = Arc::new(AtomicUsize::new(0));
+        let abandoned = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let shared = Counters {
             heads: heads.clone(),
@@ -107,6 +124,7 @@ impl Proxy {
             max_in_flight: max_in_flight.clone(),
             bytes_out: bytes_out.clone(),
             answers_lost: answers_lost.clone(),
+            abandoned: abandoned.clone(),
         };
         let task = tokio::spawn(async move {
             loop {
@@ -127,6 +145,7 @@ impl Proxy {
             max_in_flight,
             bytes_out,
             answers_lost,
+            abandoned,
             heads,
             task,
         }
@@ -196,6 +215,7 @@ struct Counters {
     max_in_flight: Arc<AtomicUsize>,
     bytes_out: Arc<AtomicUsize>,
     answers_lost: Arc<AtomicUsize>,
+    abandoned: Arc<AtomicUsize>,
     heads: Arc<Mutex<Vec<String>>>,
 }
 
@@ -218,6 +238,23 @@ fn take_mode(mode: &Mutex<Mode>, request: &[u8]) -> Mode {
             Mode::OnWrites { fault, writes: 1 }
         }
         Mode::OnWrites { .. } => Mode::Forward(Duration::ZERO),
+        Mode::DelayNext {
+            method,
+            requests,
+            delay,
+        } if request.starts_with(format!("{method} ").as_bytes()) => {
+            *mode = if requests > 1 {
+                Mode::DelayNext {
+                    method,
+                    requests: requests - 1,
+                    delay,
+                }
+            } else {
+                Mode::Forward(Duration::ZERO)
+            };
+            Mode::Forward(delay)
+        }
+        Mode::DelayNext { .. } => Mode::Forward(Duration::ZERO),
         other => other,
     }
 }
@@ -241,7 +278,14 @@ async fn serve(
         let now = counters.in_flight.fetch_add(1, SeqCst) + 1;
         counters.max_in_flight.fetch_max(now, SeqCst);
         let current = take_mode(&counters.mode, &request);
-        let result = answer(&request, upstream, current, &counters.answers_lost).await;
+        let result = tokio::select! {
+            result = answer(&request, upstream, current, &counters.answers_lost) => result,
+            () = hung_up(&client) => {
+                counters.in_flight.fetch_sub(1, SeqCst);
+                counters.abandoned.fetch_add(1, SeqCst);
+                return Ok(());
+            }
+        };
         counters.in_flight.fetch_sub(1, SeqCst);
         let Some(response) = result else {
             return Ok(()); // reset
@@ -252,6 +296,16 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// Completes when the client closes its connection (it sends nothing more while it waits
+/// for an answer).
+async fn hung_up(client: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => futures::future::pending().await,
+    }
 }
 
 async fn answer(
@@ -279,6 +333,16 @@ async fn answer(
             }
             &[]
         }
+        Mode::Tail {
+            fast,
+            slow,
+            slow_per_mille,
+        } => {
+            let slow_one = rand::random::<u32>() % 1000 < slow_per_mille;
+            tokio::time::sleep(if slow_one { slow } else { fast }).await;
+            &[]
+        }
+        Mode::DelayNext { .. } => unreachable!("take_mode turns it into Forward"),
         Mode::Throttle { per_mille } => {
             if rand::random::<u32>() % 1000 < per_mille {
                 return Some(error_response(503, "SlowDown"));

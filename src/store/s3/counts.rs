@@ -1,6 +1,7 @@
 //! S3 requests counted by price class and by answer, and what they cost: the figures
 //! behind `stats`' s3_* rows and the cost estimate.
 
+use super::hedge::{HedgeSettings, Hedging};
 use super::limit::InFlight;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -75,6 +76,8 @@ pub struct S3Requests {
     pub throttled: AtomicU64,
     /// How many requests may be in flight: cut when S3 throttles, grown as it answers.
     pub in_flight: InFlight,
+    /// Slow GETs sent a second time: the delay, the budget, what they did.
+    pub hedging: Hedging,
     /// No answer: timeouts, refused or dropped connections.
     pub no_answer: AtomicU64,
     /// Conditional writes whose answer was lost, settled by reading the object back: found
@@ -93,7 +96,7 @@ pub struct S3Requests {
 }
 
 impl S3Requests {
-    pub fn new(prices: S3Prices, max_in_flight: usize) -> Self {
+    pub fn new(prices: S3Prices, max_in_flight: usize, hedge: HedgeSettings) -> Self {
         S3Requests {
             get: AtomicU64::new(0),
             put: AtomicU64::new(0),
@@ -105,6 +108,7 @@ impl S3Requests {
             server_errors: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             in_flight: InFlight::new(max_in_flight),
+            hedging: Hedging::new(hedge),
             no_answer: AtomicU64::new(0),
             settled_applied: AtomicU64::new(0),
             settled_not_applied: AtomicU64::new(0),
@@ -186,6 +190,9 @@ impl S3Requests {
             ("s3_answers_server_error", self.server_errors.load(Relaxed)),
             ("s3_throttled", self.throttled.load(Relaxed)),
             ("s3_in_flight_limit", self.in_flight.limit() as u64),
+            ("s3_hedged_gets", self.hedging.sent.load(Relaxed)),
+            ("s3_hedge_wins", self.hedging.won.load(Relaxed)),
+            ("s3_hedge_delay_us", self.hedging.delay().as_micros() as u64),
             ("s3_no_answer", self.no_answer.load(Relaxed)),
             (
                 "s3_writes_settled_applied",
@@ -228,6 +235,8 @@ impl S3Requests {
             &self.settled_not_applied,
             &self.outcomes_unknown,
             &self.settled_depth_max,
+            &self.hedging.sent,
+            &self.hedging.won,
         ] {
             c.store(0, Relaxed);
         }
@@ -259,7 +268,7 @@ mod tests {
 
     #[test]
     fn cost_follows_the_prices_and_shows_in_stats() {
-        let s3 = S3Requests::new(AWS_S3_STANDARD_PRICES, 4);
+        let s3 = S3Requests::new(AWS_S3_STANDARD_PRICES, 4, HedgeSettings::OFF);
         for _ in 0..1000 {
             s3.sent(RequestClass::Get);
         }

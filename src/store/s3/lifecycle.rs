@@ -74,7 +74,11 @@ pub async fn install(
     let client = settings
         .client(
             time,
-            std::sync::Arc::new(S3Requests::new(settings.prices, settings.max_in_flight)),
+            std::sync::Arc::new(S3Requests::new(
+                settings.prices,
+                settings.max_in_flight,
+                super::HedgeSettings::OFF,
+            )),
         )
         .await;
     let bucket = &settings.bucket;

@@ -78,6 +78,11 @@ impl InFlight {
         self.limit.load(Relaxed)
     }
 
+    /// Whether the limit is under its cap: S3 throttled us recently.
+    pub fn throttling(&self) -> bool {
+        self.limit() < self.max
+    }
+
     /// S3 answered 503 SlowDown or 429: halves the limit (once per burst).
     pub fn throttled(&self) {
         let now = self.started.elapsed().as_millis() as u64 + CUT_INTERVAL_MS;

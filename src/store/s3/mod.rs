@@ -2,7 +2,7 @@
 //!
 //! Every S3 type and status code stays in this module and its children: [`settings`]
 //! (the store's settings and the SDK client), [`failure`] (errors in S3's terms),
-//! [`read`] (bounded GETs), [`write`] (PUTs and DELETEs, conditional ones applied exactly
+//! [`read`] (bounded GETs, hedged by [`hedge`] when slow), [`write`] (PUTs and DELETEs, conditional ones applied exactly
 //! once, and their only retry), [`acl`] (the ACL fallback for buckets that refuse ACLs),
 //! [`probe`] (bucket creation and the startup check of conditional writes), [`list`]
 //! (listing and batch deletes), [`skew`] (the offset to the store's clock).
@@ -16,6 +16,7 @@
 mod acl;
 mod counts;
 mod failure;
+mod hedge;
 pub mod lifecycle;
 mod limit;
 mod list;
@@ -38,6 +39,7 @@ use tokio::time::Instant;
 use self::acl::Acl;
 pub use self::counts::{RequestClass, S3Prices, S3Requests, AWS_S3_STANDARD_PRICES};
 use self::failure::Failure;
+pub use self::hedge::HedgeSettings;
 use self::read::{Fetched, Revalidation};
 pub use self::settings::S3Settings;
 use crate::clock::{Clock, StoreTime};
@@ -78,7 +80,7 @@ impl S3Store {
     /// Connects, optionally creates the bucket, and probes conditional-write support.
     pub async fn connect(s: S3Settings) -> Result<Self, StoreError> {
         let time = StoreTime::leak(s.clock_skew_ms);
-        let requests = Arc::new(S3Requests::new(s.prices, s.max_in_flight));
+        let requests = Arc::new(S3Requests::new(s.prices, s.max_in_flight, s.hedge));
         let mut store = S3Store {
             client: s.client(time, requests.clone()).await,
             bucket: s.bucket.clone(),

@@ -1,5 +1,5 @@
 //! Bounded GETs: an object's body and ETag, never more bytes than the caller can use, and
-//! revalidation with `If-None-Match`.
+//! revalidation with `If-None-Match`; item GETs are hedged when slow ([`super::hedge`]).
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
@@ -59,14 +59,26 @@ impl S3Store {
                     .bucket(&self.bucket)
                     .key(name)
                     .set_if_none_match(unless.map(|v| v.0.clone()));
-                let f = match get.send().await {
-                    Ok(out) => break out,
+                let sent = Instant::now();
+                let answered = get.send().await;
+                let hedging = &self.requests.hedging;
+                let f = match answered {
+                    Ok(out) => {
+                        hedging.record(sent.elapsed());
+                        break out;
+                    }
                     Err(e) => Failure::from_sdk(e),
                 };
                 // The SDK reports 304 as an error: it is the answer a revalidation asks for.
                 return match f.status {
-                    Some(404) => Ok(Fetched::Missing),
-                    Some(304) if unless.is_some() => Ok(Fetched::NotModified),
+                    Some(404) => {
+                        hedging.record(sent.elapsed());
+                        Ok(Fetched::Missing)
+                    }
+                    Some(304) if unless.is_some() => {
+                        hedging.record(sent.elapsed());
+                        Ok(Fetched::NotModified)
+                    }
                     // Still throttled after the SDK's retries: slower, until the deadline.
                     _ if f.throttled() && slow_down(&mut throttles, deadline).await => continue,
                     _ => Err(f.unavailable("GetObject")),
@@ -116,8 +128,13 @@ impl S3Store {
         unless: Option<&Version>,
     ) -> Result<Revalidation, StoreError> {
         let limit = self.codec.max_object_bytes();
-        let fetched = self
-            .read_object_unless(name, unless, limit, self.deadline())
+        let deadline = self.deadline();
+        // A slow GET is sent again (never while S3 throttles): the first answer wins.
+        let may_hedge = !self.requests.in_flight.throttling();
+        let fetched = (self.requests.hedging)
+            .run(may_hedge, || {
+                self.read_object_unless(name, unless, limit, deadline)
+            })
             .await?;
         Ok(match fetched {
             Fetched::Body(body, version) => Revalidation::Current(Some((body, version))),

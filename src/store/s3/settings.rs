@@ -62,6 +62,8 @@ pub struct S3Settings {
     pub sse_kms_key_id: Option<String>,
     /// Prices per 1,000 requests, for the cost estimate.
     pub prices: S3Prices,
+    /// When a slow GET is sent a second time.
+    pub hedge: super::HedgeSettings,
 }
 
 impl S3Settings {

@@ -1,0 +1,288 @@
+//! Hedged reads: a GET that has not answered by the time nearly every recent GET had is
+//! sent a second time, and the first answer wins; the other request is dropped, which
+//! closes its connection (S3 stops sending). S3's small GETs have a long tail (a few
+//! percent take ten times the median), and a hedge turns that tail into about two medians.
+//!
+//! - The delay is the 95th percentile of the last [`WINDOW`] GETs' time to answer, within
+//!   `s3_hedge_min_ms..=s3_hedge_max_ms` (the upper bound until enough GETs are known).
+//! - Hedges are paid from a budget: each GET earns `s3_hedge_percent` hundredths of a
+//!   hedge, a hedge spends one, and at most [`BURST`] are saved, so hedges are at most that
+//!   share of GETs (0 turns hedging off).
+//! - Never while S3 throttles (the in-flight limit is under its cap): a second request
+//!   would add to the load that slows S3 down.
+//! - Only reads. A write is never sent twice at once: a conditional PUT applied twice is
+//!   what [`write`](super::write)'s settlement exists to avoid.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::store::StoreError;
+
+/// GET latencies the delay is taken from.
+const WINDOW: usize = 512;
+/// The delay is recomputed after this many new latencies.
+const RECOMPUTE_EVERY: usize = 32;
+/// Latencies needed before the delay follows them (until then: the upper bound).
+const MIN_SAMPLES: usize = 64;
+/// Hedges saved up at most, in hundredths: a burst of slow GETs may all be hedged.
+const BURST: u64 = 10 * 100;
+
+/// Hedging settings, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HedgeSettings {
+    /// Most hedges, as a percentage of GETs; 0 = never hedge.
+    pub percent: u32,
+    /// Bounds of the delay after which a GET is hedged.
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// Recent latencies, the delay they give, the budget, and what hedging did.
+#[derive(Debug)]
+pub struct Hedging {
+    settings: HedgeSettings,
+    recent: Mutex<Ring>,
+    /// The delay now, in microseconds.
+    delay_us: AtomicU64,
+    /// Hedges that may be sent now, in hundredths.
+    tokens: AtomicU64,
+    /// Second GETs sent.
+    pub sent: AtomicU64,
+    /// Second GETs that answered first.
+    pub won: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Ring {
+    micros: Vec<u32>,
+    next: usize,
+    since_recompute: usize,
+}
+
+impl HedgeSettings {
+    /// No hedging (tools that make a few requests).
+    pub const OFF: HedgeSettings = HedgeSettings {
+        percent: 0,
+        min: Duration::ZERO,
+        max: Duration::ZERO,
+    };
+}
+
+impl Hedging {
+    pub fn new(settings: HedgeSettings) -> Self {
+        Hedging {
+            settings,
+            recent: Mutex::new(Ring {
+                micros: Vec::with_capacity(WINDOW),
+                next: 0,
+                since_recompute: 0,
+            }),
+            delay_us: AtomicU64::new(settings.max.as_micros() as u64),
+            tokens: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            won: AtomicU64::new(0),
+        }
+    }
+
+    /// The delay after which a GET is hedged now.
+    pub fn delay(&self) -> Duration {
+        Duration::from_micros(self.delay_us.load(Relaxed))
+    }
+
+    /// Notes how long a GET took to answer.
+    pub fn record(&self, took: Duration) {
+        let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        let mut ring = self.recent.lock().expect("hedge lock");
+        if ring.micros.len() < WINDOW {
+            ring.micros.push(micros);
+        } else {
+            let at = ring.next;
+            ring.micros[at] = micros;
+        }
+        ring.next = (ring.next + 1) % WINDOW;
+        ring.since_recompute += 1;
+        if ring.since_recompute < RECOMPUTE_EVERY || ring.micros.len() < MIN_SAMPLES {
+            return;
+        }
+        ring.since_recompute = 0;
+        let mut sorted = ring.micros.clone();
+        drop(ring);
+        let rank = (sorted.len() * 95).div_ceil(100) - 1;
+        let (_, p95, _) = sorted.select_nth_unstable(rank);
+        let delay = Duration::from_micros(u64::from(*p95));
+        let delay = delay.clamp(self.settings.min, self.settings.max);
+        self.delay_us.store(delay.as_micros() as u64, Relaxed);
+    }
+
+    /// A GET starts: it earns its share of a hedge.
+    fn earn(&self) {
+        let share = u64::from(self.settings.percent);
+        let _ = self
+            .tokens
+            .fetch_update(Relaxed, Relaxed, |t| Some((t + share).min(BURST)));
+    }
+
+    /// Spends one hedge, if the budget has one.
+    fn spend(&self) -> bool {
+        self.tokens
+            .fetch_update(Relaxed, Relaxed, |t| t.checked_sub(100))
+            .is_ok()
+    }
+
+    /// Runs `attempt`, and once more if the first has not answered after the delay and a
+    /// hedge may be sent (`may_hedge`: S3 is not throttling us); the first success wins and
+    /// the other attempt is dropped. A failure waits for the other attempt, if one runs.
+    pub async fn run<T, F, Fut>(&self, may_hedge: bool, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        if self.settings.percent == 0 {
+            return attempt().await;
+        }
+        self.earn();
+        let first = attempt();
+        tokio::pin!(first);
+        tokio::select! {
+            answered = &mut first => return answered,
+            () = tokio::time::sleep(self.delay()) => {}
+        }
+        if !may_hedge || !self.spend() {
+            return first.await;
+        }
+        self.sent.fetch_add(1, Relaxed);
+        let second = attempt();
+        tokio::pin!(second);
+        tokio::select! {
+            answered = &mut first => match answered {
+                Ok(found) => Ok(found),
+                Err(_) => second.await,
+            },
+            answered = &mut second => match answered {
+                Ok(found) => {
+                    self.won.fetch_add(1, Relaxed);
+                    Ok(found)
+                }
+                Err(_) => first.await,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hedging(percent: u32) -> Hedging {
+        Hedging::new(HedgeSettings {
+            percent,
+            min: Duration::from_millis(5),
+            max: Duration::from_millis(500),
+        })
+    }
+
+    #[test]
+    fn the_delay_follows_the_95th_percentile_within_its_bounds() {
+        let h = hedging(5);
+        let ms = Duration::from_millis;
+        assert_eq!(h.delay(), ms(500), "the upper bound at first");
+        // A window of latencies, then the delay they give.
+        let delay_after = |took: &dyn Fn(usize) -> Duration| {
+            (0..WINDOW).for_each(|i| h.record(took(i)));
+            h.delay()
+        };
+        // 96 % at 20 ms, 4 % at 400 ms: the 95th percentile is 20 ms.
+        let tail = |i| ms(if i % 25 == 0 { 400 } else { 20 });
+        assert_eq!(delay_after(&tail), ms(20));
+        let fast = |_| Duration::from_micros(100);
+        assert_eq!(delay_after(&fast), ms(5), "never under the lower bound");
+        let slow = |_| Duration::from_secs(3);
+        assert_eq!(delay_after(&slow), ms(500), "never over the upper bound");
+    }
+
+    #[test]
+    fn hedges_are_at_most_their_share_of_gets() {
+        let h = hedging(5);
+        let mut hedges = 0;
+        for _ in 0..1000 {
+            h.earn();
+            if h.spend() {
+                hedges += 1;
+            }
+        }
+        assert_eq!(hedges, 50);
+        // Saved up while GETs were fast, at most a burst's worth.
+        for _ in 0..100_000 {
+            h.earn();
+        }
+        let burst = std::iter::from_fn(|| h.spend().then_some(())).count();
+        assert_eq!(burst as u64, BURST / 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_first_attempt_loses_to_the_hedge() {
+        let h = hedging(100);
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let took = tokio::time::Instant::now();
+        let answer = h
+            .run(true, || {
+                let n = calls.fetch_add(1, Relaxed);
+                async move {
+                    let wait = if n == 0 { 10_000 } else { 10 };
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    Ok::<_, StoreError>(n)
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(answer, 1, "the hedge answered");
+        assert_eq!(took.elapsed(), Duration::from_millis(510));
+        assert_eq!((h.sent.load(Relaxed), h.won.load(Relaxed)), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_hedge_when_off_throttled_or_out_of_budget() {
+        for (percent, may_hedge) in [(0, true), (100, false), (1, true)] {
+            let h = hedging(percent);
+            let calls = std::sync::atomic::AtomicU32::new(0);
+            let answer = h
+                .run(may_hedge, || {
+                    calls.fetch_add(1, Relaxed);
+                    async {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        Ok::<_, StoreError>(())
+                    }
+                })
+                .await;
+            assert!(answer.is_ok());
+            assert_eq!(
+                calls.load(Relaxed),
+                1,
+                "percent {percent}, may_hedge {may_hedge}"
+            );
+            assert_eq!(h.sent.load(Relaxed), 0);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_attempt_waits_for_the_other() {
+        let h = hedging(100);
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let answer = h
+            .run(true, || {
+                let n = calls.fetch_add(1, Relaxed);
+                async move {
+                    if n == 0 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Ok(7)
+                    } else {
+                        Err(StoreError::Unavailable("reset".into()))
+                    }
+                }
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 7);
+    }
+}
