@@ -5,12 +5,15 @@
 //! within the request timeout and send something within the idle timeout. Every byte of
 //! capacity is charged through [`Admission`]: the read buffer by what it has allocated (its
 //! capacity shrinks as requests are taken off its front; the allocation does not), the write
-//! buffer by its capacity.
+//! buffer by its capacity, and the large values a reply sends from their own bytes (shared
+//! with the near tier or the store's answer, not copied) by their length.
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -34,6 +37,11 @@ pub const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
 const MIN_READ_ROOM_BYTES: usize = INITIAL_BUFFER_BYTES / 4;
 /// A drained write buffer larger than this is given back and replaced by a small one.
 const WRITE_KEEP_BYTES: usize = 64 * 1024;
+/// Values at least this large are written from their own bytes (one more `iovec`), not
+/// copied into the write buffer.
+pub const SHARE_MIN_BYTES: usize = 8 * 1024;
+/// Most slices one vectored write hands the kernel.
+const MAX_IOVECS: usize = 64;
 
 /// A connection's buffers and the clocks of its input.
 pub struct Buffers {
@@ -41,8 +49,12 @@ pub struct Buffers {
     read: BytesMut,
     /// Bytes allocated for `read` (its capacity shrinks as it is consumed; this doesn't).
     read_alloc: usize,
-    /// Encoded replies not yet written.
+    /// Encoded replies not yet written: `queued` (whole pieces, in order), then `write`.
     write: BytesMut,
+    /// Pieces of replies waiting before `write`: encoded bytes and shared values.
+    queued: VecDeque<Bytes>,
+    /// Bytes in `queued`.
+    queued_len: usize,
     /// When the connection last read input or wrote its replies: idle since then.
     last_active: Instant,
     /// When input was last read.
@@ -86,6 +98,8 @@ impl Buffers {
             read_alloc: first.capacity(),
             read: first,
             write: BytesMut::with_capacity(INITIAL_BUFFER_BYTES),
+            queued: VecDeque::new(),
+            queued_len: 0,
             last_active: Instant::now(),
             last_read: Instant::now(),
             partial_since: None,
@@ -116,12 +130,28 @@ impl Buffers {
 
     /// Bytes of replies waiting to be written.
     pub fn pending_output(&self) -> usize {
-        self.write.len()
+        self.queued_len + self.write.len()
+    }
+
+    /// Encodes a reply after those waiting: its large values are queued as they are, not
+    /// copied (see [`SHARE_MIN_BYTES`]).
+    pub fn encode_reply(&mut self, response: &Response) {
+        self.reserve_reply(response);
+        let (queued, queued_len) = (&mut self.queued, &mut self.queued_len);
+        response.encode_sharing(&mut self.write, SHARE_MIN_BYTES, &mut |write, value| {
+            if !write.is_empty() {
+                let encoded = write.split().freeze();
+                *queued_len += encoded.len();
+                queued.push_back(encoded);
+            }
+            *queued_len += value.len();
+            queued.push_back(value.clone());
+        });
     }
 
     /// Charges the budget for what the buffers hold allocated now.
     pub fn sync(&self, admission: &mut Admission) {
-        admission.set_buffers(self.read_alloc + self.write.capacity());
+        admission.set_buffers(self.read_alloc + self.write.capacity() + self.queued_len);
     }
 
     /// Reads what the socket has into the read buffer; 0 at the end of input. Cancel-safe.
@@ -211,7 +241,7 @@ impl Buffers {
     /// few times, not once each) but never more than the high-water mark. Growing by
     /// doubling could take twice a large reply's size, more than the reply was charged.
     pub fn reserve_reply(&mut self, response: &Response) {
-        let need = reply_len(response);
+        let need = reply_len(response) - shared_len(response);
         let len = self.write.len();
         if need > self.write.capacity() - len {
             let spare = len.min(WRITE_HIGH_WATER_BYTES);
@@ -228,7 +258,13 @@ impl Buffers {
         socket: &mut S,
         admission: &mut Admission,
     ) -> std::io::Result<()> {
-        write_replies(socket, &mut self.write, self.write_timeout, &self.stats).await?;
+        let pending = Pending {
+            queued: &mut self.queued,
+            queued_len: &mut self.queued_len,
+            write: &mut self.write,
+            written: 0,
+        };
+        write_replies(socket, pending, self.write_timeout, &self.stats).await?;
         if self.write.capacity() > WRITE_KEEP_BYTES {
             self.write = BytesMut::with_capacity(INITIAL_BUFFER_BYTES);
         }
@@ -272,23 +308,94 @@ impl Buffers {
     }
 }
 
-/// Writes `buf` whole (then empties it) within `timeout`, counting the bytes written and a
-/// timeout in `stats`.
+/// The bytes of a value a reply sends from its own bytes rather than copies.
+fn shared_len(response: &Response) -> usize {
+    match response {
+        Response::Values { values, .. } => values
+            .iter()
+            .map(|v| v.data.len())
+            .filter(|&n| n >= SHARE_MIN_BYTES)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// Replies waiting to be written: whole pieces, then the write buffer (from `written`:
+/// it is emptied once all is written, keeping its capacity).
+struct Pending<'a> {
+    queued: &'a mut VecDeque<Bytes>,
+    queued_len: &'a mut usize,
+    write: &'a mut BytesMut,
+    written: usize,
+}
+
+impl Pending<'_> {
+    fn len(&self) -> usize {
+        *self.queued_len + self.write.len() - self.written
+    }
+
+    /// Up to [`MAX_IOVECS`] slices of what is waiting, in order.
+    fn slices<'s>(&'s self, out: &mut [IoSlice<'s>; MAX_IOVECS]) -> usize {
+        let pieces = self.queued.iter().map(|b| &b[..]);
+        let all = pieces.chain(std::iter::once(&self.write[self.written..]));
+        let mut n = 0;
+        for piece in all.filter(|p| !p.is_empty()).take(MAX_IOVECS) {
+            out[n] = IoSlice::new(piece);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops `n` written bytes from the front.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.queued.front_mut() else {
+                self.written += n;
+                return;
+            };
+            let take = n.min(front.len());
+            front.advance(take);
+            *self.queued_len -= take;
+            n -= take;
+            if front.is_empty() {
+                self.queued.pop_front();
+            }
+        }
+    }
+
+    /// Writes everything, a vectored write at a time.
+    async fn write_all<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
+        while self.len() > 0 {
+            let written = {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let n = self.slices(&mut slices);
+                socket.write_vectored(&slices[..n]).await?
+            };
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.advance(written);
+        }
+        self.write.clear();
+        self.written = 0;
+        socket.flush().await
+    }
+}
+
+/// Writes what is `pending` whole (then empties it) within `timeout`, counting the bytes
+/// written and a timeout in `stats`.
 async fn write_replies<S: AsyncWrite + Unpin>(
     socket: &mut S,
-    buf: &mut BytesMut,
+    mut pending: Pending<'_>,
     timeout: Option<Duration>,
     stats: &Stats,
 ) -> std::io::Result<()> {
-    if buf.is_empty() {
+    let len = pending.len();
+    if len == 0 {
         return Ok(());
     }
     {
-        let write = async {
-            socket.write_all(buf).await?;
-            socket.flush().await
-        };
-        let mut write = std::pin::pin!(write);
+        let mut write = std::pin::pin!(pending.write_all(socket));
         // Most replies fit the socket's buffer: written at once, they need no timer (the
         // deadline starts at the first write the socket could not take).
         match (futures::poll!(write.as_mut()), timeout) {
@@ -308,8 +415,7 @@ async fn write_replies<S: AsyncWrite + Unpin>(
             }
         }
     }
-    Stats::add(&stats.bytes_written, buf.len() as u64);
-    buf.clear();
+    Stats::add(&stats.bytes_written, len as u64);
     Ok(())
 }
 

@@ -356,8 +356,7 @@ impl Connection {
             self.closing = true;
             self.io.input().clear();
         }
-        self.io.reserve_reply(&response);
-        response.encode(self.io.output());
+        self.io.encode_reply(&response);
         self.io.sync(&mut self.admission);
     }
 

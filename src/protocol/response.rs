@@ -62,8 +62,21 @@ pub enum Response {
 }
 
 impl Response {
-    /// Appends the wire form of this reply to `out`.
+    /// Appends the wire form of this reply to `out`, copying every value.
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_sharing(out, usize::MAX, &mut |out, value| out.put_slice(value));
+    }
+
+    /// Appends the wire form of this reply to `out`, but hands each value of at least
+    /// `share_min` bytes to `share` instead of copying it: the caller queues `out`'s bytes so
+    /// far, then the value's own bytes, and writes them in that order (as memcached sends a
+    /// value from its item).
+    pub fn encode_sharing(
+        &self,
+        out: &mut BytesMut,
+        share_min: usize,
+        share: &mut impl FnMut(&mut BytesMut, &Bytes),
+    ) {
         let line = |out: &mut BytesMut, s: &str| {
             out.put_slice(s.as_bytes());
             out.put_slice(b"\r\n");
@@ -96,7 +109,11 @@ impl Response {
                         put_decimal(out, v.cas);
                     }
                     out.put_slice(b"\r\n");
-                    out.put_slice(&v.data);
+                    if v.data.len() >= share_min {
+                        share(out, &v.data);
+                    } else {
+                        out.put_slice(&v.data);
+                    }
                     out.put_slice(b"\r\n");
                 }
                 if *end {
