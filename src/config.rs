@@ -240,7 +240,7 @@ options! {
     s3_price_delete_per_1000: f64 = crate::store::s3::AWS_S3_STANDARD_PRICES.delete_per_1000, env "S3CACHED_S3_PRICE_DELETE_PER_1000";
     /// Address of the admin HTTP listener (/metrics, /healthz, /readyz); "" = off.
     admin_listen: String = String::new(), env "S3CACHED_ADMIN_LISTEN";
-    /// Most items kept; the culler removes some when the count reaches it (0 = no limit; default 1000000 on S3, 0 on the directory store).
+    /// Most items kept; the culler removes some when the count reaches it (0 = no limit; default 1000000 on S3, 0 on the directory store and on S3 Express directory buckets).
     max_entries: u64 = BY_BACKEND, env "S3CACHED_MAX_ENTRIES";
     /// At max_entries, remove 1/cull_frequency of the items (0 = remove all).
     cull_frequency: u64 = DEFAULT_CULL_FREQUENCY, env "S3CACHED_CULL_FREQUENCY";
@@ -346,7 +346,9 @@ impl Config {
     fn backend_defaults(mut self) -> Config {
         let s3 = self.uses_s3();
         if self.max_entries == BY_BACKEND {
-            self.max_entries = if s3 { DEFAULT_S3_MAX_ENTRIES } else { 0 };
+            // The culler cannot list a directory bucket (see `validate_directory_bucket`).
+            let cull = s3 && !self.directory_bucket();
+            self.max_entries = if cull { DEFAULT_S3_MAX_ENTRIES } else { 0 };
         }
         if self.max_bytes == BY_BACKEND {
             self.max_bytes = if s3 { 0 } else { DEFAULT_DIR_MAX_BYTES };
@@ -362,12 +364,7 @@ impl Config {
                 self.listen
             ));
         }
-        if self.s3_hedge_min_ms > self.s3_hedge_max_ms {
-            return fail(format!(
-                "s3_hedge_min_ms ({}) is more than s3_hedge_max_ms ({})",
-                self.s3_hedge_min_ms, self.s3_hedge_max_ms
-            ));
-        }
+        self.validate_s3()?;
         if !(1024..=128 * 1024 * 1024).contains(&self.max_item_size) {
             return fail("max_item_size must be between 1024 bytes and 128 MiB".into());
         }
@@ -425,26 +422,6 @@ impl Config {
             return fail("location must not contain '..'".into());
         }
         self.validate_ranges()?;
-        within_ranges(&[
-            (
-                "s3_hedge_percent",
-                i128::from(self.s3_hedge_percent),
-                0,
-                100,
-            ),
-            (
-                "s3_hedge_min_ms",
-                i128::from(self.s3_hedge_min_ms),
-                1,
-                86_400_000,
-            ),
-            (
-                "s3_hedge_max_ms",
-                i128::from(self.s3_hedge_max_ms),
-                1,
-                86_400_000,
-            ),
-        ])?;
         self.validate_tls()?;
         self.sasl_users().map(|_| ())
     }
@@ -531,6 +508,64 @@ impl Config {
                 i128::from(u32::MAX),
             ),
         ])
+    }
+
+    /// Whether the bucket is an S3 Express One Zone directory bucket (`name--zone--x-s3`).
+    pub fn directory_bucket(&self) -> bool {
+        self.uses_s3() && self.storage_bucket_name.ends_with("--x-s3")
+    }
+
+    /// Hedging's bounds, and what a directory bucket allows.
+    fn validate_s3(&self) -> Result<(), ConfigError> {
+        within_ranges(&[
+            (
+                "s3_hedge_percent",
+                i128::from(self.s3_hedge_percent),
+                0,
+                100,
+            ),
+            (
+                "s3_hedge_min_ms",
+                i128::from(self.s3_hedge_min_ms),
+                1,
+                86_400_000,
+            ),
+            (
+                "s3_hedge_max_ms",
+                i128::from(self.s3_hedge_max_ms),
+                1,
+                86_400_000,
+            ),
+        ])?;
+        if self.s3_hedge_min_ms > self.s3_hedge_max_ms {
+            return Err(ConfigError(format!(
+                "s3_hedge_min_ms ({}) is more than s3_hedge_max_ms ({})",
+                self.s3_hedge_min_ms, self.s3_hedge_max_ms
+            )));
+        }
+        self.validate_directory_bucket()
+    }
+
+    /// A directory bucket takes virtual-hosted-style requests only, and its listing (not in
+    /// key order, no `StartAfter`) is not one the culler can page through.
+    fn validate_directory_bucket(&self) -> Result<(), ConfigError> {
+        if !self.directory_bucket() {
+            return Ok(());
+        }
+        if self.force_path_style {
+            return Err(ConfigError(
+                "force_path_style: directory buckets (--x-s3) take virtual-hosted-style requests only"
+                    .into(),
+            ));
+        }
+        if self.max_entries != 0 || self.max_bytes != 0 {
+            return Err(ConfigError(
+                "max_entries and max_bytes must be 0 on a directory bucket (--x-s3): the culler \
+                 cannot list one yet; bound it with a lifecycle rule"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The disk tier must hold a few blocks, each of which must hold the largest item.

@@ -187,3 +187,29 @@ fn a_device_as_the_config_or_users_file_is_refused_at_once() {
     let err = Config::from_toml("sasl_users_file = \"/dev/zero\"").unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
+
+#[test]
+fn a_directory_bucket_is_addressed_by_name_and_not_culled() {
+    let bucket = "storage_bucket_name = \"cache--use1-az4--x-s3\"\n";
+    let c = Config::from_toml(bucket).unwrap();
+    assert!(c.directory_bucket());
+    assert_eq!(
+        (c.max_entries, c.max_bytes),
+        (0, 0),
+        "no culling by default"
+    );
+    for (extra, refused) in [
+        ("force_path_style = true", "virtual-hosted-style"),
+        ("max_entries = 1000", "culler cannot list"),
+        ("max_bytes = 1000000", "culler cannot list"),
+    ] {
+        let err = Config::from_toml(&format!("{bucket}{extra}")).unwrap_err();
+        assert!(err.0.contains(refused), "{extra}: {err}");
+    }
+    let express = Config::from_toml(&format!("{bucket}storage_class = \"EXPRESS_ONEZONE\"\n"));
+    assert!(express.is_ok());
+    // A general purpose bucket keeps the usual defaults.
+    let general = Config::from_toml("storage_bucket_name = \"cache-x-s3\"").unwrap();
+    assert!(!general.directory_bucket());
+    assert_eq!(general.max_entries, 1_000_000);
+}
