@@ -2,12 +2,12 @@
 //! against a real memcached, in one run, on loopback; results as ratios.
 //!
 //! Run: `cargo bench --bench compare` (needs `memcached` on PATH; `taskset`, from util-linux,
-//! pins the servers to one core). `S3CACHED_BENCH_ONLY=load` runs only the load table,
-//! `S3CACHED_BENCH_ONLY=latency` only the near tier behind 20 ms of S3 latency.
-//! `S3CACHED_BENCH_TARGET=127.0.0.1:PORT` drives the load workloads whose names contain
-//! `S3CACHED_BENCH_WORKLOAD` (all when unset) against a server already running there (one
-//! under `perf record` or callgrind, say), nothing else; `S3CACHED_BENCH_TARGET_PID` gives
-//! its process for the CPU column. With
+//! pins the servers to one core). `S3CACHED_BENCH_ONLY=memory` runs only the resident
+//! memory with idle connections, `S3CACHED_BENCH_ONLY=latency` only the near tier behind
+//! 20 ms of S3 latency, `S3CACHED_BENCH_ONLY=tail` only cold gets behind S3 latency with a
+//! tail, hedged and not. Throughput under load is memtier_benchmark's (benches/memtier.py):
+//! this benchmark's own load generator, which disagreed with memtier by more than the 15 %
+//! allowed, is gone. With
 //! `S3CACHED_TEST_S3_ENDPOINT=http://127.0.0.1:PORT` (a local S3 server, as tests/run
 //! starts) it also measures S3 latency through s3cached against direct SDK calls, the
 //! 100-key get and 100 pipelined sets behind 20 ms of injected latency, and, with
@@ -25,7 +25,6 @@ mod proxy;
 mod s3;
 
 mod fast_s3;
-mod load;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -488,6 +487,66 @@ async fn hidden_latency(endpoint: &str, label: &str) {
     );
 }
 
+/// Cold single-key gets behind S3 latency with a tail: the test proxy's model, each
+/// request forwarded after 20 ms, or after 400 ms for 5 % of them chosen at random, in
+/// front of the in-process responder. A reader with no RAM tier (every get asks S3) and
+/// hedging off, then one with the default hedging; 8 clients, each reading its own keys
+/// one at a time, after 128 gets that let the hedge delay settle.
+async fn tail_latency(endpoint: &str) {
+    const CLIENTS: usize = 8;
+    const GETS: usize = 100;
+    let proxy = proxy::Proxy::start(endpoint).await;
+    let writer = start_s3cached(&s3_env(&proxy.url(), "bench-tail")).await;
+    {
+        let mut c = Conn::open(writer.addr).await;
+        let mut sets = Vec::new();
+        for i in 0..CLIENTS * GETS {
+            sets.extend(set_request(&format!("tail-{i}")));
+        }
+        c.call(&sets, &b"STORED\r\n".repeat(CLIENTS * GETS)).await;
+    }
+    proxy.set(proxy::Mode::Tail {
+        fast: Duration::from_millis(20),
+        slow: Duration::from_millis(400),
+        slow_per_mille: 50,
+    });
+    println!("\n== cold single-key gets, each S3 request 20 ms (95 %) or 400 ms (5 %) ==");
+    for (label, percent) in [("hedging off", "0"), ("hedging on (5 %)", "5")] {
+        let mut env = s3_env(&proxy.url(), "bench-tail");
+        env.push(("S3CACHED_RAM_CACHE_BYTES", "0".into()));
+        env.push(("S3CACHED_S3_HEDGE_PERCENT", percent.into()));
+        let reader = start_s3cached(&env).await;
+        let read = |warm: bool| {
+            let addr = reader.addr;
+            async move {
+                let clients = (0..CLIENTS).map(|c| async move {
+                    let mut conn = Conn::open(addr).await;
+                    let mut lat = Vec::new();
+                    for i in 0..if warm { 16 } else { GETS } {
+                        let s = Instant::now();
+                        let key = format!("tail-{}", c * GETS + i);
+                        conn.call(format!("get {key}\r\n").as_bytes(), b"END\r\n")
+                            .await;
+                        lat.push(s.elapsed());
+                    }
+                    lat
+                });
+                futures::future::join_all(clients).await.concat()
+            }
+        };
+        read(true).await;
+        let t = Instant::now();
+        let lat = read(false).await;
+        let stat = summarize(lat, t.elapsed());
+        println!(
+            "{label}: p50 {:.1} ms, p99 {:.1} ms, p99/p50 {:.1}",
+            stat.p50_us / 1e3,
+            stat.p99_us / 1e3,
+            stat.p99_us / stat.p50_us
+        );
+    }
+}
+
 async fn cull_cost(endpoint: &str, entries: usize) {
     use s3cached::clock::Clock;
     use s3cached::culler::{Culler, CullerConfig, WriteHint};
@@ -562,20 +621,10 @@ async fn cull_cost(endpoint: &str, entries: usize) {
     );
 }
 
-/// The memtier-style table, then resident memory with 1,000 idle connections.
-async fn load_comparison() {
-    let memcached = start_memcached().await;
+/// Resident memory of s3cached with 1,000 idle connections.
+async fn idle_memory() {
     let dir = tempfile::tempdir().unwrap();
     let ours = start_s3cached(&[("S3CACHED_DATA_DIR", dir.path().display().to_string())]).await;
-    println!(
-        "\n== load: memcached vs s3cached (directory store, near tier on), servers pinned to core {SERVER_CORE} =="
-    );
-    load::header();
-    for w in load::workloads() {
-        let mc = load::run(memcached.addr, memcached.child.id(), &w).await;
-        let s3c = load::run(ours.addr, ours.child.id(), &w).await;
-        load::row(&w, &mc, &s3c);
-    }
     let mut idle = Vec::new();
     for _ in 0..IDLE_CONNECTIONS {
         idle.push(TcpStream::connect(ours.addr).await.unwrap());
@@ -588,31 +637,13 @@ async fn load_comparison() {
     }
     let (_, rss) = ours.memory_kib();
     println!(
-        "s3cached resident with {IDLE_CONNECTIONS} idle connections after the load: {} MiB (tier bound {} MiB)",
+        "\ns3cached resident with {IDLE_CONNECTIONS} idle connections: {} MiB (tier bound {} MiB)",
         rss / 1024,
         s3cached::tier::DEFAULT_RAM_CACHE_BYTES >> 20
     );
 }
 
 const IDLE_CONNECTIONS: usize = 1000;
-
-/// The load workloads named by `S3CACHED_BENCH_WORKLOAD` against a server already running at
-/// `addr`, for profiling it; the table shows that server in both columns.
-async fn load_target(addr: SocketAddr) {
-    let filter = std::env::var("S3CACHED_BENCH_WORKLOAD").unwrap_or_default();
-    let pid = std::env::var("S3CACHED_BENCH_TARGET_PID")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    load::header();
-    for w in load::workloads()
-        .iter()
-        .filter(|w| w.name.contains(&filter))
-    {
-        let outcome = load::run(addr, pid, w).await;
-        load::row(w, &outcome, &outcome);
-    }
-}
 
 fn main() {
     pin_self_away();
@@ -621,21 +652,22 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        if let Ok(target) = std::env::var("S3CACHED_BENCH_TARGET") {
-            return load_target(target.parse().expect("S3CACHED_BENCH_TARGET is host:port")).await;
-        }
         match std::env::var("S3CACHED_BENCH_ONLY").as_deref() {
-            Ok("load") => return load_comparison().await,
+            Ok("memory") => return idle_memory().await,
             Ok("latency") => {
                 let fast = format!("http://{}", fast_s3::start().await);
                 return hidden_latency(&fast, "in-process S3 responder (parallel, instant)").await;
             }
+            Ok("tail") => {
+                return tail_latency(&format!("http://{}", fast_s3::start().await)).await;
+            }
             _ => {}
         }
         local_comparison().await;
-        load_comparison().await;
+        idle_memory().await;
         let fast = format!("http://{}", fast_s3::start().await);
         hidden_latency(&fast, "in-process S3 responder (parallel, instant)").await;
+        tail_latency(&fast).await;
         if let Ok(endpoint) = std::env::var("S3CACHED_TEST_S3_ENDPOINT") {
             s3_comparison(&endpoint).await;
             hidden_latency(&endpoint, "local S3 server (moto)").await;
