@@ -216,7 +216,7 @@ fn encode_hedging(encoder: &mut DescriptorEncoder, s3: &S3Requests) -> Result<()
         help,
         ConstCounter::new(n(&s3.hedging.won)),
     )?;
-    let help = "How long a GET waits before it is hedged now: the recent 95th percentile, \
+    let help = "How long a GET waits before it is hedged now: the recent 90th percentile, \
                 within s3_hedge_min_ms and s3_hedge_max_ms";
     one(
         encoder,
