@@ -95,31 +95,7 @@ impl Response {
                 values,
                 with_cas,
                 end,
-            } => {
-                for v in values {
-                    out.reserve(v.key.len() + v.data.len() + 64);
-                    out.put_slice(b"VALUE ");
-                    out.put_slice(&v.key);
-                    out.put_u8(b' ');
-                    put_decimal(out, v.flags);
-                    out.put_u8(b' ');
-                    put_decimal(out, v.data.len());
-                    if *with_cas {
-                        out.put_u8(b' ');
-                        put_decimal(out, v.cas);
-                    }
-                    out.put_slice(b"\r\n");
-                    if v.data.len() >= share_min {
-                        share(out, &v.data);
-                    } else {
-                        out.put_slice(&v.data);
-                    }
-                    out.put_slice(b"\r\n");
-                }
-                if *end {
-                    line(out, "END");
-                }
-            }
+            } => encode_values(values, *with_cas, *end, out, share_min, share),
             Response::Number(n) => {
                 put_decimal(out, *n);
                 out.put_slice(b"\r\n");
@@ -159,6 +135,43 @@ impl Response {
     }
 }
 
+/// A retrieval's `VALUE` lines and data blocks, then `END` if `end`; values of at least
+/// `share_min` bytes go to `share` (see [`Response::encode_sharing`]).
+fn encode_values(
+    values: &[Value],
+    with_cas: bool,
+    end: bool,
+    out: &mut BytesMut,
+    share_min: usize,
+    share: &mut impl FnMut(&mut BytesMut, &Bytes),
+) {
+    for v in values {
+        let shared = v.data.len() >= share_min;
+        // Room for what is copied: a shared value takes none.
+        out.reserve(v.key.len() + if shared { 0 } else { v.data.len() } + 64);
+        out.put_slice(b"VALUE ");
+        out.put_slice(&v.key);
+        out.put_u8(b' ');
+        put_decimal(out, v.flags);
+        out.put_u8(b' ');
+        put_decimal(out, v.data.len());
+        if with_cas {
+            out.put_u8(b' ');
+            put_decimal(out, v.cas);
+        }
+        out.put_slice(b"\r\n");
+        if shared {
+            share(out, &v.data);
+        } else {
+            out.put_slice(&v.data);
+        }
+        out.put_slice(b"\r\n");
+    }
+    if end {
+        out.put_slice(b"END\r\n");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +181,38 @@ mod tests {
         let mut out = BytesMut::new();
         r.encode(&mut out);
         out.to_vec()
+    }
+
+    #[test]
+    fn a_shared_value_is_handed_over_not_copied_nor_reserved_for() {
+        let big = Bytes::from(vec![b'x'; 100_000]);
+        let reply = Response::Values {
+            values: vec![Value {
+                key: Bytes::from("big"),
+                flags: 0,
+                cas: 0,
+                data: big.clone(),
+            }],
+            with_cas: false,
+            end: true,
+        };
+        let mut out = BytesMut::with_capacity(64);
+        let mut pieces: Vec<Bytes> = Vec::new();
+        reply.encode_sharing(&mut out, 8192, &mut |out, value| {
+            pieces.push(out.split().freeze());
+            pieces.push(value.clone());
+        });
+        pieces.push(out.split().freeze());
+        assert_eq!(pieces[0], &b"VALUE big 0 100000\r\n"[..]);
+        assert_eq!(pieces[1].as_ptr(), big.as_ptr(), "the value's own bytes");
+        assert_eq!(pieces[2], &b"\r\nEND\r\n"[..]);
+        assert!(
+            out.capacity() < 1024,
+            "room reserved for the value: {}",
+            out.capacity()
+        );
+        let whole: Vec<u8> = pieces.concat();
+        assert_eq!(whole, wire(reply));
     }
 
     #[test]
