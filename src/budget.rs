@@ -26,6 +26,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::stats::Stats;
 
+pub mod meter;
+
 /// Default budget: 256 MiB. Sized for a small machine (a 512 MiB container or a 1 GiB VM):
 /// with the 64 MiB near tier and the runtime it leaves room for the OS. It covers the
 /// default 256 S3 requests in flight each reading a maximum-size (1 MiB) item, or four
@@ -138,21 +140,22 @@ impl Budget {
         if self.try_take(units) {
             return Some(Charge { units, lane: false });
         }
-        if lane
-            && self.is_small(units)
-            && self
-                .lane
-                .clone()
-                .try_acquire_many_owned(units)
-                .is_ok_and(|p| {
-                    p.forget();
-                    true
-                })
-        {
-            self.show();
+        if lane && self.is_small(units) && self.try_take_lane(units) {
             return Some(Charge { units, lane: true });
         }
         None
+    }
+
+    /// Takes `units` from the lane if they are free now.
+    fn try_take_lane(&self, units: u32) -> bool {
+        match self.lane.try_acquire_many(units) {
+            Ok(permit) => {
+                permit.forget();
+                self.show();
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Takes `units` from the main part if they are free now.
@@ -354,6 +357,13 @@ impl Account {
                 self.lane_buffer_units += units;
             }
         }
+    }
+
+    /// Takes over what a finished retrieval's meter held: it pays for the reply in the write
+    /// buffer, as a request's charge does after [`Account::finish_request`].
+    pub fn adopt(&mut self, held: meter::Held) {
+        self.buffer_units += held.main + held.lane;
+        self.lane_buffer_units += held.lane;
     }
 }
 

@@ -10,12 +10,12 @@ mod dump;
 pub mod item;
 mod meta;
 mod report;
+mod retrieve;
 
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::stream::{self, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -26,9 +26,7 @@ use crate::protocol::{ProtocolError, Request, Response, StoreMode, Value};
 use crate::stats::Stats;
 use crate::store::{Entry, Store, StoreError};
 use crate::tier::Tiered;
-use item::{
-    Arith, Counted, Deleted, Items, Miss, Read, Removal, Touched, Write, WriteMode, Written,
-};
+use item::{Arith, Counted, Deleted, Items, Miss, Removal, Touched, Write, WriteMode, Written};
 
 /// How many keys of one multi-key get are fetched at once.
 pub const MAX_GET_FANOUT: usize = 64;
@@ -129,16 +127,22 @@ impl Ctx {
 
     /// The one place a store error becomes a reply.
     fn failure(&self, err: StoreError) -> Response {
-        Stats::incr(&self.stats.backend_errors);
-        match err {
-            StoreError::Unavailable(why) => {
-                tracing::warn!(cause = %why, "backend call failed");
-                Response::ServerError(short_reason(&why))
+        let why = match err {
+            // Only a retrieval's values are charged as they arrive, and it waits and reads
+            // again; anything else refused is answered as memcached answers.
+            StoreError::OverBudget(_) => {
+                Stats::incr(&self.stats.budget_timeouts);
+                return Response::Error(ProtocolError::Server("out of memory"));
             }
+            StoreError::Unavailable(why) => why,
             StoreError::Exists | StoreError::Changed => {
-                Response::ServerError("too much contention on key".into())
+                Stats::incr(&self.stats.backend_errors);
+                return Response::ServerError("too much contention on key".into());
             }
-        }
+        };
+        Stats::incr(&self.stats.backend_errors);
+        tracing::warn!(cause = %why, "backend call failed");
+        Response::ServerError(short_reason(&why))
     }
 }
 
@@ -184,13 +188,15 @@ pub async fn execute_arrived(ctx: &Ctx, request: Request, arrived: Instant) -> R
 async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
     let items = Items::new(ctx, arrived);
     match request {
-        Request::Get { keys, cas, end } => retrieve(&items, ctx, keys, cas, None, end).await,
+        Request::Get { keys, cas, end } => {
+            retrieve::retrieve(&items, ctx, keys, cas, None, end).await
+        }
         Request::Gat {
             exptime,
             keys,
             cas,
             end,
-        } => retrieve(&items, ctx, keys, cas, Some(exptime), end).await,
+        } => retrieve::retrieve(&items, ctx, keys, cas, Some(exptime), end).await,
         Request::Store {
             mode,
             key,
@@ -318,101 +324,6 @@ pub fn answer_from_tier(
     Some(response)
 }
 
-async fn retrieve(
-    items: &Items<'_>,
-    ctx: &Ctx,
-    keys: Vec<Bytes>,
-    with_cas: bool,
-    touch: Option<i64>,
-    end: bool,
-) -> Response {
-    let stats = &ctx.stats;
-    Stats::add(&stats.cmd_get, keys.len() as u64);
-    if touch.is_some() {
-        Stats::add(&stats.cmd_touch, keys.len() as u64);
-    }
-    // A key named twice in one gat is touched twice in order, as memcached does: the second
-    // sees what the first wrote.
-    let duplicates = has_duplicates(&keys);
-    let fanout = if touch.is_some() && duplicates {
-        1
-    } else {
-        MAX_GET_FANOUT
-    };
-    // A key named twice in one get is read once; its value is repeated (shared, not copied).
-    let asked = (touch.is_none() && duplicates).then(|| keys.clone());
-    let keys = match &asked {
-        Some(all) => distinct(all),
-        None => keys,
-    };
-    let mut results = stream::iter(keys)
-        .map(|key| async move {
-            match touch {
-                None => get_one(items, ctx, &key).await,
-                Some(exptime) => touch_one(items, ctx, &key, exptime).await,
-            }
-        })
-        .buffered(fanout);
-    let mut values = Vec::new();
-    let mut bytes = 0;
-    while let Some(r) = results.next().await {
-        match r {
-            Ok(Some(v)) => {
-                bytes += v.data.len() + v.key.len();
-                if bytes > MAX_RESPONSE_BYTES {
-                    return Response::Error(ProtocolError::Server(
-                        "out of memory writing get response",
-                    ));
-                }
-                values.push(v);
-            }
-            Ok(None) => {}
-            Err(failure) => return failure,
-        }
-    }
-    if let Some(asked) = asked {
-        values = repeat_values(ctx, &asked, values);
-    }
-    Response::Values {
-        values,
-        with_cas,
-        end,
-    }
-}
-
-/// The keys in order, each once.
-fn distinct(keys: &[Bytes]) -> Vec<Bytes> {
-    let mut seen = std::collections::HashSet::with_capacity(keys.len());
-    keys.iter().filter(|k| seen.insert(*k)).cloned().collect()
-}
-
-/// The values of a get whose keys repeat, one per key asked, counted as memcached counts.
-fn repeat_values(ctx: &Ctx, asked: &[Bytes], values: Vec<Value>) -> Vec<Value> {
-    let found: std::collections::HashMap<Bytes, Value> =
-        values.into_iter().map(|v| (v.key.clone(), v)).collect();
-    let mut seen = std::collections::HashSet::with_capacity(asked.len());
-    let mut out = Vec::with_capacity(asked.len());
-    for key in asked {
-        let again = !seen.insert(key);
-        let hit = found.get(key);
-        if again {
-            Stats::incr(if hit.is_some() {
-                &ctx.stats.get_hits
-            } else {
-                &ctx.stats.get_misses
-            });
-            ctx.detail.get(key, hit.is_some());
-        }
-        out.extend(hit.cloned());
-    }
-    out
-}
-
-fn has_duplicates(keys: &[Bytes]) -> bool {
-    let mut seen = std::collections::HashSet::with_capacity(keys.len());
-    !keys.iter().all(|k| seen.insert(k))
-}
-
 fn to_value(entry: Entry) -> Value {
     Value {
         key: entry.key,
@@ -440,46 +351,6 @@ pub(crate) fn count_read(ctx: &Ctx, key: &[u8], miss: Option<Miss>, classic: boo
     }
     if classic {
         ctx.detail.get(key, miss.is_none());
-    }
-}
-
-/// One key of a get: the live value, a miss, or the failure reply.
-async fn get_one(items: &Items<'_>, ctx: &Ctx, key: &[u8]) -> Result<Option<Value>, Response> {
-    match items.read(key).await {
-        Ok(Read::Hit(entry)) => {
-            count_read(ctx, key, None, true);
-            Ok(Some(to_value(entry)))
-        }
-        Ok(Read::Miss(miss)) => {
-            count_read(ctx, key, Some(miss), true);
-            Ok(None)
-        }
-        Err(e) if ctx.settings.miss_on_backend_error => {
-            ctx.failure(e);
-            count_read(ctx, key, Some(Miss::Absent), true);
-            Ok(None)
-        }
-        Err(e) => Err(ctx.failure(e)),
-    }
-}
-
-/// One key of a gat: the live value with its new expiry written back.
-async fn touch_one(
-    items: &Items<'_>,
-    ctx: &Ctx,
-    key: &[u8],
-    exptime: i64,
-) -> Result<Option<Value>, Response> {
-    match items.touch(key, ctx.clock.expires_at(exptime)).await {
-        Ok(Touched::Done(entry)) => {
-            count_read(ctx, key, None, true);
-            Ok(Some(to_value(entry)))
-        }
-        Ok(Touched::NotFound) => {
-            count_read(ctx, key, Some(Miss::Absent), true);
-            Ok(None)
-        }
-        Err(e) => Err(ctx.failure(e)),
     }
 }
 

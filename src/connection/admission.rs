@@ -1,8 +1,9 @@
 //! One admission path for both protocols: what a connection is charged, and when it waits.
 //!
 //! Everything is charged to the memory budget before it is taken. A request is charged the
-//! most its reply can take ([`reply_bound`]), never more than the largest grant. It runs once
-//! charged; a connection with replies pending that would go past its share waits for them to
+//! most its reply can take ([`reply_bound`]), never more than the largest grant, except a
+//! retrieval (`get`, `gat`): it is charged its keys and reply line, and each value as it
+//! arrives, at its real size ([`crate::budget::meter`]). A request runs once charged; a connection with replies pending that would go past its share waits for them to
 //! drain first, and one the budget refuses waits for a grant, in arrival order with every
 //! other connection. A retrieval (a multi-get, or a run of binary gets) is cut to what one
 //! connection's share can hold. Buffers are charged their capacity: growth the driver can put
@@ -13,7 +14,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 
+use crate::budget::meter::{Held, Meter};
 use crate::budget::{Account, Budget, Charge, Grant, UNIT_BYTES};
 use crate::command;
 use crate::protocol::{self, Limits, Request, Response, StoreMode};
@@ -53,9 +56,10 @@ impl Admission {
     /// Units a run of `requests` executed together is charged: the sum of their bounds,
     /// within the largest grant.
     pub fn units_of<'r>(&self, requests: impl IntoIterator<Item = &'r Request>) -> u32 {
+        let budget = self.account.budget();
         let units = requests
             .into_iter()
-            .map(|r| Budget::units(reply_bound(r, &self.limits)))
+            .map(|r| Budget::units(admitted_bound(r, &self.limits, budget)))
             .fold(0u32, u32::saturating_add);
         self.account.budget().clamp(units)
     }
@@ -113,6 +117,24 @@ impl Admission {
     pub fn reply_units(&self, response: &Response) -> u32 {
         let units = Budget::units(reply_len(response) + SMALL_REPLY_BYTES);
         self.account.budget().clamp(units)
+    }
+
+    /// The meter `request`, admitted with `charge`, charges its values to as they arrive,
+    /// if it is a large retrieval; its waits for the budget give up at `deadline`.
+    pub fn meter(
+        &self,
+        request: &Request,
+        charge: Charge,
+        deadline: Option<Instant>,
+    ) -> Option<Arc<Meter>> {
+        let budget = self.account.budget();
+        let metered = metered(request, &self.limits, budget);
+        metered.then(|| Arc::new(Meter::new(budget.clone(), charge.lane, deadline)))
+    }
+
+    /// Takes over what a finished retrieval's meter held, to pay for its reply.
+    pub fn adopt(&mut self, held: Held) {
+        self.account.adopt(held);
     }
 
     /// Takes `units` for a request if the budget has them free now.
@@ -197,6 +219,29 @@ pub fn reply_len(response: &Response) -> usize {
             .sum::<usize>()
             .saturating_add(8),
         _ => 0,
+    }
+}
+
+/// Whether a request's values are charged as they arrive rather than up front: a
+/// retrieval whose values could take more than a small request (one that may use the
+/// budget's lane for small requests, so a client's `get` of a key or two is served while
+/// large retrievals wait).
+fn metered(request: &Request, limits: &Limits, budget: &Budget) -> bool {
+    matches!(request, Request::Get { .. } | Request::Gat { .. })
+        && !budget.is_small(Budget::units(reply_bound(request, limits)))
+}
+
+/// What a request is charged to start: a metered retrieval its keys and reply line, any
+/// other the most its reply can take.
+fn admitted_bound(request: &Request, limits: &Limits, budget: &Budget) -> usize {
+    match request {
+        Request::Get { keys, .. } | Request::Gat { keys, .. }
+            if metered(request, limits, budget) =>
+        {
+            let keys: usize = keys.iter().map(|k| 2 * k.len()).sum();
+            keys + SMALL_REPLY_BYTES
+        }
+        other => reply_bound(other, limits),
     }
 }
 
@@ -289,11 +334,44 @@ mod tests {
     #[test]
     fn a_run_is_charged_the_sum_of_its_requests_within_the_largest_grant() {
         let a = admission(256 * MIB);
-        let one = a.units(&get(1, true));
-        let run = [get(1, true), get(1, true), get(1, true)];
+        let incr = || Request::Arith {
+            key: Bytes::from_static(b"n"),
+            delta: 1,
+            incr: true,
+            noreply: false,
+        };
+        let one = a.units(&incr());
+        let run = [incr(), incr(), incr()];
         assert_eq!(a.units_of(&run), 3 * one);
-        let huge: Vec<Request> = (0..1000).map(|_| get(1, true)).collect();
+        let huge: Vec<Request> = (0..1000).map(|_| incr()).collect();
         assert_eq!(a.units_of(&huge), a.account.budget().clamp(u32::MAX));
+    }
+
+    #[test]
+    fn a_large_retrieval_is_charged_its_keys_and_line_not_its_values() {
+        let a = admission(256 * MIB);
+        let charge = |units| Charge { units, lane: false };
+        // Twenty keys could take 40 MiB: more than a small request. Two bytes per key byte
+        // (the key parsed, and echoed), and the reply line; the values are metered.
+        let keys: usize = (0..20).map(|i| format!("key{i}").len()).sum();
+        let line = Budget::units(SMALL_REPLY_BYTES + 2 * keys);
+        assert_eq!(a.units(&get(20, true)), line);
+        assert!(a.meter(&get(20, true), charge(line), None).is_some());
+        // Three keys are a small request: charged the most they can take, from the lane if
+        // need be, and not metered.
+        let small = a.units(&get(3, true));
+        assert!(small > 3 * 2 * 1024 && a.account.budget().is_small(small));
+        assert!(a.meter(&get(3, true), charge(small), None).is_none());
+        let incr = Request::Arith {
+            key: Bytes::from_static(b"n"),
+            delta: 1,
+            incr: true,
+            noreply: false,
+        };
+        assert!(
+            a.meter(&incr, charge(small), None).is_none(),
+            "charged up front"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use super::io::{sleep_until, Buffers, WRITE_HIGH_WATER_BYTES};
 use super::login::{Login, UNAUTHENTICATED};
 use super::pipeline::Pipeline;
 use super::ConnectionConfig;
+use crate::budget::meter::{self, Meter};
 use crate::budget::{Charge, Grant};
 use crate::command::{self, Ctx};
 use crate::conns::Registered;
@@ -35,15 +36,28 @@ use crate::protocol::{
 };
 use crate::stats::Stats;
 
-/// `request` executing, arrived now, as a future that owns what it needs.
-fn execute(ctx: &Arc<Ctx>, request: Request) -> impl Future<Output = Response> + Send + 'static {
+/// `request` executing, arrived now, as a future that owns what it needs; a retrieval's
+/// values are charged to `meter` as they arrive, and it comes back with the reply (what it
+/// holds goes back to the budget if the reply is dropped unwritten).
+fn execute(
+    ctx: &Arc<Ctx>,
+    request: Request,
+    meter: Option<Arc<Meter>>,
+) -> impl Future<Output = (Response, Option<Arc<Meter>>)> + Send + 'static {
     let ctx = ctx.clone();
     let arrived = tokio::time::Instant::now();
-    async move { command::execute_arrived(&ctx, request, arrived).await }
+    async move {
+        let run = command::execute_arrived(&ctx, request, arrived);
+        match meter {
+            Some(meter) => (meter::scope(meter.clone(), run).await, Some(meter)),
+            None => (run.await, None),
+        }
+    }
 }
 
-/// A finished request: its reply, and what it holds of the budget.
-type Finished = (Response, Charge);
+/// A finished request: its reply, what it was admitted with, and the meter its values were
+/// charged to.
+type Finished = (Response, Charge, Option<Arc<Meter>>);
 
 /// Serves a text-protocol client whose first bytes are in `first` (a buffer of
 /// [`super::io::INITIAL_BUFFER_BYTES`]) until it quits, errs, idles out or the server shuts
@@ -160,11 +174,11 @@ impl Connection {
             let idle_armed = idle_deadline.is_some() && self.pipeline.is_empty();
             let granting = self.waiting.as_ref().is_some_and(|w| w.grant.is_some());
             tokio::select! {
-                Some((response, charge)) = self.pipeline.next(), if !self.pipeline.is_empty() => {
-                    self.finish(response, charge);
+                Some((response, charge, meter)) = self.pipeline.next(), if !self.pipeline.is_empty() => {
+                    self.finish(response, charge, meter);
                     // Take every other reply that is already done, then write once.
-                    while let Some((response, charge)) = self.pipeline.ready() {
-                        self.finish(response, charge);
+                    while let Some((response, charge, meter)) = self.pipeline.ready() {
+                        self.finish(response, charge, meter);
                     }
                     self.advance().await;
                     if self.pipeline.is_empty() || self.io.pending_output() >= WRITE_HIGH_WATER_BYTES {
@@ -305,7 +319,7 @@ impl Connection {
             units: 0,
             lane: false,
         };
-        self.pipe(keys, async move { refused }, nothing);
+        self.pipe(keys, async move { (refused, None) }, nothing);
     }
 
     /// Makes sure the read buffer has room for a read; returns false when the budget cannot
@@ -335,7 +349,8 @@ impl Connection {
         match waiting.want {
             Want::Request(request, keys, _) => {
                 let charge = self.admission.granted(permit);
-                self.pipe(keys, execute(&self.ctx, *request), charge);
+                let running = self.running(*request, charge);
+                self.pipe(keys, running, charge);
             }
             Want::ReadRoom(capacity, _) => {
                 (self.io).granted_read_room(permit, capacity, &mut self.admission);
@@ -345,8 +360,11 @@ impl Connection {
 
     /// Writes a finished request's reply; what the request held pays for the write buffer
     /// and the rest is given back.
-    fn finish(&mut self, response: Response, charge: Charge) {
+    fn finish(&mut self, response: Response, charge: Charge, meter: Option<Arc<Meter>>) {
         self.admission.finish(charge);
+        if let Some(meter) = meter {
+            self.admission.adopt(meter.settle());
+        }
         self.emit(response);
     }
 
@@ -514,12 +532,11 @@ impl Connection {
                 return;
             }
             if let Some(charge) = self.admission.try_admit(units) {
-                let mut running = execute(&self.ctx, request).boxed();
+                let mut running = self.running(request, charge).boxed();
                 let mut cx = Context::from_waker(futures::task::noop_waker_ref());
                 match running.poll_unpin(&mut cx) {
-                    Poll::Ready(response) => {
-                        self.admission.finish(charge);
-                        self.emit(response);
+                    Poll::Ready((response, meter)) => {
+                        self.finish(response, charge, meter);
                     }
                     // Pushed into the pipeline, it is polled again with a real waker.
                     Poll::Pending => self.pipe(keys, running, charge),
@@ -530,14 +547,28 @@ impl Connection {
         self.start_or_wait(request, keys, units);
     }
 
+    /// `request`, admitted with `charge`, running: a large retrieval's values are charged
+    /// as they arrive.
+    fn running(
+        &self,
+        request: Request,
+        charge: Charge,
+    ) -> impl Future<Output = (Response, Option<Arc<Meter>>)> + Send + 'static {
+        let deadline = self.io.request_timeout().map(|t| Instant::now() + t);
+        let meter = self.admission.meter(&request, charge, deadline);
+        execute(&self.ctx, request, meter)
+    }
+
     /// Puts `running`, which holds `charge`, in the pipeline behind earlier requests on
     /// `keys`.
     fn pipe<F>(&mut self, keys: Vec<Bytes>, running: F, charge: Charge)
     where
-        F: Future<Output = Response> + Send + 'static,
+        F: Future<Output = (Response, Option<Arc<Meter>>)> + Send + 'static,
     {
-        self.pipeline
-            .start(keys, async move { (running.await, charge) });
+        self.pipeline.start(keys, async move {
+            let (response, meter) = running.await;
+            (response, charge, meter)
+        });
     }
 
     /// Tries again a request that waited for this connection's own replies to drain;
@@ -568,7 +599,8 @@ impl Connection {
         } else {
             match self.admission.admit_or_grant(units) {
                 Ok(charge) => {
-                    self.pipe(keys, execute(&self.ctx, request), charge);
+                    let running = self.running(request, charge);
+                    self.pipe(keys, running, charge);
                     return;
                 }
                 Err(grant) => Some(grant),

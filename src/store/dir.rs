@@ -45,6 +45,7 @@ use super::{
     admit, is_item_name, key_hash, normalize_prefix, push_hex, DumpPage, Dumped, Entry, ListPage,
     ObjectInfo, PutMode, Store, StoreError, StoreInfo, Version, Versioned, CONTROL_DIR,
 };
+use crate::budget::meter::{self, Meter};
 use crate::protocol::MAX_KEY_BYTES;
 
 /// Lock stripes: writes to one stripe (and reads against them) take turns; each stripe has
@@ -318,6 +319,25 @@ impl Inner {
         Ok(entry.map(|entry| Dumped { entry, size }))
     }
 
+    /// [`Inner::read`], charging `meter` the file's size first.
+    fn read_charged(path: &Path, meter: Option<&Meter>) -> Result<Option<Bytes>, StoreError> {
+        let Some(meter) = meter else {
+            return Self::read(path);
+        };
+        let mut file = match fs::File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(e)),
+        };
+        let len = file.metadata().map_err(io_error)?.len();
+        if !meter.charge_body(len) {
+            return Err(StoreError::OverBudget(len));
+        }
+        let mut raw = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut raw).map_err(io_error)?;
+        Ok(Some(Bytes::from(raw)))
+    }
+
     fn read(path: &Path) -> Result<Option<Bytes>, StoreError> {
         match fs::read(path) {
             Ok(raw) => Ok(Some(Bytes::from(raw))),
@@ -406,11 +426,16 @@ impl Inner {
         Ok((removed, kept_bytes))
     }
 
-    fn read_item(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+    /// Reads an item; a retrieval's `meter` is charged its file's size before it is read.
+    fn read_item(
+        &self,
+        key: &[u8],
+        meter: Option<&Meter>,
+    ) -> Result<Option<Versioned>, StoreError> {
         let name = key_hash(key);
         let raw = {
             let _reading = self.read_lock(&name);
-            Self::read(&self.item_path(&name))?
+            Self::read_charged(&self.item_path(&name), meter)?
         };
         Ok(raw.and_then(|raw| self.decode_item(raw, key, &name)))
     }
@@ -451,7 +476,9 @@ impl Inner {
 impl Store for DirStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         let key = key.to_vec();
-        self.blocking(move |inner| inner.read_item(&key)).await
+        let meter = meter::current();
+        self.blocking(move |inner| inner.read_item(&key, meter.as_deref()))
+            .await
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {

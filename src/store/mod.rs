@@ -161,6 +161,10 @@ pub enum StoreError {
     /// The backend failed, timed out or refused: the client gets `SERVER_ERROR`.
     #[error("{0}")]
     Unavailable(String),
+    /// A value of this many bytes was found, and the memory budget cannot take it now: it
+    /// was not read ([`crate::budget::meter`]).
+    #[error("memory budget: a value of {0} bytes must wait")]
+    OverBudget(u64),
 }
 
 /// One object found by listing, for the culler and flush.

@@ -224,7 +224,10 @@ fn concurrent_readers_never_see_a_torn_item() {
         for _ in 0..2 {
             s.spawn(|| {
                 for _ in 0..300 {
-                    let got = inner.read_item(b"torn").unwrap().expect("always an item");
+                    let got = inner
+                        .read_item(b"torn", None)
+                        .unwrap()
+                        .expect("always an item");
                     assert!(
                         versions.contains(&got.entry),
                         "torn: {}",
@@ -400,4 +403,37 @@ fn a_directory_is_served_by_one_process_at_a_time() {
     assert!(DirStore::open(dir.path(), "q", Codec::default()).is_ok());
     drop(store);
     assert!(DirStore::open(dir.path(), "p", Codec::default()).is_ok());
+}
+
+#[tokio::test]
+async fn a_retrievals_budget_is_charged_each_file_before_it_is_read() {
+    use crate::budget::meter::{self, Meter};
+    use crate::budget::{Budget, MIN_MEMORY_LIMIT_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path(), "p", Codec::default()).unwrap();
+    let value = Bytes::from(vec![b'v'; 5 * 1024 * 1024]);
+    let big = Entry {
+        value: value.clone(),
+        ..entry("big")
+    };
+    store.put(&big, PutMode::Overwrite).await.unwrap();
+    let file_len = fs::metadata(dir.path().join("p").join(key_hash(b"big")))
+        .unwrap()
+        .len();
+    // Half the budget is the main part a meter takes from; 5 MiB fits once, not twice.
+    let budget = Budget::new(MIN_MEMORY_LIMIT_BYTES);
+    let meter = Arc::new(Meter::new(budget.clone(), false, None));
+    let read = meter::scope(meter.clone(), store.get(b"big")).await;
+    assert_eq!(read.unwrap().unwrap().entry.value, value);
+    assert_eq!(meter.used_bytes(), file_len, "charged the file's size");
+    let refused = meter::scope(meter.clone(), store.get(b"big")).await;
+    assert!(
+        matches!(refused, Err(StoreError::OverBudget(n)) if n == file_len),
+        "{refused:?}"
+    );
+    assert_eq!(meter.used_bytes(), file_len, "a refused read takes nothing");
+    drop(meter);
+    assert_eq!(budget.used_bytes(), 0);
+    // Outside a retrieval nothing is charged.
+    assert!(store.get(b"big").await.unwrap().is_some());
 }
