@@ -5,7 +5,8 @@
 //! pins the servers to one core). `S3CACHED_BENCH_ONLY=memory` runs only the resident
 //! memory with idle connections, `S3CACHED_BENCH_ONLY=latency` only the near tier behind
 //! 20 ms of S3 latency, `S3CACHED_BENCH_ONLY=tail` only cold gets behind S3 latency with a
-//! tail, hedged and not. Throughput under load is memtier_benchmark's (benches/memtier.py):
+//! tail, hedged and not, `S3CACHED_BENCH_ONLY=throttle` only set+get pairs while S3
+//! answers 20 % of requests 503 SlowDown. Throughput under load is memtier_benchmark's (benches/memtier.py):
 //! this benchmark's own load generator, which disagreed with memtier by more than the 15 %
 //! allowed, is gone. With
 //! `S3CACHED_TEST_S3_ENDPOINT=http://127.0.0.1:PORT` (a local S3 server, as tests/run
@@ -189,6 +190,26 @@ impl Conn {
             "{}",
             String::from_utf8_lossy(&self.buf)
         );
+    }
+}
+
+impl Conn {
+    /// Sends `req`; true if the reply ends with `want`, false if it is a `SERVER_ERROR`.
+    async fn answered(&mut self, req: &[u8], want: &[u8]) -> bool {
+        self.stream.write_all(req).await.unwrap();
+        self.buf.clear();
+        let mut chunk = [0u8; 65536];
+        loop {
+            if self.buf.ends_with(want) {
+                return true;
+            }
+            if self.buf.starts_with(b"SERVER_ERROR") && self.buf.ends_with(b"\r\n") {
+                return false;
+            }
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "server closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
     }
 }
 
@@ -563,6 +584,87 @@ async fn tail_latency(endpoint: &str) {
             lat[19].as_secs_f64() * 1e3
         );
     }
+    // What a 100-key get is held to: 100 parallel GETs sent straight to the same server,
+    // each a flat 20 ms, no tail.
+    proxy.set(proxy::Mode::Forward(Duration::from_millis(20)));
+    let client = s3::sdk_client(&proxy.url());
+    let body = Bytes::from(vec![b'v'; VALUE_BYTES + 60]);
+    for i in 0..100 {
+        let put = client.put_object().bucket(BENCH_BUCKET);
+        let put = put
+            .key(format!("direct/parallel-{i}"))
+            .body(body.clone().into());
+        put.send().await.unwrap();
+    }
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        let s = Instant::now();
+        let gets = (0..100).map(|i| {
+            let get = client.get_object().bucket(BENCH_BUCKET);
+            let get = get.key(format!("direct/parallel-{i}")).send();
+            async move { get.await.unwrap().body.collect().await.unwrap() }
+        });
+        futures::future::join_all(gets).await;
+        lat.push(s.elapsed());
+    }
+    lat.sort();
+    println!(
+        "100 parallel GETs straight to S3 (flat 20 ms): median {:.1} ms, worst of 20 {:.1} ms",
+        lat[10].as_secs_f64() * 1e3,
+        lat[19].as_secs_f64() * 1e3
+    );
+}
+
+/// S3 throttling a prefix: 20 % of requests answered `503 SlowDown` for 10 s, while 8
+/// clients each send set+get pairs, every command given 5 s (a client's usual timeout).
+async fn throttled(endpoint: &str) {
+    const CLIENTS: usize = 8;
+    const PERIOD: Duration = Duration::from_secs(10);
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+    let proxy = proxy::Proxy::start(endpoint).await;
+    let mut env = s3_env(&proxy.url(), "bench-throttle");
+    // Every read asks S3, so reads meet the throttling too.
+    env.push(("S3CACHED_REVALIDATE_AFTER_MS", "0".into()));
+    let server = start_s3cached(&env).await;
+    proxy.set(proxy::Mode::Throttle { per_mille: 200 });
+    println!("\n== 20 % of S3 requests answered 503 SlowDown for 10 s, 8 clients of set+get ==");
+    let started = Instant::now();
+    let addr = server.addr;
+    let clients = (0..CLIENTS).map(|c| async move {
+        let mut conn = Conn::open(addr).await;
+        let (mut ok, mut failed, mut slowest) = (0usize, 0usize, Duration::ZERO);
+        for n in 0..100_000 {
+            if started.elapsed() >= PERIOD {
+                break;
+            }
+            let key = format!("throttled-{c}-{}", n % 1000);
+            let get = format!("get {key}\r\n").into_bytes();
+            for (req, want) in [(set_request(&key), &b"STORED\r\n"[..]), (get, b"END\r\n")] {
+                let t = Instant::now();
+                let answered = tokio::time::timeout(CLIENT_TIMEOUT, conn.answered(&req, want));
+                match answered.await {
+                    Ok(true) => ok += 1,
+                    Ok(false) => failed += 1,
+                    Err(_) => {
+                        failed += 1;
+                        conn = Conn::open(addr).await;
+                    }
+                }
+                slowest = slowest.max(t.elapsed());
+            }
+        }
+        (ok, failed, slowest)
+    });
+    let results = futures::future::join_all(clients).await;
+    proxy.set(proxy::Mode::Forward(Duration::ZERO));
+    let ok: usize = results.iter().map(|r| r.0).sum();
+    let failed: usize = results.iter().map(|r| r.1).sum();
+    let slowest = results.iter().map(|r| r.2).max().unwrap_or_default();
+    println!(
+        "commands answered {ok}, failed or past 5 s {failed}, slowest {:.0} ms; S3 requests {}",
+        slowest.as_secs_f64() * 1e3,
+        proxy.requests.load(std::sync::atomic::Ordering::SeqCst)
+    );
 }
 
 async fn cull_cost(endpoint: &str, entries: usize) {
@@ -679,6 +781,9 @@ fn main() {
             Ok("tail") => {
                 return tail_latency(&format!("http://{}", fast_s3::start().await)).await;
             }
+            Ok("throttle") => {
+                return throttled(&format!("http://{}", fast_s3::start().await)).await;
+            }
             _ => {}
         }
         local_comparison().await;
@@ -686,6 +791,7 @@ fn main() {
         let fast = format!("http://{}", fast_s3::start().await);
         hidden_latency(&fast, "in-process S3 responder (parallel, instant)").await;
         tail_latency(&fast).await;
+        throttled(&fast).await;
         if let Ok(endpoint) = std::env::var("S3CACHED_TEST_S3_ENDPOINT") {
             s3_comparison(&endpoint).await;
             hidden_latency(&endpoint, "local S3 server (moto)").await;
