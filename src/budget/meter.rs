@@ -11,8 +11,9 @@
 //! retrieval waits while holding values, and a multi-get of small values goes out as one
 //! fan-out however large the item limit.
 //!
-//! The running retrieval finds its meter through a task-local ([`scope`], [`current`]): the
-//! store's read path charges a body without the meter passing through every layer between.
+//! The running retrieval finds its meter through a task-local ([`scope`], [`current`]), and
+//! the store's read path through another, as a [`BodyCharge`]: a body is charged without
+//! the meter passing through every layer between.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 use super::{Budget, UNIT_BYTES};
+use crate::store::charge::{self, BodyCharge};
 
 tokio::task_local! {
     static METER: Arc<Meter>;
@@ -27,21 +29,13 @@ tokio::task_local! {
 
 /// Runs `future` with `meter` as the one its store reads and values are charged to.
 pub async fn scope<F: Future>(meter: Arc<Meter>, future: F) -> F::Output {
-    METER.scope(meter, future).await
+    let charge: Arc<dyn BodyCharge> = meter.clone();
+    METER.scope(meter, charge::scope(charge, future)).await
 }
 
 /// The meter of the retrieval running on this task, if any.
 pub fn current() -> Option<Arc<Meter>> {
     METER.try_with(Arc::clone).ok()
-}
-
-/// Charges a body of `bytes` about to be read to the running retrieval, if there is one;
-/// `Err(bytes)` when the budget cannot take it now (the body must not be read).
-pub fn charge_body(bytes: u64) -> Result<(), u64> {
-    match current() {
-        Some(meter) if !meter.charge_body(bytes) => Err(bytes),
-        _ => Ok(()),
-    }
 }
 
 /// A retrieval admitted from the small-request lane may take this fraction (1/N) of the lane
@@ -200,6 +194,12 @@ impl Meter {
     }
 }
 
+impl BodyCharge for Meter {
+    fn charge_body(&self, bytes: u64) -> bool {
+        Meter::charge_body(self, bytes)
+    }
+}
+
 impl Drop for Meter {
     fn drop(&mut self) {
         self.release();
@@ -301,13 +301,13 @@ mod tests {
     async fn the_running_retrieval_finds_its_meter() {
         let budget = Budget::new(64 * KIB);
         assert_eq!(
-            charge_body(1 << 30),
+            charge::charge_body(1 << 30),
             Ok(()),
             "no retrieval: nothing charged"
         );
         let meter = Arc::new(Meter::new(budget.clone(), false, None));
         let charged = scope(meter.clone(), async {
-            (charge_body(4 * KIB), charge_body(1 << 30))
+            (charge::charge_body(4 * KIB), charge::charge_body(1 << 30))
         })
         .await;
         assert_eq!(charged, (Ok(()), Err(1 << 30)));

@@ -40,12 +40,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::charge::{self, BodyCharge};
 use super::format::{decode_header, Codec, HEADER_BYTES};
 use super::{
     admit, is_item_name, key_hash, normalize_prefix, push_hex, DumpPage, Dumped, Entry, ListPage,
     ObjectInfo, PutMode, Store, StoreError, StoreInfo, Version, Versioned, CONTROL_DIR,
 };
-use crate::budget::meter::{self, Meter};
 use crate::protocol::MAX_KEY_BYTES;
 
 /// Lock stripes: writes to one stripe (and reads against them) take turns; each stripe has
@@ -320,7 +320,10 @@ impl Inner {
     }
 
     /// [`Inner::read`], charging `meter` the file's size first.
-    fn read_charged(path: &Path, meter: Option<&Meter>) -> Result<Option<Bytes>, StoreError> {
+    fn read_charged(
+        path: &Path,
+        meter: Option<&dyn BodyCharge>,
+    ) -> Result<Option<Bytes>, StoreError> {
         let Some(meter) = meter else {
             return Self::read(path);
         };
@@ -430,7 +433,7 @@ impl Inner {
     fn read_item(
         &self,
         key: &[u8],
-        meter: Option<&Meter>,
+        meter: Option<&dyn BodyCharge>,
     ) -> Result<Option<Versioned>, StoreError> {
         let name = key_hash(key);
         let raw = {
@@ -476,7 +479,7 @@ impl Inner {
 impl Store for DirStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         let key = key.to_vec();
-        let meter = meter::current();
+        let meter = charge::current();
         self.blocking(move |inner| inner.read_item(&key, meter.as_deref()))
             .await
     }

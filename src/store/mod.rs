@@ -5,6 +5,7 @@
 //! nothing of expiry or flush (the command layer decides what is live) and nothing of the
 //! wire protocol. All S3 types stay inside [`s3`].
 
+pub mod charge;
 #[cfg(test)]
 pub mod conformance;
 pub mod dir;

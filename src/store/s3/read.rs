@@ -7,8 +7,7 @@ use tokio::time::Instant;
 use super::failure::Failure;
 use super::limit::slow_down;
 use super::S3Store;
-use crate::budget::meter;
-use crate::store::{StoreError, Version};
+use crate::store::{charge, StoreError, Version};
 
 /// What a GET of an item object found, when it may be conditional.
 pub(super) enum Revalidation {
@@ -90,7 +89,7 @@ impl S3Store {
                 return Ok(Fetched::TooLarge(declared));
             }
             // A retrieval's memory budget takes the body before it is read, or it is not.
-            meter::charge_body(declared).map_err(StoreError::OverBudget)?;
+            charge::charge_body(declared).map_err(StoreError::OverBudget)?;
             let etag = Version(out.e_tag().unwrap_or_default().to_owned());
             let mut body = BytesMut::with_capacity(declared as usize);
             while let Some(chunk) = out.body.next().await {
