@@ -17,6 +17,7 @@ use crate::command::{Ctx, Settings};
 use crate::config::Config;
 use crate::culler::{Culler, CullerConfig, WriteHint};
 use crate::flush::Flush;
+use crate::peers::Peers;
 use crate::stats::Stats;
 use crate::store::dir::{DirStore, DEFAULT_OPEN_FILES};
 use crate::store::s3::S3Store;
@@ -41,6 +42,8 @@ pub enum AppError {
     DiskTier(std::io::Error),
     #[error("cannot use the S3 store: {0}")]
     Store(crate::store::StoreError),
+    #[error("cannot listen for peers: {0}")]
+    PeerListen(std::io::Error),
     #[error("cannot write the address file: {0}")]
     AddrFile(std::io::Error),
     #[error("cannot load the TLS certificates: {0}")]
@@ -57,6 +60,8 @@ pub struct App {
     pub culler: Arc<Culler>,
     /// The admin listener's address (`admin_listen`), when one runs.
     pub admin_addr: Option<SocketAddr>,
+    /// This replica's side of the peer protocol, when it has peers or hears them.
+    pub peers: Option<Arc<Peers>>,
     shutdown: CancellationToken,
     server: JoinHandle<TaskTracker>,
     culler_task: JoinHandle<()>,
@@ -205,6 +210,20 @@ pub async fn start_with(
     if ctx.store.has_disk() {
         tokio::spawn(watch_disk_tier(ctx.store.clone(), shutdown.clone()));
     }
+    let peers = match config.peer_settings(ctx.store.window()) {
+        Some(settings) => {
+            let started = Peers::start(
+                settings,
+                ctx.store.clone(),
+                ctx.flush.clone(),
+                ctx.stats.clone(),
+                shutdown.clone(),
+            );
+            Some(started.await.map_err(AppError::PeerListen)?)
+        }
+        None => None,
+    };
+    let peer_addr = peers.as_ref().and_then(|p| p.listening());
     let connection_config = config.connection_config(ctx.stats.clone())?;
     let admin_addr = start_admin(&config, &ctx, &shutdown).await?;
     let server = tokio::spawn(crate::server::run(
@@ -219,31 +238,39 @@ pub async fn start_with(
         tokio::spawn(crate::tls::reload_on_hangup(tls, shutdown.clone()));
     }
     tracing::info!(%addr, backend = ctx.store.info().kind, "s3cached listening");
-    write_addr_file(&config.addr_file, addr, admin_addr).map_err(AppError::AddrFile)?;
+    let addrs = [
+        ("listen", Some(addr)),
+        ("admin", admin_addr),
+        ("peer", peer_addr),
+    ];
+    write_addr_file(&config.addr_file, &addrs).map_err(AppError::AddrFile)?;
     Ok(App {
         addr,
         ctx,
         culler,
         admin_addr,
+        peers,
         shutdown,
         server,
         culler_task,
     })
 }
 
-/// Writes the bound addresses to `path` (nothing when it is empty): complete or absent,
-/// never half-written, since the file is written beside and renamed into place.
+/// Writes the bound addresses (`listen`, then `admin` and `peer` when they run) to `path`
+/// (nothing when it is empty): complete or absent, never half-written, since the file is
+/// written beside and renamed into place.
 fn write_addr_file(
     path: &std::path::Path,
-    addr: SocketAddr,
-    admin: Option<SocketAddr>,
+    addrs: &[(&str, Option<SocketAddr>)],
 ) -> std::io::Result<()> {
     if path.as_os_str().is_empty() {
         return Ok(());
     }
-    let mut text = format!("listen {addr}\n");
-    if let Some(admin) = admin {
-        text.push_str(&format!("admin {admin}\n"));
+    let mut text = String::new();
+    for (name, addr) in addrs {
+        if let Some(addr) = addr {
+            text.push_str(&format!("{name} {addr}\n"));
+        }
     }
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
@@ -294,14 +321,16 @@ async fn wire(
 ) -> Result<(Arc<Ctx>, Arc<Culler>), AppError> {
     let stats = Arc::new(Stats::with_s3(store.request_counts()));
     let window = match config.revalidate_after_ms {
-        // Only this process writes the store: what the tier holds is never stale (strict
-        // mode, 0, still asks every time, as configured).
-        ms if ms > 0 && store.info().exclusive => crate::tier::AUTHORITATIVE,
+        // Only this process writes the store (the directory store, or a replica configured
+        // alone): what the tier holds is never stale (strict mode, 0, still asks every time).
+        ms if ms > 0 && (store.info().exclusive || config.alone()) => crate::tier::AUTHORITATIVE,
         ms => Duration::from_millis(ms),
     };
+    let longest = config.peer_settings(window).map_or(window, |p| p.long);
     let tier = TierConfig {
         ram_bytes: config.ram_cache_bytes,
         revalidate_after: window,
+        longest,
     };
     let mut tiered = Tiered::new(store, tier, stats.clone());
     if let Some(disk) = config.disk_tier() {

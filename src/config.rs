@@ -145,6 +145,11 @@ pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_S3_HEDGE_PERCENT: u32 = 10;
 pub const DEFAULT_S3_HEDGE_MIN_MS: u64 = 10;
 pub const DEFAULT_S3_HEDGE_MAX_MS: u64 = 1000;
+/// The window while every peer is heard from: 30 times the default one, so a hot key costs
+/// one revalidation per 30 s per replica instead of one per second. Heartbeats and batch
+/// numbers catch a peer gone silent or a batch lost within about 2 s; this bounds only what
+/// they cannot see.
+pub const DEFAULT_PEER_REVALIDATE_AFTER_MS: u64 = 30_000;
 /// How long a client has to finish its TLS handshake before it is dropped.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Most TLS handshakes in progress at once: a burst of 256 clients connecting in the same
@@ -289,6 +294,18 @@ options! {
     /// With sasl_users_file: let text clients log in with memcached's `set` of
     /// `user password`; off = text connections are refused.
     text_auth: bool = false, env "S3CACHED_TEXT_AUTH";
+    /// Other replicas' peer listeners, `host:port` (comma-separated; DNS names re-resolved
+    /// every 30 s): after each write this replica tells them what changed, and they drop it at
+    /// once. "" = none known: other replicas' writes are seen within revalidate_after_ms.
+    /// "none" = this replica is the only one using the bucket: its tier is never revalidated.
+    peers: String = String::new(), env "S3CACHED_PEERS";
+    /// Address to hear peers on ("" = off); beyond loopback only with peer_secret.
+    peer_listen: String = String::new(), env "S3CACHED_PEER_LISTEN";
+    /// The replicas' shared secret: every batch between peers carries an HMAC-SHA256 under it.
+    peer_secret: Secret = Secret(String::new()), env "S3CACHED_PEER_SECRET";
+    /// How long an entry is served without asking the store (ms) while every peer is heard
+    /// from; revalidate_after_ms applies whenever one is not.
+    peer_revalidate_after_ms: u64 = DEFAULT_PEER_REVALIDATE_AFTER_MS, env "S3CACHED_PEER_REVALIDATE_AFTER_MS";
     /// Testing only: shift this server's clock by this many ms, to simulate clock skew.
     clock_offset_ms: i64 = 0, env "S3CACHED_CLOCK_OFFSET_MS";
 }
@@ -423,6 +440,7 @@ impl Config {
         }
         self.validate_ranges()?;
         self.validate_tls()?;
+        self.validate_peers()?;
         self.sasl_users().map(|_| ())
     }
 
@@ -619,6 +637,50 @@ impl Config {
     }
 
     /// TLS needs a certificate and its key together; a CA only with them.
+    fn validate_peers(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        let window = i128::from(self.peer_revalidate_after_ms);
+        within_ranges(&[("peer_revalidate_after_ms", window, 0, 86_400_000)])?;
+        if !self.peer_listen.is_empty() {
+            let Ok(addr) = self.peer_listen.parse::<SocketAddr>() else {
+                return fail(format!(
+                    "peer_listen: {:?} is not an address like 127.0.0.1:11212",
+                    self.peer_listen
+                ));
+            };
+            if !addr.ip().is_loopback() && self.peer_secret.expose().is_empty() {
+                return fail(
+                    "peer_listen beyond loopback needs peer_secret: anyone could drop entries"
+                        .into(),
+                );
+            }
+        }
+        for peer in self.peer_names() {
+            let port = peer.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+            if !matches!(port, Some(Ok(p)) if p > 0) {
+                return fail(format!("peers: {peer:?} is not host:port"));
+            }
+        }
+        if self.alone() && !self.peer_listen.is_empty() {
+            return fail("peers = \"none\" and a peer_listen: a replica alone has no peers".into());
+        }
+        Ok(())
+    }
+
+    /// The peers' `host:port` names, if any.
+    pub fn peer_names(&self) -> Vec<String> {
+        if self.alone() {
+            return Vec::new();
+        }
+        let names = self.peers.split(',').map(str::trim);
+        names.filter(|p| !p.is_empty()).map(str::to_owned).collect()
+    }
+
+    /// `peers = "none"`: this replica is the only one using the bucket.
+    pub fn alone(&self) -> bool {
+        self.peers.trim() == "none"
+    }
+
     fn validate_tls(&self) -> Result<(), ConfigError> {
         let (cert, key, ca) = (
             self.tls_cert.as_os_str().is_empty(),

@@ -28,6 +28,7 @@ pub mod files;
 pub mod flush;
 pub mod lifecycle;
 pub mod metrics;
+pub mod peers;
 pub mod protocol;
 pub mod sasl;
 pub mod server;

@@ -16,6 +16,8 @@ macro_rules! counters {
             pub timings: Timings,
             /// S3 requests by price class, when the store is S3 (else `None`).
             pub s3: Option<Arc<S3Requests>>,
+            /// Each peer link and its state (`stats peers`), kept current by `peers`.
+            pub peers: std::sync::Mutex<Vec<(String, String)>>,
         }
 
         impl Stats {
@@ -105,6 +107,13 @@ counters!(
     backend_lists,
     backend_control_gets,
     culler_restarts,
+    peer_invalidations_sent,
+    peer_invalidations_received,
+    peer_invalidations_applied,
+    peer_invalidations_dropped,
+    peers_configured,
+    peers_up,
+    tier_window_ms,
 );
 
 /// Counters that describe the present, not a running total: `stats reset` leaves them.
@@ -117,6 +126,9 @@ pub const GAUGES: &[&str] = &[
     "memory_used_bytes",
     "memory_peak_bytes",
     "tier_disk_bytes",
+    "peers_configured",
+    "peers_up",
+    "tier_window_ms",
 ];
 
 impl Stats {

@@ -61,6 +61,18 @@ pub struct TierConfig {
     pub ram_bytes: u64,
     /// How long an entry is served without asking the backend (0 = strict mode).
     pub revalidate_after: Duration,
+    /// The longest window [`Tiered::set_window`] may set (while every peer acknowledges
+    /// invalidations); at least `revalidate_after`.
+    pub longest: Duration,
+}
+
+/// Who hears of every write through this replica that may have changed the bucket: its
+/// peers, who drop what they hold of it.
+pub trait Announce: Send + Sync {
+    /// `key` was written (its write's id, newest in its history, when known) or deleted.
+    fn item(&self, key: &[u8], write: Option<u64>);
+    /// A control object (the flush epoch, the culler's lease) was written.
+    fn control(&self, name: &str);
 }
 
 /// The RAM tier: foyer's in-memory cache with S3-FIFO eviction (its hot get costs fewer
@@ -149,10 +161,16 @@ pub struct Tiered {
     ram_bytes: AtomicU64,
     /// The optional disk tier behind RAM.
     disk: Option<Arc<DiskTier>>,
-    window: Duration,
-    /// Where the tier's millisecond clock starts: one window, so a checked moment of 0 is
-    /// always older than the window (what a disk record too old to place is given).
+    /// The window now, in milliseconds: `revalidate_after`, or longer while peers vouch.
+    window_ms: AtomicU64,
+    /// Where the tier's millisecond clock starts: the longest window, so a checked moment
+    /// of 0 is always older than the window (what a disk record too old to place is given).
     base_ms: u64,
+    /// Entries checked before this moment (the tier's clock) are revalidated, whatever the
+    /// window: set when writes may have been missed.
+    floor_ms: AtomicU64,
+    /// Told of every write, once set (weakly: it holds the tier).
+    announce: std::sync::OnceLock<std::sync::Weak<dyn Announce>>,
     keys: Mutex<KeyStates>,
     stats: Arc<Stats>,
     started: Instant,
@@ -176,12 +194,73 @@ impl Tiered {
             inner,
             ram,
             ram_bytes: AtomicU64::new(config.ram_bytes),
-            window: config.revalidate_after,
+            window_ms: AtomicU64::new(millis(config.revalidate_after)),
             disk: None,
             keys: Mutex::new(HashMap::default()),
             stats,
             started: Instant::now(),
-            base_ms: u64::try_from(config.revalidate_after.as_millis()).unwrap_or(u64::MAX / 2),
+            base_ms: millis(config.longest.max(config.revalidate_after)),
+            floor_ms: AtomicU64::new(0),
+            announce: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Tells `announce` of every write from now on (set once).
+    pub fn announce_to(&self, announce: std::sync::Weak<dyn Announce>) {
+        let _ = self.announce.set(announce);
+    }
+
+    /// Who hears of writes, if anyone still does.
+    fn announcer(&self) -> Option<Arc<dyn Announce>> {
+        self.announce.get()?.upgrade()
+    }
+
+    /// Sets how long an entry is served without asking the backend, within the longest
+    /// window configured: longer while every peer acknowledges invalidations.
+    pub fn set_window(&self, window: Duration) {
+        self.window_ms
+            .store(millis(window).min(self.base_ms), Relaxed);
+    }
+
+    /// Makes every entry checked until now be revalidated before it is served again (a
+    /// peer's writes may have been missed).
+    pub fn revalidate_all(&self) {
+        self.floor_ms.fetch_max(self.now_ms(), Relaxed);
+    }
+
+    /// The window now.
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms.load(Relaxed))
+    }
+
+    /// A peer wrote `key` (`write` is its write's id, when known): RAM and disk drop it
+    /// unless they hold that write or a later one (it is in the item's history), and a read
+    /// in flight from before may not fill the tier. Returns whether anything was dropped.
+    pub fn invalidate(&self, key: &[u8], write: Option<u64>) -> bool {
+        let known = self.ram_get(key);
+        let held = known
+            .as_ref()
+            .and_then(|cached| cached.item.as_ref())
+            .zip(write)
+            .is_some_and(|(item, id)| item.entry.history.position(id).is_some());
+        if held {
+            return false;
+        }
+        let mut keys = self.lock();
+        if let Some(state) = keys.get_mut(key) {
+            state.generation += 1;
+            if let Some(read) = state.flight.take() {
+                read.abandoned.store(true, Relaxed);
+            }
+        }
+        self.forget(key);
+        known.is_some()
+    }
+
+    /// Tells the peers, if any, that `key` may have changed.
+    fn announce_item(&self, key: &[u8], write: Option<u64>) {
+        if let Some(announce) = self.announcer() {
+            announce.item(key, write);
         }
     }
 
@@ -235,8 +314,10 @@ impl Tiered {
 
     fn peek_fresh_cached(&self, key: &[u8], now: TierNow) -> Option<Arc<Cached>> {
         let cached = self.ram_get(key)?;
-        let age_ms = now.0.saturating_sub(cached.checked_at_ms.load(Relaxed));
-        (u128::from(age_ms) < self.window.as_millis()).then_some(cached)
+        let checked = cached.checked_at_ms.load(Relaxed);
+        let age_ms = now.0.saturating_sub(checked);
+        let fresh = age_ms < self.window_ms.load(Relaxed) && checked >= self.floor_ms.load(Relaxed);
+        fresh.then_some(cached)
     }
 
     /// The item as the backend has it now: RAM is used only to make the read conditional
@@ -380,7 +461,8 @@ impl Tiered {
             let mut keys = self.lock();
             let state = keys.entry(Bytes::copy_from_slice(key)).or_default();
             let joinable = state.flight.as_ref().filter(|f| {
-                may_join && !self.window.is_zero() && f.started.elapsed() < self.window
+                let window = self.window();
+                may_join && !window.is_zero() && f.started.elapsed() < window
             });
             match joinable {
                 Some(f) => (f.clone(), false),
@@ -420,7 +502,7 @@ impl Tiered {
             key: Bytes::copy_from_slice(key),
         };
         let disk = self.disk.clone().filter(|_| known.is_none());
-        let window_ms = self.base_ms;
+        let window_ms = self.window_ms.load(Relaxed);
         async move {
             if let Some(item) = known.as_ref().and_then(|cached| cached.item.as_ref()) {
                 return read.revalidate(item, false).await;
@@ -638,6 +720,11 @@ impl Tiered {
     }
 }
 
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)
+}
+
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         if self.leader {
@@ -677,6 +764,10 @@ impl Store for Tiered {
         // never pins a whole read buffer.
         // A write settled after its answer was lost may already be written over: its
         // version is unknown and the key is dropped, as after a failed write.
+        if matches!(result, Ok(_) | Err(StoreError::Unavailable(_))) {
+            // Applied, or perhaps applied: a peer holding the key re-reads it.
+            self.announce_item(&entry.key, entry.history.own());
+        }
         let known = result.as_ref().ok().filter(|v| v.is_known());
         write.end(known.map(|version| Versioned {
             entry: Entry {
@@ -695,6 +786,9 @@ impl Store for Tiered {
         let result = self.inner.delete(key, version).await;
         // Gone, whether it was there or not: remembered as a miss, like a read finding none.
         write.end_absent(result.is_ok());
+        if matches!(result, Ok(true) | Err(StoreError::Unavailable(_))) {
+            self.announce_item(key, None);
+        }
         result
     }
 
@@ -737,7 +831,11 @@ impl Store for Tiered {
         mode: PutMode,
     ) -> Result<Version, StoreError> {
         Stats::incr(&self.stats.backend_puts);
-        self.inner.put_control(name, body, mode).await
+        let result = self.inner.put_control(name, body, mode).await;
+        if let (Ok(_), Some(announce)) = (&result, self.announcer()) {
+            announce.control(name);
+        }
+        result
     }
 
     fn info(&self) -> StoreInfo {

@@ -56,6 +56,12 @@ pub(super) fn stats(ctx: &Ctx, arg: Option<&str>) -> Response {
         },
         Some("cachedump") => cachedump(&words),
         Some("conns") => Response::Stats(ctx.conns.rows()),
+        Some("peers") => Response::Stats(
+            ctx.stats
+                .peers
+                .lock()
+                .map_or_else(|e| e.into_inner().clone(), |rows| rows.clone()),
+        ),
         // Slab and item-class internals have no counterpart on S3: empty lists.
         Some("items" | "slabs" | "sizes") => Response::Stats(Vec::new()),
         Some(_) => Response::Error(ProtocolError::UnknownCommand),

@@ -29,6 +29,7 @@ async fn ctx_with_flush_window(backend: Arc<dyn Store>, window: Duration) -> Ctx
     let tier = crate::tier::TierConfig {
         ram_bytes: 1 << 20,
         revalidate_after: Duration::from_secs(1),
+        longest: Duration::from_secs(1),
     };
     let store = Arc::new(Tiered::new(backend, tier, stats.clone()));
     let flush = Arc::new(Flush::load(store.clone(), window).await.unwrap());
@@ -422,6 +423,7 @@ async fn cache_memlimit_cannot_turn_an_absent_ram_tier_on() {
     let off = crate::tier::TierConfig {
         ram_bytes: 0,
         revalidate_after: Duration::ZERO,
+        longest: Duration::ZERO,
     };
     let store = Arc::new(Tiered::new(
         Arc::new(MemoryStore::new()),

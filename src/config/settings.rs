@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{secs, Config, ConfigError};
 use crate::budget::Budget;
 use crate::connection::ConnectionConfig;
+use crate::peers::PeerSettings;
 use crate::protocol::Limits;
 use crate::stats::Stats;
 use crate::store::format::Codec;
@@ -15,6 +16,23 @@ use crate::store::normalize_prefix;
 use crate::store::s3::S3Settings;
 
 impl Config {
+    /// The peers' settings, when this replica has peers or hears them; `short` is the
+    /// tier's window otherwise.
+    pub fn peer_settings(&self, short: Duration) -> Option<PeerSettings> {
+        let peers = self.peer_names();
+        if peers.is_empty() && self.peer_listen.is_empty() {
+            return None;
+        }
+        let secret = self.peer_secret.expose();
+        Some(PeerSettings {
+            peers,
+            listen: self.peer_listen.parse().ok(),
+            secret: (!secret.is_empty()).then(|| secret.as_bytes().to_vec()),
+            short,
+            long: Duration::from_millis(self.peer_revalidate_after_ms).max(short),
+        })
+    }
+
     /// The S3 store's settings, taken from the configuration: all the store sees of it.
     pub fn s3_settings(&self) -> S3Settings {
         let c = self;

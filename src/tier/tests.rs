@@ -63,6 +63,7 @@ fn tier(probe: Arc<Probe>, ram_bytes: u64, window: Duration) -> Tiered {
     let config = TierConfig {
         ram_bytes,
         revalidate_after: window,
+        longest: window,
     };
     Tiered::new(probe, config, Arc::new(Stats::default()))
 }

@@ -162,7 +162,8 @@ impl Client {
     /// Reads until the reply ends with `terminator`.
     pub async fn read_until(&mut self, terminator: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut chunk = [0u8; 65536];
+        // On the heap: an array here is copied into every awaiting caller's frame in debug builds.
+        let mut chunk = vec![0u8; 65536];
         while !out.ends_with(terminator) {
             let n = tokio::time::timeout(REPLY_TIMEOUT, self.stream.read(&mut chunk))
                 .await

@@ -252,3 +252,23 @@ def test_the_running_container_is_unprivileged_read_only_and_healthy(stack):
     status = run("docker", "exec", cid, "cat", "/proc/1/status")
     cap_eff = next(l for l in status.splitlines() if l.startswith("CapEff:")).split()[1]
     assert int(cap_eff, 16) == 0, cap_eff
+
+
+def test_a_write_through_one_replica_is_read_through_the_other_at_once(stack):
+    """The compose file makes the replicas peers: each tells the other what it wrote."""
+    a, b = stack.client("s3cached-a"), stack.client("s3cached-b")
+    for service in ("s3cached-a", "s3cached-b"):
+        wait_until(lambda s=service: stack.stat(s, "peers_up") == 1, 30, f"{service}'s peer up")
+        # Every peer heard: entries are served for the long window, 30 s.
+        wait_until(lambda s=service: stack.stat(s, "tier_window_ms") == 30000, 30,
+                   f"{service} on the long window")
+    key = f"peer-{uuid.uuid4().hex}"
+    assert a.set(key, b"v1") and b.get(key) == b"v1"
+    assert a.set(key, b"v2")
+    # Well within the 1 s window that applies without peers, and far within the 30 s one
+    # b would otherwise serve its entry for.
+    took = wait_until(lambda: b.get(key) == b"v2", 0.9, "b reads a's write")
+    assert a.delete(key)
+    wait_until(lambda: b.get(key) is None, 0.9, "b misses a's delete")
+    assert stack.stat("s3cached-b", "peer_invalidations_applied") >= 2
+    print(f"peers across containers: a's write read through b {took * 1000:.0f} ms after it")
