@@ -4,6 +4,7 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -333,6 +334,9 @@ async fn wire(
         longest,
     };
     let mut tiered = Tiered::new(store, tier, stats.clone());
+    stats
+        .tier_window_ms
+        .store(window.as_millis().try_into().unwrap_or(u64::MAX), Relaxed);
     if let Some(disk) = config.disk_tier() {
         let opened = DiskTier::open(&disk).await.map_err(AppError::DiskTier)?;
         tracing::info!(dir = %disk.dir.display(), bytes = disk.bytes, "disk tier on");

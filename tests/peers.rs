@@ -246,3 +246,57 @@ fn a_peer_listener_beyond_loopback_needs_a_secret() {
     let bad = s3cached::config::Config::from_toml("peers = \"host-without-port\"\n");
     assert!(bad.is_err());
 }
+
+#[tokio::test]
+async fn a_skipped_batch_makes_every_entry_revalidate_once() {
+    if !common::have_s3() {
+        return;
+    }
+    let servers = Box::pin(three("peers-gap")).await;
+    let mut b = servers[1].client().await;
+    b.roundtrip(b"set k 0 0 2\r\nv1\r\n", b"STORED\r\n").await;
+    assert_eq!(b.get_value("k").await.as_deref(), Some("v1"));
+    let revalidations = b.stat("backend_revalidations").await;
+    // A sender whose batch 2 never arrived: 1, then 3.
+    let stream = tokio::net::TcpStream::connect(peer_addr(&servers[1]))
+        .await
+        .unwrap();
+    let mut conn = Framed::new(stream, LengthDelimitedCodec::new());
+    conn.next().await.unwrap().unwrap();
+    for seq in [1, 3] {
+        let change = wire::Change::Item {
+            key: bytes::Bytes::from(format!("other{seq}")),
+            write: None,
+        };
+        let batch = wire::encode_batch(77, seq, &[change], Some(SECRET.as_bytes()));
+        conn.send(batch).await.unwrap();
+        let ack = conn.next().await.unwrap().unwrap();
+        assert_eq!(wire::decode_ack(&ack), Ok(seq));
+    }
+    // k was not named, yet it may have been in batch 2: it is checked with the store once.
+    assert_eq!(b.get_value("k").await.as_deref(), Some("v1"));
+    assert_eq!(b.get_value("k").await.as_deref(), Some("v1"));
+    assert_eq!(b.stat("backend_revalidations").await, revalidations + 1);
+}
+
+#[tokio::test]
+async fn a_replica_alone_on_its_bucket_never_revalidates() {
+    if !common::have_s3() {
+        return;
+    }
+    let window = Duration::from_millis(50);
+    let extra = format!(
+        "peers = \"none\"\nrevalidate_after_ms = {}\n",
+        window.as_millis()
+    );
+    let server = TestServer::start(Backend::S3, "peers-alone", &extra).await;
+    let mut c = server.client().await;
+    let authoritative = s3cached::tier::AUTHORITATIVE.as_millis() as u64;
+    assert_eq!(c.stat("tier_window_ms").await, authoritative);
+    c.roundtrip(b"set k 0 0 2\r\nv1\r\n", b"STORED\r\n").await;
+    // Past the configured window, which a replica alone does not need.
+    tokio::time::sleep(2 * window).await;
+    assert_eq!(c.get_value("k").await.as_deref(), Some("v1"));
+    assert_eq!(c.stat("backend_revalidations").await, 0);
+    assert_eq!(c.stat("backend_gets").await, 0, "answered from RAM");
+}

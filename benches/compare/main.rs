@@ -6,7 +6,8 @@
 //! memory with idle connections, `S3CACHED_BENCH_ONLY=latency` only the near tier behind
 //! 20 ms of S3 latency, `S3CACHED_BENCH_ONLY=tail` only cold gets behind S3 latency with a
 //! tail, hedged and not, `S3CACHED_BENCH_ONLY=throttle` only set+get pairs while S3
-//! answers 20 % of requests 503 SlowDown. Throughput under load is memtier_benchmark's (benches/memtier.py):
+//! answers 20 % of requests 503 SlowDown, `S3CACHED_BENCH_ONLY=peers` only three replicas
+//! with peers and without. Throughput under load is memtier_benchmark's (benches/memtier.py):
 //! this benchmark's own load generator, which disagreed with memtier by more than the 15 %
 //! allowed, is gone. With
 //! `S3CACHED_TEST_S3_ENDPOINT=http://127.0.0.1:PORT` (a local S3 server, as tests/run
@@ -667,6 +668,130 @@ async fn throttled(endpoint: &str) {
     );
 }
 
+/// A counter from `stats` through `conn`.
+async fn stat(conn: &mut Conn, name: &str) -> u64 {
+    conn.call(b"stats\r\n", b"END\r\n").await;
+    let text = String::from_utf8_lossy(&conn.buf).into_owned();
+    let prefix = format!("STAT {name} ");
+    let line = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+    line.and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("stat {name}"))
+}
+
+/// Reads `key` through `conn` until its reply satisfies `done` (at most 5 s); the time it
+/// took.
+async fn until_seen(conn: &mut Conn, key: &str, done: impl Fn(&[u8]) -> bool) -> Duration {
+    let start = Instant::now();
+    let get = format!("get {key}\r\n");
+    loop {
+        conn.call(get.as_bytes(), b"END\r\n").await;
+        if done(&conn.buf) || start.elapsed() > Duration::from_secs(5) {
+            return start.elapsed();
+        }
+    }
+}
+
+/// Three replicas on one bucket, with peers and without: how soon a write or a `flush_all`
+/// through one is read through another (S3 on loopback, no latency added), and how many S3
+/// revalidations a hot-key read load spread over the three costs (each S3 request 20 ms).
+async fn peer_replicas(endpoint: &str) {
+    const HOT_KEYS: usize = 10;
+    const LOAD: Duration = Duration::from_secs(10);
+    let proxy = proxy::Proxy::start(endpoint).await;
+    println!("\n== three replicas on one bucket: a write through one, read through another ==");
+    for with_peers in [false, true] {
+        let prefix = format!("bench-peers-{with_peers}-{}", std::process::id());
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let names: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut replicas = Vec::new();
+        for port in &ports {
+            let mut env = s3_env(&proxy.url(), &prefix);
+            if with_peers {
+                env.push(("S3CACHED_PEERS", names.join(",")));
+                env.push(("S3CACHED_PEER_LISTEN", format!("127.0.0.1:{port}")));
+                env.push(("S3CACHED_PEER_SECRET", "bench".into()));
+            }
+            replicas.push(start_s3cached(&env).await);
+        }
+        let mut conns = Vec::new();
+        for r in &replicas {
+            conns.push(Conn::open(r.addr).await);
+        }
+        if with_peers {
+            for c in conns.iter_mut() {
+                for _ in 0..500 {
+                    if stat(c, "tier_window_ms").await == 30_000 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        proxy.set(proxy::Mode::Forward(Duration::ZERO));
+        let rounds = if with_peers { 200 } else { 20 };
+        let (mut writes, mut flushes) = (Vec::new(), Vec::new());
+        for i in 0..rounds {
+            let (a, b) = (i % 3, (i + 1) % 3);
+            let value = format!("{i:0100}");
+            let set = format!("set vis 0 0 100\r\n{value}\r\n");
+            conns[a].call(set.as_bytes(), b"STORED\r\n").await;
+            let holds = |reply: &[u8]| reply.windows(100).any(|w| w == value.as_bytes());
+            writes.push(until_seen(&mut conns[b], "vis", holds).await);
+            if i % 4 == 0 {
+                conns[a].call(b"flush_all\r\n", b"OK\r\n").await;
+                let gone = |reply: &[u8]| reply == b"END\r\n";
+                flushes.push(until_seen(&mut conns[b], "vis", gone).await);
+            }
+        }
+        let pct = |v: &mut Vec<Duration>, p: usize| {
+            v.sort();
+            v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1e3
+        };
+        let label = if with_peers {
+            "with peers"
+        } else {
+            "without peers"
+        };
+        println!(
+            "{label}: a write read through another replica after p50 {:.1} ms, p99 {:.1} ms \
+             ({rounds} writes); flush_all hidden after p50 {:.1} ms, p99 {:.1} ms",
+            pct(&mut writes, 50),
+            pct(&mut writes, 99),
+            pct(&mut flushes, 50),
+            pct(&mut flushes, 99)
+        );
+        // Hot keys read through all three replicas for LOAD: S3 revalidations they cost.
+        proxy.set(proxy::Mode::Forward(Duration::from_millis(20)));
+        for k in 0..HOT_KEYS {
+            let set = format!("set hot{k} 0 0 100\r\n{:0100}\r\n", k);
+            conns[0].call(set.as_bytes(), b"STORED\r\n").await;
+        }
+        let mut before = 0;
+        for c in conns.iter_mut() {
+            before += stat(c, "backend_revalidations").await;
+        }
+        let started = Instant::now();
+        let mut reads = 0u64;
+        while started.elapsed() < LOAD && reads < 10_000_000 {
+            for c in conns.iter_mut() {
+                let get = format!("get hot{}\r\n", reads as usize % HOT_KEYS);
+                c.call(get.as_bytes(), b"END\r\n").await;
+                reads += 1;
+            }
+        }
+        let mut after = 0;
+        for c in conns.iter_mut() {
+            after += stat(c, "backend_revalidations").await;
+        }
+        println!(
+            "{label}: {reads} reads of {HOT_KEYS} hot keys over the three in {} s (S3 20 ms away) \
+             cost {} S3 revalidations",
+            LOAD.as_secs(),
+            after - before
+        );
+    }
+}
+
 async fn cull_cost(endpoint: &str, entries: usize) {
     use s3cached::clock::Clock;
     use s3cached::culler::{Culler, CullerConfig, WriteHint};
@@ -781,6 +906,9 @@ fn main() {
             Ok("tail") => {
                 return tail_latency(&format!("http://{}", fast_s3::start().await)).await;
             }
+            Ok("peers") => {
+                return peer_replicas(&format!("http://{}", fast_s3::start().await)).await;
+            }
             Ok("throttle") => {
                 return throttled(&format!("http://{}", fast_s3::start().await)).await;
             }
@@ -792,6 +920,7 @@ fn main() {
         hidden_latency(&fast, "in-process S3 responder (parallel, instant)").await;
         tail_latency(&fast).await;
         throttled(&fast).await;
+        peer_replicas(&fast).await;
         if let Ok(endpoint) = std::env::var("S3CACHED_TEST_S3_ENDPOINT") {
             s3_comparison(&endpoint).await;
             hidden_latency(&endpoint, "local S3 server (moto)").await;

@@ -629,3 +629,74 @@ async fn a_disk_record_older_than_the_window_is_revalidated_and_a_change_replace
         Some("c")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peers_invalidation_drops_an_entry_unless_it_holds_that_write() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 1 << 20, WINDOW);
+    // The entry holds writes 7 (its own) and 5 (the one before).
+    let written = Entry {
+        history: crate::store::History::from_ids(vec![7, 5], false),
+        ..entry("k", "v1")
+    };
+    t.put(&written, PutMode::Overwrite).await.unwrap();
+    assert!(!t.invalidate(b"k", Some(5)), "an older write: kept");
+    assert!(!t.invalidate(b"k", Some(7)), "this very write: kept");
+    assert_eq!(value_of(t.get(b"k").await.unwrap()).as_deref(), Some("v1"));
+    assert_eq!(probe.gets.load(Relaxed), 0, "still from RAM");
+    assert!(
+        t.invalidate(b"k", Some(9)),
+        "a write it does not hold: dropped"
+    );
+    t.get(b"k").await.unwrap();
+    assert_eq!(probe.gets.load(Relaxed), 1, "read from the store again");
+    assert!(t.invalidate(b"k", None), "a delete: dropped");
+    t.get(b"k").await.unwrap();
+    assert_eq!(probe.gets.load(Relaxed), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_revalidate_all_every_entry_asks_the_store_once() {
+    let probe = Arc::new(Probe::default());
+    let t = tier(probe.clone(), 1 << 20, WINDOW);
+    t.put(&entry("k", "v1"), PutMode::Overwrite).await.unwrap();
+    t.get(b"k").await.unwrap();
+    assert_eq!(probe.revalidations.load(Relaxed), 0);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    t.revalidate_all();
+    t.get(b"k").await.unwrap();
+    t.get(b"k").await.unwrap();
+    assert_eq!(
+        probe.revalidations.load(Relaxed),
+        1,
+        "once, then fresh again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_window_set_by_peers_applies_within_the_longest() {
+    let probe = Arc::new(Probe::default());
+    let config = TierConfig {
+        ram_bytes: 1 << 20,
+        revalidate_after: WINDOW,
+        longest: 10 * WINDOW,
+    };
+    let t = Tiered::new(probe.clone(), config, Arc::new(Stats::default()));
+    t.set_window(100 * WINDOW);
+    assert_eq!(t.window(), 10 * WINDOW, "never past the longest");
+    t.put(&entry("k", "v1"), PutMode::Overwrite).await.unwrap();
+    tokio::time::advance(5 * WINDOW).await;
+    t.get(b"k").await.unwrap();
+    assert_eq!(
+        probe.revalidations.load(Relaxed),
+        0,
+        "fresh in the long window"
+    );
+    t.set_window(WINDOW);
+    t.get(b"k").await.unwrap();
+    assert_eq!(
+        probe.revalidations.load(Relaxed),
+        1,
+        "stale in the short one"
+    );
+}
