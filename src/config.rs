@@ -661,6 +661,12 @@ impl Config {
                 return fail(format!("peers: {peer:?} is not host:port"));
             }
         }
+        let has_peers = !self.peer_names().is_empty() || !self.peer_listen.is_empty();
+        if has_peers && !self.uses_s3() {
+            return fail(
+                "peers and peer_listen need a bucket: the directory store has one server".into(),
+            );
+        }
         if self.alone() && !self.peer_listen.is_empty() {
             return fail("peers = \"none\" and a peer_listen: a replica alone has no peers".into());
         }

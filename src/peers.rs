@@ -7,7 +7,8 @@
 //!   itself (it learns so from the listener's hello) is left alone.
 //! - **What.** The tier announces each write, delete, touch and control write (the flush
 //!   epoch) through a bounded queue ([`QUEUE_LEN`]; full: dropped and counted); one task
-//!   batches what is queued and hands the batch to every link that is up ([`link`]). A peer's
+//!   batches what is queued and hands the batch to every link that is up ([`link`]), each
+//!   holding at most [`LINK_QUEUE_LEN`] batches (the batches' bytes are shared by links). A peer's
 //!   listener ([`listen`]) checks the batch's HMAC, drops each key from RAM and disk unless
 //!   what it holds already has that write in its history (so an old message never removes a
 //!   newer entry), re-reads the flush epoch when it changed, and acknowledges.
@@ -53,6 +54,8 @@ pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// A link whose last acknowledgement is older than this no longer vouches for its peer.
 pub const ACK_WITHIN: Duration = Duration::from_secs(2);
+/// A sender not heard from for this long is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// How often the window is set from the links' state.
 const WINDOW_EVERY: Duration = Duration::from_millis(100);
 
@@ -307,7 +310,9 @@ impl Peers {
             }
             rows.sort();
             let heard = {
-                let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+                let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+                // A sender silent this long is gone (a peer restarts as a new instance).
+                heard.retain(|_, (at, _)| now.duration_since(*at) < FORGET_AFTER);
                 let recent = heard
                     .values()
                     .filter(|(at, _)| now.duration_since(*at) < ACK_WITHIN);

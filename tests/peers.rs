@@ -237,14 +237,19 @@ async fn batches_without_the_shared_secret_are_refused() {
 }
 
 #[test]
-fn a_peer_listener_beyond_loopback_needs_a_secret() {
-    let open = s3cached::config::Config::from_toml("peer_listen = \"0.0.0.0:11212\"\n");
+fn a_peer_listener_needs_a_bucket_and_beyond_loopback_a_secret() {
+    let bucket = "storage_bucket_name = \"b\"\n";
+    let open =
+        s3cached::config::Config::from_toml(&format!("{bucket}peer_listen = \"0.0.0.0:11212\"\n"));
     let err = open.expect_err("refused").to_string();
     assert!(err.contains("peer_secret"), "{err}");
     let signed = "peer_listen = \"0.0.0.0:11212\"\npeer_secret = \"x\"\n";
-    assert!(s3cached::config::Config::from_toml(signed).is_ok());
-    let bad = s3cached::config::Config::from_toml("peers = \"host-without-port\"\n");
-    assert!(bad.is_err());
+    assert!(s3cached::config::Config::from_toml(&format!("{bucket}{signed}")).is_ok());
+    let bad = format!("{bucket}peers = \"host-without-port\"\n");
+    assert!(s3cached::config::Config::from_toml(&bad).is_err());
+    // The directory store has one server: no peers.
+    let err = s3cached::config::Config::from_toml(signed).expect_err("refused");
+    assert!(err.to_string().contains("bucket"), "{err}");
 }
 
 #[tokio::test]

@@ -1,8 +1,9 @@
 //! The peer listener: each connection gets a hello, then every batch it sends is checked
 //! (its HMAC, when a secret is set), applied to the tier and acknowledged. A frame that does
 //! not check out closes its connection (counted in `peer_invalidations_dropped`, logged at
-//! most once per [`LOG_EVERY`]). At most [`MAX_PEER_CONNECTIONS`] at once; a connection
-//! silent for [`SILENT_FOR`] (its peer sends a heartbeat far more often) is closed.
+//! most once per [`LOG_EVERY`]). At most [`MAX_PEER_CONNECTIONS`] at once (one more is
+//! closed on arrival); a connection silent for [`SILENT_FOR`] (its peer sends a heartbeat far
+//! more often) is closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +18,9 @@ use super::link::codec;
 use super::{wire, Peers};
 use crate::stats::Stats;
 
-/// Peer connections served at once, at most.
-pub const MAX_PEER_CONNECTIONS: usize = 64;
+/// Peer connections served at once, at most (each holds a frame of at most
+/// [`wire::MAX_FRAME_BYTES`]: 8 MiB in all).
+pub const MAX_PEER_CONNECTIONS: usize = 16;
 /// A peer connection with no frame for this long is closed.
 const SILENT_FOR: Duration = Duration::from_secs(10);
 /// Refused frames are logged at most this often.

@@ -23,10 +23,11 @@ type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// Bytes of the MAC at a batch's end, when a secret is configured.
 pub const MAC_BYTES: usize = 32;
-/// Largest frame a peer accepts: 4,096 changes of a 250-byte key, with room to spare.
-pub const MAX_FRAME_BYTES: usize = 2 * 1024 * 1024;
+/// Largest frame a peer accepts: a full batch of 250-byte keys (about 270 KB), with room
+/// to spare.
+pub const MAX_FRAME_BYTES: usize = 512 * 1024;
 /// Most changes in one batch.
-pub const MAX_BATCH: usize = 4096;
+pub const MAX_BATCH: usize = 1024;
 
 const BATCH: &[u8; 4] = b"S3CB";
 const HELLO: &[u8; 4] = b"S3CH";
