@@ -95,6 +95,7 @@ fn encode_cases() -> Vec<(&'static str, Response)> {
             flags: 0,
             cas: 123_456,
             data: Bytes::from(vec![b'x'; 1024]),
+            stream: None,
         }],
         with_cas: true,
         end: true,

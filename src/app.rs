@@ -332,6 +332,7 @@ async fn wire(
         ram_bytes: config.ram_cache_bytes,
         revalidate_after: window,
         longest,
+        stream_above: config.stream_above_bytes,
     };
     let mut tiered = Tiered::new(store, tier, stats.clone());
     stats

@@ -123,6 +123,10 @@ pub struct OptionDoc {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:11211";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_ITEM_SIZE_BYTES: usize = 1024 * 1024;
+/// memcached's largest `-I`, and s3cached's largest `max_item_size`.
+pub const MAX_ITEM_SIZE_BYTES: usize = 1024 * 1024 * 1024;
+/// Values longer than this are streamed by default.
+pub const DEFAULT_STREAM_ABOVE_BYTES: usize = 1024 * 1024;
 /// Default item bound with a bucket: large, so an application never sees its own fresh
 /// items evicted by count (memcached users expect a bound in bytes, not 300 items), while a
 /// culler pass still lists a bounded number of objects (1,000 per LIST request).
@@ -171,8 +175,11 @@ options! {
     addr_file: PathBuf = PathBuf::new(), env "S3CACHED_ADDR_FILE";
     /// Most client connections at once; more get memcached's "ERROR Too many open connections".
     max_connections: usize = DEFAULT_MAX_CONNECTIONS, env "S3CACHED_MAX_CONNECTIONS";
-    /// Largest item value in bytes (memcached's -I).
+    /// Largest item value in bytes (memcached's -I), up to 1 GiB.
     max_item_size: usize = DEFAULT_MAX_ITEM_SIZE_BYTES, env "S3CACHED_MAX_ITEM_SIZE";
+    /// Values longer than this are streamed between client and store, a piece at a time,
+    /// never held whole; they stay out of RAM and the disk tier.
+    stream_above_bytes: usize = DEFAULT_STREAM_ABOVE_BYTES, env "S3CACHED_STREAM_ABOVE_BYTES";
     /// Close connections idle this long (0 = never, as memcached).
     idle_timeout_secs: u64 = 0, env "S3CACHED_IDLE_TIMEOUT_SECS";
     /// Log filter: error, warn, info, debug, trace (or a tracing filter directive).
@@ -382,8 +389,11 @@ impl Config {
             ));
         }
         self.validate_s3()?;
-        if !(1024..=128 * 1024 * 1024).contains(&self.max_item_size) {
-            return fail("max_item_size must be between 1024 bytes and 128 MiB".into());
+        if !(1024..=MAX_ITEM_SIZE_BYTES).contains(&self.max_item_size) {
+            return fail("max_item_size must be between 1024 bytes and 1 GiB".into());
+        }
+        if !(256 * 1024..=MAX_ITEM_SIZE_BYTES).contains(&self.stream_above_bytes) {
+            return fail("stream_above_bytes must be between 256 KiB and 1 GiB".into());
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
             return fail(format!(
@@ -594,7 +604,7 @@ impl Config {
         let min = crate::tier::disk::MIN_DISK_BLOCKS * disk.block_bytes() as u64;
         if disk.bytes < min {
             return Err(ConfigError(format!(
-                "disk_cache_bytes must be at least {min} (8 blocks of {} bytes: max_item_size and 64 KiB, at least 1 MiB)",
+                "disk_cache_bytes must be at least {min} (8 blocks of {} bytes: the largest value held whole and 64 KiB, at least 1 MiB)",
                 disk.block_bytes()
             )));
         }
@@ -727,16 +737,30 @@ impl Config {
             .map_err(ConfigError)
     }
 
-    /// The memory budget must hold a request of the largest item: one request may take
-    /// half the budget, and a set up to three times its item.
+    /// The memory budget must hold a request of the largest value held whole, or of a
+    /// streamed one: one request may take half the budget, and a set up to three times its
+    /// item.
     fn validate_memory(&self) -> Result<(), ConfigError> {
-        let min = crate::budget::MIN_MEMORY_LIMIT_BYTES.max(8 * self.max_item_size as u64);
+        let held = self.whole_value_bytes() as u64;
+        let streamed = match self.max_item_size > self.stream_above_bytes {
+            true => crate::store::body::STREAM_HOLD_BYTES as u64,
+            false => 0,
+        };
+        let min = crate::budget::MIN_MEMORY_LIMIT_BYTES.max(8 * held.max(streamed));
         if self.memory_limit_bytes < min {
             return Err(ConfigError(format!(
-                "memory_limit_bytes must be at least {min} (8 MiB and 8 x max_item_size)"
+                "memory_limit_bytes must be at least {min} (8 MiB, 8 x the largest value \
+                 held whole, min(max_item_size, stream_above_bytes), and 8 x what a \
+                 streamed value holds, {} bytes, when values are streamed)",
+                crate::store::body::STREAM_HOLD_BYTES
             )));
         }
         Ok(())
+    }
+
+    /// The largest value held whole: longer ones are streamed.
+    pub fn whole_value_bytes(&self) -> usize {
+        self.max_item_size.min(self.stream_above_bytes)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

@@ -37,6 +37,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::time::Instant;
 
 use crate::stats::Stats;
+use crate::store::body::{Body, Chunks};
 use crate::store::{
     DumpPage, Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version,
     Versioned,
@@ -64,6 +65,9 @@ pub struct TierConfig {
     /// The longest window [`Tiered::set_window`] may set (while every peer acknowledges
     /// invalidations); at least `revalidate_after`.
     pub longest: Duration,
+    /// Values longer than this are streamed: RAM keeps only their header (a read then
+    /// streams the value from the store at the version RAM knows), the disk none of them.
+    pub stream_above: usize,
 }
 
 /// Who hears of every write through this replica that may have changed the bucket: its
@@ -174,6 +178,8 @@ pub struct Tiered {
     keys: Mutex<KeyStates>,
     stats: Arc<Stats>,
     started: Instant,
+    /// See [`TierConfig::stream_above`].
+    stream_above: usize,
 }
 
 impl Tiered {
@@ -202,6 +208,7 @@ impl Tiered {
             base_ms: millis(config.longest.max(config.revalidate_after)),
             floor_ms: AtomicU64::new(0),
             announce: std::sync::OnceLock::new(),
+            stream_above: config.stream_above,
         }
     }
 
@@ -307,9 +314,13 @@ impl Tiered {
 
     /// [`peek_fresh`](Tiered::peek_fresh) without the version, for answering a get, at the
     /// moment `now`: no heap allocation (the entry's bytes are shared).
+    /// A value streamed is not answered here (`None`).
     pub fn peek_fresh_entry(&self, key: &[u8], now: TierNow) -> Option<Option<Entry>> {
-        self.peek_fresh_cached(key, now)
-            .map(|cached| cached.item.as_ref().map(|item| item.entry.clone()))
+        let cached = self.peek_fresh_cached(key, now)?;
+        match &cached.item {
+            Some(item) if item.large.is_some() => None,
+            item => Some(item.as_ref().map(|item| item.entry.clone())),
+        }
     }
 
     fn peek_fresh_cached(&self, key: &[u8], now: TierNow) -> Option<Arc<Cached>> {
@@ -405,6 +416,13 @@ impl Tiered {
     /// Puts `item` in RAM as confirmed by the backend at `checked_ms` (the tier's clock),
     /// and on disk unless `on_disk` says the disk holds it already.
     fn remember(&self, item: Versioned, checked_ms: u64, on_disk: bool) {
+        // A long value is kept as its header alone, and never on disk.
+        let len = item.large.unwrap_or(item.entry.value.len() as u64);
+        let item = match len > self.stream_above as u64 {
+            true if item.large.is_none() => item.without_value(len),
+            _ => item,
+        };
+        let on_disk = on_disk || item.large.is_some();
         if let (Some(disk), false) = (&self.disk, on_disk) {
             let age_ms = self.now_ms().saturating_sub(checked_ms);
             let record = Record {
@@ -769,13 +787,64 @@ impl Store for Tiered {
             self.announce_item(&entry.key, entry.history.own());
         }
         let known = result.as_ref().ok().filter(|v| v.is_known());
+        write.end(known.map(|version| {
+            let value = match entry.value.len() > self.stream_above {
+                true => Bytes::new(),
+                false => Bytes::copy_from_slice(&entry.value),
+            };
+            let stored = Versioned::whole(
+                Entry {
+                    key: Bytes::copy_from_slice(&entry.key),
+                    value,
+                    ..entry.clone()
+                },
+                version.clone(),
+            );
+            match entry.value.len() > self.stream_above {
+                true => stored.without_value(entry.value.len() as u64),
+                false => stored,
+            }
+        }));
+        result
+    }
+
+    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        if let Some(found) = self.peek_fresh(key) {
+            if found.as_ref().is_none_or(|v| v.large.is_none()) {
+                Stats::incr(&self.stats.tier_hits);
+                return Ok(found);
+            }
+        }
+        // Not kept in RAM: a value this long stays out of it.
+        Stats::incr(&self.stats.backend_gets);
+        self.inner.get_whole(key).await
+    }
+
+    async fn open(&self, key: &[u8], version: &Version) -> Result<Option<Body>, StoreError> {
+        Stats::incr(&self.stats.backend_gets);
+        self.inner.open(key, version).await
+    }
+
+    async fn put_streamed(
+        &self,
+        entry: &Entry,
+        len: u64,
+        value: Chunks,
+    ) -> Result<Version, StoreError> {
+        let write = self.begin_write(entry.key.clone());
+        Stats::incr(&self.stats.backend_puts);
+        let result = self.inner.put_streamed(entry, len, value).await;
+        if matches!(result, Ok(_) | Err(StoreError::Unavailable(_))) {
+            self.announce_item(&entry.key, entry.history.own());
+        }
+        let known = result.as_ref().ok().filter(|v| v.is_known());
         write.end(known.map(|version| Versioned {
             entry: Entry {
                 key: Bytes::copy_from_slice(&entry.key),
-                value: Bytes::copy_from_slice(&entry.value),
                 ..entry.clone()
             },
             version: version.clone(),
+            large: Some(len),
         }));
         result
     }

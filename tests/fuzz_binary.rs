@@ -27,6 +27,7 @@ const DEFAULT_ITERATIONS: u64 = 3_000;
 const DEFAULT_SEED: u64 = 20_261_126;
 const LIMITS: Limits = Limits {
     max_item_bytes: 4096,
+    stream_above: usize::MAX,
     max_line_bytes: 2048,
     max_multiget_line_bytes: 8192,
 };

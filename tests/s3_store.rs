@@ -50,6 +50,7 @@ async fn conformance_suite_on_s3_with_gzip() {
     s.codec = Codec {
         gzip_min_bytes: Some(16),
         max_value_bytes: 2 * 1024 * 1024,
+        stream_above: usize::MAX,
     };
     let store = S3Store::connect(s).await.unwrap();
     conformance::run_all(&store).await;

@@ -253,6 +253,7 @@ mod tests {
                 flags: 0,
                 cas: 1,
                 data: "v".into(),
+                stream: None,
             }],
             with_cas: false,
             end: true,

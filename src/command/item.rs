@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::Ctx;
 use crate::flush::{Epoch, Flush};
 use crate::stats::Stats;
-use crate::store::{Entry, History, PutMode, Store, StoreError, Versioned};
+use crate::store::{Entry, History, PutMode, Store, StoreError, Version, Versioned};
 
 /// How often a conditional write is tried before the command gives up on a contended key.
 pub const MAX_WRITE_ATTEMPTS: usize = 64;
@@ -74,6 +74,9 @@ pub enum Miss {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {
     Hit(Entry),
+    /// A live item whose value is streamed: its entry without the value, the version to
+    /// open, and the value's length.
+    Large(Entry, Version, u64),
     Miss(Miss),
 }
 
@@ -239,7 +242,10 @@ impl<'c> Items<'c> {
     pub async fn read(&self, key: &[u8]) -> Result<Read, StoreError> {
         let (read, miss) = self.fetch(key, Freshness::Cached).await?;
         Ok(match (read, miss) {
-            (Some(v), None) => Read::Hit(v.entry),
+            (Some(v), None) => match v.large {
+                Some(len) => Read::Large(v.entry, v.version, len),
+                None => Read::Hit(v.entry),
+            },
             (_, miss) => Read::Miss(miss.unwrap_or(Miss::Absent)),
         })
     }
@@ -268,10 +274,13 @@ impl<'c> Items<'c> {
 
     /// Reads, decides, and writes (or deletes) with a precondition on the version read;
     /// decides again on a fresh read when another writer got there first, under [`RETRY`].
+    /// A decision that `needs_value` is not made on an item whose value is streamed (it is
+    /// not held: [`StoreError::TooLarge`]); others see it with an empty value.
     pub async fn mutate<T>(
         &self,
         key: &[u8],
         freshness: Freshness,
+        needs_value: bool,
         mut decide: impl FnMut(Found<'_>) -> Decision<T>,
     ) -> Result<T, StoreError> {
         let mut attempts = Attempts {
@@ -280,6 +289,9 @@ impl<'c> Items<'c> {
         };
         loop {
             let (read, miss) = self.fetch(key, freshness).await?;
+            if needs_value && read.as_ref().is_some_and(|v| v.large.is_some()) {
+                return Err(StoreError::TooLarge);
+            }
             let stored = read.as_ref().map(|v| &v.entry);
             let found = Found {
                 live: stored.filter(|_| miss.is_none()),
@@ -329,7 +341,8 @@ impl<'c> Items<'c> {
             Written::Stored(entry)
         } else {
             let key = write.item.key.clone();
-            self.mutate(&key, Freshness::Confirmed, |found| {
+            let joins = matches!(write.mode, WriteMode::Append | WriteMode::Prepend);
+            self.mutate(&key, Freshness::Confirmed, joins, |found| {
                 self.decide_write(&write, found.live)
             })
             .await?
@@ -405,7 +418,8 @@ impl<'c> Items<'c> {
     /// Adds to or subtracts from a counter, as memcached's incr/decr and `ma`.
     pub async fn arith(&self, key: &Bytes, a: &Arith) -> Result<Counted, StoreError> {
         let outcome = self
-            .mutate(key, Freshness::Confirmed, |found| {
+            // A streamed value (empty here) is never a number: non-numeric, as in memcached.
+            .mutate(key, Freshness::Confirmed, false, |found| {
                 self.decide_arith(key, a, found)
             })
             .await?;
@@ -471,8 +485,10 @@ impl<'c> Items<'c> {
 
     /// Deletes the live item (or marks it stale), under its conditions.
     pub async fn delete(&self, key: &[u8], removal: Removal) -> Result<Deleted, StoreError> {
+        // Marking stale writes the item back, value and all.
+        let rewrites = removal.invalidate.is_some();
         let outcome = self
-            .mutate(key, Freshness::Confirmed, |found| {
+            .mutate(key, Freshness::Confirmed, rewrites, |found| {
                 let Some(old) = found.live else {
                     return Decision::Answer(Deleted::NotFound);
                 };
@@ -508,7 +524,7 @@ impl<'c> Items<'c> {
     /// Gives the live item a new expiry (absolute, 0 = never); its cas stays.
     pub async fn touch(&self, key: &[u8], expires_at: u64) -> Result<Touched, StoreError> {
         let outcome = self
-            .mutate(key, Freshness::Confirmed, |found| match found.live {
+            .mutate(key, Freshness::Confirmed, true, |found| match found.live {
                 None => Decision::Answer(Touched::NotFound),
                 Some(old) => {
                     let entry = Entry {

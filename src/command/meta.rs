@@ -152,7 +152,8 @@ enum Got {
 async fn get(items: &Items<'_>, ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
     Stats::incr(&ctx.stats.cmd_get);
     let got = items
-        .mutate(&key, Freshness::Cached, |found| {
+        // A value streamed is served by the classic get alone (docs/operations.md).
+        .mutate(&key, Freshness::Cached, true, |found| {
             decide_get(ctx, &key, &flags, found)
         })
         .await;
@@ -383,6 +384,13 @@ async fn debug(items: &Items<'_>, ctx: &Ctx, key: Bytes, base64: bool) -> Respon
             ttl: remaining_ttl(e.expires_at, ctx.clock.now_secs()),
             cas: e.cas,
             size: e.value.len(),
+            key,
+            base64,
+        }),
+        Ok(Read::Large(e, _, len)) => Response::Debug(MetaDebug {
+            ttl: remaining_ttl(e.expires_at, ctx.clock.now_secs()),
+            cas: e.cas,
+            size: len as usize,
             key,
             base64,
         }),

@@ -11,6 +11,7 @@ pub mod item;
 mod meta;
 mod report;
 mod retrieve;
+pub mod upload;
 
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
@@ -135,6 +136,8 @@ impl Ctx {
                 return Response::Error(ProtocolError::Server("out of memory"));
             }
             StoreError::Unavailable(why) => why,
+            // memcached's words for an item it cannot hold.
+            StoreError::TooLarge => return Response::Error(ProtocolError::TOO_LARGE),
             StoreError::Exists | StoreError::Changed => {
                 Stats::incr(&self.stats.backend_errors);
                 return Response::ServerError("too much contention on key".into());
@@ -216,19 +219,17 @@ async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
             };
             reply(noreply, store(&items, ctx, mode, item, cas_unique).await)
         }
+        // Its data block streams through the connection, which runs it with
+        // `upload::store_streamed`; alone, it has no value to store.
+        Request::StoreStreamed { noreply, .. } => reply(
+            noreply,
+            Response::Error(ProtocolError::Server("streamed set without its data")),
+        ),
         Request::TooLarge {
             key,
             remove_old,
             noreply,
-        } => {
-            ctx.detail.set(&key);
-            if remove_old {
-                if let Err(e) = items.discard(&key).await {
-                    return ctx.failure(e);
-                }
-            }
-            reply(noreply, Response::Error(ProtocolError::TOO_LARGE))
-        }
+        } => too_large(&items, ctx, &key, remove_old, noreply).await,
         Request::Delete { key, noreply } => {
             ctx.detail.delete(&key);
             reply(noreply, delete(&items, ctx, &key).await)
@@ -324,12 +325,31 @@ pub fn answer_from_tier(
     Some(response)
 }
 
+/// A storage command refused as too large; a `set` also removes the old item, as
+/// memcached's does.
+async fn too_large(
+    items: &Items<'_>,
+    ctx: &Ctx,
+    key: &[u8],
+    remove_old: bool,
+    noreply: bool,
+) -> Response {
+    ctx.detail.set(key);
+    if remove_old {
+        if let Err(e) = items.discard(key).await {
+            return ctx.failure(e);
+        }
+    }
+    reply(noreply, Response::Error(ProtocolError::TOO_LARGE))
+}
+
 fn to_value(entry: Entry) -> Value {
     Value {
         key: entry.key,
         flags: entry.flags,
         cas: entry.cas,
         data: entry.value,
+        stream: None,
     }
 }
 

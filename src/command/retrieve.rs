@@ -14,12 +14,15 @@ use futures::stream::{self, StreamExt};
 use super::item::{Items, Miss, Read, Touched};
 use super::{count_read, to_value, Ctx, MAX_GET_FANOUT, MAX_RESPONSE_BYTES};
 use crate::budget::meter::{self, Meter};
-use crate::protocol::{ProtocolError, Response, Value};
+use crate::protocol::{ProtocolError, Response, Streamed, Value};
 use crate::stats::Stats;
-use crate::store::StoreError;
+use crate::store::body::READ_HOLD_BYTES;
+use crate::store::{Store, StoreError};
 
 /// Charged for a value's line and framing in the reply, beyond its key and data.
 const VALUE_LINE_BYTES: usize = 64;
+/// Times a streamed value is opened again when it changed between its read and its open.
+const OPEN_ATTEMPTS: usize = 3;
 
 /// One key's answer: its value, or why it has none.
 type Answer = Result<Value, Miss>;
@@ -86,6 +89,18 @@ pub(super) async fn retrieve(
     }
     if let Some(asked) = asked {
         values = repeat_values(ctx, &asked, values);
+        // A streamed value named twice is opened again: its pieces are sent once.
+        let mut seen = HashSet::new();
+        for value in &mut values {
+            if value.stream.is_some() && !seen.insert(value.key.clone()) {
+                match reopen(items, ctx, &value.key).await {
+                    Ok(Ok(again)) => *value = again,
+                    Ok(Err(_)) | Err(_) => {
+                        return Response::ServerError("a streamed value changed while read".into())
+                    }
+                }
+            }
+        }
     }
     Response::Values {
         values,
@@ -131,7 +146,12 @@ async fn gather(
     while let Some((key, answer)) = results.next().await {
         let answer = match answer {
             Ok(Ok(value)) => {
-                let bytes = value.key.len() + value.data.len() + VALUE_LINE_BYTES;
+                // A streamed value holds a few pieces at a time until it is sent.
+                let held = match value.stream {
+                    Some(_) => READ_HOLD_BYTES,
+                    None => value.data.len(),
+                };
+                let bytes = value.key.len() + held + VALUE_LINE_BYTES;
                 if meter.is_some_and(|m| !m.charge_value(bytes as u64)) {
                     return Err(Stop::OverBudget(bytes as u64));
                 }
@@ -158,15 +178,40 @@ async fn answer(
     touch: Option<i64>,
 ) -> Result<Answer, StoreError> {
     Ok(match touch {
-        None => match items.read(key).await? {
-            Read::Hit(entry) => Ok(to_value(entry)),
-            Read::Miss(miss) => Err(miss),
-        },
+        None => reopen(items, ctx, key).await?,
         Some(exptime) => match items.touch(key, ctx.clock.expires_at(exptime)).await? {
             Touched::Done(entry) => Ok(to_value(entry)),
             Touched::NotFound => Err(Miss::Absent),
         },
     })
+}
+
+/// One key's live value, a streamed one opened at the version read (read again, up to
+/// [`OPEN_ATTEMPTS`] times, when it changed in between).
+async fn reopen(items: &Items<'_>, ctx: &Ctx, key: &[u8]) -> Result<Answer, StoreError> {
+    for _ in 0..OPEN_ATTEMPTS {
+        let (entry, version, len) = match items.read(key).await? {
+            Read::Hit(entry) => return Ok(Ok(to_value(entry))),
+            Read::Miss(miss) => return Ok(Err(miss)),
+            Read::Large(entry, version, len) => (entry, version, len),
+        };
+        let Some(body) = ctx.store.open(key, &version).await? else {
+            continue;
+        };
+        debug_assert_eq!(body.len, len);
+        Stats::incr(&ctx.stats.streamed_gets);
+        let pieces = body
+            .chunks
+            .map(|piece| piece.map_err(std::io::Error::other))
+            .boxed();
+        return Ok(Ok(Value {
+            stream: Some(Streamed::new(body.len, pieces)),
+            ..to_value(entry)
+        }));
+    }
+    Err(StoreError::Unavailable(
+        "a streamed value kept changing while it was opened".into(),
+    ))
 }
 
 /// The keys in order, each once.

@@ -30,6 +30,7 @@ async fn ctx_with_flush_window(backend: Arc<dyn Store>, window: Duration) -> Ctx
         ram_bytes: 1 << 20,
         revalidate_after: Duration::from_secs(1),
         longest: Duration::from_secs(1),
+        stream_above: usize::MAX,
     };
     let store = Arc::new(Tiered::new(backend, tier, stats.clone()));
     let flush = Arc::new(Flush::load(store.clone(), window).await.unwrap());
@@ -424,6 +425,7 @@ async fn cache_memlimit_cannot_turn_an_absent_ram_tier_on() {
         ram_bytes: 0,
         revalidate_after: Duration::ZERO,
         longest: Duration::ZERO,
+        stream_above: usize::MAX,
     };
     let store = Arc::new(Tiered::new(
         Arc::new(MemoryStore::new()),

@@ -77,6 +77,7 @@ impl Config {
         Codec {
             gzip_min_bytes: config.is_gzipped.then_some(config.gzip_min_bytes),
             max_value_bytes: config.max_item_size,
+            stream_above: config.stream_above_bytes,
         }
     }
 
@@ -85,7 +86,7 @@ impl Config {
         (!self.disk_cache_dir.as_os_str().is_empty()).then(|| crate::tier::disk::DiskConfig {
             dir: self.disk_cache_dir.clone(),
             bytes: self.disk_cache_bytes,
-            max_item_bytes: self.max_item_size,
+            max_item_bytes: self.whole_value_bytes(),
         })
     }
 
@@ -130,6 +131,7 @@ impl Config {
         Ok(ConnectionConfig {
             limits: Limits {
                 max_item_bytes: self.max_item_size,
+                stream_above: self.stream_above_bytes,
                 ..Limits::default()
             },
             idle_timeout: self.idle_timeout(),

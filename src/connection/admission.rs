@@ -21,6 +21,7 @@ use crate::budget::{Account, Budget, Charge, Grant, UNIT_BYTES};
 use crate::command;
 use crate::protocol::{self, Limits, Request, Response, StoreMode};
 use crate::stats::Stats;
+use crate::store::body::STREAM_HOLD_BYTES;
 
 /// Charged for a reply's line and framing, beyond keys and data.
 pub const REPLY_OVERHEAD_BYTES: usize = 64;
@@ -247,13 +248,14 @@ fn admitted_bound(request: &Request, limits: &Limits, budget: &Budget) -> usize 
 
 /// What one key of a retrieval can take: its value read from the store, and encoded.
 fn reply_bound_per_key(limits: &Limits) -> usize {
-    2 * (limits.max_item_bytes + REPLY_OVERHEAD_BYTES)
+    2 * (limits.whole_item_bytes() + REPLY_OVERHEAD_BYTES)
 }
 
 /// The most bytes a request can hold while it runs and its reply waits: values read from
 /// the store, and their encoding in the write buffer.
 fn reply_bound(request: &Request, limits: &Limits) -> usize {
-    let per_value = limits.max_item_bytes + REPLY_OVERHEAD_BYTES;
+    // A longer value is streamed: it holds less than this (`READ_HOLD_BYTES`) at a time.
+    let per_value = limits.whole_item_bytes() + REPLY_OVERHEAD_BYTES;
     match request {
         Request::Get { keys, .. } | Request::Gat { keys, .. } => {
             let values = keys.len().saturating_mul(reply_bound_per_key(limits));
@@ -269,6 +271,8 @@ fn reply_bound(request: &Request, limits: &Limits) -> usize {
             };
             2 * data.len() + old + SMALL_REPLY_BYTES
         }
+        // The parts being uploaded (`upload`), and pieces in the pipe to them.
+        Request::StoreStreamed { .. } => STREAM_HOLD_BYTES + SMALL_REPLY_BYTES,
         Request::Arith { .. } | Request::Meta(_) => 2 * per_value + SMALL_REPLY_BYTES,
         _ => SMALL_REPLY_BYTES,
     }

@@ -22,8 +22,9 @@ use super::admission::{reply_len, Admission};
 use super::ConnectionConfig;
 use crate::budget::{Budget, Grant};
 use crate::conns::Registered;
-use crate::protocol::Response;
+use crate::protocol::{Piece, Response, Streamed};
 use crate::stats::Stats;
+use crate::store::body::READ_HOLD_BYTES;
 
 /// Flush replies once this many bytes are waiting, even mid-batch.
 pub const WRITE_HIGH_WATER_BYTES: usize = 256 * 1024;
@@ -51,9 +52,10 @@ pub struct Buffers {
     read_alloc: usize,
     /// Encoded replies not yet written: `queued` (whole pieces, in order), then `write`.
     write: BytesMut,
-    /// Pieces of replies waiting before `write`: encoded bytes and shared values.
-    queued: VecDeque<Bytes>,
-    /// Bytes in `queued`.
+    /// Pieces of replies waiting before `write`: encoded bytes, shared values, streamed
+    /// values.
+    queued: VecDeque<Queued>,
+    /// Bytes in `queued`, each streamed value counted as [`READ_HOLD_BYTES`].
     queued_len: usize,
     /// When the connection last read input or wrote its replies: idle since then.
     last_active: Instant,
@@ -138,14 +140,22 @@ impl Buffers {
     pub fn encode_reply(&mut self, response: &Response) {
         self.reserve_reply(response);
         let (queued, queued_len) = (&mut self.queued, &mut self.queued_len);
-        response.encode_sharing(&mut self.write, SHARE_MIN_BYTES, &mut |write, value| {
+        response.encode_sharing(&mut self.write, SHARE_MIN_BYTES, &mut |write, piece| {
             if !write.is_empty() {
                 let encoded = write.split().freeze();
                 *queued_len += encoded.len();
-                queued.push_back(encoded);
+                queued.push_back(Queued::Bytes(encoded));
             }
-            *queued_len += value.len();
-            queued.push_back(value.clone());
+            match piece {
+                Piece::Shared(value) => {
+                    *queued_len += value.len();
+                    queued.push_back(Queued::Bytes(value.clone()));
+                }
+                Piece::Streamed(value) => {
+                    *queued_len += READ_HOLD_BYTES;
+                    queued.push_back(Queued::Streamed(value.clone()));
+                }
+            }
         });
     }
 
@@ -320,10 +330,18 @@ fn shared_len(response: &Response) -> usize {
     }
 }
 
+/// A piece of the replies waiting before the write buffer.
+enum Queued {
+    /// Encoded bytes, or a value's own bytes.
+    Bytes(Bytes),
+    /// A value whose pieces are read as it is written.
+    Streamed(Streamed),
+}
+
 /// Replies waiting to be written: whole pieces, then the write buffer (from `written`:
 /// it is emptied once all is written, keeping its capacity).
 struct Pending<'a> {
-    queued: &'a mut VecDeque<Bytes>,
+    queued: &'a mut VecDeque<Queued>,
     queued_len: &'a mut usize,
     write: &'a mut BytesMut,
     written: usize,
@@ -334,13 +352,25 @@ impl Pending<'_> {
         *self.queued_len + self.write.len() - self.written
     }
 
-    /// Up to [`MAX_IOVECS`] slices of what is waiting, in order.
+    /// Up to [`MAX_IOVECS`] slices of what is waiting, in order, up to the first streamed
+    /// value.
     fn slices<'s>(&'s self, out: &mut [IoSlice<'s>; MAX_IOVECS]) -> usize {
-        let pieces = self.queued.iter().map(|b| &b[..]);
-        let all = pieces.chain(std::iter::once(&self.write[self.written..]));
+        let mut stream_ahead = false;
+        let pieces = self.queued.iter().map_while(|q| match q {
+            Queued::Bytes(b) => Some(&b[..]),
+            Queued::Streamed(_) => {
+                stream_ahead = true;
+                None
+            }
+        });
         let mut n = 0;
-        for piece in all.filter(|p| !p.is_empty()).take(MAX_IOVECS) {
+        for piece in pieces.filter(|p| !p.is_empty()).take(MAX_IOVECS) {
             out[n] = IoSlice::new(piece);
+            n += 1;
+        }
+        let tail = &self.write[self.written..];
+        if n < MAX_IOVECS && !stream_ahead && !tail.is_empty() {
+            out[n] = IoSlice::new(tail);
             n += 1;
         }
         n
@@ -349,7 +379,7 @@ impl Pending<'_> {
     /// Drops `n` written bytes from the front.
     fn advance(&mut self, mut n: usize) {
         while n > 0 {
-            let Some(front) = self.queued.front_mut() else {
+            let Some(Queued::Bytes(front)) = self.queued.front_mut() else {
                 self.written += n;
                 return;
             };
@@ -363,59 +393,133 @@ impl Pending<'_> {
         }
     }
 
-    /// Writes everything, a vectored write at a time.
-    async fn write_all<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
-        while self.len() > 0 {
+    /// Writes everything before the next streamed value (everything, if none is left), a
+    /// vectored write at a time; returns the bytes written.
+    async fn write_bytes<S: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut S,
+    ) -> std::io::Result<usize> {
+        let mut total = 0;
+        loop {
             let written = {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
                 let n = self.slices(&mut slices);
+                if n == 0 {
+                    break;
+                }
                 socket.write_vectored(&slices[..n]).await?
             };
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
+            total += written;
             self.advance(written);
         }
-        self.write.clear();
-        self.written = 0;
-        socket.flush().await
+        if matches!(self.queued.front(), Some(Queued::Bytes(b)) if b.is_empty()) {
+            self.queued.pop_front();
+        }
+        if self.queued.is_empty() {
+            self.write.clear();
+            self.written = 0;
+        }
+        Ok(total)
+    }
+
+    /// Takes the streamed value at the front, if one is next.
+    fn next_stream(&mut self) -> Option<Streamed> {
+        match self.queued.front() {
+            Some(Queued::Streamed(_)) => {}
+            _ => return None,
+        }
+        let Some(Queued::Streamed(value)) = self.queued.pop_front() else {
+            return None;
+        };
+        *self.queued_len -= READ_HOLD_BYTES;
+        Some(value)
     }
 }
 
-/// Writes what is `pending` whole (then empties it) within `timeout`, counting the bytes
-/// written and a timeout in `stats`.
+/// Runs `write` within `timeout` from the first moment the socket could not take what it
+/// writes, counting a timeout in `stats`.
+async fn within<T>(
+    write: impl std::future::Future<Output = std::io::Result<T>>,
+    timeout: Option<Duration>,
+    stats: &Stats,
+) -> std::io::Result<T> {
+    let mut write = std::pin::pin!(write);
+    // Most replies fit the socket's buffer: written at once, they need no timer (the
+    // deadline starts at the first write the socket could not take).
+    match (futures::poll!(write.as_mut()), timeout) {
+        (std::task::Poll::Ready(written), _) => written,
+        (std::task::Poll::Pending, None) => write.await,
+        (std::task::Poll::Pending, Some(limit)) => match tokio::time::timeout(limit, write).await {
+            Ok(written) => written,
+            Err(_) => {
+                Stats::incr(&stats.write_timeouts);
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client did not read its replies within the write timeout",
+                ))
+            }
+        },
+    }
+}
+
+/// Writes what is `pending` whole (then empties it), counting the bytes written and a
+/// timeout in `stats`. Bytes go within `timeout`; a streamed value goes a piece at a time,
+/// each piece written within `timeout` (the store bounds the wait for it): a long value
+/// to a client that keeps reading is never cut off, one that stops reading is.
 async fn write_replies<S: AsyncWrite + Unpin>(
     socket: &mut S,
     mut pending: Pending<'_>,
     timeout: Option<Duration>,
     stats: &Stats,
 ) -> std::io::Result<()> {
-    let len = pending.len();
-    if len == 0 {
+    if pending.len() == 0 {
         return Ok(());
     }
-    {
-        let mut write = std::pin::pin!(pending.write_all(socket));
-        // Most replies fit the socket's buffer: written at once, they need no timer (the
-        // deadline starts at the first write the socket could not take).
-        match (futures::poll!(write.as_mut()), timeout) {
-            (std::task::Poll::Ready(written), _) => written?,
-            (std::task::Poll::Pending, None) => write.await?,
-            (std::task::Poll::Pending, Some(limit)) => {
-                match tokio::time::timeout(limit, write).await {
-                    Ok(written) => written?,
-                    Err(_) => {
-                        Stats::incr(&stats.write_timeouts);
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "client did not read its replies within the write timeout",
-                        ));
-                    }
-                }
-            }
-        }
+    loop {
+        let written = within(pending.write_bytes(socket), timeout, stats).await?;
+        Stats::add(&stats.bytes_written, written as u64);
+        let Some(value) = pending.next_stream() else {
+            break;
+        };
+        write_streamed(socket, &value, timeout, stats).await?;
     }
-    Stats::add(&stats.bytes_written, len as u64);
+    socket.flush().await
+}
+
+/// Sends a streamed value's pieces as they arrive. A value that fails or turns out shorter
+/// or longer than announced cannot be taken back: the error closes the connection, and the
+/// client sees a reply cut short (`stream_failures` counts it).
+async fn write_streamed<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    value: &Streamed,
+    timeout: Option<Duration>,
+    stats: &Stats,
+) -> std::io::Result<()> {
+    use futures::StreamExt;
+    let failed = |why: String| {
+        Stats::incr(&stats.stream_failures);
+        tracing::warn!(cause = %why, "a streamed value failed midway; closing the connection");
+        std::io::Error::other(why)
+    };
+    let Some(mut pieces) = value.take() else {
+        return Err(failed("a streamed value was sent twice".into()));
+    };
+    let mut left = value.len;
+    while let Some(piece) = pieces.next().await {
+        let piece = piece.map_err(|e| failed(e.to_string()))?;
+        if piece.len() as u64 > left {
+            return Err(failed("a streamed value longer than announced".into()));
+        }
+        left -= piece.len() as u64;
+        within(socket.write_all(&piece), timeout, stats).await?;
+        Stats::add(&stats.bytes_written, piece.len() as u64);
+    }
+    if left > 0 {
+        return Err(failed("a streamed value shorter than announced".into()));
+    }
     Ok(())
 }
 

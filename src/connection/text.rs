@@ -29,6 +29,7 @@ use super::pipeline::Pipeline;
 use super::ConnectionConfig;
 use crate::budget::meter::{self, Meter};
 use crate::budget::{Charge, Grant};
+use crate::command::upload::{self, Feeder};
 use crate::command::{self, Ctx};
 use crate::conns::Registered;
 use crate::protocol::{
@@ -91,6 +92,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         admission,
         waiting: None,
         queued: VecDeque::new(),
+        feeding: None,
+        feed_blocked: false,
+        upload: None,
     };
     // The first read happened before the protocol was known: run what it brought.
     conn.advance().await;
@@ -143,6 +147,12 @@ struct Connection {
     waiting: Option<Waiting>,
     /// Parsed requests not yet started: the pieces of a retrieval split to fit the budget.
     queued: VecDeque<Request>,
+    /// Inside a streamed `set`'s data block: its bytes go to the request as they arrive.
+    feeding: Option<Feeder>,
+    /// The streamed `set`'s pipe is full: nothing is read until it has room.
+    feed_blocked: bool,
+    /// The value of the streamed `set` not yet started, for it to take when it starts.
+    upload: Option<upload::Value>,
 }
 
 impl Connection {
@@ -164,7 +174,10 @@ impl Connection {
                 self.io.waiting();
             }
             let can_read = self.may_read() && self.make_read_room();
-            let waiting_for_client = self.io.has_input() || self.skip_bytes > 0 || self.skip_line;
+            let waiting_for_client = self.io.has_input()
+                || self.skip_bytes > 0
+                || self.skip_line
+                || self.feeding.is_some();
             // A request begun must be complete in time, whether its bytes are being read or
             // the read buffer waits for room to take them.
             let reading = can_read || self.awaiting_read_room();
@@ -185,16 +198,21 @@ impl Connection {
                         self.flush(socket).await?;
                     }
                 }
+                () = feed_ready(&self.feeding), if self.feed_blocked => {
+                    self.feed_blocked = false;
+                    self.discard_skipped();
+                    self.go_on(socket).await?;
+                }
                 permit = wait_grant(&mut self.waiting), if granting => {
                     self.granted(permit);
-                    self.advance().await;
-                    if self.pipeline.is_empty() {
-                        self.flush(socket).await?;
-                    }
+                    self.go_on(socket).await?;
                 }
                 read = self.io.read(socket), if can_read => {
                     if read? == 0 {
                         self.closing = true;
+                        // A streamed set whose client went away stores nothing.
+                        self.feeding = None;
+                        self.feed_blocked = false;
                         continue;
                     }
                     self.discard_skipped();
@@ -216,16 +234,22 @@ impl Connection {
                 }
                 _ = sleep_until(grant_deadline), if grant_deadline.is_some() => {
                     self.out_of_memory();
-                    self.advance().await;
-                    if self.pipeline.is_empty() {
-                        self.flush(socket).await?;
-                    }
+                    self.go_on(socket).await?;
                 }
                 _ = shutdown.cancelled(), if !self.closing => {
                     self.closing = true;
                 }
             }
         }
+    }
+
+    /// Starts what can start, and writes the replies if nothing is left running.
+    async fn go_on<S: AsyncWrite + Unpin>(&mut self, socket: &mut S) -> std::io::Result<()> {
+        self.advance().await;
+        if self.pipeline.is_empty() {
+            self.flush(socket).await?;
+        }
+        Ok(())
     }
 
     /// Runs the next page of a dump (a barrier that `advance` left) once the last page is
@@ -259,7 +283,11 @@ impl Connection {
 
     /// Whether the connection may take more input, budget aside.
     fn may_read(&self) -> bool {
-        !self.closing && self.pipeline.has_room() && self.waiting.is_none() && !self.over_share()
+        !self.closing
+            && !self.feed_blocked
+            && self.pipeline.has_room()
+            && self.waiting.is_none()
+            && !self.over_share()
     }
 
     /// Past its share of the budget with replies still to come: wait for them first.
@@ -273,6 +301,9 @@ impl Connection {
         self.io.input().clear();
         self.skip_bytes = 0;
         self.skip_line = false;
+        // A streamed set cut off here stores nothing.
+        self.feeding = None;
+        self.feed_blocked = false;
         if self.awaiting_read_room() {
             self.waiting = None;
         }
@@ -307,12 +338,16 @@ impl Connection {
     /// goes on.
     fn out_of_memory(&mut self) {
         let Some(Waiting {
-            want: Want::Request(_, keys, _),
+            want: Want::Request(request, keys, _),
             ..
         }) = self.waiting.take()
         else {
             return;
         };
+        if matches!(*request, Request::StoreStreamed { .. }) {
+            // Its data block is discarded as it comes.
+            self.upload = None;
+        }
         Stats::incr(&self.ctx.stats.budget_timeouts);
         let refused = Response::Error(ProtocolError::Server("out of memory"));
         let nothing = Charge {
@@ -325,7 +360,10 @@ impl Connection {
     /// Makes sure the read buffer has room for a read; returns false when the budget cannot
     /// give it now (a grant is then awaited).
     fn make_read_room(&mut self) -> bool {
-        let skipping = self.skip_bytes > 0 || self.skip_line || self.long_retrieval.is_some();
+        let skipping = self.skip_bytes > 0
+            || self.skip_line
+            || self.long_retrieval.is_some()
+            || self.feeding.is_some();
         let awaited = match self.io.has_input() && !skipping {
             true => protocol::awaited_len(self.io.input(), &self.limits),
             false => None,
@@ -402,8 +440,20 @@ impl Connection {
         self.io.flush(socket, &mut self.admission).await
     }
 
-    /// Drops input that belongs to a refused data block or an over-long line.
+    /// Drops input that belongs to a refused data block or an over-long line; hands a
+    /// streamed set's data block to its request.
     fn discard_skipped(&mut self) {
+        if let Some(feeder) = &mut self.feeding {
+            let before = self.io.input().len();
+            self.feed_blocked = !feeder.feed(self.io.input());
+            if self.io.input().len() < before {
+                // Bytes of a long value arriving are progress: the request timeout restarts.
+                self.io.progress();
+            }
+            if feeder.is_done() {
+                self.feeding = None;
+            }
+        }
         if self.skip_bytes > 0 {
             let input = self.io.input();
             let n = self.skip_bytes.min(input.len());
@@ -449,7 +499,13 @@ impl Connection {
 
     /// Parses and starts as many buffered requests as the pipeline and the budget allow.
     fn dispatch(&mut self) {
-        while self.start_queued() && !self.closing && self.skip_bytes == 0 && !self.skip_line {
+        while self.start_queued()
+            && !self.closing
+            && self.skip_bytes == 0
+            && !self.skip_line
+            && self.feeding.is_none()
+            && self.upload.is_none()
+        {
             // The parser takes the frame off the buffer; the request holds slices of it.
             let Some(Parsed {
                 request,
@@ -466,6 +522,13 @@ impl Connection {
                 Skip::None => {}
                 Skip::Bytes(n) => self.skip_bytes = n,
                 Skip::Line => self.skip_line = true,
+                // Not logged in: refused below, its block discarded.
+                Skip::Stream(n) if self.login.required() => self.skip_bytes = n,
+                Skip::Stream(n) => {
+                    let (feeder, value) = upload::pipe(n - 2);
+                    self.feeding = Some(feeder);
+                    self.upload = Some(value);
+                }
             }
             self.discard_skipped();
             if self.login.required() {
@@ -550,13 +613,38 @@ impl Connection {
     /// `request`, admitted with `charge`, running: a large retrieval's values are charged
     /// as they arrive.
     fn running(
-        &self,
+        &mut self,
         request: Request,
         charge: Charge,
     ) -> impl Future<Output = (Response, Option<Arc<Meter>>)> + Send + 'static {
+        if let Request::StoreStreamed {
+            key,
+            flags,
+            exptime,
+            noreply,
+            ..
+        } = request
+        {
+            let ctx = self.ctx.clone();
+            let value = self.upload.take();
+            return futures::future::Either::Left(async move {
+                let Some(value) = value else {
+                    let lost = ProtocolError::Server("streamed set without its data");
+                    return (Response::Error(lost), None);
+                };
+                let item = crate::store::Entry {
+                    key,
+                    flags,
+                    expires_at: ctx.clock.expires_at(exptime),
+                    ..Default::default()
+                };
+                let response = upload::store_streamed(&ctx, item, value, noreply).await;
+                (response, None)
+            });
+        }
         let deadline = self.io.request_timeout().map(|t| Instant::now() + t);
         let meter = self.admission.meter(&request, charge, deadline);
-        execute(&self.ctx, request, meter)
+        futures::future::Either::Right(execute(&self.ctx, request, meter))
     }
 
     /// Puts `running`, which holds `charge`, in the pipeline behind earlier requests on
@@ -611,6 +699,14 @@ impl Connection {
             grant,
             since: Instant::now(),
         });
+    }
+}
+
+/// Waits until a streamed set's pipe has room.
+async fn feed_ready(feeding: &Option<Feeder>) {
+    match feeding {
+        Some(feeder) => feeder.ready().await,
+        None => futures::future::pending().await,
     }
 }
 

@@ -268,7 +268,7 @@ pub fn awaited_len(buf: &[u8], limits: &Limits, auth_required: bool) -> Option<u
         && u32::from(h.key_len) + u32::from(h.extras_len) <= h.body_len
         && h.body_len <= MAX_BODY_BYTES
         && (!auth_required || h.body_len <= MAX_UNAUTHENTICATED_BODY_BYTES);
-    (well_formed && h.value_len() <= limits.max_item_bytes)
+    (well_formed && h.value_len() <= limits.whole_item_bytes())
         .then_some(HEADER_BYTES + h.body_len as usize)
 }
 
@@ -317,7 +317,7 @@ pub fn decode(buf: &[u8], limits: &Limits, auth_required: bool) -> Option<Decode
     }
     let frame_len = HEADER_BYTES + h.body_len as usize;
     let value_len = h.value_len();
-    if value_len > limits.max_item_bytes {
+    if value_len > limits.whole_item_bytes() {
         // Too large to buffer: answer from the head alone and discard the value as it comes.
         let mut d = decode_head(buf, &h, limits)?;
         d.consumed = buf.len().min(frame_len);
@@ -340,7 +340,7 @@ fn decode_head(frame: &[u8], h: &Header, limits: &Limits) -> Option<Decoded> {
     let key = Bytes::copy_from_slice(&frame[extras_end..key_end]);
     let value_len = h.value_len();
     let value = || Bytes::copy_from_slice(&frame[key_end..key_end + value_len]);
-    let too_large = value_len > limits.max_item_bytes;
+    let too_large = value_len > limits.whole_item_bytes();
     let action = match checked(h) {
         Err(status) => Reply::error(status, status == Status::Invalid),
         Ok(()) if too_large && carries_value(h.opcode) => Action::Run(Request::TooLarge {
@@ -588,6 +588,10 @@ pub fn encode(frame: &Frame, response: &Response, out: &mut BytesMut) {
         Response::Meta(reply) => encode_meta(frame, reply, out),
         // A classic reply to a get (answered from the near tier): one hit, or a miss the
         // tier remembers.
+        // A value streamed is served to text clients only (see docs/operations.md).
+        Response::Values { values, .. } if values.len() == 1 && values[0].stream.is_some() => {
+            error(out, Status::TooLarge)
+        }
         Response::Values { values, .. } if values.len() == 1 => {
             let v = &values[0];
             encode_hit(frame, v.flags, v.cas, &v.data, out)

@@ -26,6 +26,9 @@ pub const DEFAULT_MAX_ITEM_BYTES: usize = 1024 * 1024;
 pub struct Limits {
     /// Largest data block a storage command may carry.
     pub max_item_bytes: usize,
+    /// Data blocks longer than this are streamed (a classic `set`) or refused as too large
+    /// (every other command): never buffered whole.
+    pub stream_above: usize,
     /// Longest command line other than a multi-key retrieval.
     pub max_line_bytes: usize,
     /// Longest multi-key retrieval line.
@@ -36,6 +39,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_item_bytes: DEFAULT_MAX_ITEM_BYTES,
+            stream_above: usize::MAX,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             max_multiget_line_bytes: DEFAULT_MAX_MULTIGET_LINE_BYTES,
         }
@@ -46,7 +50,12 @@ impl Limits {
     /// The most bytes the connection ever needs to hold to parse one request.
     pub fn max_frame_bytes(&self) -> usize {
         self.max_multiget_line_bytes
-            .max(self.max_line_bytes + self.max_item_bytes + 2)
+            .max(self.max_line_bytes + self.whole_item_bytes() + 2)
+    }
+
+    /// The longest data block held whole: longer ones are streamed or refused.
+    pub fn whole_item_bytes(&self) -> usize {
+        self.max_item_bytes.min(self.stream_above)
     }
 }
 
@@ -58,6 +67,9 @@ pub enum Skip {
     Bytes(usize),
     /// The rest of an over-long line, through its `\n`.
     Line,
+    /// The data block of a streamed `set`: this many more bytes (the value, then `\r\n`),
+    /// which the connection hands to the request as they arrive.
+    Stream(usize),
 }
 
 /// Where a retrieval line longer than the parser's window was cut: the next parse goes on

@@ -225,7 +225,7 @@ pub(super) fn parse_set(buf: &mut BytesMut, line_len: usize, limits: &Limits) ->
             return Some(Parsed { skip, ..parsed });
         }
     };
-    let frame_len = if len > limits.max_item_bytes {
+    let frame_len = if len > limits.whole_item_bytes() {
         line_len
     } else if data_block(&buf[line_len..], len)?.is_some() {
         line_len + len + 2

@@ -17,7 +17,7 @@ pub use lex::{line_end, Limits, LongRetrieval, Parsed, Skip};
 pub use meta::{MetaArithMode, MetaFlags, MetaRequest, MetaSetMode, ReturnFlag};
 pub use meta_reply::{encode_key, Markers, MetaDebug, MetaFlag, MetaReply, MetaStatus};
 pub use parse::{awaited_len, parse, parse_resumed};
-pub use response::{Response, Value};
+pub use response::{Piece, Pieces, Response, Streamed, Value};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -74,6 +74,16 @@ pub enum Request {
         data: Bytes,
         /// The client's cas unique (only for `cas`).
         cas_unique: u64,
+        noreply: bool,
+    },
+    /// A `set` whose data block is longer than `stream_above`: the block follows and is
+    /// streamed to the store as it arrives ([`Skip::Stream`]).
+    StoreStreamed {
+        key: Bytes,
+        flags: u32,
+        exptime: i64,
+        /// The value's length.
+        len: usize,
         noreply: bool,
     },
     /// A storage command whose data exceeded the item size limit; its data is skipped.
@@ -159,6 +169,7 @@ impl Request {
             Request::Get { keys, .. } | Request::Gat { keys, .. } => Some(keys.iter().collect()),
             Request::Store { key, .. }
             | Request::TooLarge { key, .. }
+            | Request::StoreStreamed { key, .. }
             | Request::Delete { key, .. }
             | Request::Arith { key, .. }
             | Request::Touch { key, .. } => Some(vec![key]),

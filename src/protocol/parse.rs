@@ -96,7 +96,7 @@ pub fn awaited_len(buf: &[u8], limits: &Limits) -> Option<usize> {
         b"cas" => storage_line(StoreMode::Cas, line).ok()?.len,
         _ => return None,
     };
-    (data_len <= limits.max_item_bytes).then_some(line_len + data_len + 2)
+    (data_len <= limits.whole_item_bytes()).then_some(line_len + data_len + 2)
 }
 
 /// The request of a line without a data block, taken off the buffer as `frame`.
@@ -333,14 +333,32 @@ fn storage(
         }
     };
     let noreply = line.noreply;
-    if line.len > limits.max_item_bytes {
+    if line.len > limits.whole_item_bytes() {
         let frame = take_frame(buf, line_len);
-        let request = Request::TooLarge {
-            key: frame.slice(line.key),
-            remove_old: mode == StoreMode::Set,
-            noreply,
+        let key = frame.slice(line.key);
+        // Only a plain `set` is streamed: every other command reads the old item or writes
+        // under a condition, and holds its value whole.
+        let streamed = mode == StoreMode::Set && line.len <= limits.max_item_bytes;
+        let (request, skip) = match streamed {
+            true => (
+                Request::StoreStreamed {
+                    key,
+                    flags: line.flags,
+                    exptime: line.exptime,
+                    len: line.len,
+                    noreply,
+                },
+                Skip::Stream(line.len + 2),
+            ),
+            false => (
+                Request::TooLarge {
+                    key,
+                    remove_old: mode == StoreMode::Set,
+                    noreply,
+                },
+                Skip::Bytes(line.len + 2),
+            ),
         };
-        let skip = Skip::Bytes(line.len + 2);
         return Some(Parsed {
             skip,
             ..Parsed::new(request, line_len)

@@ -13,6 +13,68 @@ pub struct Value {
     pub flags: u32,
     pub cas: u64,
     pub data: Bytes,
+    /// A value sent as it arrives, in place of `data` (which is then empty).
+    pub stream: Option<Streamed>,
+}
+
+impl Value {
+    /// The value's length on the wire.
+    pub fn len(&self) -> u64 {
+        match &self.stream {
+            Some(s) => s.len,
+            None => self.data.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The pieces of a streamed value, in order; an error ends it.
+pub type Pieces = futures::stream::BoxStream<'static, std::io::Result<Bytes>>;
+
+/// A value whose bytes are still arriving (one longer than `stream_above_bytes`): its
+/// length, and its pieces, which the connection's writer takes once, as it sends the value.
+#[derive(Clone)]
+pub struct Streamed {
+    pub len: u64,
+    pieces: std::sync::Arc<std::sync::Mutex<Option<Pieces>>>,
+}
+
+impl Streamed {
+    pub fn new(len: u64, pieces: Pieces) -> Streamed {
+        Streamed {
+            len,
+            pieces: std::sync::Arc::new(std::sync::Mutex::new(Some(pieces))),
+        }
+    }
+
+    /// The pieces, to the first who asks (`None` after).
+    pub fn take(&self) -> Option<Pieces> {
+        self.pieces.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl PartialEq for Streamed {
+    fn eq(&self, other: &Streamed) -> bool {
+        std::sync::Arc::ptr_eq(&self.pieces, &other.pieces)
+    }
+}
+
+impl Eq for Streamed {}
+
+impl std::fmt::Debug for Streamed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streamed").field("len", &self.len).finish()
+    }
+}
+
+/// A part of a reply handed to the caller of [`Response::encode_sharing`] rather than
+/// copied: a value's own bytes, or a value to stream.
+pub enum Piece<'a> {
+    Shared(&'a Bytes),
+    Streamed(&'a Streamed),
 }
 
 /// Everything the server says.
@@ -64,7 +126,11 @@ pub enum Response {
 impl Response {
     /// Appends the wire form of this reply to `out`, copying every value.
     pub fn encode(&self, out: &mut BytesMut) {
-        self.encode_sharing(out, usize::MAX, &mut |out, value| out.put_slice(value));
+        // A streamed value has no bytes to copy: only a connection's writer can send it.
+        self.encode_sharing(out, usize::MAX, &mut |out, piece| match piece {
+            Piece::Shared(value) => out.put_slice(value),
+            Piece::Streamed(_) => debug_assert!(false, "a streamed value encoded as bytes"),
+        });
     }
 
     /// Appends the wire form of this reply to `out`, but hands each value of at least
@@ -75,7 +141,7 @@ impl Response {
         &self,
         out: &mut BytesMut,
         share_min: usize,
-        share: &mut impl FnMut(&mut BytesMut, &Bytes),
+        share: &mut impl FnMut(&mut BytesMut, Piece<'_>),
     ) {
         let line = |out: &mut BytesMut, s: &str| {
             out.put_slice(s.as_bytes());
@@ -143,10 +209,10 @@ fn encode_values(
     end: bool,
     out: &mut BytesMut,
     share_min: usize,
-    share: &mut impl FnMut(&mut BytesMut, &Bytes),
+    share: &mut impl FnMut(&mut BytesMut, Piece<'_>),
 ) {
     for v in values {
-        let shared = v.data.len() >= share_min;
+        let shared = v.data.len() >= share_min || v.stream.is_some();
         // Room for what is copied: a shared value takes none.
         out.reserve(v.key.len() + if shared { 0 } else { v.data.len() } + 64);
         out.put_slice(b"VALUE ");
@@ -154,14 +220,16 @@ fn encode_values(
         out.put_u8(b' ');
         put_decimal(out, v.flags);
         out.put_u8(b' ');
-        put_decimal(out, v.data.len());
+        put_decimal(out, v.len());
         if with_cas {
             out.put_u8(b' ');
             put_decimal(out, v.cas);
         }
         out.put_slice(b"\r\n");
-        if shared {
-            share(out, &v.data);
+        if let Some(stream) = &v.stream {
+            share(out, Piece::Streamed(stream));
+        } else if shared {
+            share(out, Piece::Shared(&v.data));
         } else {
             out.put_slice(&v.data);
         }
@@ -192,15 +260,18 @@ mod tests {
                 flags: 0,
                 cas: 0,
                 data: big.clone(),
+                stream: None,
             }],
             with_cas: false,
             end: true,
         };
         let mut out = BytesMut::with_capacity(64);
         let mut pieces: Vec<Bytes> = Vec::new();
-        reply.encode_sharing(&mut out, 8192, &mut |out, value| {
+        reply.encode_sharing(&mut out, 8192, &mut |out, piece| {
             pieces.push(out.split().freeze());
-            pieces.push(value.clone());
+            if let Piece::Shared(value) = piece {
+                pieces.push(value.clone());
+            }
         });
         pieces.push(out.split().freeze());
         assert_eq!(pieces[0], &b"VALUE big 0 100000\r\n"[..]);
@@ -222,6 +293,7 @@ mod tests {
             flags: 5,
             cas: 9,
             data: Bytes::from("ab"),
+            stream: None,
         };
         assert_eq!(
             wire(Response::Values {

@@ -39,9 +39,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 
+use super::body::{self, Body, Chunks};
 use super::charge::{self, BodyCharge};
-use super::format::{decode_header, Codec, HEADER_BYTES};
+use super::format::{
+    decode_head, decode_header, Codec, Head, CHECKSUM_BYTES, FORMAT_VERSION, HEADER_BYTES,
+    MAX_HEAD_BYTES,
+};
 use super::{
     admit, is_item_name, key_hash, normalize_prefix, push_hex, DumpPage, Dumped, Entry, ListPage,
     ObjectInfo, PutMode, Store, StoreError, StoreInfo, Version, Versioned, CONTROL_DIR,
@@ -251,7 +256,9 @@ impl Inner {
     /// needs a file of its own (nothing or a non-file under the name, or no exchange here).
     fn swap_in(&self, name: &str, path: &Path, body: &[u8]) -> std::io::Result<bool> {
         match fs::symlink_metadata(path) {
-            Ok(meta) if meta.is_file() => {}
+            // A streamed value's file may still be read by a stream that opened it: it is
+            // replaced by a rename, never recycled as a spare and rewritten.
+            Ok(meta) if meta.is_file() && !self.streams(meta.len()) => {}
             Ok(_) => return Ok(false),
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
@@ -430,26 +437,94 @@ impl Inner {
     }
 
     /// Reads an item; a retrieval's `meter` is charged its file's size before it is read.
+    /// With `stream`, an item whose value is longer than the codec's `stream_above` is read
+    /// up to its head only.
     fn read_item(
         &self,
         key: &[u8],
         meter: Option<&dyn BodyCharge>,
+        stream: bool,
     ) -> Result<Option<Versioned>, StoreError> {
         let name = key_hash(key);
-        let raw = {
-            let _reading = self.read_lock(&name);
-            Self::read_charged(&self.item_path(&name), meter)?
-        };
+        let _reading = self.read_lock(&name);
+        if stream {
+            match self.open_streamed(&name, key)? {
+                Opened::Head(head, version, _) => {
+                    let len = head.value_len as u64;
+                    return Ok(Some(Versioned {
+                        entry: head.entry,
+                        version,
+                        large: Some(len),
+                    }));
+                }
+                Opened::Missing => return Ok(None),
+                Opened::Whole => {}
+            }
+        }
+        let raw = Self::read_charged(&self.item_path(&name), meter)?;
         Ok(raw.and_then(|raw| self.decode_item(raw, key, &name)))
+    }
+
+    /// Whether an object of `len` bytes holds a value streamed (longer than `stream_above`).
+    fn streams(&self, len: u64) -> bool {
+        len > (self
+            .codec
+            .stream_above
+            .saturating_add(MAX_HEAD_BYTES + CHECKSUM_BYTES)) as u64
+    }
+
+    /// Opens `name` for `key` and reads its head if its value is streamed; the file stays
+    /// open for the value. The caller holds the stripe's read lock (or write lock).
+    fn open_streamed(&self, name: &str, key: &[u8]) -> Result<Opened, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let file = match fs::File::open(self.item_path(name)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Opened::Missing),
+            Err(e) => return Err(io_error(e)),
+        };
+        let len = file.metadata().map_err(io_error)?.len();
+        if !self.streams(len) {
+            return Ok(Opened::Whole);
+        }
+        let mut first = vec![0; MAX_HEAD_BYTES];
+        let n = read_at_most(&file, &mut first, 0).map_err(io_error)?;
+        let head = match decode_head(&first[..n]) {
+            Ok(Some(head)) if !head.gzipped && head.entry.key == key => head,
+            _ => return Ok(Opened::Whole),
+        };
+        if head.object_len() as u64 != len || !head.checksum {
+            return Ok(Opened::Whole);
+        }
+        let mut trailer = [0; CHECKSUM_BYTES];
+        file.read_exact_at(&mut trailer, len - CHECKSUM_BYTES as u64)
+            .map_err(io_error)?;
+        let version = version_of(&first[..head.value_at], &trailer, len);
+        first.truncate(head.value_at);
+        Ok(Opened::Head(head, version, Some((file, first))))
     }
 
     fn decode_item(&self, raw: Bytes, key: &[u8], name: &str) -> Option<Versioned> {
         self.codec
             .decode_item(&raw, key, name)
-            .map(|entry| Versioned {
-                version: item_version(&raw),
-                entry,
-            })
+            .map(|entry| Versioned::whole(entry, item_version(&raw)))
+    }
+
+    /// Writes a streamed value's object from a temporary file already filled: renamed over
+    /// the item under its stripe's lock.
+    fn install(&self, name: &str, tmp: &Path) -> Result<(), StoreError> {
+        let mut stripe = self.lock(name);
+        stripe.forget(name);
+        let renamed = (|| {
+            if self.fsync {
+                fs::File::open(tmp)?.sync_all()?;
+            }
+            fs::rename(tmp, self.item_path(name))
+        })();
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(tmp);
+            return Err(io_error(e));
+        }
+        self.sync_dir(&self.root)
     }
 
     /// Writes `entry` as `mode` allows; returns its version.
@@ -480,8 +555,64 @@ impl Store for DirStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         let key = key.to_vec();
         let meter = charge::current();
-        self.blocking(move |inner| inner.read_item(&key, meter.as_deref()))
+        self.blocking(move |inner| inner.read_item(&key, meter.as_deref(), true))
             .await
+    }
+
+    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        let key = key.to_vec();
+        let meter = charge::current();
+        self.blocking(move |inner| inner.read_item(&key, meter.as_deref(), false))
+            .await
+    }
+
+    async fn open(&self, key: &[u8], version: &Version) -> Result<Option<Body>, StoreError> {
+        let key = key.to_vec();
+        let want = version.clone();
+        let opened = self
+            .blocking(move |inner| {
+                let name = key_hash(&key);
+                let _reading = inner.read_lock(&name);
+                inner.open_streamed(&name, &key)
+            })
+            .await?;
+        let (head, file, first) = match opened {
+            Opened::Head(head, version, Some((file, first))) if version == want => {
+                (head, file, first)
+            }
+            _ => return Ok(None),
+        };
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&first);
+        let len = head.value_len as u64;
+        Ok(Some(Body {
+            len,
+            chunks: body::value_stream(crc, file_pieces(file, head.value_at as u64), len, true),
+        }))
+    }
+
+    async fn put_streamed(
+        &self,
+        entry: &Entry,
+        len: u64,
+        value: Chunks,
+    ) -> Result<Version, StoreError> {
+        let name = key_hash(&entry.key);
+        let tmp = self.inner.item_path(&format!(
+            "{TEMP_PREFIX}{name}-{:016x}",
+            rand::random::<u64>()
+        ));
+        let written = self.fill(&tmp, entry, len, value).await;
+        let version = match written {
+            Ok(version) => version,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        self.blocking(move |inner| inner.install(&name, &tmp))
+            .await?;
+        Ok(version)
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
@@ -738,6 +869,101 @@ fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
 
 /// A content hash as the version, as S3's ETag is: every write stamps a new time, so two
 /// versions of an item never share it. For control objects and items of format version 1.
+/// What opening an item for a stream found.
+enum Opened {
+    Missing,
+    /// Not a streamed value: read it whole.
+    Whole,
+    /// A streamed value's head, its version, and the open file with the head's bytes.
+    Head(Head, Version, Option<(fs::File, Vec<u8>)>),
+}
+
+/// Reads into `buf` from `at` until it is full or the file ends; returns how many bytes.
+fn read_at_most(file: &fs::File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], at + n as u64)? {
+            0 => break,
+            read => n += read,
+        }
+    }
+    Ok(n)
+}
+
+/// Bytes read from a file at a time for a stream.
+const FILE_PIECE_BYTES: usize = 64 * 1024;
+
+/// The pieces of `file` from `from` to its end, each read on the blocking pool.
+fn file_pieces(file: fs::File, from: u64) -> Chunks {
+    let file = Arc::new(file);
+    futures::stream::unfold(Some(from), move |at| {
+        let file = file.clone();
+        async move {
+            let at = at?;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0; FILE_PIECE_BYTES];
+                let n = read_at_most(&file, &mut buf, at)?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await;
+            match read {
+                Ok(Ok(buf)) if buf.is_empty() => None,
+                Ok(Ok(buf)) => {
+                    let next = at + buf.len() as u64;
+                    Some((Ok(Bytes::from(buf)), Some(next)))
+                }
+                Ok(Err(e)) => Some((Err(io_error(e)), None)),
+                Err(e) => Some((
+                    Err(StoreError::Unavailable(format!(
+                        "directory task failed: {e}"
+                    ))),
+                    None,
+                )),
+            }
+        }
+    })
+    .boxed()
+}
+
+impl DirStore {
+    /// Writes a streamed value's object into `tmp`: its head, the value as it arrives, the
+    /// checksum. Returns the object's version.
+    async fn fill(
+        &self,
+        tmp: &Path,
+        entry: &Entry,
+        len: u64,
+        mut value: Chunks,
+    ) -> Result<Version, StoreError> {
+        use tokio::io::AsyncWriteExt;
+        let head = super::format::encode_head(entry, len as usize);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        let mut file = tokio::fs::File::create(tmp).await.map_err(io_error)?;
+        file.write_all(&head).await.map_err(io_error)?;
+        let mut written = 0u64;
+        while let Some(piece) = value.next().await {
+            let piece = piece?;
+            written += piece.len() as u64;
+            if written > len {
+                return Err(StoreError::Unavailable("streamed value too long".into()));
+            }
+            crc.update(&piece);
+            file.write_all(&piece).await.map_err(io_error)?;
+        }
+        if written != len {
+            return Err(StoreError::Unavailable("streamed value cut short".into()));
+        }
+        let checksum = crc.finalize().to_be_bytes();
+        file.write_all(&checksum).await.map_err(io_error)?;
+        file.flush().await.map_err(io_error)?;
+        let object_len = head.len() as u64 + len + CHECKSUM_BYTES as u64;
+        Ok(version_of(&head, &checksum, object_len))
+    }
+}
+
 fn content_version(body: &[u8]) -> Version {
     Version(key_hash(body))
 }
@@ -749,14 +975,22 @@ fn content_version(body: &[u8]) -> Version {
 /// to [`content_version`]. This spares a SHA-1 pass over the whole object on every write
 /// and every read.
 fn item_version(body: &[u8]) -> Version {
-    use super::format::{CHECKSUM_BYTES, FORMAT_VERSION, HEADER_BYTES};
     if body.len() < HEADER_BYTES + CHECKSUM_BYTES || body[4] != FORMAT_VERSION {
         return content_version(body);
     }
+    version_of(
+        body,
+        &body[body.len() - CHECKSUM_BYTES..],
+        body.len() as u64,
+    )
+}
+
+/// [`item_version`] of a version 3 object from its head, its checksum and its length.
+fn version_of(head: &[u8], checksum: &[u8], len: u64) -> Version {
     // The header's stamp and cas (16 bytes from offset 22), the trailing CRC32 and the
     // length, in hex: no formatting machinery on every write and read.
-    let checksum = &body[body.len() - CHECKSUM_BYTES..];
-    let length = (body.len() as u64).to_be_bytes();
+    let body = head;
+    let length = len.to_be_bytes();
     let mut text = String::with_capacity(3 + 2 * (16 + CHECKSUM_BYTES + 8));
     text.push_str("v2-");
     push_hex(

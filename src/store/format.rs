@@ -78,6 +78,9 @@ pub struct Codec {
     pub gzip_min_bytes: Option<usize>,
     /// Largest value accepted when reading, after decompression.
     pub max_value_bytes: usize,
+    /// Values longer than this are streamed ([`super::body`]): never gzipped, and read
+    /// whole only when asked to.
+    pub stream_above: usize,
 }
 
 impl Default for Codec {
@@ -85,6 +88,7 @@ impl Default for Codec {
         Codec {
             gzip_min_bytes: None,
             max_value_bytes: 64 * 1024 * 1024,
+            stream_above: usize::MAX,
         }
     }
 }
@@ -104,40 +108,17 @@ impl Codec {
     /// Serializes an entry.
     pub fn encode(&self, entry: &Entry) -> Bytes {
         let compressed = match self.gzip_min_bytes {
-            Some(min) if entry.value.len() >= min => gzip(&entry.value),
+            Some(min) if (min..=self.stream_above).contains(&entry.value.len()) => {
+                gzip(&entry.value)
+            }
             _ => None,
         };
         let (compression, value) = match &compressed {
             Some(z) => (COMPRESSION_GZIP, &z[..]),
             None => (COMPRESSION_NONE, &entry.value[..]),
         };
-        let ids = entry.history.ids();
-        let mut out = BytesMut::with_capacity(
-            HEADER_BYTES + entry.key.len() + ids.len() * ID_BYTES + value.len() + CHECKSUM_BYTES,
-        );
-        out.put_slice(MAGIC);
-        out.put_u8(FORMAT_VERSION);
-        out.put_u8(compression);
-        out.put_u8(
-            (if entry.stale { STATE_STALE } else { 0 })
-                | (if entry.win_sent { STATE_WIN_SENT } else { 0 })
-                | (if entry.history.from_create {
-                    STATE_FROM_CREATE
-                } else {
-                    0
-                }),
-        );
-        out.put_u8(ids.len() as u8);
-        out.put_u16(entry.key.len() as u16);
-        out.put_u32(entry.flags);
-        out.put_u64(entry.expires_at);
-        out.put_u64(entry.stored_at_us);
-        out.put_u64(entry.cas);
-        out.put_u32(value.len() as u32);
-        out.put_slice(&entry.key);
-        for &id in ids {
-            out.put_u64(id);
-        }
+        let mut out = BytesMut::with_capacity(head_len(entry) + value.len() + CHECKSUM_BYTES);
+        put_head(&mut out, entry, compression, value.len());
         out.put_slice(value);
         let checksum = crc32fast::hash(&out);
         out.put_u32(checksum);
@@ -184,6 +165,102 @@ impl Codec {
             ..header.entry
         })
     }
+}
+
+/// Bytes before the value of `entry`'s object: the header, the key and the history.
+pub fn head_len(entry: &Entry) -> usize {
+    HEADER_BYTES + entry.key.len() + entry.history.ids().len() * ID_BYTES
+}
+
+/// The head of an uncompressed object whose value (of `value_len` bytes) is written after
+/// it as it arrives, then the CRC32 of every byte before it ([`Checksum`]).
+pub fn encode_head(entry: &Entry, value_len: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(head_len(entry));
+    put_head(&mut out, entry, COMPRESSION_NONE, value_len);
+    out
+}
+
+/// Writes the fixed header, the key and the history.
+fn put_head(out: &mut BytesMut, entry: &Entry, compression: u8, value_len: usize) {
+    let ids = entry.history.ids();
+    out.put_slice(MAGIC);
+    out.put_u8(FORMAT_VERSION);
+    out.put_u8(compression);
+    out.put_u8(
+        (if entry.stale { STATE_STALE } else { 0 })
+            | (if entry.win_sent { STATE_WIN_SENT } else { 0 })
+            | (if entry.history.from_create {
+                STATE_FROM_CREATE
+            } else {
+                0
+            }),
+    );
+    out.put_u8(ids.len() as u8);
+    out.put_u16(entry.key.len() as u16);
+    out.put_u32(entry.flags);
+    out.put_u64(entry.expires_at);
+    out.put_u64(entry.stored_at_us);
+    out.put_u64(entry.cas);
+    out.put_u32(value_len as u32);
+    out.put_slice(&entry.key);
+    for &id in ids {
+        out.put_u64(id);
+    }
+}
+
+/// The longest head an item object can have: header, the longest key, a whole history.
+pub const MAX_HEAD_BYTES: usize =
+    HEADER_BYTES + crate::protocol::MAX_KEY_BYTES + HISTORY_LEN * ID_BYTES;
+
+/// The start of an object whose value is not read with it (a value streamed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The entry, its value left empty.
+    pub entry: Entry,
+    /// Where the value starts.
+    pub value_at: usize,
+    /// The stored value's length.
+    pub value_len: usize,
+    /// A CRC32 of every byte before it follows the value (versions 2 and 3).
+    pub checksum: bool,
+    /// The value is gzipped.
+    pub gzipped: bool,
+}
+
+impl Head {
+    /// The whole object's length.
+    pub fn object_len(&self) -> usize {
+        self.value_at + self.value_len + if self.checksum { CHECKSUM_BYTES } else { 0 }
+    }
+}
+
+/// Reads the head of an object from its first bytes: `Ok(None)` while `raw` stops before
+/// the value.
+pub fn decode_head(raw: &[u8]) -> Result<Option<Head>, FormatError> {
+    let header = match Header::read(raw) {
+        Err(FormatError::Truncated) => return Ok(None),
+        other => other?,
+    };
+    let value_at = header.value_at();
+    let Some(head) = raw.get(..value_at) else {
+        return Ok(None);
+    };
+    let gzipped = match raw[5] {
+        COMPRESSION_NONE => false,
+        COMPRESSION_GZIP => true,
+        other => return Err(FormatError::Compression(other)),
+    };
+    Ok(Some(Head {
+        entry: Entry {
+            key: Bytes::copy_from_slice(&raw[HEADER_BYTES..HEADER_BYTES + header.key_len]),
+            history: header.history(head),
+            ..header.entry
+        },
+        value_at,
+        value_len: header.value_len,
+        checksum: header.trailer > 0,
+        gzipped,
+    }))
 }
 
 /// Reads the header and key at the start of an object, for a listing of items: the entry
@@ -507,6 +584,7 @@ mod tests {
         let codec = Codec {
             gzip_min_bytes: Some(1),
             max_value_bytes: 4096,
+            stream_above: usize::MAX,
         };
         let mut e = entry(&[7u8; 4096]);
         e.key = Bytes::from(vec![b'k'; crate::protocol::MAX_KEY_BYTES]);

@@ -54,6 +54,7 @@ impl Store for MemoryStore {
             .map(|(entry, v)| Versioned {
                 entry: entry.clone(),
                 version: version(*v),
+                large: None,
             }))
     }
 

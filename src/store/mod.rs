@@ -5,6 +5,7 @@
 //! nothing of expiry or flush (the command layer decides what is live) and nothing of the
 //! wire protocol. All S3 types stay inside [`s3`].
 
+pub mod body;
 pub mod charge;
 #[cfg(test)]
 pub mod conformance;
@@ -16,6 +17,7 @@ pub mod s3;
 pub mod test_utils;
 
 use async_trait::async_trait;
+use body::Body;
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
 
@@ -127,6 +129,33 @@ impl Version {
 pub struct Versioned {
     pub entry: Entry,
     pub version: Version,
+    /// `Some(len)`: the value, of `len` bytes, is longer than the store's `stream_above` and
+    /// was not read (the entry's value is empty); [`Store::open`] streams it, and
+    /// [`Store::get_whole`] reads it whole.
+    pub large: Option<u64>,
+}
+
+impl Versioned {
+    /// An entry read whole.
+    pub fn whole(entry: Entry, version: Version) -> Versioned {
+        Versioned {
+            entry,
+            version,
+            large: None,
+        }
+    }
+
+    /// This entry without its value, marked as a value of `len` bytes to stream.
+    pub fn without_value(&self, len: u64) -> Versioned {
+        Versioned {
+            entry: Entry {
+                value: Bytes::new(),
+                ..self.entry.clone()
+            },
+            version: self.version.clone(),
+            large: Some(len),
+        }
+    }
 }
 
 /// What a revalidation of a known version found.
@@ -166,6 +195,10 @@ pub enum StoreError {
     /// was not read ([`crate::budget::meter`]).
     #[error("memory budget: a value of {0} bytes must wait")]
     OverBudget(u64),
+    /// The command needs the whole value of an item streamed for its length (an append,
+    /// a touch): the client gets memcached's `SERVER_ERROR object too large for cache`.
+    #[error("object too large for cache")]
+    TooLarge,
 }
 
 /// One object found by listing, for the culler and flush.
@@ -241,6 +274,44 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes `entry` under `entry.key`, as `mode` allows; returns the new version.
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError>;
+
+    /// [`get`](Store::get), with a value longer than `stream_above` read whole too.
+    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        self.get(key).await
+    }
+
+    /// The value of `key` as it arrives, if the stored object is still at `version`
+    /// (`None`: it changed or is gone).
+    async fn open(&self, key: &[u8], version: &Version) -> Result<Option<Body>, StoreError> {
+        Ok(match self.get_whole(key).await? {
+            Some(v) if &v.version == version => Some(Body::whole(v.entry.value)),
+            _ => None,
+        })
+    }
+
+    /// Overwrites `entry.key` with `entry` (its value empty) and a value of `len` bytes
+    /// taken from `value` as it arrives, in bounded memory; nothing is stored unless all of
+    /// it arrives. Stores that hold items whole collect it.
+    async fn put_streamed(
+        &self,
+        entry: &Entry,
+        len: u64,
+        mut value: body::Chunks,
+    ) -> Result<Version, StoreError> {
+        use futures::StreamExt;
+        let mut whole = bytes::BytesMut::with_capacity(len as usize);
+        while let Some(piece) = value.next().await {
+            whole.extend_from_slice(&piece?);
+        }
+        if whole.len() as u64 != len {
+            return Err(StoreError::Unavailable("streamed value cut short".into()));
+        }
+        let entry = Entry {
+            value: whole.freeze(),
+            ..entry.clone()
+        };
+        self.put(&entry, PutMode::Overwrite).await
+    }
 
     /// Removes `key` (only if still at `version`, when given). `Ok(false)`: nothing was there.
     async fn delete(&self, key: &[u8], version: Option<&Version>) -> Result<bool, StoreError>;

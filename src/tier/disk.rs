@@ -199,6 +199,7 @@ impl Code for Record {
             item: Versioned {
                 entry,
                 version: Version(version),
+                large: None,
             },
             checked_unix_ms: u64_at(33),
         })

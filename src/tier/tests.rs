@@ -64,6 +64,7 @@ fn tier(probe: Arc<Probe>, ram_bytes: u64, window: Duration) -> Tiered {
         ram_bytes,
         revalidate_after: window,
         longest: window,
+        stream_above: usize::MAX,
     };
     Tiered::new(probe, config, Arc::new(Stats::default()))
 }
@@ -680,6 +681,7 @@ async fn the_window_set_by_peers_applies_within_the_longest() {
         ram_bytes: 1 << 20,
         revalidate_after: WINDOW,
         longest: 10 * WINDOW,
+        stream_above: usize::MAX,
     };
     let t = Tiered::new(probe.clone(), config, Arc::new(Stats::default()));
     t.set_window(100 * WINDOW);

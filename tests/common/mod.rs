@@ -228,6 +228,19 @@ impl Client {
             .then(|| lines.next().unwrap().to_owned())
     }
 
+    /// Reads until the server closes the connection; returns the bytes read.
+    pub async fn closed_after_reading(&mut self) -> usize {
+        let mut chunk = vec![0u8; 65536];
+        let mut total = 0;
+        loop {
+            match tokio::time::timeout(REPLY_TIMEOUT, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return total,
+                Ok(Ok(n)) => total += n,
+                Err(_) => panic!("the connection stayed open"),
+            }
+        }
+    }
+
     pub async fn closed(&mut self) -> bool {
         let mut buf = [0u8; 64];
         matches!(

@@ -53,6 +53,9 @@ pub enum Mode {
         slow: Duration,
         slow_per_mille: u32,
     },
+    /// Forward everything, but send only the first `after` bytes of each answer to a GET,
+    /// then close: a read cut midway.
+    CutBodies { after: usize },
     /// Forward the next `requests` requests whose method is `method` after `delay`, every
     /// other request at once; then forward everything at once.
     DelayNext {
@@ -278,6 +281,10 @@ async fn serve(
         let now = counters.in_flight.fetch_add(1, SeqCst) + 1;
         counters.max_in_flight.fetch_max(now, SeqCst);
         let current = take_mode(&counters.mode, &request);
+        let cut = match current {
+            Mode::CutBodies { after } if request.starts_with(b"GET ") => Some(after),
+            _ => None,
+        };
         let result = tokio::select! {
             result = answer(&request, upstream, current, &counters.answers_lost) => result,
             () = hung_up(&client) => {
@@ -290,9 +297,13 @@ async fn serve(
         let Some(response) = result else {
             return Ok(()); // reset
         };
-        for chunk in response.chunks(64 * 1024) {
+        let sent = &response[..cut.unwrap_or(usize::MAX).min(response.len())];
+        for chunk in sent.chunks(64 * 1024) {
             client.write_all(chunk).await?;
             counters.bytes_out.fetch_add(chunk.len(), SeqCst);
+        }
+        if sent.len() < response.len() {
+            return Ok(());
         }
     }
     Ok(())
@@ -320,6 +331,7 @@ async fn answer(
             tokio::time::sleep(delay).await;
             &[]
         }
+        Mode::CutBodies { .. } => &[],
         Mode::Stall => {
             futures::future::pending::<()>().await;
             unreachable!()

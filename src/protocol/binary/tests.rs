@@ -6,6 +6,7 @@ use proptest::prelude::*;
 
 const LIMITS: Limits = Limits {
     max_item_bytes: 1024,
+    stream_above: usize::MAX,
     max_line_bytes: 256,
     max_multiget_line_bytes: 1024,
 };
@@ -160,6 +161,7 @@ fn replies_carry_status_cas_flags_and_key() {
             flags: 5,
             cas: 42,
             data: Bytes::from_static(b"hi"),
+            stream: None,
         }],
         with_cas: true,
         end: true,

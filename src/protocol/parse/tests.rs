@@ -362,7 +362,7 @@ proptest! {
 
     #[test]
     fn never_panics_and_stays_in_bounds(input in proptest::collection::vec(any::<u8>(), 0..4096)) {
-        let limits = Limits { max_item_bytes: 1024, max_line_bytes: 256, max_multiget_line_bytes: 1024 };
+        let limits = Limits { max_item_bytes: 1024, stream_above: usize::MAX, max_line_bytes: 256, max_multiget_line_bytes: 1024 };
         let mut buf = BytesMut::from(&input[..]);
         if let Some(parsed) = parse_resumed(&mut buf, &limits, None) {
             prop_assert!(parsed.consumed > 0);
@@ -385,7 +385,7 @@ proptest! {
     ) {
         let mut input = format!("{cmd} {}\r\n", args.join(" ")).into_bytes();
         input.extend_from_slice(&tail);
-        let limits = Limits { max_item_bytes: 1024, max_line_bytes: 256, max_multiget_line_bytes: 1024 };
+        let limits = Limits { max_item_bytes: 1024, stream_above: usize::MAX, max_line_bytes: 256, max_multiget_line_bytes: 1024 };
         if let Some(parsed) = parse(&input, &limits) {
             prop_assert!(parsed.consumed > 0 && parsed.consumed <= input.len());
         }

@@ -225,7 +225,7 @@ fn concurrent_readers_never_see_a_torn_item() {
             s.spawn(|| {
                 for _ in 0..300 {
                     let got = inner
-                        .read_item(b"torn", None)
+                        .read_item(b"torn", None, true)
                         .unwrap()
                         .expect("always an item");
                     assert!(

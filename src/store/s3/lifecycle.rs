@@ -5,10 +5,14 @@
 //! filters can include prefixes but not exclude them, so there is one rule per first hex
 //! digit (16 rules): the flush epoch and the cull lease never expire. Were the flush epoch
 //! to expire while flushed items remain, they would be visible again.
+//!
+//! Each rule also aborts multipart uploads left incomplete for [`ABORT_INCOMPLETE_DAYS`]
+//! under its prefix: a streamed `set` aborts its own upload when it fails, but not when its
+//! process dies mid-way, and S3 keeps (and bills) the parts of such an upload until then.
 
 use aws_sdk_s3::types::{
-    BucketLifecycleConfiguration, ExpirationStatus, LifecycleExpiration, LifecycleRule,
-    LifecycleRuleFilter,
+    AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
+    LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
 };
 
 use super::counts::S3Requests;
@@ -20,6 +24,8 @@ use crate::store::StoreError;
 const HEX_DIGITS: &str = "0123456789abcdef";
 /// Longest rule ID S3 accepts.
 const MAX_RULE_ID_CHARS: usize = 255;
+/// Days after which an incomplete multipart upload under an item prefix is aborted.
+pub const ABORT_INCOMPLETE_DAYS: i32 = 1;
 
 /// One expiry rule: objects under `prefix` expire `days` after their last write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +61,7 @@ pub fn rules_json(rules: &[ExpiryRule]) -> String {
                 "Filter": {"Prefix": r.prefix},
                 "Status": "Enabled",
                 "Expiration": {"Days": r.days},
+                "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_INCOMPLETE_DAYS},
             })
         })
         .collect();
@@ -96,6 +103,11 @@ pub async fn install(
                 .filter(LifecycleRuleFilter::builder().prefix(&rule.prefix).build())
                 .status(ExpirationStatus::Enabled)
                 .expiration(LifecycleExpiration::builder().days(rule.days).build())
+                .abort_incomplete_multipart_upload(
+                    AbortIncompleteMultipartUpload::builder()
+                        .days_after_initiation(ABORT_INCOMPLETE_DAYS)
+                        .build(),
+                )
                 .build()
                 .map_err(|e| StoreError::Unavailable(format!("lifecycle rule: {e}")))?,
         );
@@ -177,5 +189,7 @@ mod tests {
         assert_eq!(last["Filter"]["Prefix"], "a\"b/f", "{json}");
         assert_eq!(last["Expiration"]["Days"], 3, "{json}");
         assert_eq!(last["Status"], "Enabled", "{json}");
+        let abort = &last["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"];
+        assert_eq!(*abort, ABORT_INCOMPLETE_DAYS, "{json}");
     }
 }

@@ -25,6 +25,7 @@ mod read;
 mod requests;
 mod settings;
 mod skew;
+mod upload;
 mod write;
 
 use std::sync::Arc;
@@ -40,9 +41,10 @@ use self::acl::Acl;
 pub use self::counts::{RequestClass, S3Prices, S3Requests, AWS_S3_STANDARD_PRICES};
 use self::failure::Failure;
 pub use self::hedge::HedgeSettings;
-use self::read::{Fetched, Revalidation};
+use self::read::{Fetched, Object, Revalidation};
 pub use self::settings::S3Settings;
 use crate::clock::{Clock, StoreTime};
+use crate::store::body::{Body, Chunks};
 use crate::store::format::Codec;
 use crate::store::{
     key_hash, Entry, ListPage, PutMode, Revalidated, Store, StoreError, StoreInfo, Version,
@@ -141,6 +143,29 @@ impl S3Store {
         self.requests.in_flight.slot(deadline).await
     }
 
+    /// The item in an object read for `key`: `None` (logged) when it is not one.
+    fn item(&self, object: Object, key: &[u8], name: &str) -> Option<Versioned> {
+        match object {
+            Object::Whole(raw, version) => self
+                .codec
+                .decode_item(&raw, key, name)
+                .map(|entry| Versioned::whole(entry, version)),
+            Object::Head(head, version, len) => {
+                let whole = head.object_len() as u64 == len;
+                if head.entry.key != key || !whole {
+                    tracing::warn!(object = %name, "foreign or damaged object; treated as a miss");
+                    return None;
+                }
+                let value_len = head.value_len as u64;
+                Some(Versioned {
+                    entry: head.entry,
+                    version,
+                    large: Some(value_len),
+                })
+            }
+        }
+    }
+
     /// Runs one S3 call under the in-flight cap, within one operation deadline counted from
     /// now: the wait for a slot is part of it.
     async fn call<T, F>(&self, op: &str, fut: F) -> Result<T, StoreError>
@@ -163,13 +188,16 @@ impl S3Store {
 impl Store for S3Store {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         let name = self.object_name(key);
-        let Some((raw, version)) = self.get_item_object(&name).await? else {
-            return Ok(None);
-        };
-        Ok(self
-            .codec
-            .decode_item(&raw, key, &name)
-            .map(|entry| Versioned { entry, version }))
+        let read = self
+            .get_item_object(&name, Some(self.codec.stream_above))
+            .await?;
+        Ok(read.and_then(|object| self.item(object, key, &name)))
+    }
+
+    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        let name = self.object_name(key);
+        let read = self.get_item_object(&name, None).await?;
+        Ok(read.and_then(|object| self.item(object, key, &name)))
     }
 
     async fn get_if_changed(
@@ -178,15 +206,29 @@ impl Store for S3Store {
         version: &Version,
     ) -> Result<Revalidated, StoreError> {
         let name = self.object_name(key);
-        Ok(match self.get_item_unless(&name, Some(version)).await? {
-            Revalidation::Unchanged => Revalidated::Unchanged,
-            Revalidation::Current(None) => Revalidated::Changed(None),
-            Revalidation::Current(Some((raw, version))) => Revalidated::Changed(
-                self.codec
-                    .decode_item(&raw, key, &name)
-                    .map(|entry| Versioned { entry, version }),
-            ),
-        })
+        let above = Some(self.codec.stream_above);
+        Ok(
+            match self.get_item_unless(&name, Some(version), above).await? {
+                Revalidation::Unchanged => Revalidated::Unchanged,
+                Revalidation::Current(None) => Revalidated::Changed(None),
+                Revalidation::Current(Some(object)) => {
+                    Revalidated::Changed(self.item(object, key, &name))
+                }
+            },
+        )
+    }
+
+    async fn open(&self, key: &[u8], version: &Version) -> Result<Option<Body>, StoreError> {
+        self.open_item(&self.object_name(key), key, version).await
+    }
+
+    async fn put_streamed(
+        &self,
+        entry: &Entry,
+        len: u64,
+        value: Chunks,
+    ) -> Result<Version, StoreError> {
+        self.put_streamed_object(entry, len, value).await
     }
 
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError> {
@@ -232,8 +274,11 @@ impl Store for S3Store {
         if !name.starts_with(&self.prefix) {
             return Ok(None);
         }
-        let raw = self.get_item_object(name).await?;
-        Ok(raw.and_then(|(raw, _)| self.codec.decode(&raw).ok().map(|e| e.stored_at_us)))
+        Ok(match self.get_item_object(name, Some(0)).await? {
+            Some(Object::Head(head, ..)) => Some(head.entry.stored_at_us),
+            Some(Object::Whole(raw, _)) => self.codec.decode(&raw).ok().map(|e| e.stored_at_us),
+            None => None,
+        })
     }
 
     async fn delete_objects(&self, names: &[String]) -> Result<usize, StoreError> {
@@ -251,6 +296,10 @@ impl Store for S3Store {
             Fetched::NotModified => Err(StoreError::Unavailable(
                 "S3 GetObject: 304 without a condition".into(),
             )),
+            // Never asked for: control objects are read whole.
+            Fetched::Head(..) => Err(StoreError::Unavailable(format!(
+                "S3 GetObject: control object {full} read in part"
+            ))),
             // Read on every request: a huge object here is an error, never a download.
             Fetched::TooLarge(bytes) => Err(StoreError::Unavailable(format!(
                 "S3 GetObject: control object {full} is {bytes} bytes, not s3cached's"

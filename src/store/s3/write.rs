@@ -41,8 +41,8 @@ const RETRY_BASE_MS: u64 = 25;
 /// unencrypted uploads refuses none of ours.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Encryption {
-    mode: Option<ServerSideEncryption>,
-    kms_key_id: Option<String>,
+    pub(super) mode: Option<ServerSideEncryption>,
+    pub(super) kms_key_id: Option<String>,
 }
 
 impl Encryption {
@@ -226,7 +226,9 @@ impl S3Store {
             // again reads the same; see docs/design.md).
             Fetched::Missing if *mode == PutMode::Create => return Ok(Some(Settled::NotApplied)),
             // The base is gone: deleted before our write, or after it.
-            Fetched::Missing | Fetched::TooLarge(_) | Fetched::NotModified => return Ok(None),
+            Fetched::Missing | Fetched::TooLarge(_) | Fetched::NotModified | Fetched::Head(..) => {
+                return Ok(None)
+            }
         };
         if stored == *body {
             return Ok(Some(Settled::Applied(version)));

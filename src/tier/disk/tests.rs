@@ -18,6 +18,7 @@ fn record(value: &[u8], cas: u64) -> Record {
                 value: Bytes::copy_from_slice(value),
             },
             version: Version("\"0123456789abcdef\"".into()),
+            large: None,
         },
         checked_unix_ms: 1_799_999_999_999,
     }
