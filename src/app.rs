@@ -351,7 +351,8 @@ async fn wire(
     );
     let hint = Arc::new(WriteHint::new(config.max_entries));
     let settings = Settings {
-        max_item_bytes: config.max_item_size,
+        // Appends hold the value whole: a longer one would be streamed.
+        max_item_bytes: config.whole_value_bytes(),
         flush_enabled: config.flush_enabled,
         miss_on_backend_error: config.miss_on_backend_error,
         shutdown_enabled: config.shutdown_enabled,

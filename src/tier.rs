@@ -416,12 +416,12 @@ impl Tiered {
     /// Puts `item` in RAM as confirmed by the backend at `checked_ms` (the tier's clock),
     /// and on disk unless `on_disk` says the disk holds it already.
     fn remember(&self, item: Versioned, checked_ms: u64, on_disk: bool) {
-        // A long value is kept as its header alone, and never on disk.
-        let len = item.large.unwrap_or(item.entry.value.len() as u64);
-        let item = match len > self.stream_above as u64 {
-            true if item.large.is_none() => item.without_value(len),
-            _ => item,
-        };
+        // A streamed value is kept as its header alone (RAM only); a value read whole that
+        // is longer than values held whole (one gzipped by an older setting) not at all.
+        if item.large.is_none() && item.entry.value.len() > self.stream_above {
+            self.forget(&item.entry.key);
+            return;
+        }
         let on_disk = on_disk || item.large.is_some();
         if let (Some(disk), false) = (&self.disk, on_disk) {
             let age_ms = self.now_ms().saturating_sub(checked_ms);
@@ -788,22 +788,14 @@ impl Store for Tiered {
         }
         let known = result.as_ref().ok().filter(|v| v.is_known());
         write.end(known.map(|version| {
-            let value = match entry.value.len() > self.stream_above {
-                true => Bytes::new(),
-                false => Bytes::copy_from_slice(&entry.value),
-            };
-            let stored = Versioned::whole(
+            Versioned::whole(
                 Entry {
                     key: Bytes::copy_from_slice(&entry.key),
-                    value,
+                    value: Bytes::copy_from_slice(&entry.value),
                     ..entry.clone()
                 },
                 version.clone(),
-            );
-            match entry.value.len() > self.stream_above {
-                true => stored.without_value(entry.value.len() as u64),
-                false => stored,
-            }
+            )
         }));
         result
     }

@@ -634,3 +634,89 @@ fn one_key_gets_never_read_stay_within_the_budget() {
     report("one-key gets never read", &server, baseline, budget, peak);
     drop(attackers.join().unwrap());
 }
+
+/// Sends a `set` of `len` bytes under `key`, a MiB at a time (each MiB filled with its
+/// index, so a value read back out of order or cut short shows), and reads `STORED`.
+fn set_long(c: &mut TcpStream, key: &str, len: usize) {
+    c.write_all(format!("set {key} 0 0 {len}\r\n").as_bytes())
+        .unwrap();
+    let mut piece = vec![0u8; MIB as usize];
+    for (i, at) in (0..len).step_by(piece.len()).enumerate() {
+        piece.fill(i as u8);
+        c.write_all(&piece[..piece.len().min(len - at)]).unwrap();
+    }
+    c.write_all(b"\r\n").unwrap();
+    assert_eq!(read_until(c, b"\r\n"), b"STORED\r\n");
+}
+
+/// Reads a `get` reply's `VALUE` line a byte at a time: nothing of the value is taken.
+fn value_line(c: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        c.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+/// Values longer than `stream_above_bytes` are never held whole: a 256 MiB value set and
+/// read back, then 8 clients that ask for different 128 MiB values and never read their
+/// replies, leave the server within its 128 MiB budget plus the fixed overhead, and other
+/// clients are served meanwhile.
+#[test]
+fn long_values_stream_through_in_bounded_memory() {
+    let budget = 128 * MIB;
+    let server = Server::start_with(
+        budget,
+        &[
+            "--max-item-size",
+            "268435456",
+            "--stream-above-bytes",
+            "1048576",
+        ],
+    );
+    let (baseline, _) = server.rss();
+    let len = 256 * MIB as usize;
+    let mut c = server.client();
+    set_long(&mut c, "huge", len);
+    c.write_all(b"get huge\r\n").unwrap();
+    assert_eq!(value_line(&mut c), format!("VALUE huge 0 {len}\r\n"));
+    let mut piece = vec![0u8; MIB as usize];
+    for i in 0..len / piece.len() {
+        c.read_exact(&mut piece).unwrap();
+        assert!(
+            piece.iter().all(|&b| b == i as u8),
+            "MiB {i} read back whole"
+        );
+    }
+    assert_eq!(read_until(&mut c, b"END\r\n"), b"\r\nEND\r\n");
+    report(
+        "a 256 MiB round trip",
+        &server,
+        baseline,
+        budget,
+        server.rss().1,
+    );
+    for i in 0..8 {
+        set_long(&mut c, &format!("long{i}"), 128 * MIB as usize);
+    }
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        let mut reader = server.client();
+        reader
+            .write_all(format!("get long{i}\r\n").as_bytes())
+            .unwrap();
+        assert!(value_line(&mut reader).starts_with(&format!("VALUE long{i} 0 ")));
+        stalled.push(reader);
+    }
+    let peak = watch(&server, Duration::from_secs(3));
+    report(
+        "8 stalled readers of 128 MiB values",
+        &server,
+        baseline,
+        budget,
+        peak,
+    );
+    drop(stalled);
+}

@@ -167,3 +167,77 @@ pub async fn store_streamed(ctx: &Ctx, item: Entry, value: Value, noreply: bool)
         Err(e) => ctx.failure(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Everything the request's end of the pipe yields, and whether it ended well.
+    async fn drain(value: Value) -> (Vec<u8>, Result<(), StoreError>) {
+        let (mut chunks, _) = value.chunks();
+        let mut got = Vec::new();
+        while let Some(piece) = chunks.next().await {
+            match piece {
+                Ok(piece) => got.extend_from_slice(&piece),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+        (got, Ok(()))
+    }
+
+    #[tokio::test]
+    async fn a_block_fed_in_any_pieces_arrives_whole_and_what_follows_stays() {
+        let (mut feeder, value) = pipe(10);
+        let reader = tokio::spawn(drain(value));
+        let mut input = BytesMut::new();
+        for piece in [&b"0123"[..], b"4567", b"89\r", b"\nget k\r\n"] {
+            input.extend_from_slice(piece);
+            while !feeder.feed(&mut input) {
+                feeder.ready().await;
+            }
+        }
+        assert!(feeder.is_done());
+        assert_eq!(&input[..], b"get k\r\n", "the next request is left alone");
+        let (got, end) = reader.await.unwrap();
+        assert_eq!(got, b"0123456789");
+        assert!(end.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_block_that_ends_badly_or_is_cut_off_ends_the_value_with_an_error() {
+        let (mut feeder, value) = pipe(3);
+        let bad = value.bad.clone();
+        let reader = tokio::spawn(drain(value));
+        let mut input = BytesMut::from(&b"abcXY"[..]);
+        assert!(feeder.feed(&mut input));
+        assert!(feeder.is_done() && input.is_empty());
+        assert!(reader.await.unwrap().1.is_err());
+        assert!(bad.load(Relaxed), "answered as a bad data chunk");
+        let (mut feeder, value) = pipe(100);
+        let reader = tokio::spawn(drain(value));
+        assert!(feeder.feed(&mut BytesMut::from(&b"partial"[..])));
+        drop(feeder);
+        let (got, end) = reader.await.unwrap();
+        assert_eq!(got, b"partial");
+        assert!(end.is_err(), "a client gone mid-value stores nothing");
+    }
+
+    #[tokio::test]
+    async fn a_full_pipe_stops_the_feed_and_a_request_gone_lets_it_discard() {
+        let (mut feeder, value) = pipe(1000);
+        let mut input = BytesMut::new();
+        for _ in 0..PIPE_PIECES {
+            input.extend_from_slice(b"x");
+            assert!(feeder.feed(&mut input));
+        }
+        input.extend_from_slice(b"y");
+        assert!(!feeder.feed(&mut input), "the pipe is full");
+        assert_eq!(&input[..], b"y");
+        drop(value);
+        input.extend_from_slice(&[b'z'; 995]);
+        input.extend_from_slice(b"\r\nnext");
+        assert!(feeder.feed(&mut input));
+        assert!(feeder.is_done());
+        assert_eq!(&input[..], b"next");
+    }
+}

@@ -60,6 +60,29 @@ fn the_memory_budget_must_hold_the_largest_requests() {
 }
 
 #[test]
+fn items_go_to_a_gib_and_longer_values_stream_within_a_budget_that_holds_them() {
+    let gib = 1024 * 1024 * 1024;
+    let with = |extra: &str| Config::from_toml(extra);
+    assert!(with(&format!("max_item_size = {gib}")).is_ok());
+    assert!(with(&format!("max_item_size = {}", gib + 1)).is_err());
+    assert!(with("stream_above_bytes = 262143").is_err());
+    assert!(with("stream_above_bytes = 262144").is_ok());
+    let c = with(&format!("max_item_size = {gib}")).unwrap();
+    assert_eq!(
+        c.whole_value_bytes(),
+        1024 * 1024,
+        "held whole: up to stream_above_bytes"
+    );
+    // Streaming needs room for 8 streamed writes' parts: 128 MiB.
+    let small = format!("max_item_size = {gib}\nmemory_limit_bytes = 134217727");
+    assert!(with(&small).unwrap_err().to_string().contains("streamed"));
+    let enough = format!("max_item_size = {gib}\nmemory_limit_bytes = 134217728");
+    assert!(with(&enough).is_ok());
+    // Nothing streams while items fit stream_above_bytes: the old bound holds.
+    assert!(with("max_item_size = 1048576\nmemory_limit_bytes = 8388608").is_ok());
+}
+
+#[test]
 fn the_disk_tier_is_off_by_default_and_must_hold_eight_blocks() {
     let c = Config::from_toml("").unwrap();
     assert!(c.disk_tier().is_none());

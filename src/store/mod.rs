@@ -144,18 +144,6 @@ impl Versioned {
             large: None,
         }
     }
-
-    /// This entry without its value, marked as a value of `len` bytes to stream.
-    pub fn without_value(&self, len: u64) -> Versioned {
-        Versioned {
-            entry: Entry {
-                value: Bytes::new(),
-                ..self.entry.clone()
-            },
-            version: self.version.clone(),
-            large: Some(len),
-        }
-    }
 }
 
 /// What a revalidation of a known version found.

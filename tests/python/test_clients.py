@@ -83,6 +83,40 @@ def test_pymemcache_binary_and_large_values(server):
     assert c.get("bin") == binary
 
 
+@pytest.mark.parametrize("backend", ["dir", "s3"])
+def test_long_values_stream_through_pymemcache_and_django(backend):
+    """Items up to 16 MiB, streamed above 256 KiB: round trips byte for byte, a multi-get
+    mixing short and long values, and Django's cache API on a long value."""
+    from conftest import Server
+
+    s = Server(
+        backend,
+        extra_env={
+            "S3CACHED_MAX_ITEM_SIZE": str(16 * ITEM_LIMIT),
+            "S3CACHED_STREAM_ABOVE_BYTES": str(256 * 1024),
+        },
+    )
+    try:
+        c = Client(s.address, connect_timeout=5, timeout=60)
+        long_value = bytes(i % 251 for i in range(10 * ITEM_LIMIT + 7))
+        assert c.set("long", long_value, noreply=False)
+        assert c.set("short", b"s", noreply=False)
+        assert c.get("long") == long_value
+        assert c.get_many(["short", "long", "none"]) == {"short": b"s", "long": long_value}
+        with pytest.raises(pymemcache.exceptions.MemcacheServerError, match="too large"):
+            c.set("over", b"z" * (16 * ITEM_LIMIT + 1), noreply=False)
+        assert c.get("short") == b"s"
+        stats = c.stats()
+        assert int(stats[b"streamed_sets"]) == 1 and int(stats[b"streamed_gets"]) >= 2
+        cache = PyMemcacheCache(f"127.0.0.1:{s.port}", {"OPTIONS": {"timeout": 60}})
+        page = "x" * (3 * ITEM_LIMIT)
+        cache.set("page", page, 60)
+        assert cache.get("page") == page
+        cache.close()
+    finally:
+        s.stop()
+
+
 def test_pymemcache_ttl(server):
     c = Client(server.address, connect_timeout=5, timeout=20)
     # A TTL of 1 may expire at once (time moves in whole seconds); 2 lives at least 1 s.

@@ -126,6 +126,56 @@ fn too_large_is_skipped() {
 }
 
 #[test]
+fn a_set_longer_than_stream_above_streams_and_other_storage_commands_are_refused() {
+    let limits = Limits {
+        max_item_bytes: 100,
+        stream_above: 10,
+        ..Limits::default()
+    };
+    let set = parse(b"set k 3 0 11 noreply\r\nfirst bytes", &limits).unwrap();
+    assert_eq!(set.skip, Skip::Stream(13));
+    assert_eq!(set.consumed, 22, "the line alone is taken");
+    assert!(matches!(
+        set.request,
+        Request::StoreStreamed {
+            flags: 3,
+            len: 11,
+            noreply: true,
+            ..
+        }
+    ));
+    for refused in [
+        &b"add k 0 0 11\r\n"[..],
+        b"append k 0 0 11\r\n",
+        b"cas k 0 0 11 1\r\n",
+    ] {
+        let parsed = parse(refused, &limits).unwrap();
+        assert_eq!(parsed.skip, Skip::Bytes(13));
+        assert!(matches!(
+            parsed.request,
+            Request::TooLarge {
+                remove_old: false,
+                ..
+            }
+        ));
+    }
+    // Over the item limit, a set is refused too.
+    let over = parse(b"set k 0 0 101\r\n", &limits).unwrap();
+    assert!(matches!(
+        over.request,
+        Request::TooLarge {
+            remove_old: true,
+            ..
+        }
+    ));
+    // A block held whole is awaited whole; a streamed one is not.
+    assert_eq!(awaited_len(b"set k 0 0 10\r\n", &limits), Some(26));
+    assert_eq!(awaited_len(b"set k 0 0 11\r\n", &limits), None);
+    let ms = parse(b"ms k 11\r\n", &limits).unwrap();
+    assert!(matches!(ms.request, Request::TooLarge { .. }));
+}
+
+#[test]
 fn bad_lines() {
     let bad = Request::Invalid(ProtocolError::BAD_FORMAT);
     assert_eq!(req(b"set k -1 0 1\r\n"), bad);
