@@ -131,9 +131,9 @@ async fn a_multi_get_mixing_short_and_long_values_keeps_its_order() {
 
 #[tokio::test]
 async fn readers_that_stop_reading_long_values_hold_little_and_others_are_served() {
-    // The smallest budget that streams: 8 x 16 MiB.
+    // The smallest budget that streams: 8 x 32 MiB.
     let extra = "stream_above_bytes = 262144\nmax_item_size = 67108864\n\
-                 memory_limit_bytes = 134217728\nwrite_timeout_secs = 60\n";
+                 memory_limit_bytes = 268435456\nwrite_timeout_secs = 60\n";
     let server = TestServer::start(Backend::Dir, "large-stalled", extra).await;
     let mut c = server.client().await;
     assert_eq!(set(&mut c, "big", &value(24 * MIB, 1)).await, "STORED\r\n");

@@ -73,10 +73,10 @@ fn items_go_to_a_gib_and_longer_values_stream_within_a_budget_that_holds_them() 
         1024 * 1024,
         "held whole: up to stream_above_bytes"
     );
-    // Streaming needs room for 8 streamed writes' parts: 128 MiB.
-    let small = format!("max_item_size = {gib}\nmemory_limit_bytes = 134217727");
+    // Streaming needs room for 8 streamed writes' parts: 256 MiB, the default budget.
+    let small = format!("max_item_size = {gib}\nmemory_limit_bytes = 268435455");
     assert!(with(&small).unwrap_err().to_string().contains("streamed"));
-    let enough = format!("max_item_size = {gib}\nmemory_limit_bytes = 134217728");
+    let enough = format!("max_item_size = {gib}\nmemory_limit_bytes = 268435456");
     assert!(with(&enough).is_ok());
     // Nothing streams while items fit stream_above_bytes: the old bound holds.
     assert!(with("max_item_size = 1048576\nmemory_limit_bytes = 8388608").is_ok());

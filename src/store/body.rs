@@ -12,9 +12,9 @@ use futures::stream::{BoxStream, StreamExt};
 use super::format::CHECKSUM_BYTES;
 use super::StoreError;
 
-/// What one streamed value may hold of the memory budget at once: a reply's pieces in
-/// flight, or a write's parts being uploaded (two of [`PART_BYTES`]).
-pub const STREAM_HOLD_BYTES: usize = 2 * PART_BYTES;
+/// What one streamed write may hold of the memory budget at once: three parts of
+/// [`PART_BYTES`] uploading and the next one filling.
+pub const STREAM_HOLD_BYTES: usize = 4 * PART_BYTES;
 /// A streamed write is sent in parts of this many bytes (S3's multipart uploads take parts
 /// of 5 MiB to 5 GiB); an object no longer than one part is sent in one PUT.
 pub const PART_BYTES: usize = 8 * 1024 * 1024;

@@ -326,26 +326,18 @@ impl Inner {
         Ok(entry.map(|entry| Dumped { entry, size }))
     }
 
-    /// [`Inner::read`], charging `meter` the file's size first.
+    /// Reads an open item file of `len` bytes whole, charging `meter` its size first.
     fn read_charged(
-        path: &Path,
+        mut file: fs::File,
+        len: u64,
         meter: Option<&dyn BodyCharge>,
-    ) -> Result<Option<Bytes>, StoreError> {
-        let Some(meter) = meter else {
-            return Self::read(path);
-        };
-        let mut file = match fs::File::open(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error(e)),
-        };
-        let len = file.metadata().map_err(io_error)?.len();
-        if !meter.charge_body(len) {
+    ) -> Result<Bytes, StoreError> {
+        if meter.is_some_and(|meter| !meter.charge_body(len)) {
             return Err(StoreError::OverBudget(len));
         }
         let mut raw = Vec::with_capacity(len as usize);
         file.read_to_end(&mut raw).map_err(io_error)?;
-        Ok(Some(Bytes::from(raw)))
+        Ok(Bytes::from(raw))
     }
 
     fn read(path: &Path) -> Result<Option<Bytes>, StoreError> {
@@ -447,22 +439,20 @@ impl Inner {
     ) -> Result<Option<Versioned>, StoreError> {
         let name = key_hash(key);
         let _reading = self.read_lock(&name);
-        if stream {
-            match self.open_streamed(&name, key)? {
-                Opened::Head(head, version, _) => {
-                    let len = head.value_len as u64;
-                    return Ok(Some(Versioned {
-                        entry: head.entry,
-                        version,
-                        large: Some(len),
-                    }));
-                }
-                Opened::Missing => return Ok(None),
-                Opened::Whole => {}
+        let (file, len) = match self.open_streamed(&name, key, stream)? {
+            Opened::Head(head, version, _) => {
+                let len = head.value_len as u64;
+                return Ok(Some(Versioned {
+                    entry: head.entry,
+                    version,
+                    large: Some(len),
+                }));
             }
-        }
-        let raw = Self::read_charged(&self.item_path(&name), meter)?;
-        Ok(raw.and_then(|raw| self.decode_item(raw, key, &name)))
+            Opened::Missing => return Ok(None),
+            Opened::Whole(file, len) => (file, len),
+        };
+        let raw = Self::read_charged(file, len, meter)?;
+        Ok(self.decode_item(raw, key, &name))
     }
 
     /// Whether an object of `len` bytes holds a value streamed (longer than `stream_above`).
@@ -473,9 +463,10 @@ impl Inner {
             .saturating_add(MAX_HEAD_BYTES + CHECKSUM_BYTES)) as u64
     }
 
-    /// Opens `name` for `key` and reads its head if its value is streamed; the file stays
-    /// open for the value. The caller holds the stripe's read lock (or write lock).
-    fn open_streamed(&self, name: &str, key: &[u8]) -> Result<Opened, StoreError> {
+    /// Opens `name` for `key` and, with `stream`, reads its head if its value is streamed;
+    /// the file stays open for the value. The caller holds the stripe's read lock (or write
+    /// lock).
+    fn open_streamed(&self, name: &str, key: &[u8], stream: bool) -> Result<Opened, StoreError> {
         use std::os::unix::fs::FileExt;
         let file = match fs::File::open(self.item_path(name)) {
             Ok(file) => file,
@@ -483,17 +474,17 @@ impl Inner {
             Err(e) => return Err(io_error(e)),
         };
         let len = file.metadata().map_err(io_error)?.len();
-        if !self.streams(len) {
-            return Ok(Opened::Whole);
+        if !stream || !self.streams(len) {
+            return Ok(Opened::Whole(file, len));
         }
         let mut first = vec![0; MAX_HEAD_BYTES];
         let n = read_at_most(&file, &mut first, 0).map_err(io_error)?;
         let head = match decode_head(&first[..n]) {
             Ok(Some(head)) if !head.gzipped && head.entry.key == key => head,
-            _ => return Ok(Opened::Whole),
+            _ => return Ok(Opened::Whole(file, len)),
         };
         if head.object_len() as u64 != len || !head.checksum {
-            return Ok(Opened::Whole);
+            return Ok(Opened::Whole(file, len));
         }
         let mut trailer = [0; CHECKSUM_BYTES];
         file.read_exact_at(&mut trailer, len - CHECKSUM_BYTES as u64)
@@ -573,7 +564,7 @@ impl Store for DirStore {
             .blocking(move |inner| {
                 let name = key_hash(&key);
                 let _reading = inner.read_lock(&name);
-                inner.open_streamed(&name, &key)
+                inner.open_streamed(&name, &key, true)
             })
             .await?;
         let (head, file, first) = match opened {
@@ -872,8 +863,8 @@ fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
 /// What opening an item for a stream found.
 enum Opened {
     Missing,
-    /// Not a streamed value: read it whole.
-    Whole,
+    /// Not a streamed value: read it whole (the open file, its length).
+    Whole(fs::File, u64),
     /// A streamed value's head, its version, and the open file with the head's bytes.
     Head(Head, Version, Option<(fs::File, Vec<u8>)>),
 }
