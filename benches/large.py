@@ -8,13 +8,15 @@ with `stream_above_bytes` 1 MiB and `max_item_size` 1 GiB, then, RUNS times each
 - a `set` and a `get` of the same value through s3cached (streamed: a multipart upload, a
   streamed GET),
 and prints the median throughputs, their ratio, and s3cached's peak resident memory
-(VmHWM) against its budget. Every transfer is bounded by its size; the run by RUNS.
+(VmHWM) against its budget. Then STALLED clients each ask for a different value of half
+SIZE and stop reading, and another client's small set and get are timed for 3 s. Every
+transfer is bounded by its size; the run by RUNS.
 
     cargo build --release && python3 benches/large.py
     SIZE_MIB=64 RUNS=1 python3 benches/large.py        # a quick look
 
 Environment: S3CACHED_BIN (default target/release/s3cached), SIZE_MIB (256), RUNS (3),
-BUDGET_MIB (the server's memory_limit_bytes, 256).
+BUDGET_MIB (the server's memory_limit_bytes, 256), STALLED (8).
 """
 
 import os
@@ -31,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = int(os.environ.get("SIZE_MIB", "256")) * 1024 * 1024
 RUNS = int(os.environ.get("RUNS", "3"))
 BUDGET = int(os.environ.get("BUDGET_MIB", "256")) * 1024 * 1024
+STALLED = int(os.environ.get("STALLED", "8"))
 BIN = os.environ.get("S3CACHED_BIN", os.path.join(ROOT, "target/release/s3cached"))
 BUCKET = "bench-large"
 
@@ -156,6 +159,40 @@ def run(client, server, addr_text):
     print(f"  get / GET      {median['s3cached get'] / median['direct GET']:8.2f}x")
     peak = peak_rss(server.pid)
     print(f"s3cached peak RSS {peak // (1024 * 1024)} MiB, budget {BUDGET // (1024 * 1024)} MiB")
+    stalled_readers(host, int(port), server)
+
+
+def stalled_readers(host, port, server):
+    """STALLED clients each ask for a different value of half SIZE and never read past its
+    VALUE line; meanwhile another client's small set and get must be answered."""
+    half = SIZE // 2
+    data = value()[:half]
+    with socket.create_connection((host, port)) as sock:
+        for i in range(STALLED):
+            sock.sendall(f"set stalled-{i} 0 0 {half}\r\n".encode() + data + b"\r\n")
+            assert recv_line(sock) == b"STORED\r\n"
+    readers = []
+    for i in range(STALLED):
+        reader = socket.create_connection((host, port))
+        reader.sendall(f"get stalled-{i}\r\n".encode())
+        assert recv_line(reader).startswith(f"VALUE stalled-{i} ".encode())
+        readers.append(reader)
+    slowest = 0.0
+    with socket.create_connection((host, port)) as sock:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            sock.sendall(b"set small 0 0 2\r\nok\r\nget small\r\n")
+            assert recv_line(sock) == b"STORED\r\n"
+            assert recv_exact(sock, len(b"VALUE small 0 2\r\nok\r\nEND\r\n")).endswith(b"END\r\n")
+            slowest = max(slowest, time.monotonic() - started)
+    peak = peak_rss(server.pid)
+    print(
+        f"{STALLED} readers stalled on {half // (1024 * 1024)} MiB values: peak RSS "
+        f"{peak // (1024 * 1024)} MiB, another client's slowest set+get {slowest * 1000:.1f} ms"
+    )
+    for reader in readers:
+        reader.close()
 
 
 if __name__ == "__main__":

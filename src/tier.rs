@@ -422,6 +422,10 @@ impl Tiered {
             self.forget(&item.entry.key);
             return;
         }
+        if let (Some(disk), Some(_)) = (&self.disk, item.large) {
+            // An older record held whole goes: only the header stays, in RAM.
+            disk.remove(&item.entry.key);
+        }
         let on_disk = on_disk || item.large.is_some();
         if let (Some(disk), false) = (&self.disk, on_disk) {
             let age_ms = self.now_ms().saturating_sub(checked_ms);
@@ -814,7 +818,12 @@ impl Store for Tiered {
 
     async fn open(&self, key: &[u8], version: &Version) -> Result<Option<Body>, StoreError> {
         Stats::incr(&self.stats.backend_gets);
-        self.inner.open(key, version).await
+        let opened = self.inner.open(key, version).await?;
+        if opened.is_none() {
+            // Changed or gone since RAM learned its header: the next read asks the store.
+            self.forget(key);
+        }
+        Ok(opened)
     }
 
     async fn put_streamed(

@@ -295,3 +295,29 @@ async fn commands_that_need_a_long_value_whole_refuse_it() {
         .await;
     assert_eq!(line(&mut c).await, too_large);
 }
+
+#[tokio::test]
+async fn a_long_value_changed_behind_a_replica_is_read_at_its_new_version() {
+    if !common::have_s3() {
+        return;
+    }
+    let prefix = common::unique_prefix("large-replicas");
+    let start = |extra: String| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = common::config(Backend::S3, &prefix, dir.path(), &extra);
+        TestServer::start_config(config, dir)
+    };
+    let a = start(STREAMING.to_owned()).await;
+    // B trusts what RAM knows for a minute: only a failed open tells it the value changed.
+    let b = start(format!("{STREAMING}revalidate_after_ms = 60000\n")).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    assert_eq!(set(&mut ca, "k", &value(MIB, 1)).await, "STORED\r\n");
+    assert!(get(&mut cb, "k").await == Some(value(MIB, 1)));
+    assert_eq!(set(&mut ca, "k", &value(2 * MIB, 2)).await, "STORED\r\n");
+    assert!(
+        get(&mut cb, "k").await == Some(value(2 * MIB, 2)),
+        "the new version"
+    );
+    assert_eq!(ca.line(b"delete k\r\n").await, "DELETED\r\n");
+    assert_eq!(get(&mut cb, "k").await, None, "gone behind B: a miss");
+}

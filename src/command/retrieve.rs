@@ -93,6 +93,12 @@ pub(super) async fn retrieve(
         let mut seen = HashSet::new();
         for value in &mut values {
             if value.stream.is_some() && !seen.insert(value.key.clone()) {
+                // Each stream opened holds its pieces: charged as the first one was.
+                let held = (READ_HOLD_BYTES + value.key.len() + VALUE_LINE_BYTES) as u64;
+                if meter.as_deref().is_some_and(|m| !m.charge_value(held)) {
+                    Stats::incr(&stats.budget_timeouts);
+                    return Response::Error(ProtocolError::Server("out of memory"));
+                }
                 match reopen(items, ctx, &value.key).await {
                     Ok(Ok(again)) => *value = again,
                     Ok(Err(_)) | Err(_) => {

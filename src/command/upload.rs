@@ -22,6 +22,9 @@ use crate::store::{Entry, History, Store, StoreError};
 
 /// Pieces the pipe holds between the connection and the store, at most.
 const PIPE_PIECES: usize = 4;
+/// Bytes of a block that count as progress against the request timeout: a client must
+/// send a MiB of its value per `request_timeout_secs` to keep what its set holds.
+const PROGRESS_BYTES: usize = 1024 * 1024;
 
 /// What the connection sends down the pipe.
 enum Fed {
@@ -39,6 +42,8 @@ pub struct Feeder {
     ending: Vec<u8>,
     /// The end was sent (or the request is gone): nothing more to feed.
     done: bool,
+    /// Bytes taken since the connection last counted progress.
+    unreported: usize,
 }
 
 /// The request's end of the pipe.
@@ -57,6 +62,7 @@ pub fn pipe(len: usize) -> (Feeder, Value) {
         value_left: len,
         ending: Vec::with_capacity(2),
         done: false,
+        unreported: 0,
     };
     let value = Value {
         rx,
@@ -72,6 +78,16 @@ impl Feeder {
         self.done
     }
 
+    /// Whether [`PROGRESS_BYTES`] (or the block's end) were taken since the last call that
+    /// said so.
+    pub fn progressed(&mut self) -> bool {
+        if self.unreported >= PROGRESS_BYTES || (self.done && self.unreported > 0) {
+            self.unreported = 0;
+            return true;
+        }
+        false
+    }
+
     /// Takes what belongs to the block from the front of `input`; returns false when the
     /// pipe is full (wait for [`Feeder::ready`], then feed again). Once the request is gone
     /// (it failed early), the rest of the block is discarded as it comes.
@@ -84,18 +100,26 @@ impl Feeder {
                     input.advance(n);
                 } else {
                     let Ok(permit) = self.tx.try_reserve() else {
-                        return self.tx.is_closed();
+                        // Full: wait. Gone meanwhile: discard, next time round.
+                        if self.tx.is_closed() {
+                            continue;
+                        }
+                        return false;
                     };
                     permit.send(Fed::Piece(input.split_to(n).freeze()));
                 }
                 self.value_left -= n;
+                self.unreported += n;
                 continue;
             }
             let n = (2 - self.ending.len()).min(input.len());
             if self.ending.len() + n == 2 && !gone {
                 // The end needs a place in the pipe too.
                 let Ok(permit) = self.tx.try_reserve() else {
-                    return self.tx.is_closed();
+                    if self.tx.is_closed() {
+                        continue;
+                    }
+                    return false;
                 };
                 self.ending.extend_from_slice(&input[..n]);
                 input.advance(n);
@@ -104,6 +128,7 @@ impl Feeder {
                 self.ending.extend_from_slice(&input[..n]);
                 input.advance(n);
             }
+            self.unreported += n;
             self.done = self.ending.len() == 2;
         }
         true
@@ -197,6 +222,8 @@ mod tests {
             }
         }
         assert!(feeder.is_done());
+        assert!(feeder.progressed(), "the block's end is progress");
+        assert!(!feeder.progressed());
         assert_eq!(&input[..], b"get k\r\n", "the next request is left alone");
         let (got, end) = reader.await.unwrap();
         assert_eq!(got, b"0123456789");
@@ -233,6 +260,7 @@ mod tests {
         input.extend_from_slice(b"y");
         assert!(!feeder.feed(&mut input), "the pipe is full");
         assert_eq!(&input[..], b"y");
+        assert!(!feeder.progressed(), "less than a MiB is no progress yet");
         drop(value);
         input.extend_from_slice(&[b'z'; 995]);
         input.extend_from_slice(b"\r\nnext");

@@ -238,6 +238,9 @@ impl Connection {
                 }
                 _ = shutdown.cancelled(), if !self.closing => {
                     self.closing = true;
+                    // A streamed set cut off by the shutdown stores nothing.
+                    self.feeding = None;
+                    self.feed_blocked = false;
                 }
             }
         }
@@ -444,10 +447,9 @@ impl Connection {
     /// streamed set's data block to its request.
     fn discard_skipped(&mut self) {
         if let Some(feeder) = &mut self.feeding {
-            let before = self.io.input().len();
             self.feed_blocked = !feeder.feed(self.io.input());
-            if self.io.input().len() < before {
-                // Bytes of a long value arriving are progress: the request timeout restarts.
+            if feeder.progressed() {
+                // Each MiB of a long value is progress: the request timeout starts again.
                 self.io.progress();
             }
             if feeder.is_done() {

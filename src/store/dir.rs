@@ -532,12 +532,17 @@ impl Inner {
 
     /// The version of what is stored under `key` now, for conditional writes; the caller
     /// holds the key's stripe write lock.
+    /// A streamed value's version is read from its head and checksum alone.
     fn current_version(&self, key: &[u8]) -> Result<Option<Version>, StoreError> {
         let name = key_hash(key);
-        let Some(raw) = Self::read(&self.item_path(&name))? else {
-            return Ok(None);
-        };
-        Ok(self.decode_item(raw, key, &name).map(|v| v.version))
+        match self.open_streamed(&name, key, true)? {
+            Opened::Missing => Ok(None),
+            Opened::Head(_, version, _) => Ok(Some(version)),
+            Opened::Whole(file, len) => {
+                let raw = Self::read_charged(file, len, None)?;
+                Ok(self.decode_item(raw, key, &name).map(|v| v.version))
+            }
+        }
     }
 }
 
@@ -691,6 +696,14 @@ impl Store for DirStore {
         }
         let name = name.to_owned();
         self.blocking(move |inner| {
+            // A streamed value's header alone; another item whole, checked.
+            match inner.read_header(&name)? {
+                Some(header) if inner.streams(header.size) => {
+                    return Ok(Some(header.entry.stored_at_us));
+                }
+                Some(_) => {}
+                None => return Ok(None),
+            }
             let raw = {
                 let _reading = inner.read_lock(&name);
                 Inner::read(&inner.item_path(&name))?

@@ -246,10 +246,21 @@ impl Upload<'_> {
         let mut uploading = FuturesUnordered::new();
         let mut number = 0;
         loop {
-            let full = object.buf.len() >= PART_BYTES;
+            while uploading.len() < UPLOADING {
+                let Some(part) = object.part() else {
+                    break;
+                };
+                number += 1;
+                if number > MAX_PARTS {
+                    return Err(StoreError::TooLarge);
+                }
+                let (store, name, id) = (self.store, self.name, self.id.clone());
+                uploading
+                    .push(async move { store.upload_part(name, &id, number as i32, part).await });
+            }
             let piece = if uploading.is_empty() {
                 value.next().await
-            } else if full {
+            } else if object.buf.len() >= PART_BYTES {
                 // A full part waits for an upload to end: the value is read no further.
                 let sent = uploading.next().await.expect("an upload");
                 self.parts.push(sent?);
@@ -267,18 +278,6 @@ impl Upload<'_> {
                 break;
             };
             object.take(&piece?)?;
-            while uploading.len() < UPLOADING {
-                let Some(part) = object.part() else {
-                    break;
-                };
-                number += 1;
-                if number > MAX_PARTS {
-                    return Err(StoreError::TooLarge);
-                }
-                let (store, name, id) = (self.store, self.name, self.id.clone());
-                uploading
-                    .push(async move { store.upload_part(name, &id, number as i32, part).await });
-            }
         }
         while let Some(sent) = uploading.next().await {
             self.parts.push(sent?);
