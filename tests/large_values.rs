@@ -281,7 +281,8 @@ async fn commands_that_need_a_long_value_whole_refuse_it() {
     assert_eq!(line(&mut c).await, too_large);
     assert_eq!(c.line(b"append k 0 0 1\r\nx\r\n").await, too_large);
     assert_eq!(c.line(b"touch k 100\r\n").await, too_large);
-    assert_eq!(c.line(b"mg k v\r\n").await, too_large);
+    // A new TTL writes the item back.
+    assert_eq!(c.line(b"mg k v T30\r\n").await, too_large);
     // A long value is no number; delete needs no value.
     assert_eq!(
         c.line(b"incr k 1\r\n").await,
@@ -320,4 +321,49 @@ async fn a_long_value_changed_behind_a_replica_is_read_at_its_new_version() {
     );
     assert_eq!(ca.line(b"delete k\r\n").await, "DELETED\r\n");
     assert_eq!(get(&mut cb, "k").await, None, "gone behind B: a miss");
+}
+
+#[tokio::test]
+async fn a_meta_get_streams_a_long_value_with_its_flags() {
+    let server = TestServer::start(Backend::Dir, "large-meta", STREAMING).await;
+    let mut c = server.client().await;
+    let data = value(3 * MIB, 8);
+    assert_eq!(set(&mut c, "k", &data).await, "STORED\r\n");
+    c.send(b"mg k s f v k Oab\r\nmg k s\r\nmn\r\n").await;
+    let head = line(&mut c).await;
+    assert_eq!(
+        head,
+        format!("VA {} s{} f7 kk Oab\r\n", data.len(), data.len())
+    );
+    let mut got = c.read_exact(data.len() + 2).await;
+    assert_eq!(&got[data.len()..], b"\r\n");
+    got.truncate(data.len());
+    assert!(got == data, "the value whole");
+    assert_eq!(line(&mut c).await, format!("HD s{}\r\n", data.len()));
+    assert_eq!(line(&mut c).await, "MN\r\n");
+}
+
+#[tokio::test]
+async fn a_binary_get_of_a_long_value_says_too_large_even_when_quiet() {
+    let server = TestServer::start(Backend::Dir, "large-binary", STREAMING).await;
+    let mut text = server.client().await;
+    assert_eq!(set(&mut text, "k", &value(MIB, 9)).await, "STORED\r\n");
+    let mut c = server.client().await;
+    // GET, then GETQ (quiet: silent on a miss, never on an error), then NOOP.
+    let mut frames = common::binary::frame(0x00, b"k", &[], &[], 0, 1);
+    frames.extend(common::binary::frame(0x09, b"k", &[], &[], 0, 2));
+    frames.extend(common::binary::frame(0x0a, b"", &[], &[], 0, 3));
+    c.send(&frames).await;
+    for opaque in 1..=3u32 {
+        let head = c.read_exact(24).await;
+        let status = u16::from_be_bytes([head[6], head[7]]);
+        let body = u32::from_be_bytes(head[8..12].try_into().unwrap()) as usize;
+        c.read_exact(body).await;
+        assert_eq!(u32::from_be_bytes(head[12..16].try_into().unwrap()), opaque);
+        let expected = if opaque == 3 { 0 } else { 0x03 };
+        assert_eq!(
+            status, expected,
+            "frame {opaque}: 0x03 is memcached's too large"
+        );
+    }
 }

@@ -98,6 +98,9 @@ pub struct Found<'e> {
     pub live: Option<&'e Entry>,
     /// What the store holds under the key, live or not (expired, flushed).
     pub stored: Option<&'e Entry>,
+    /// The stored value is streamed and was not read (the entries' values are empty): its
+    /// version and length, for a decision that only shows it.
+    pub large: Option<(&'e Version, u64)>,
 }
 
 /// What a decision makes of the item found; each carries the outcome it reports.
@@ -296,6 +299,7 @@ impl<'c> Items<'c> {
             let found = Found {
                 live: stored.filter(|_| miss.is_none()),
                 stored,
+                large: read.as_ref().and_then(|v| Some((&v.version, v.large?))),
             };
             let version = read.as_ref().map(|v| &v.version);
             let (done, outcome) = match (decide(found), version) {

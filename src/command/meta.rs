@@ -16,7 +16,7 @@ use crate::protocol::{
     MetaStatus, Response, ReturnFlag,
 };
 use crate::stats::Stats;
-use crate::store::Entry;
+use crate::store::{Entry, Store, StoreError, Version};
 
 pub(super) async fn execute(items: &Items<'_>, ctx: &Ctx, request: MetaRequest) -> Response {
     match request {
@@ -139,6 +139,8 @@ fn only(flags: &MetaFlags, keep: &[ReturnFlag]) -> MetaFlags {
 /// What an `mg` found and did.
 enum Got {
     Miss,
+    /// The item's value is streamed and the command would write it back.
+    TooLarge,
     /// A hit, or a stub created by `N` on a miss (`vivified`).
     Hit {
         shown: Entry,
@@ -146,53 +148,78 @@ enum Got {
         moves: Moves,
         vivified: bool,
         now_secs: u64,
+        /// The value is streamed: its version (to open it at) and length.
+        large: Option<(Version, u64)>,
     },
 }
 
 async fn get(items: &Items<'_>, ctx: &Ctx, key: Bytes, flags: MetaFlags) -> Response {
     Stats::incr(&ctx.stats.cmd_get);
-    let got = items
-        // A value streamed is served by the classic get alone (docs/operations.md).
-        .mutate(&key, Freshness::Cached, true, |found| {
-            decide_get(ctx, &key, &flags, found)
-        })
-        .await;
-    let stats = &ctx.stats;
-    match got {
-        Ok(Got::Miss) => {
-            super::count_read(ctx, &key, Some(Miss::Absent), flags.classic);
-            quiet(&flags, true, echo(MetaStatus::En, &flags, &key))
-        }
-        Ok(Got::Hit {
-            shown,
-            markers,
-            moves,
-            vivified,
-            now_secs,
-        }) => {
-            if vivified {
+    // A streamed value that changed between the read and its open is read again.
+    for _ in 0..super::retrieve::OPEN_ATTEMPTS {
+        let got = items
+            .mutate(&key, Freshness::Cached, false, |found| {
+                decide_get(ctx, &key, &flags, found)
+            })
+            .await;
+        let (shown, markers, moves, vivified, now_secs, large) = match got {
+            Ok(Got::Miss) => {
                 super::count_read(ctx, &key, Some(Miss::Absent), flags.classic);
-            } else {
-                super::count_read(ctx, &key, None, flags.classic);
-                if flags.ttl.is_some() {
-                    Stats::incr(&stats.touch_hits);
+                return quiet(&flags, true, echo(MetaStatus::En, &flags, &key));
+            }
+            Ok(Got::Hit {
+                shown,
+                markers,
+                moves,
+                vivified,
+                now_secs,
+                large,
+            }) => (shown, markers, moves, vivified, now_secs, large),
+            Ok(Got::TooLarge) => return ctx.failure(StoreError::TooLarge),
+            Err(e) => return ctx.failure(e),
+        };
+        let mut out = returned(&flags, &key, Some(&shown), now_secs, moves);
+        let (status, mut value, mut stream) = match flags.value {
+            true => (MetaStatus::Va, Some(shown.value), None),
+            false => (MetaStatus::Hd, None, None),
+        };
+        if let Some((version, len)) = large {
+            for flag in &mut out {
+                if let MetaFlag::Size(size) = flag {
+                    *size = len as usize;
                 }
             }
-            // `q` on mg hides only a plain miss (EN), never a hit nor a vivified stub.
-            let out = returned(&flags, &key, Some(&shown), now_secs, moves);
-            let (status, value) = match flags.value {
-                true => (MetaStatus::Va, Some(shown.value)),
-                false => (MetaStatus::Hd, None),
-            };
-            meta(MetaReply {
-                status,
-                flags: out,
-                markers,
-                value,
-            })
+            if flags.value {
+                match ctx.store.open(&key, &version).await {
+                    Ok(Some(body)) => {
+                        value = None;
+                        stream = Some(super::retrieve::streamed(ctx, body));
+                    }
+                    Ok(None) => continue,
+                    Err(e) => return ctx.failure(e),
+                }
+            }
         }
-        Err(e) => ctx.failure(e),
+        if vivified {
+            super::count_read(ctx, &key, Some(Miss::Absent), flags.classic);
+        } else {
+            super::count_read(ctx, &key, None, flags.classic);
+            if flags.ttl.is_some() {
+                Stats::incr(&ctx.stats.touch_hits);
+            }
+        }
+        // `q` on mg hides only a plain miss (EN), never a hit nor a vivified stub.
+        return meta(MetaReply {
+            status,
+            flags: out,
+            markers,
+            value,
+            stream,
+        });
     }
+    ctx.failure(StoreError::Unavailable(
+        "a streamed value kept changing while it was opened".into(),
+    ))
 }
 
 /// What `mg` does with the item found: answers, and writes back a new TTL (`T`), a won
@@ -226,7 +253,7 @@ fn decide_get(ctx: &Ctx, key: &Bytes, flags: &MetaFlags, found: Found<'_>) -> De
             won: true,
             ..Markers::default()
         };
-        return Decision::Write(stub, got(shown, markers, moves, true, now_secs));
+        return Decision::Write(stub, got(shown, markers, moves, true, now_secs, None));
     };
     let (expires_at, at_recache) = moves.walk(flags, live.expires_at);
     // As memcached: `R` is an exptime (relative, absolute or negative) and the item wins
@@ -245,7 +272,14 @@ fn decide_get(ctx: &Ctx, key: &Bytes, flags: &MetaFlags, found: Found<'_>) -> De
         win_sent: entry.win_sent,
         ..live.clone()
     };
-    let outcome = got(shown, markers, moves, false, now_secs);
+    let large = found.large.map(|(version, len)| (version.clone(), len));
+    let writes = flags.ttl.is_some() || won;
+    if writes && large.is_some() {
+        // A new TTL or a won recache writes the item back, value and all: a streamed
+        // value is not held to write.
+        return Decision::Answer(Got::TooLarge);
+    }
+    let outcome = got(shown, markers, moves, false, now_secs, large);
     if flags.ttl.is_some() {
         entry.expires_at = expires_at;
     } else if !won {
@@ -254,13 +288,21 @@ fn decide_get(ctx: &Ctx, key: &Bytes, flags: &MetaFlags, found: Found<'_>) -> De
     Decision::Write(entry, outcome)
 }
 
-fn got(shown: Entry, markers: Markers, moves: Moves, vivified: bool, now_secs: u64) -> Got {
+fn got(
+    shown: Entry,
+    markers: Markers,
+    moves: Moves,
+    vivified: bool,
+    now_secs: u64,
+    large: Option<(Version, u64)>,
+) -> Got {
     Got::Hit {
         shown,
         markers,
         moves,
         vivified,
         now_secs,
+        large,
     }
 }
 

@@ -16,13 +16,13 @@ use super::{count_read, to_value, Ctx, MAX_GET_FANOUT, MAX_RESPONSE_BYTES};
 use crate::budget::meter::{self, Meter};
 use crate::protocol::{ProtocolError, Response, Streamed, Value};
 use crate::stats::Stats;
-use crate::store::body::READ_HOLD_BYTES;
+use crate::store::body::{Body, READ_HOLD_BYTES};
 use crate::store::{Store, StoreError};
 
 /// Charged for a value's line and framing in the reply, beyond its key and data.
 const VALUE_LINE_BYTES: usize = 64;
 /// Times a streamed value is opened again when it changed between its read and its open.
-const OPEN_ATTEMPTS: usize = 3;
+pub(super) const OPEN_ATTEMPTS: usize = 3;
 
 /// One key's answer: its value, or why it has none.
 type Answer = Result<Value, Miss>;
@@ -205,19 +205,24 @@ async fn reopen(items: &Items<'_>, ctx: &Ctx, key: &[u8]) -> Result<Answer, Stor
             continue;
         };
         debug_assert_eq!(body.len, len);
-        Stats::incr(&ctx.stats.streamed_gets);
-        let pieces = body
-            .chunks
-            .map(|piece| piece.map_err(std::io::Error::other))
-            .boxed();
         return Ok(Ok(Value {
-            stream: Some(Streamed::new(body.len, pieces)),
+            stream: Some(streamed(ctx, body)),
             ..to_value(entry)
         }));
     }
     Err(StoreError::Unavailable(
         "a streamed value kept changing while it was opened".into(),
     ))
+}
+
+/// A value opened as a stream, as a reply carries it.
+pub(super) fn streamed(ctx: &Ctx, body: Body) -> Streamed {
+    Stats::incr(&ctx.stats.streamed_gets);
+    let pieces = body
+        .chunks
+        .map(|piece| piece.map_err(std::io::Error::other))
+        .boxed();
+    Streamed::new(body.len, pieces)
 }
 
 /// The keys in order, each once.

@@ -744,6 +744,20 @@ fn encode_meta(frame: &Frame, reply: &super::MetaReply, out: &mut BytesMut) {
         (MetaStatus::Ns | MetaStatus::Mn, _) => Status::NotStored,
     };
     let is_read = matches!(op, GET | GETK | GAT | GATK | TOUCH);
+    if reply.stream.is_some() {
+        // A value streamed is served to text clients only (see docs/operations.md); said
+        // even to a quiet get, which would otherwise take it for a miss.
+        let text = Status::TooLarge.text().as_bytes();
+        put_frame(
+            out,
+            frame.opcode,
+            frame.opaque,
+            Status::TooLarge,
+            0,
+            (&[], &[], text),
+        );
+        return;
+    }
     if status != Status::Success {
         encode_failure(frame, status, out);
         return;

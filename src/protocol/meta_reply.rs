@@ -78,6 +78,8 @@ pub struct MetaReply {
     pub flags: Vec<MetaFlag>,
     pub markers: Markers,
     pub value: Option<Bytes>,
+    /// A value sent as it arrives, in place of `value` (then `None`).
+    pub stream: Option<super::Streamed>,
 }
 
 impl MetaReply {
@@ -88,6 +90,7 @@ impl MetaReply {
             flags,
             markers: Markers::default(),
             value: None,
+            stream: None,
         }
     }
 
@@ -109,9 +112,24 @@ impl MetaReply {
 
     /// Appends the wire form: `<status> [<size>] <flags> <markers>\r\n[<value>\r\n]`.
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_sharing(out, &mut |out, piece| match piece {
+            super::Piece::Shared(value) => out.put_slice(value),
+            super::Piece::Streamed(_) => debug_assert!(false, "a streamed value encoded as bytes"),
+        });
+    }
+
+    /// [`encode`](MetaReply::encode), handing a streamed value to `share` (see
+    /// [`super::Response::encode_sharing`]).
+    pub fn encode_sharing(
+        &self,
+        out: &mut BytesMut,
+        share: &mut impl FnMut(&mut BytesMut, super::Piece<'_>),
+    ) {
         out.put_slice(self.status.code());
         if let Some(value) = &self.value {
             put_number(out, value.len());
+        } else if let Some(stream) = &self.stream {
+            put_number(out, stream.len as usize);
         }
         for flag in &self.flags {
             out.put_u8(b' ');
@@ -126,6 +144,9 @@ impl MetaReply {
         out.put_slice(b"\r\n");
         if let Some(value) = &self.value {
             out.put_slice(value);
+            out.put_slice(b"\r\n");
+        } else if let Some(stream) = &self.stream {
+            share(out, super::Piece::Streamed(stream));
             out.put_slice(b"\r\n");
         }
     }
@@ -248,6 +269,7 @@ mod tests {
                 stale: true,
             },
             value: Some(Bytes::from("hi")),
+            stream: None,
         };
         assert_eq!(wire(&reply), b"VA 2 f5 t-1 k/w== b Oop h0 l0 X W\r\nhi\r\n");
         assert_eq!((reply.client_flags(), reply.cas()), (Some(5), None));

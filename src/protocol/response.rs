@@ -182,7 +182,7 @@ impl Response {
                 line(out, "END");
             }
             Response::Debug(debug) => debug.encode(out),
-            Response::Meta(reply) => reply.encode(out),
+            Response::Meta(reply) => reply.encode_sharing(out, share),
             Response::Error(ProtocolError::UnknownCommand) => line(out, "ERROR"),
             Response::Error(ProtocolError::Client(why)) => {
                 line(out, &format!("CLIENT_ERROR {why}"))
