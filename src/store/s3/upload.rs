@@ -2,8 +2,8 @@
 //! object no longer than one part ([`PART_BYTES`]) goes in one PUT, exactly once
 //! ([`super::write`]); a longer one in a multipart upload of parts of [`PART_BYTES`], up to
 //! three uploading while the next fills (so a write holds at most four parts:
-//! `STREAM_HOLD_BYTES`). One part at a time ran at 0.69x a direct PUT of the same 256 MiB
-//! value on the local S3 server, two at 0.79x, three at 0.83x (docs/benchmarks.md).
+//! `STREAM_HOLD_BYTES`): fewer parts at once fell behind a direct PUT of the same value
+//! (docs/benchmarks.md, "Large values").
 //!
 //! Nothing is stored unless every part is: S3 makes the object only at
 //! `CompleteMultipartUpload`. A failed part (after the SDK's retries: a part is sent again
