@@ -804,18 +804,6 @@ impl Store for Tiered {
         result
     }
 
-    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
-        if let Some(found) = self.peek_fresh(key) {
-            if found.as_ref().is_none_or(|v| v.large.is_none()) {
-                Stats::incr(&self.stats.tier_hits);
-                return Ok(found);
-            }
-        }
-        // Not kept in RAM: a value this long stays out of it.
-        Stats::incr(&self.stats.backend_gets);
-        self.inner.get_whole(key).await
-    }
-
     async fn open(&self, key: &[u8], version: &Version) -> Result<Option<Body>, StoreError> {
         Stats::incr(&self.stats.backend_gets);
         let opened = self.inner.open(key, version).await?;

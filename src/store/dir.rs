@@ -360,11 +360,7 @@ impl Inner {
         path: &Path,
         fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
     ) -> Result<(), StoreError> {
-        let tmp = path.with_file_name(format!(
-            "{TEMP_PREFIX}{}-{:016x}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-            rand::random::<u64>()
-        ));
+        let tmp = temp_path(path);
         let written = (|| {
             let mut file = fs::File::create(&tmp)?;
             fill(&mut file)?;
@@ -429,17 +425,16 @@ impl Inner {
     }
 
     /// Reads an item; a retrieval's `meter` is charged its file's size before it is read.
-    /// With `stream`, an item whose value is longer than the codec's `stream_above` is read
-    /// up to its head only.
+    /// An item whose value is longer than the codec's `stream_above` is read up to its head
+    /// only.
     fn read_item(
         &self,
         key: &[u8],
         meter: Option<&dyn BodyCharge>,
-        stream: bool,
     ) -> Result<Option<Versioned>, StoreError> {
         let name = key_hash(key);
         let _reading = self.read_lock(&name);
-        let (file, len) = match self.open_streamed(&name, key, stream)? {
+        let (file, len) = match self.open_streamed(&name, key)? {
             Opened::Head(head, version, _) => {
                 let len = head.value_len as u64;
                 return Ok(Some(Versioned {
@@ -463,10 +458,9 @@ impl Inner {
             .saturating_add(MAX_HEAD_BYTES + CHECKSUM_BYTES)) as u64
     }
 
-    /// Opens `name` for `key` and, with `stream`, reads its head if its value is streamed;
-    /// the file stays open for the value. The caller holds the stripe's read lock (or write
-    /// lock).
-    fn open_streamed(&self, name: &str, key: &[u8], stream: bool) -> Result<Opened, StoreError> {
+    /// Opens `name` for `key` and reads its head if its value is streamed; the file stays
+    /// open for the value. The caller holds the stripe's read lock (or write lock).
+    fn open_streamed(&self, name: &str, key: &[u8]) -> Result<Opened, StoreError> {
         use std::os::unix::fs::FileExt;
         let file = match fs::File::open(self.item_path(name)) {
             Ok(file) => file,
@@ -474,7 +468,7 @@ impl Inner {
             Err(e) => return Err(io_error(e)),
         };
         let len = file.metadata().map_err(io_error)?.len();
-        if !stream || !self.streams(len) {
+        if !self.streams(len) {
             return Ok(Opened::Whole(file, len));
         }
         let mut first = vec![0; MAX_HEAD_BYTES];
@@ -535,7 +529,7 @@ impl Inner {
     /// A streamed value's version is read from its head and checksum alone.
     fn current_version(&self, key: &[u8]) -> Result<Option<Version>, StoreError> {
         let name = key_hash(key);
-        match self.open_streamed(&name, key, true)? {
+        match self.open_streamed(&name, key)? {
             Opened::Missing => Ok(None),
             Opened::Head(_, version, _) => Ok(Some(version)),
             Opened::Whole(file, len) => {
@@ -551,14 +545,7 @@ impl Store for DirStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         let key = key.to_vec();
         let meter = charge::current();
-        self.blocking(move |inner| inner.read_item(&key, meter.as_deref(), true))
-            .await
-    }
-
-    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
-        let key = key.to_vec();
-        let meter = charge::current();
-        self.blocking(move |inner| inner.read_item(&key, meter.as_deref(), false))
+        self.blocking(move |inner| inner.read_item(&key, meter.as_deref()))
             .await
     }
 
@@ -569,7 +556,7 @@ impl Store for DirStore {
             .blocking(move |inner| {
                 let name = key_hash(&key);
                 let _reading = inner.read_lock(&name);
-                inner.open_streamed(&name, &key, true)
+                inner.open_streamed(&name, &key)
             })
             .await?;
         let (head, file, first) = match opened {
@@ -594,10 +581,7 @@ impl Store for DirStore {
         value: Chunks,
     ) -> Result<Version, StoreError> {
         let name = key_hash(&entry.key);
-        let tmp = self.inner.item_path(&format!(
-            "{TEMP_PREFIX}{name}-{:016x}",
-            rand::random::<u64>()
-        ));
+        let tmp = temp_path(&self.inner.item_path(&name));
         let written = self.fill(&tmp, entry, len, value).await;
         let version = match written {
             Ok(version) => version,
@@ -966,6 +950,15 @@ impl DirStore {
         let object_len = head.len() as u64 + len + CHECKSUM_BYTES as u64;
         Ok(version_of(&head, &checksum, object_len))
     }
+}
+
+/// A fresh temporary file's name beside `path`: removed as debris if a crash leaves it.
+fn temp_path(path: &Path) -> PathBuf {
+    path.with_file_name(format!(
+        "{TEMP_PREFIX}{}-{:016x}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
+        rand::random::<u64>()
+    ))
 }
 
 fn content_version(body: &[u8]) -> Version {

@@ -130,8 +130,7 @@ pub struct Versioned {
     pub entry: Entry,
     pub version: Version,
     /// `Some(len)`: the value, of `len` bytes, is longer than the store's `stream_above` and
-    /// was not read (the entry's value is empty); [`Store::open`] streams it, and
-    /// [`Store::get_whole`] reads it whole.
+    /// was not read (the entry's value is empty); [`Store::open`] streams it.
     pub large: Option<u64>,
 }
 
@@ -263,15 +262,11 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `entry` under `entry.key`, as `mode` allows; returns the new version.
     async fn put(&self, entry: &Entry, mode: PutMode) -> Result<Version, StoreError>;
 
-    /// [`get`](Store::get), with a value longer than `stream_above` read whole too.
-    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
-        self.get(key).await
-    }
-
     /// The value of `key` as it arrives, if the stored object is still at `version`
-    /// (`None`: it changed or is gone).
+    /// (`None`: it changed or is gone). Stores that hold items whole (they never answer
+    /// [`Versioned::large`]) hand over the value read by `get`; stores that stream override it.
     async fn open(&self, key: &[u8], version: &Version) -> Result<Option<Body>, StoreError> {
-        Ok(match self.get_whole(key).await? {
+        Ok(match self.get(key).await? {
             Some(v) if &v.version == version => Some(Body::whole(v.entry.value)),
             _ => None,
         })

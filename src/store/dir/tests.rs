@@ -225,7 +225,7 @@ fn concurrent_readers_never_see_a_torn_item() {
             s.spawn(|| {
                 for _ in 0..300 {
                     let got = inner
-                        .read_item(b"torn", None, true)
+                        .read_item(b"torn", None)
                         .unwrap()
                         .expect("always an item");
                     assert!(

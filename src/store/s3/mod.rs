@@ -194,12 +194,6 @@ impl Store for S3Store {
         Ok(read.and_then(|object| self.item(object, key, &name)))
     }
 
-    async fn get_whole(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
-        let name = self.object_name(key);
-        let read = self.get_item_object(&name, None).await?;
-        Ok(read.and_then(|object| self.item(object, key, &name)))
-    }
-
     async fn get_if_changed(
         &self,
         key: &[u8],

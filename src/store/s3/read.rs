@@ -120,8 +120,7 @@ impl S3Store {
             charge::charge_body(declared).map_err(StoreError::OverBudget)?;
             body.reserve(declared as usize - body.len());
             while let Some(chunk) = out.body.next().await {
-                let chunk = chunk
-                    .map_err(|e| StoreError::Unavailable(format!("S3 GetObject body: {e}")))?;
+                let chunk = chunk.map_err(body_failed)?;
                 if body.len() + chunk.len() > max_bytes {
                     return Ok(Fetched::TooLarge((body.len() + chunk.len()) as u64));
                 }

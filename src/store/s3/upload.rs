@@ -156,10 +156,7 @@ impl S3Store {
                     .build(),
             )
             .customize()
-            .config_override(
-                aws_sdk_s3::config::Builder::default()
-                    .retry_config(aws_config::retry::RetryConfig::disabled()),
-            )
+            .config_override(super::write::no_sdk_retries())
             .send();
         let failed = match self
             .call("CompleteMultipartUpload", async {

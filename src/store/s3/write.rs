@@ -412,6 +412,6 @@ fn unknown(op: &str, why: &Failure) -> StoreError {
 }
 
 /// Per-call SDK settings for writes: no retries (this module retries them).
-fn no_sdk_retries() -> aws_sdk_s3::config::Builder {
+pub(super) fn no_sdk_retries() -> aws_sdk_s3::config::Builder {
     aws_sdk_s3::config::Builder::default().retry_config(RetryConfig::disabled())
 }
