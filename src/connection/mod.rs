@@ -110,6 +110,27 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None => return,
     }
     let _ = socket.shutdown().await;
+    linger(&mut socket).await;
+}
+
+/// Longest a closed connection keeps reading what its client still sends.
+const LINGER: Duration = Duration::from_secs(1);
+/// A closed connection whose client sends nothing for this long is let go.
+const LINGER_QUIET: Duration = Duration::from_millis(100);
+
+/// Reads and drops what the client still sends after the server closed its side, until the
+/// client closes too, goes quiet, or [`LINGER`] passes. Closing a socket with unread input
+/// makes the kernel reset the connection, which throws away the replies still on their way
+/// (a binary client whose stream ends in garbage lost the tail of the reply before it).
+async fn linger<S: AsyncRead + Unpin>(socket: &mut S) {
+    let mut buf = vec![0u8; 4096];
+    let until = tokio::time::Instant::now() + LINGER;
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout(LINGER_QUIET, socket.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
 }
 
 /// Reads until the first byte arrives; `None` if the client left, idled out or the server
