@@ -346,9 +346,10 @@ impl<'c> Items<'c> {
         } else {
             let key = write.item.key.clone();
             let joins = matches!(write.mode, WriteMode::Append | WriteMode::Prepend);
-            self.mutate(&key, Freshness::Confirmed, joins, |found| {
+            // Boxed: a plain set's future stays small (see `command::dispatch`).
+            Box::pin(self.mutate(&key, Freshness::Confirmed, joins, |found| {
                 self.decide_write(&write, found.live)
-            })
+            }))
             .await?
         };
         if let Written::Stored(entry) = &outcome {

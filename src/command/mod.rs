@@ -16,7 +16,10 @@ pub mod upload;
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 
+use std::future::{Future, Ready};
+
 use bytes::Bytes;
+use futures::future::{BoxFuture, Either};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -179,27 +182,51 @@ pub async fn execute(ctx: &Ctx, request: Request) -> Response {
 /// Executes one request that arrived at `arrived`: a flush epoch read started after that
 /// moment is fresh enough for it, so a burst of pipelined reads shares one. Its kind,
 /// result and time to the reply go to the metrics.
-pub async fn execute_arrived(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
+pub fn execute_arrived(
+    ctx: &Ctx,
+    request: Request,
+    arrived: Instant,
+) -> impl Future<Output = Response> + Send + '_ {
     let kind = crate::metrics::kind_of(&request);
-    let response = dispatch(ctx, request, arrived).await;
-    ctx.stats
-        .timings
-        .command(kind, &response, arrived.elapsed());
-    response
+    let running = dispatch(ctx, request, arrived);
+    async move {
+        let response = running.await;
+        ctx.stats
+            .timings
+            .command(kind, &response, arrived.elapsed());
+        response
+    }
 }
 
-async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
+/// A command running: its reply at once, or its work, boxed. A command's future can take
+/// kilobytes (the largest of the commands' futures); boxed, it is written once, where a
+/// request's future is otherwise copied whole at each move (into the connection's
+/// pipeline, say).
+type Running<'a> = Either<Ready<Response>, BoxFuture<'a, Response>>;
+
+fn done(response: Response) -> Running<'static> {
+    Either::Left(std::future::ready(response))
+}
+
+fn boxed<'a>(work: impl Future<Output = Response> + Send + 'a) -> Running<'a> {
+    Either::Right(Box::pin(work))
+}
+
+/// Starts `request`: what needs no I/O is answered here.
+fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Running<'_> {
     let items = Items::new(ctx, arrived);
     match request {
         Request::Get { keys, cas, end } => {
-            retrieve::retrieve(&items, ctx, keys, cas, None, end).await
+            boxed(async move { retrieve::retrieve(&items, ctx, keys, cas, None, end).await })
         }
         Request::Gat {
             exptime,
             keys,
             cas,
             end,
-        } => retrieve::retrieve(&items, ctx, keys, cas, Some(exptime), end).await,
+        } => boxed(
+            async move { retrieve::retrieve(&items, ctx, keys, cas, Some(exptime), end).await },
+        ),
         Request::Store {
             mode,
             key,
@@ -217,55 +244,58 @@ async fn dispatch(ctx: &Ctx, request: Request, arrived: Instant) -> Response {
                 value: data,
                 ..Entry::default()
             };
-            reply(noreply, store(&items, ctx, mode, item, cas_unique).await)
+            boxed(async move { reply(noreply, store(&items, ctx, mode, item, cas_unique).await) })
         }
         // Its data block streams through the connection, which runs it with
         // `upload::store_streamed`; alone, it has no value to store.
-        Request::StoreStreamed { noreply, .. } => reply(
+        Request::StoreStreamed { noreply, .. } => done(reply(
             noreply,
             Response::Error(ProtocolError::Server("streamed set without its data")),
-        ),
+        )),
         Request::TooLarge {
             key,
             remove_old,
             noreply,
-        } => too_large(&items, ctx, &key, remove_old, noreply).await,
+        } => boxed(async move { too_large(&items, ctx, &key, remove_old, noreply).await }),
         Request::Delete { key, noreply } => {
             ctx.detail.delete(&key);
-            reply(noreply, delete(&items, ctx, &key).await)
+            boxed(async move { reply(noreply, delete(&items, ctx, &key).await) })
         }
         Request::Arith {
             key,
             delta,
             incr,
             noreply,
-        } => reply(noreply, arith(&items, ctx, &key, delta, incr).await),
+        } => boxed(async move { reply(noreply, arith(&items, ctx, &key, delta, incr).await) }),
         Request::Touch {
             key,
             exptime,
             noreply,
-        } => reply(noreply, touch(&items, ctx, &key, exptime).await),
-        Request::FlushAll { delay, noreply } => reply(noreply, report::flush_all(ctx, delay).await),
-        Request::Version => Response::Version(report::version()),
-        Request::Verbosity { level, noreply } => reply(noreply, admin::verbosity(ctx, level)),
-        Request::CacheMemlimit { megabytes, noreply } => {
-            reply(noreply, admin::cache_memlimit(ctx, megabytes).await)
+        } => boxed(async move { reply(noreply, touch(&items, ctx, &key, exptime).await) }),
+        Request::FlushAll { delay, noreply } => {
+            boxed(async move { reply(noreply, report::flush_all(ctx, delay).await) })
         }
-        Request::Shutdown(mode) => admin::shutdown(ctx, mode),
-        Request::LruCrawler(crawler) => admin::lru_crawler(ctx, crawler).await,
-        Request::Stats { arg } => report::stats(ctx, arg.as_deref()),
-        Request::Meta(m) => meta::execute(&items, ctx, m).await,
-        Request::Invalid(e) => Response::Error(e),
-        Request::Silent => Response::None,
-        Request::Quit => Response::Close,
+        Request::Version => done(Response::Version(report::version())),
+        Request::Verbosity { level, noreply } => done(reply(noreply, admin::verbosity(ctx, level))),
+        Request::CacheMemlimit { megabytes, noreply } => {
+            boxed(async move { reply(noreply, admin::cache_memlimit(ctx, megabytes).await) })
+        }
+        Request::Shutdown(mode) => done(admin::shutdown(ctx, mode)),
+        Request::LruCrawler(crawler) => boxed(admin::lru_crawler(ctx, crawler)),
+        Request::Stats { arg } => done(report::stats(ctx, arg.as_deref())),
+        Request::Meta(m) => boxed(async move { meta::execute(&items, ctx, m).await }),
+        Request::Invalid(e) => done(Response::Error(e)),
+        Request::Silent => done(Response::None),
+        Request::Quit => done(Response::Close),
         Request::Hangup(why) => {
             if let Some(suppressed) = crate::throttle::REFUSED_CONNECTIONS.allow() {
                 tracing::info!(reason = why, suppressed, "closing connection");
             }
-            Response::Close
+            done(Response::Close)
         }
     }
 }
+
 /// Answers a `get`/`gets` that arrived at `arrived` (when its bytes were read) from the near
 /// tier alone, with no I/O, when every key is there and fresh, the flush epoch is known and
 /// `admit` takes the reply (the connection charges its memory budget what it will take);

@@ -657,3 +657,24 @@ async fn every_read_is_a_tier_hit_a_stale_entry_or_a_miss() {
         reads
     );
 }
+
+/// A request's future is moved whole into the connection's box (and before that, from
+/// frame to frame): each command's own future is boxed, so this one stays small whatever
+/// the largest command needs.
+#[tokio::test]
+async fn a_request_future_stays_small() {
+    let ctx = ctx().await;
+    let set = Request::Store {
+        mode: crate::protocol::StoreMode::Set,
+        key: Bytes::from_static(b"k"),
+        flags: 0,
+        exptime: 0,
+        data: Bytes::from_static(b"v"),
+        cas_unique: 0,
+        noreply: false,
+    };
+    let running = super::execute_arrived(&ctx, set, Instant::now());
+    let size = std::mem::size_of_val(&running);
+    assert!(size <= 256, "a request's future takes {size} bytes");
+    assert_eq!(running.await, Response::Stored);
+}
