@@ -10,6 +10,7 @@
 //! off waits for the budget like a request, growth it cannot (a reply being encoded) is
 //! forced.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -73,14 +74,15 @@ impl Admission {
         (share.saturating_sub(SMALL_REPLY_BYTES) / per_key).max(1)
     }
 
-    /// Splits a retrieval whose reply could take more than a connection's share into pieces
-    /// that cannot (several connections' large gets then run at once); every piece but the
-    /// last leaves out `END`, as with a line longer than the parser's window. Other requests
-    /// come back whole.
-    pub fn split(&self, request: Request) -> Vec<Request> {
+    /// Queues `request`, split if it is a retrieval whose reply could take more than a
+    /// connection's share into pieces that cannot (several connections' large gets then run
+    /// at once); every piece but the last leaves out `END`, as with a line longer than the
+    /// parser's window.
+    pub fn queue(&self, request: Request, queue: &mut VecDeque<Request>) {
         let share = self.account.budget().share_units();
         if Budget::units(reply_bound(&request, &self.limits)) <= share {
-            return vec![request];
+            queue.push_back(request);
+            return;
         }
         let per_piece = self.keys_per_share();
         let pieces = |keys: &[Bytes], end: bool| {
@@ -91,25 +93,27 @@ impl Admission {
                 .collect::<Vec<_>>()
         };
         match request {
-            Request::Get { keys, cas, end } => pieces(&keys, end)
-                .into_iter()
-                .map(|(keys, end)| Request::Get { keys, cas, end })
-                .collect(),
+            Request::Get { keys, cas, end } => queue.extend(
+                pieces(&keys, end)
+                    .into_iter()
+                    .map(|(keys, end)| Request::Get { keys, cas, end }),
+            ),
             Request::Gat {
                 exptime,
                 keys,
                 cas,
                 end,
-            } => pieces(&keys, end)
-                .into_iter()
-                .map(|(keys, end)| Request::Gat {
-                    exptime,
-                    keys,
-                    cas,
-                    end,
-                })
-                .collect(),
-            other => vec![other],
+            } => queue.extend(
+                pieces(&keys, end)
+                    .into_iter()
+                    .map(|(keys, end)| Request::Gat {
+                        exptime,
+                        keys,
+                        cas,
+                        end,
+                    }),
+            ),
+            other => queue.push_back(other),
         }
     }
 
@@ -302,8 +306,10 @@ mod tests {
         }
     }
 
-    /// The pieces' key counts and `END` flags.
-    fn shape(pieces: &[Request]) -> Vec<(usize, bool)> {
+    /// The key counts and `END` flags of the pieces `a` queues for `request`.
+    fn shape(a: &Admission, request: Request) -> Vec<(usize, bool)> {
+        let mut pieces = VecDeque::new();
+        a.queue(request, &mut pieces);
         pieces
             .iter()
             .map(|p| match p {
@@ -319,18 +325,18 @@ mod tests {
         // encoded.
         let a = admission(256 * MIB);
         assert_eq!(a.keys_per_share(), 31);
-        assert_eq!(shape(&a.split(get(31, true))), [(31, true)]);
+        assert_eq!(shape(&a, get(31, true)), [(31, true)]);
         assert_eq!(
-            shape(&a.split(get(100, true))),
+            shape(&a, get(100, true)),
             [(31, false), (31, false), (31, false), (7, true)]
         );
         // A piece of a longer line (no END of its own) ends nowhere.
-        assert_eq!(shape(&a.split(get(40, false))), [(31, false), (9, false)]);
+        assert_eq!(shape(&a, get(40, false)), [(31, false), (9, false)]);
         // The smallest budget still serves one key at a time.
         let small = admission(8 * MIB);
         assert_eq!(small.keys_per_share(), 1);
         assert_eq!(
-            shape(&small.split(get(3, true))),
+            shape(&small, get(3, true)),
             [(1, false), (1, false), (1, true)]
         );
     }

@@ -162,6 +162,8 @@ impl Connection {
         socket: &mut S,
         shutdown: &CancellationToken,
     ) -> std::io::Result<()> {
+        // Made once: a wait on the token registers with it, and leaving it unregisters.
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         loop {
             if self.closing && self.in_flight() == 0 {
                 return self.flush(socket).await;
@@ -236,7 +238,7 @@ impl Connection {
                     self.out_of_memory();
                     self.go_on(socket).await?;
                 }
-                _ = shutdown.cancelled(), if !self.closing => {
+                () = cancelled.as_mut(), if !self.closing => {
                     self.closing = true;
                     // A streamed set cut off by the shutdown stores nothing.
                     self.feeding = None;
@@ -539,7 +541,7 @@ impl Connection {
                 continue;
             }
             // Pieces of a connection's share: several connections' large gets run at once.
-            self.queued.extend(self.admission.split(request));
+            self.admission.queue(request, &mut self.queued);
         }
     }
 
@@ -566,14 +568,13 @@ impl Connection {
     /// Starts one request: a barrier waits for the pipeline; any other runs once the budget
     /// has granted the most its reply can take.
     fn start(&mut self, request: Request) {
-        let Some(keys) = request.keys() else {
+        if request.is_barrier() {
             if matches!(request, Request::Quit | Request::Hangup(_)) {
                 self.io.input().clear();
             }
             self.pipeline.hold(request);
             return;
-        };
-        let keys: Vec<Bytes> = keys.into_iter().cloned().collect();
+        }
         let units = self.admission.units(&request);
         // With nothing in flight before it, a request runs here: a hit in the near tier is
         // answered with no task, channel or allocation beyond the reply; any other request
@@ -597,6 +598,7 @@ impl Connection {
                 return;
             }
             if let Some(charge) = self.admission.try_admit(units) {
+                let keys = request.keys();
                 let mut running = self.running(request, charge).boxed();
                 let mut cx = Context::from_waker(futures::task::noop_waker_ref());
                 match running.poll_unpin(&mut cx) {
@@ -609,6 +611,7 @@ impl Connection {
                 return;
             }
         }
+        let keys = request.keys();
         self.start_or_wait(request, keys, units);
     }
 

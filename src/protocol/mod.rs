@@ -162,32 +162,36 @@ impl ProtocolError {
 }
 
 impl Request {
-    /// The keys a request touches, for ordering requests of one connection:
-    /// `None` means the request must wait for everything before it (a barrier).
-    pub fn keys(&self) -> Option<Vec<&Bytes>> {
+    /// Whether the request must wait for everything before it on its connection (and
+    /// everything after it waits for it).
+    pub fn is_barrier(&self) -> bool {
+        // `stats` counts what the commands before it did, as in memcached.
+        // A dump goes on page by page after its first reply (see `Response::Dump`);
+        // `shutdown` answers what came before it, then closes.
+        matches!(
+            self,
+            Request::Stats { .. }
+                | Request::FlushAll { .. }
+                | Request::Shutdown(_)
+                | Request::LruCrawler(_)
+                | Request::Quit
+                | Request::Hangup(_)
+        )
+    }
+
+    /// The keys a request touches, for ordering the requests of one connection that are
+    /// not barriers.
+    pub fn keys(&self) -> Vec<Bytes> {
         match self {
-            Request::Get { keys, .. } | Request::Gat { keys, .. } => Some(keys.iter().collect()),
+            Request::Get { keys, .. } | Request::Gat { keys, .. } => keys.clone(),
             Request::Store { key, .. }
             | Request::TooLarge { key, .. }
             | Request::StoreStreamed { key, .. }
             | Request::Delete { key, .. }
             | Request::Arith { key, .. }
-            | Request::Touch { key, .. } => Some(vec![key]),
-            Request::Meta(m) => m.key().map(|k| vec![k]).or(Some(Vec::new())),
-            Request::Version
-            | Request::Verbosity { .. }
-            | Request::CacheMemlimit { .. }
-            | Request::Invalid(_)
-            | Request::Silent => Some(Vec::new()),
-            // `stats` counts what the commands before it did, as in memcached.
-            // A dump goes on page by page after its first reply (see `Response::Dump`);
-            // `shutdown` answers what came before it, then closes.
-            Request::Stats { .. }
-            | Request::FlushAll { .. }
-            | Request::Shutdown(_)
-            | Request::LruCrawler(_)
-            | Request::Quit
-            | Request::Hangup(_) => None,
+            | Request::Touch { key, .. } => vec![key.clone()],
+            Request::Meta(m) => m.key().into_iter().cloned().collect(),
+            _ => Vec::new(),
         }
     }
 }
