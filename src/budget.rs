@@ -213,6 +213,9 @@ impl Budget {
 
     /// Gives back `units` of the main part: first to the debt, the rest to whoever waits.
     fn release(&self, units: u32) {
+        if units == 0 {
+            return;
+        }
         let mut left = u64::from(units);
         let _ = self
             .debt_units

@@ -10,6 +10,7 @@ pub mod charge;
 #[cfg(test)]
 pub mod conformance;
 pub mod dir;
+pub mod fanout;
 pub mod format;
 pub mod memory;
 pub mod s3;
@@ -378,10 +379,12 @@ pub fn key_hash(key: &[u8]) -> String {
 /// Appends `bytes` to `out` in lower-case hex, two digits a byte.
 pub(crate) fn push_hex<'a>(out: &mut String, bytes: impl IntoIterator<Item = &'a u8>) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = std::mem::take(out).into_bytes();
     for &byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 15)]));
+        text.push(DIGITS[usize::from(byte >> 4)]);
+        text.push(DIGITS[usize::from(byte & 15)]);
     }
+    *out = String::from_utf8(text).expect("a string with ASCII digits pushed");
 }
 
 /// The prefix as a folder: empty, or ending in exactly one `/`, with no leading `/`.
