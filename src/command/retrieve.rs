@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
+use futures::future::Either;
 use futures::stream::{self, StreamExt};
 
 use super::item::{Items, Miss, Read, Touched};
@@ -17,7 +18,7 @@ use crate::budget::meter::{self, Meter};
 use crate::protocol::{ProtocolError, Response, Streamed, Value};
 use crate::stats::Stats;
 use crate::store::body::{Body, READ_HOLD_BYTES};
-use crate::store::{Store, StoreError};
+use crate::store::{self, Store, StoreError};
 
 /// Charged for a value's line and framing in the reply, beyond its key and data.
 const VALUE_LINE_BYTES: usize = 64;
@@ -65,7 +66,13 @@ pub(super) async fn retrieve(
     };
     let meter = meter::current();
     let answers = loop {
-        match gather(items, ctx, &keys, touch, fanout, meter.as_deref()).await {
+        // The store judges the keys' reads together (a slow one is hedged next to the rest).
+        let attempt = gather(items, ctx, &keys, touch, fanout, meter.as_deref());
+        let attempt = match keys.len() {
+            1 => Either::Left(attempt),
+            _ => Either::Right(store::fanout::scope(attempt)),
+        };
+        match attempt.await {
             Ok(answers) => break answers,
             Err(Stop::Failed(response)) => return response,
             Err(Stop::OverBudget(needed)) => {
@@ -133,7 +140,7 @@ async fn wait_for_budget(ctx: &Ctx, meter: Option<&Meter>, needed: u64) -> bool 
 }
 
 /// One attempt: every key's answer, in key order, each value charged to `meter` as it
-/// comes.
+/// comes (in any order).
 async fn gather(
     items: &Items<'_>,
     ctx: &Ctx,
@@ -142,14 +149,15 @@ async fn gather(
     fanout: usize,
     meter: Option<&Meter>,
 ) -> Result<Vec<(Bytes, Answer)>, Stop> {
-    let mut results = stream::iter(keys.iter().cloned())
-        .map(|key| async move {
+    // Taken as they come: a slow key holds no place that a later key could start in.
+    let mut results = stream::iter(keys.iter().cloned().enumerate())
+        .map(|(at, key)| async move {
             let answer = answer(items, ctx, &key, touch).await;
-            (key, answer)
+            (at, key, answer)
         })
-        .buffered(fanout);
+        .buffer_unordered(fanout);
     let mut answers = Vec::with_capacity(keys.len());
-    while let Some((key, answer)) = results.next().await {
+    while let Some((at, key, answer)) = results.next().await {
         let answer = match answer {
             Ok(Ok(value)) => {
                 // A streamed value holds a few pieces at a time until it is sent.
@@ -171,9 +179,13 @@ async fn gather(
             }
             Err(e) => return Err(Stop::Failed(ctx.failure(e))),
         };
-        answers.push((key, answer));
+        answers.push((at, key, answer));
     }
-    Ok(answers)
+    answers.sort_unstable_by_key(|(at, ..)| *at);
+    Ok(answers
+        .into_iter()
+        .map(|(_, key, answer)| (key, answer))
+        .collect())
 }
 
 /// One key: its live value (for a gat, with the new expiry written back) or why not.

@@ -11,16 +11,20 @@
 //!   share of GETs (0 turns hedging off).
 //! - Never while S3 throttles (the in-flight limit is under its cap): a second request
 //!   would add to the load that slows S3 down.
+//! - In a fan-out (a multi-key get's GETs, [`fanout`]), a GET is hedged once it is also
+//!   among the slowest tenth still out, or the delay after half of the fan-out answered.
 //! - Only reads. A write is never sent twice at once: a conditional PUT applied twice is
 //!   what [`write`](super::write)'s settlement exists to avoid.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
+use crate::store::fanout::{self, Fanout};
 use crate::store::StoreError;
 
 /// GET latencies the delay is taken from.
@@ -155,6 +159,8 @@ impl Hedging {
             return attempt().await;
         }
         self.earn();
+        let fanout = fanout::current();
+        let _answering = fanout.as_ref().map(Fanout::start);
         let numbered = |n: usize| {
             let answer = attempt();
             async move { (n, answer.await) }
@@ -163,8 +169,8 @@ impl Hedging {
         running.push(numbered(0));
         let mut started = 1;
         let mut hedging = may_hedge;
-        let next_hedge = tokio::time::sleep(self.delay());
-        tokio::pin!(next_hedge);
+        let mut next_hedge: Pin<Box<dyn Future<Output = ()> + Send>> =
+            Box::pin(first_hedge_due(self.delay(), fanout));
         loop {
             tokio::select! {
                 Some((n, answered)) = running.next() => match answered {
@@ -186,10 +192,28 @@ impl Hedging {
                     running.push(numbered(started));
                     started += 1;
                     hedging = started < MAX_ATTEMPTS;
-                    let again = tokio::time::Instant::now() + self.delay();
-                    next_hedge.as_mut().reset(again);
+                    next_hedge = Box::pin(tokio::time::sleep(self.delay()));
                 }
             }
+        }
+    }
+}
+
+/// When a GET is first hedged: once `delay` has passed, and in a fan-out once it is also
+/// slow next to its siblings (a fan-out's GETs also queue for the CPU, and would all pass a
+/// delay taken from single GETs): among the slowest tenth still out, or `delay` after half
+/// of the fan-out answered.
+async fn first_hedge_due(delay: Duration, fanout: Option<Arc<Fanout>>) {
+    tokio::time::sleep(delay).await;
+    if let Some(fanout) = fanout {
+        let most = fanout.wait_most_answered();
+        let after_half = async {
+            let half = fanout.wait_half_answered().await;
+            tokio::time::sleep_until(half + delay).await;
+        };
+        tokio::select! {
+            () = most => {}
+            () = after_half => {}
         }
     }
 }
@@ -324,6 +348,63 @@ mod tests {
             );
             assert_eq!(h.sent.load(Relaxed), 0);
         }
+    }
+
+    /// Ten GETs sent together, the delay 20 ms: nine answer between 25 and 33 ms (queued,
+    /// not slow), the tenth would take 10 s; a hedge answers in 5 ms. How many hedges were
+    /// sent (in all, by `h`), and when the last answer came.
+    async fn ten_gets_at_once(h: Arc<Hedging>) -> (u64, Duration) {
+        gets_at_once(h, 1).await
+    }
+
+    /// Ten GETs as [`ten_gets_at_once`], of which the last `slow` take 10 s.
+    async fn gets_at_once(h: Arc<Hedging>, slow: u64) -> (u64, Duration) {
+        let began = tokio::time::Instant::now();
+        let gets = (0..10u64).map(|i| {
+            let h = h.clone();
+            async move {
+                let calls = std::sync::atomic::AtomicU32::new(0);
+                h.run(true, || {
+                    let first = calls.fetch_add(1, Relaxed) == 0;
+                    async move {
+                        let wait = match (first, i) {
+                            (false, _) => 5,
+                            (true, i) if i >= 10 - slow => 10_000,
+                            (true, i) => 25 + i,
+                        };
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        Ok::<_, StoreError>(())
+                    }
+                })
+                .await
+            }
+        });
+        let answers = futures::future::join_all(gets).await;
+        assert!(answers.iter().all(Result::is_ok));
+        (h.sent.load(Relaxed), began.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_a_fan_out_only_the_get_slow_next_to_its_siblings_is_hedged() {
+        let settings = HedgeSettings {
+            percent: 100,
+            min: Duration::from_millis(20),
+            max: Duration::from_millis(20),
+        };
+        // Alone, each GET past 20 ms is hedged: all ten.
+        let (sent, _) = ten_gets_at_once(Arc::new(Hedging::new(settings))).await;
+        assert_eq!(sent, 10);
+        // In a fan-out: at 33 ms the nine others have answered and the slow one is hedged;
+        // its hedge answers at 38 ms.
+        let h = Arc::new(Hedging::new(settings));
+        let (sent, took) = fanout::scope(ten_gets_at_once(h.clone())).await;
+        assert_eq!(sent, 1);
+        assert_eq!(took, Duration::from_millis(38));
+        // Two slow of ten: neither is in the slowest tenth alone; half of the fan-out had
+        // answered at 29 ms, so both are hedged at 49 ms and answer at 54 ms.
+        let (sent, took) = fanout::scope(gets_at_once(h, 2)).await;
+        assert_eq!(sent, 1 + 2);
+        assert_eq!(took, Duration::from_millis(54));
     }
 
     #[tokio::test(start_paused = true)]
