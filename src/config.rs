@@ -146,7 +146,7 @@ pub const DEFAULT_S3_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_S3_MAX_IN_FLIGHT: usize = 256;
 /// Hedged GETs: at most 10 % more GETs, after the recent 90th percentile, between 10 ms (S3
 /// Express One Zone answers in single-digit milliseconds) and 1 s (half an attempt's time).
-pub const DEFAULT_S3_HEDGE_PERCENT: u32 = 10;
+pub const DEFAULT_S3_HEDGE_PERCENT: u32 = 20;
 pub const DEFAULT_S3_HEDGE_MIN_MS: u64 = 10;
 pub const DEFAULT_S3_HEDGE_MAX_MS: u64 = 1000;
 /// The window while every peer is heard from: 30 times the default one, so a hot key costs
@@ -234,7 +234,8 @@ options! {
     /// when S3 throttles and grows back as it answers).
     s3_max_in_flight: usize = DEFAULT_S3_MAX_IN_FLIGHT, env "S3CACHED_S3_MAX_IN_FLIGHT";
     /// Most GETs sent a second time because the first was slow, as a percentage of GETs
-    /// (0 = never): a GET not answered after the recent 90th percentile is hedged.
+    /// (0 = never): a GET not answered after the recent 90th percentile is hedged (about a
+    /// tenth of GETs; the rest is room for bursts).
     s3_hedge_percent: u32 = DEFAULT_S3_HEDGE_PERCENT, env "S3CACHED_S3_HEDGE_PERCENT";
     /// Least delay before a slow GET is hedged, in milliseconds.
     s3_hedge_min_ms: u64 = DEFAULT_S3_HEDGE_MIN_MS, env "S3CACHED_S3_HEDGE_MIN_MS";
