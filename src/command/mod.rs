@@ -13,10 +13,9 @@ mod report;
 mod retrieve;
 pub mod upload;
 
+use std::future::{Future, Ready};
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
-
-use std::future::{Future, Ready};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, Either};

@@ -191,7 +191,18 @@ impl Request {
             | Request::Arith { key, .. }
             | Request::Touch { key, .. } => vec![key.clone()],
             Request::Meta(m) => m.key().into_iter().cloned().collect(),
-            _ => Vec::new(),
+            Request::Version
+            | Request::Verbosity { .. }
+            | Request::CacheMemlimit { .. }
+            | Request::Invalid(_)
+            | Request::Silent
+            // Barriers: ordered by waiting for everything else.
+            | Request::Stats { .. }
+            | Request::FlushAll { .. }
+            | Request::Shutdown(_)
+            | Request::LruCrawler(_)
+            | Request::Quit
+            | Request::Hangup(_) => Vec::new(),
         }
     }
 }

@@ -33,9 +33,8 @@ const WINDOW: usize = 512;
 const RECOMPUTE_EVERY: usize = 32;
 /// Latencies needed before the delay follows them (until then: the upper bound).
 const MIN_SAMPLES: usize = 64;
-/// Hedges saved up at most, in hundredths: a burst of slow GETs may all be hedged. A
-/// 100-key get sends 100 GETs at once, of which a tenth are past the 90th percentile by
-/// definition and a few more in the tail: it needs more than it earns itself.
+/// Hedges saved up at most, in hundredths: a burst of slow GETs may all be hedged (a
+/// 100-key get's slowest tenth, say, beyond what its own GETs earn).
 const BURST: u64 = 64 * 100;
 /// Most requests for one GET: the first and two hedges. With a tail of 5 % of GETs, one
 /// hedge leaves 0.25 % of them slow (a 100-key get meets one a fifth of the time), two
