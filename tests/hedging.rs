@@ -125,3 +125,32 @@ async fn with_hedging_off_a_slow_get_waits() {
     assert_eq!(c.stat("s3_hedged_gets").await, 0);
     assert_eq!(proxy.abandoned.load(SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_stalled_flush_epoch_read_is_hedged_too() {
+    if !common::have_s3() {
+        return;
+    }
+    let proxy = Proxy::start(&s3_endpoint()).await;
+    // Strict: every get reads the flush epoch beside its item, and waits for both.
+    let extra = format!("{HEDGE_EVERY_SLOW_GET}revalidate_after_ms = 0\n");
+    let server = server(&proxy, &extra).await;
+    let mut c = server.client().await;
+    c.roundtrip(b"set k 0 0 2\r\nv1\r\n", b"STORED\r\n").await;
+    let before = proxy.heads().len();
+    proxy.set(Mode::DelayNext {
+        method: "GET",
+        requests: 2,
+        delay: STALL,
+    });
+    let asked = Instant::now();
+    assert_eq!(c.get_value("k").await.as_deref(), Some("v1"));
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(2), "the get took {took:?}");
+    let epoch_reads = proxy.heads()[before..]
+        .iter()
+        .filter(|h| h.starts_with("GET ") && h.contains("flush"))
+        .count();
+    assert!(epoch_reads >= 2, "the epoch was read {epoch_reads} times");
+    assert_eq!(c.stat("s3_hedged_gets").await, 2);
+}

@@ -281,8 +281,10 @@ impl Store for S3Store {
 
     async fn get_control(&self, name: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
         let full = self.control_name(name);
+        let deadline = self.deadline();
+        // Hedged as item GETs are: a request may wait for this read (the flush epoch).
         match self
-            .read_object(&full, MAX_CONTROL_BYTES, self.deadline())
+            .hedged(|| self.read_object(&full, MAX_CONTROL_BYTES, deadline))
             .await?
         {
             Fetched::Body(body, version) => Ok(Some((body, version))),

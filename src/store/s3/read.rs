@@ -1,6 +1,8 @@
 //! Bounded GETs: an object's body and ETag, never more bytes than the caller can use, and
 //! revalidation with `If-None-Match`; item GETs are hedged when slow ([`super::hedge`]).
 
+use std::future::Future;
+
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -134,6 +136,17 @@ impl S3Store {
         }
     }
 
+    /// `read` (a GET), sent again when slow, never while S3 throttles: the first answer
+    /// wins ([`super::hedge`]).
+    pub(super) async fn hedged<F, Fut>(&self, read: F) -> Result<Fetched, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Fetched, StoreError>>,
+    {
+        let may_hedge = !self.requests.in_flight.throttling();
+        self.requests.hedging.run(may_hedge, read).await
+    }
+
     /// One GET of an item object: the body and its ETag, `None` when absent or larger than
     /// any item can be (a foreign object: logged, not downloaded). Its head alone when its
     /// value is longer than `stream_above`.
@@ -160,12 +173,8 @@ impl S3Store {
     ) -> Result<Revalidation, StoreError> {
         let limit = self.codec.max_object_bytes();
         let deadline = self.deadline();
-        // A slow GET is sent again (never while S3 throttles): the first answer wins.
-        let may_hedge = !self.requests.in_flight.throttling();
-        let fetched = (self.requests.hedging)
-            .run(may_hedge, || {
-                self.read_object_unless(name, unless, limit, stream_above, deadline)
-            })
+        let fetched = self
+            .hedged(|| self.read_object_unless(name, unless, limit, stream_above, deadline))
             .await?;
         Ok(match fetched {
             Fetched::Body(body, version) => {
