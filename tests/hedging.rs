@@ -32,6 +32,20 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// Stalls the next `stalled` GETs behind the proxy, then gets `k` (holding "v1"), which
+/// must answer within 2 s: the stalled GETs were hedged.
+async fn get_past_stalled_gets(proxy: &Proxy, c: &mut common::Client, stalled: usize) {
+    proxy.set(Mode::DelayNext {
+        method: "GET",
+        requests: stalled,
+        delay: STALL,
+    });
+    let asked = Instant::now();
+    assert_eq!(c.get_value("k").await.as_deref(), Some("v1"));
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(2), "the get took {took:?}");
+}
+
 #[tokio::test]
 async fn a_stalled_get_is_hedged_and_the_loser_cancelled() {
     if !common::have_s3() {
@@ -41,15 +55,7 @@ async fn a_stalled_get_is_hedged_and_the_loser_cancelled() {
     let server = server(&proxy, HEDGE_EVERY_SLOW_GET).await;
     let mut c = server.client().await;
     c.roundtrip(b"set k 0 0 2\r\nv1\r\n", b"STORED\r\n").await;
-    proxy.set(Mode::DelayNext {
-        method: "GET",
-        requests: 1,
-        delay: STALL,
-    });
-    let asked = Instant::now();
-    assert_eq!(c.get_value("k").await.as_deref(), Some("v1"));
-    let took = asked.elapsed();
-    assert!(took < Duration::from_secs(2), "the get took {took:?}");
+    get_past_stalled_gets(&proxy, &mut c, 1).await;
     assert_eq!(c.stat("s3_hedged_gets").await, 1);
     assert_eq!(c.stat("s3_hedge_wins").await, 1);
     // The first GET's connection is closed: S3 stops sending it.
@@ -138,15 +144,7 @@ async fn a_stalled_flush_epoch_read_is_hedged_too() {
     let mut c = server.client().await;
     c.roundtrip(b"set k 0 0 2\r\nv1\r\n", b"STORED\r\n").await;
     let before = proxy.heads().len();
-    proxy.set(Mode::DelayNext {
-        method: "GET",
-        requests: 2,
-        delay: STALL,
-    });
-    let asked = Instant::now();
-    assert_eq!(c.get_value("k").await.as_deref(), Some("v1"));
-    let took = asked.elapsed();
-    assert!(took < Duration::from_secs(2), "the get took {took:?}");
+    get_past_stalled_gets(&proxy, &mut c, 2).await;
     let epoch_reads = proxy.heads()[before..]
         .iter()
         .filter(|h| h.starts_with("GET ") && h.contains("flush"))
