@@ -145,6 +145,8 @@ impl Client {
         permits: Arc<Semaphore>,
     ) {
         let accepted = tokio::select! {
+            // The handshake first: a client whose bytes are in is heard before a drop is.
+            biased;
             accepted = tls.accept_in(&slot, socket) => accepted,
             _ = slot.dropped() => {
                 Stats::incr(&self.ctx.stats.tls_handshakes_dropped);

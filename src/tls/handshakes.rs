@@ -8,6 +8,7 @@
 //! push each other out, never a client whose handshake is under way.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
@@ -39,8 +40,12 @@ pub struct Slot {
     pool: Arc<Handshakes>,
     /// Its number in the pool.
     id: u64,
-    /// Cancelled when it gives way to a newer handshake.
-    dropped: CancellationToken,
+    /// Cancelled when it gives way to a newer handshake while silent in the pool.
+    dropped_silent: CancellationToken,
+    /// Cancelled when it gives way to a newer handshake once heard from.
+    dropped_heard: CancellationToken,
+    /// Its client has sent its first bytes (whether or not the pool still holds it).
+    heard: AtomicBool,
 }
 
 impl Handshakes {
@@ -67,12 +72,14 @@ impl Handshakes {
         }
         let id = state.next;
         state.next += 1;
-        let dropped = CancellationToken::new();
-        state.silent.insert(id, dropped.clone());
+        let dropped_silent = CancellationToken::new();
+        state.silent.insert(id, dropped_silent.clone());
         Slot {
             pool: self.clone(),
             id,
-            dropped,
+            dropped_silent,
+            dropped_heard: CancellationToken::new(),
+            heard: AtomicBool::new(false),
         }
     }
 
@@ -90,15 +97,26 @@ impl Handshakes {
 impl Slot {
     /// The client has sent its first bytes: its handshake is no longer silent.
     pub fn heard(&self) {
+        self.heard.store(true, Relaxed);
         let mut state = self.pool.lock();
-        if let Some(token) = state.silent.remove(&self.id) {
-            state.heard.insert(self.id, token);
+        if state.silent.remove(&self.id).is_some() {
+            state.heard.insert(self.id, self.dropped_heard.clone());
         }
     }
 
-    /// Resolves when this handshake has given way to a newer one.
+    /// Resolves when this handshake has given way to a newer one. One chosen as silent
+    /// whose client turns out to have sent its bytes already (they waited for its task to
+    /// run, on a loaded server) goes on: its handshake continues outside the pool, under
+    /// its deadline.
     pub async fn dropped(&self) {
-        self.dropped.cancelled().await
+        tokio::select! {
+            () = self.dropped_heard.cancelled() => {}
+            () = self.dropped_silent.cancelled() => {
+                if self.heard.load(Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
     }
 }
 
@@ -116,7 +134,7 @@ mod tests {
     use super::*;
 
     fn gave_way(slot: &Slot) -> bool {
-        slot.dropped.is_cancelled()
+        slot.dropped_silent.is_cancelled() || slot.dropped_heard.is_cancelled()
     }
 
     #[test]
@@ -157,5 +175,24 @@ mod tests {
         let second = pool.enter();
         assert!(!gave_way(&second));
         assert_eq!(pool.in_progress(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_chosen_as_silent_but_already_heard_goes_on() {
+        let pool = Handshakes::new(1);
+        let waiting = pool.enter();
+        let newcomer = pool.enter();
+        assert!(
+            gave_way(&waiting),
+            "chosen as silent: its task had not run yet"
+        );
+        // Its task runs now and finds the client's bytes in: no longer dropped.
+        waiting.heard();
+        let wait = tokio::time::timeout(std::time::Duration::from_secs(1), waiting.dropped());
+        assert!(wait.await.is_err(), "a client heard from goes on");
+        // One silent when chosen, and still silent, is dropped.
+        let _third = pool.enter();
+        let dropped = tokio::time::timeout(std::time::Duration::from_secs(1), newcomer.dropped());
+        assert!(dropped.await.is_ok());
     }
 }
